@@ -1,0 +1,232 @@
+"""The Python API: read, load, save, convert, inspect, diff. The CLI is a thin layer over these."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import dtypes, tree
+from .atomic import staged
+from .errors import NotACheckpoint, UsageError
+from .formats.base import WriteOptions
+from .model import Checkpoint, Storage, TensorRef
+from .plugins import host
+
+SNIFF_BYTES = 512
+
+
+def detect_format(path) -> str:
+    """The name of the format plugin that recognises ``path`` by its bytes (never by its extension)."""
+    path = Path(path)
+    if not path.exists():
+        raise NotACheckpoint(f"{path}: no such file or folder")
+    head = b""
+    if path.is_file():
+        try:
+            with open(path, "rb") as f:
+                head = f.read(SNIFF_BYTES)
+        except OSError as exc:
+            raise NotACheckpoint(f"{path}: cannot read it ({exc.strerror})") from None
+        if not head:
+            raise NotACheckpoint(f"{path}: not a readable checkpoint (the file is empty)")
+    for name, fmt in host().formats.items():
+        try:
+            if fmt.sniff(path, head):
+                return name
+        except OSError:
+            continue
+    what = "folder" if path.is_dir() else f"file starting with {head[:8]!r}"
+    raise NotACheckpoint(f"{path}: not a readable checkpoint (unknown format: {what}); "
+                         "ckconv reads torch.save files and safetensors, see `ckconv plugins`")
+
+
+def read(path, format: str | None = None) -> Checkpoint:
+    """Describe a checkpoint without loading tensor data. Never runs code from the file."""
+    path = Path(path)
+    name = format or detect_format(path)
+    ckpt = host().format(name).read(path)
+    ckpt.format = ckpt.format or name
+    return ckpt
+
+
+def load(path, format: str | None = None):
+    """Read a checkpoint into real torch objects (tensors on the CPU; shared storages stay shared)."""
+    return tree.materialize(read(path, format).root)
+
+
+def _as_checkpoint(obj) -> Checkpoint:
+    if isinstance(obj, Checkpoint):
+        return obj
+    return Checkpoint(root=tree.from_torch(obj))
+
+
+def output_format(dst: Path, to: str | None, max_shard_size) -> str:
+    if to:
+        return host().format(to).name
+    if max_shard_size is not None:
+        return "safetensors"
+    suffix = dst.suffix.lower()
+    for name, fmt in host().formats.items():
+        if suffix in getattr(fmt, "extensions", ()):
+            return name
+    raise UsageError(f"cannot tell the output format from {dst.name!r}; pass --to "
+                     f"({', '.join(sorted(host().formats))})")
+
+
+def save(obj, path, *, format: str | None = None, max_shard_size=None, force=False, progress=None) -> str:
+    """Write ``obj`` (torch objects, or a Checkpoint from ``read``) atomically; returns the format name used."""
+    path = Path(path)
+    ckpt = _as_checkpoint(obj)
+    shard = parse_size(max_shard_size)
+    name = output_format(path, format, shard)
+    fmt = host().format(name)
+    options = WriteOptions(max_shard_size=shard, progress=progress)
+    with staged(path, directory=fmt.writes_directory(options), force=force) as tmp:
+        fmt.write(ckpt, tmp, options)
+    return name
+
+
+def parse_size(value) -> int | None:
+    """``5GB`` -> 5_000_000_000 (decimal units, as huggingface_hub); ``2GiB`` binary; plain ints are bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    text = str(value).strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+             "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1, "": 1}
+    for unit in sorted(units, key=len, reverse=True):
+        if text.endswith(unit):
+            number = text[: len(text) - len(unit)]
+            try:
+                size = float(number) * units[unit]
+            except ValueError:
+                break
+            if size <= 0:
+                break
+            return int(size)
+    raise UsageError(f"invalid size {value!r}: use a number with a unit, like 5GB, 500MB or 2GiB")
+
+
+# --- convert ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ConversionResult:
+    source: str
+    destination: str
+    source_format: str
+    destination_format: str
+    tensors: int
+    bytes: int
+    model_only: bool = False
+    dtype: str | None = None
+    cast: int = 0  # tensors cast by --dtype
+    notes: list = field(default_factory=list)
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def convert(src, dst, *, to=None, model_only=False, dtype=None, max_shard_size=None, force=False,
+            progress=None) -> ConversionResult:
+    """Convert ``src`` to ``dst`` losslessly (unless ``model_only`` or ``dtype`` ask otherwise)."""
+    from .sections import model_state_dict
+
+    src, dst = Path(src), Path(dst)
+    ckpt = read(src)
+    notes = list(ckpt.notes)
+    root = ckpt.root
+    if model_only:
+        root, where = model_state_dict(root)
+        notes.append(f"wrote only the model state_dict (found at {where})")
+    cast = 0
+    if dtype:
+        root, cast, skipped = cast_floating(root, dtype)
+        notes.append(f"cast {cast} floating tensors to {dtypes.CAST_NAMES[dtype]}; integer, bool and other tensors unchanged"
+                     + (f"; left {skipped} float8/complex tensors as they were" if skipped else ""))
+    if ckpt.foreign:
+        notes.append(f"kept {len(ckpt.foreign)} foreign objects as inert records: "
+                     + ", ".join(sorted({c for _, c in ckpt.foreign})))
+    out = Checkpoint(root=root, format=ckpt.format, path=str(src))
+    refs = _unique_tensors(root)
+    total = sum(r.nbytes for r in refs)
+    if progress is not None and hasattr(progress, "start"):
+        progress.start(total)
+    name = save(out, dst, format=to, max_shard_size=max_shard_size, force=force, progress=progress)
+    return ConversionResult(str(src), str(dst), ckpt.format, name, len(refs), total, model_only,
+                            dtypes.CAST_NAMES.get(dtype) if dtype else None, cast, notes)
+
+
+def _unique_tensors(root):
+    seen, out = set(), []
+    for _, ref in tree.tensors(root):
+        if ref.view_key() not in seen:
+            seen.add(ref.view_key())
+            out.append(ref)
+    return out
+
+
+def cast_floating(root, dtype):
+    """Cast float16/bfloat16/float32/float64 tensors to ``dtype`` (storage by storage, views kept)."""
+    target = dtypes.CAST_NAMES.get(dtype)
+    if target is None:
+        raise UsageError(f"unknown --dtype {dtype!r}; use bf16, fp16 or fp32")
+    new_storage: dict = {}
+    counts = {"cast": 0, "skipped": 0}
+    memo: dict = {}
+
+    def storage_for(st: Storage):
+        if id(st) not in new_storage:
+            new_storage[id(st)] = _CastStorage(st, target)
+        return new_storage[id(st)]
+
+    def conv(node):
+        if id(node) in memo:
+            return memo[id(node)]
+        if isinstance(node, TensorRef):
+            if node.dtype in dtypes.FLOATING and node.storage.dtype == node.dtype:
+                counts["cast"] += node.dtype != target
+                out = TensorRef(storage_for(node.storage) if node.dtype != target else node.storage, target,
+                                node.shape, node.stride, node.offset, node.requires_grad, node.parameter)
+            else:
+                counts["skipped"] += node.dtype.startswith(("float8", "complex"))
+                out = node
+        elif isinstance(node, dict):
+            out = type(node)() if type(node) is not dict else {}
+            for k, v in node.items():
+                out[k] = conv(v)
+            if getattr(node, "__dict__", None):
+                out.__dict__.update(node.__dict__)
+        elif type(node) is list:
+            out = [conv(v) for v in node]
+        elif type(node) is tuple:
+            out = tuple(conv(v) for v in node)
+        else:
+            out = node
+        memo[id(node)] = out
+        return out
+
+    tree.walk(root)
+    return conv(root), counts["cast"], counts["skipped"]
+
+
+class _CastStorage(Storage):
+    """A storage whose bytes are another storage's, cast to a new dtype when streamed (needs torch)."""
+
+    def __init__(self, source: Storage, target: str):
+        n = source.nbytes // dtypes.itemsize(source.dtype) * dtypes.itemsize(target)
+        super().__init__(source.key, target, n, label=source.label)
+        self.source = source
+        self.verified = True
+
+    def chunks(self, start=0, length=None, size=None):
+        import torch
+
+        src_size = dtypes.itemsize(self.source.dtype)
+        dst_size = dtypes.itemsize(self.dtype)
+        if length is None:
+            length = self.nbytes - start
+        step = (8 << 20) // max(src_size, dst_size) * dst_size
+        for pos in range(start, start + length, step):
+            n = min(step, start + length - pos)
+            raw = bytearray(self.source.read(pos // dst_size * src_size, n // dst_size * src_size))
+            t = torch.frombuffer(raw, dtype=dtypes.torch_dtype(self.source.dtype)) if raw else None
+            yield b"" if t is None else t.to(dtypes.torch_dtype(self.dtype)).view(torch.uint8).numpy().tobytes()

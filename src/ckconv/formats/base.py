@@ -1,0 +1,42 @@
+"""The contract between ckconv and a format plugin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class WriteOptions:
+    max_shard_size: int | None = None  # bytes; safetensors-style formats shard when set
+    progress: object = None  # callable(nbytes) called as tensor bytes are written, or None
+
+
+class Format:
+    """Subclass (or duck-type) this and hand an instance to ``register`` in ``ckconv_register_formats``.
+
+    * ``name`` -- unique short name used by ``--to``;
+    * ``extensions`` -- suffixes that pick this format for an output path (reading always sniffs bytes);
+    * ``sniff(path, head)`` -- True when the file/folder at ``path`` is in this format; ``head`` is its first
+      64 bytes (``b""`` for folders). Must not trust extensions;
+    * ``read(path)`` -> :class:`ckconv.model.Checkpoint`; must never execute code from the file;
+    * ``write(checkpoint, path, options)`` -- write to ``path``, a temporary location ckconv renames into place
+      afterwards, so a plugin never needs its own atomicity; ``writes_directory(options)`` says whether ``path``
+      should be a folder.
+    """
+
+    name = ""
+    description = ""
+    extensions: tuple = ()
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        raise NotImplementedError
+
+    def read(self, path: Path):
+        raise NotImplementedError
+
+    def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
+        raise NotImplementedError
+
+    def writes_directory(self, options: WriteOptions) -> bool:
+        return False

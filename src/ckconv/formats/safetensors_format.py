@@ -1,0 +1,281 @@
+"""Built-in format plugin: safetensors files and huggingface_hub-style sharded folders.
+
+Parsing is ckconv's own and at least as strict as the Rust reference: header size capped, JSON validated with
+duplicate names refused, offsets contiguous from 0 with no gap or overlap, data ending exactly at end of file,
+dtype x shape equal to the byte length. Non-tensor structure travels in ``__metadata__["ckconv.structure"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+from .. import dtypes, structure
+from ..errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint
+from ..hookspecs import hookimpl
+from ..model import Checkpoint, Storage, TensorRef
+from ..tree import foreign_objects
+from .base import Format, WriteOptions
+
+MAX_HEADER = 100_000_000  # the Rust implementation's cap
+MAX_TENSORS = int(os.environ.get("CKCONV_MAX_TENSORS", 1_000_000))
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+SHARD_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+class SafetensorsFormat(Format):
+    name = "safetensors"
+    description = "safetensors files and sharded folders (model.safetensors.index.json)"
+    extensions = (".safetensors",)
+
+    def sniff(self, path: Path, head: bytes) -> bool:
+        if path.is_dir():
+            return (path / INDEX_NAME).is_file() or (path / SINGLE_NAME).is_file() or bool(list(path.glob("*.safetensors.index.json")))
+        if path.name.endswith(".index.json"):
+            return head.lstrip()[:1] == b"{"
+        return len(head) >= 9 and head[8:9] == b"{"
+
+    def read(self, path: Path) -> Checkpoint:
+        if path.is_dir() or path.name.endswith(".index.json"):
+            return read_sharded(path)
+        tensors, metadata = read_file(path)
+        root = _assemble(tensors, metadata.get(structure.KEY), str(path))
+        return Checkpoint(root=root, format="safetensors", path=str(path), metadata=metadata,
+                          foreign=foreign_objects(root))
+
+    def writes_directory(self, options: WriteOptions) -> bool:
+        return options.max_shard_size is not None
+
+    def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
+        encoded, named, needs_structure = structure.encode(checkpoint.root, raw_dtypes=RAW_DTYPES)
+        text = structure.dumps(encoded) if needs_structure else None
+        if options.max_shard_size is None:
+            write_file(path, named, _metadata(text), options.progress)
+            return
+        path.mkdir(exist_ok=True)
+        shards = plan_shards(named, options.max_shard_size)
+        if len(shards) == 1:
+            write_file(path / SINGLE_NAME, named, _metadata(text), options.progress)
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            write_file(path / fname, shard, {"format": "pt"}, options.progress)
+            weight_map.update({name: fname for name, _ in shard})
+        index = {"metadata": {"total_size": sum(ref.nbytes for _, ref in named)}, "weight_map": weight_map}
+        if text is not None:
+            index["metadata"][structure.KEY] = text
+        _write_json(path / INDEX_NAME, index)  # index last: a folder with an index is complete
+
+
+RAW_DTYPES = frozenset(name for name, (_, code, _) in dtypes.DTYPES.items() if code is None)
+
+
+def _metadata(text):
+    meta = {"format": "pt"}
+    if text is not None:
+        meta[structure.KEY] = text
+    return meta
+
+
+def _assemble(tensors: dict, text, where):
+    if text is None:
+        return tensors
+    return structure.decode(structure.loads(text, where), tensors, where)
+
+
+# --- reading -------------------------------------------------------------------------------------------------
+
+def _no_duplicates(pairs):
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise CorruptCheckpoint(f"duplicate name {k!r} in JSON header")
+        seen[k] = v
+    return seen
+
+
+def parse_header(path):
+    """-> (ordered [(name, dtype, shape, begin, end)], metadata, data_start). Refuses every malformed header."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise NotACheckpoint(f"{path}: not a readable checkpoint (too short for safetensors)")
+        n = struct.unpack("<Q", prefix)[0]
+        if n > MAX_HEADER:
+            raise CorruptCheckpoint(f"{path}: safetensors header declares {n} bytes, over the {MAX_HEADER}-byte limit")
+        if 8 + n > size:
+            raise CorruptCheckpoint(f"{path}: safetensors header length {n} runs past the end of the file; truncated?")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except CorruptCheckpoint as exc:
+        raise CorruptCheckpoint(f"{path}: safetensors header has a {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptCheckpoint(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CorruptCheckpoint(f"{path}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CorruptCheckpoint(f"{path}: safetensors __metadata__ must map strings to strings")
+    if len(header) > MAX_TENSORS:
+        raise LimitExceeded(f"{path}: declares {len(header)} tensors, over the limit of {MAX_TENSORS} (CKCONV_MAX_TENSORS)")
+    entries = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} needs exactly dtype, shape and data_offsets")
+        code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if code not in dtypes.SAFETENSORS_TO_DTYPE:
+            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} has unknown dtype {code!r:.20}")
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} has an invalid shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} has invalid data_offsets")
+        dtype = dtypes.SAFETENSORS_TO_DTYPE[code]
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel * dtypes.itemsize(dtype) != offsets[1] - offsets[0]:
+            raise CorruptCheckpoint(
+                f"{path}: tensor {name!r:.80} is {shape} x {code} = {numel * dtypes.itemsize(dtype)} bytes but "
+                f"data_offsets span {offsets[1] - offsets[0]}")
+        entries.append((name, dtype, tuple(shape), offsets[0], offsets[1]))
+    entries.sort(key=lambda e: (e[3], e[4]))
+    pos = 0
+    for name, _, _, begin, end in entries:
+        if begin != pos:
+            what = "overlaps the previous tensor" if begin < pos else "leaves a gap before it"
+            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} {what} (offset {begin}, expected {pos})")
+        pos = end
+    data_start = 8 + n
+    if data_start + pos != size:
+        raise CorruptCheckpoint(
+            f"{path}: tensor data ends at byte {data_start + pos} but the file has {size} bytes "
+            "(trailing or missing data); the file was altered or truncated")
+    return entries, metadata, data_start
+
+
+def read_file(path):
+    entries, metadata, data_start = parse_header(path)
+    tensors = {}
+    for name, dtype, shape, begin, end in entries:
+        st = Storage(name, dtype, end - begin, path=str(path), offset=data_start + begin, label=name)
+        tensors[name] = TensorRef(st, dtype, shape)
+    return tensors, metadata
+
+
+def _index_path(path: Path) -> Path:
+    if path.is_dir():
+        if (path / INDEX_NAME).is_file():
+            return path / INDEX_NAME
+        found = sorted(path.glob("*.safetensors.index.json"))
+        if len(found) == 1:
+            return found[0]
+        if not found and (path / SINGLE_NAME).is_file():
+            return path / SINGLE_NAME
+        raise NotACheckpoint(f"{path}: folder has no single safetensors index (model.safetensors.index.json)")
+    return path
+
+
+def read_sharded(path: Path) -> Checkpoint:
+    index_path = _index_path(path)
+    if index_path.name == SINGLE_NAME:
+        tensors, metadata = read_file(index_path)
+        root = _assemble(tensors, metadata.get(structure.KEY), str(index_path))
+        return Checkpoint(root=root, format="safetensors", path=str(path), metadata=metadata, foreign=foreign_objects(root))
+    if index_path.stat().st_size > MAX_HEADER:
+        raise CorruptCheckpoint(f"{index_path}: index file is implausibly large")
+    try:
+        index = json.loads(index_path.read_text("utf-8"), object_pairs_hook=_no_duplicates)
+    except CorruptCheckpoint as exc:
+        raise CorruptCheckpoint(f"{index_path}: index has a {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptCheckpoint(f"{index_path}: index is not valid JSON ({exc})") from None
+    wmap = index.get("weight_map") if isinstance(index, dict) else None
+    meta = index.get("metadata", {}) if isinstance(index, dict) else None
+    if not isinstance(wmap, dict) or not isinstance(meta, dict) or not all(isinstance(v, str) for v in wmap.values()):
+        raise CorruptCheckpoint(f"{index_path}: index needs a weight_map of tensor name -> shard file name")
+    folder = index_path.parent
+    for fname in set(wmap.values()):
+        if (not SHARD_NAME.match(fname) or fname in (".", "..") or os.path.isabs(fname)
+                or Path(fname).name != fname or ".." in fname.split("/")):
+            raise CorruptCheckpoint(
+                f"{index_path}: weight_map entry {fname!r:.80} points outside the folder; refusing to read it")
+        if not (folder / fname).is_file():
+            raise CorruptCheckpoint(f"{index_path}: shard {fname} is missing from the folder")
+    by_shard: dict = {}
+    for fname in dict.fromkeys(wmap.values()):
+        tensors, _ = read_file(folder / fname)
+        by_shard[fname] = tensors
+        extra = [n for n in tensors if wmap.get(n) != fname]
+        if extra:
+            raise CorruptCheckpoint(f"{folder / fname}: holds tensor {extra[0]!r:.80} that the index does not map to it")
+    tensors = {}
+    for name, fname in wmap.items():
+        if name not in by_shard[fname]:
+            raise CorruptCheckpoint(f"{index_path}: tensor {name!r:.80} is missing from shard {fname}")
+        tensors[name] = by_shard[fname][name]
+    text = meta.get(structure.KEY)
+    if text is not None and not isinstance(text, str):
+        raise CorruptCheckpoint(f"{index_path}: {structure.KEY} must be a string")
+    root = _assemble(tensors, text, str(index_path))
+    return Checkpoint(root=root, format="safetensors", path=str(path),
+                      metadata={k: str(v) for k, v in meta.items()}, foreign=foreign_objects(root))
+
+
+# --- writing -------------------------------------------------------------------------------------------------
+
+def plan_shards(named, max_size):
+    """Greedy, in order: a shard closes when the next tensor would push it past ``max_size``."""
+    shards, current, size = [], [], 0
+    for name, ref in named:
+        if current and size + ref.nbytes > max_size:
+            shards.append(current)
+            current, size = [], 0
+        current.append((name, ref))
+        size += ref.nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def header_bytes(named, metadata) -> bytes:
+    header = {"__metadata__": metadata}
+    pos = 0
+    for name, ref in named:
+        code = dtypes.safetensors_code(ref.dtype)
+        shape = list(ref.shape) if code else [ref.nbytes]
+        header[name] = {"dtype": code or "U8", "shape": shape, "data_offsets": [pos, pos + ref.nbytes]}
+        pos += ref.nbytes
+    raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_file(path, named, metadata, progress=None):
+    with open(path, "wb") as f:
+        f.write(header_bytes(named, metadata))
+        for _, ref in named:
+            for chunk in ref.chunks():
+                f.write(chunk)
+                if progress:
+                    progress(len(chunk))
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+@hookimpl
+def ckconv_register_formats(register):
+    register(SafetensorsFormat())
+
+

@@ -1,0 +1,135 @@
+"""Reading and writing the zip container of torch checkpoints, with checks torch itself skips.
+
+torch.save writes stored (uncompressed) records aligned to 64 bytes. On read we refuse compressed members and
+duplicate names, check every declared size against the file, and hand out each record as a byte range whose CRC
+is checked whenever its bytes are read.
+"""
+
+from __future__ import annotations
+
+import struct
+import zipfile
+import zlib
+
+from ..errors import CorruptCheckpoint, NotACheckpoint, UnsupportedContent
+
+ALIGN = 64
+
+
+class ZipRecords:
+    """Name -> (data offset, size, crc) for every record of a torch zip archive."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, 2)
+                self.file_size = f.tell()
+                zf = zipfile.ZipFile(f)
+                infos = zf.infolist()
+                self.records = {}
+                for info in infos:
+                    if info.filename in self.records:
+                        raise CorruptCheckpoint(f"{path}: duplicate zip record {info.filename!r}; refusing an ambiguous archive")
+                    if info.compress_type != zipfile.ZIP_STORED:
+                        raise CorruptCheckpoint(
+                            f"{path}: zip record {info.filename!r} is compressed; torch.save never writes compressed "
+                            "records, so this file was altered (possible decompression bomb)")
+                    if info.file_size != info.compress_size:
+                        raise CorruptCheckpoint(f"{path}: zip record {info.filename!r} declares inconsistent sizes")
+                    if info.flag_bits & 0x1:
+                        raise UnsupportedContent(f"{path}: encrypted zip records are not supported")
+                    f.seek(info.header_offset)
+                    header = f.read(30)
+                    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+                        raise CorruptCheckpoint(f"{path}: zip record {info.filename!r} has a broken local header")
+                    name_len, extra_len = struct.unpack("<HH", header[26:30])
+                    local_name = f.read(name_len)
+                    if local_name.decode("utf-8", "replace") != info.filename and local_name != info.orig_filename.encode("cp437", "replace"):
+                        raise CorruptCheckpoint(f"{path}: zip record {info.filename!r} disagrees with its local header")
+                    start = info.header_offset + 30 + name_len + extra_len
+                    if start + info.file_size > self.file_size:
+                        raise CorruptCheckpoint(
+                            f"{path}: zip record {info.filename!r} declares {info.file_size} bytes past the end of the "
+                            "file; the file is truncated or altered")
+                    self.records[info.filename] = (start, info.file_size, info.CRC)
+        except zipfile.BadZipFile as exc:
+            raise NotACheckpoint(f"{path}: not a readable checkpoint (broken zip archive: {exc})") from None
+        except (OSError, EOFError, struct.error, ValueError) as exc:
+            if isinstance(exc, OSError) and not isinstance(exc, (EOFError,)) and exc.errno:
+                raise
+            raise NotACheckpoint(f"{path}: not a readable checkpoint (broken zip archive: {exc})") from None
+
+    def read(self, name, limit=1 << 31) -> bytes:
+        start, size, crc = self.records[name]
+        if size > limit:
+            raise CorruptCheckpoint(f"{self.path}: record {name!r} is implausibly large ({size} bytes)")
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            data = f.read(size)
+        if len(data) != size:
+            raise CorruptCheckpoint(f"{self.path}: record {name!r} is truncated")
+        if zlib.crc32(data) != crc:
+            raise CorruptCheckpoint(f"{self.path}: CRC mismatch in record {name!r}; the file is corrupt, get a fresh copy")
+        return data
+
+
+class ZipWriter:
+    """Streams stored, 64-byte-aligned records the way torch's PyTorchFileWriter lays them out."""
+
+    def __init__(self, f):
+        self.f = f
+        self.pos = f.tell()
+        self.entries = []  # (name bytes, offset, size, crc)
+
+    def add(self, name: str, chunks, size: int, expected_crc: int | None = None):
+        """Write a record from ``chunks``; the local header's CRC is patched in once the bytes have streamed."""
+        bname = name.encode()
+        zip64 = size >= 0xFFFFFFFF or self.pos >= 0xFFFFFFFF
+        extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
+        pad = (-(self.pos + 30 + len(bname) + len(extra) + 4)) % ALIGN
+        extra += struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # "FB" padding field, as torch writes
+        header_pos = self.pos
+        self._write(self._local_header(bname, extra, size, 0, zip64))
+        crc = written = 0
+        for c in chunks:
+            crc = zlib.crc32(c, crc)
+            self._write(c)
+            written += len(c)
+        if written != size:
+            raise CorruptCheckpoint(f"record {name} produced {written} bytes, expected {size}")
+        if expected_crc is not None and crc != expected_crc:
+            raise CorruptCheckpoint(f"CRC mismatch while copying record {name}; the source file is corrupt")
+        self.f.seek(header_pos + 14)
+        self.f.write(struct.pack("<I", crc))
+        self.f.seek(self.pos)
+        self.entries.append((bname, header_pos, size, crc, zip64))
+
+    def _write(self, data):
+        self.f.write(data)
+        self.pos += len(data)
+
+    @staticmethod
+    def _local_header(bname, extra, size, crc, zip64):
+        sz = 0xFFFFFFFF if zip64 else size
+        return struct.pack("<IHHHHHIIIHH", 0x04034B50, 45 if zip64 else 20, 0, 0, 0, 0x21, crc, sz, sz,
+                           len(bname), len(extra)) + bname + extra
+
+    def close(self):
+        cd_start = self.pos
+        for bname, offset, size, crc, _ in self.entries:
+            big = size >= 0xFFFFFFFF or offset >= 0xFFFFFFFF
+            extra = struct.pack("<HHQQQ", 1, 24, size, size, offset) if big else b""
+            sz = 0xFFFFFFFF if big else size
+            off = 0xFFFFFFFF if big else offset
+            self._write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45 if big else 20, 45 if big else 20, 0, 0,
+                                    0, 0x21, crc, sz, sz, len(bname), len(extra), 0, 0, 0, 0, off) + bname + extra)
+        cd_size = self.pos - cd_start
+        n = len(self.entries)
+        if n >= 0xFFFF or cd_start >= 0xFFFFFFFF or cd_size >= 0xFFFFFFFF:
+            eocd64 = self.pos
+            self._write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, cd_start))
+            self._write(struct.pack("<IIQI", 0x07064B50, 0, eocd64, 1))
+            self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0))
+        else:
+            self._write(struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, n, n, cd_size, cd_start, 0))

@@ -1,0 +1,262 @@
+"""What a checkpoint is inside ckconv, independent of any file format and of torch.
+
+A checkpoint is a tree of plain Python values (dict, OrderedDict, list, tuple, set, str, int, float, bool, None,
+bytes, complex) whose leaves may also be:
+
+* :class:`TensorRef` -- a tensor described by dtype, shape, stride and offset into a :class:`Storage`; the bytes
+  stay in the source file (or in memory) until a writer streams them or a caller materialises them;
+* :class:`TorchSize`, :class:`TorchDtype`, :class:`TorchDevice` -- torch values, kept without importing torch;
+* :class:`Foreign` -- an inert record of an object of a class ckconv does not run (``argparse.Namespace``, a
+  user's dataclass): class name, constructor arguments and state.
+
+Readers build this tree, writers consume it; ``materialize`` turns it into real torch objects for callers.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from . import dtypes
+from .errors import CorruptCheckpoint, LimitExceeded
+
+CHUNK = 8 << 20  # bytes moved per read/write when streaming tensor data
+DEFAULT_MEMORY_BUDGET = int(os.environ.get("CKCONV_MEMORY_BUDGET", 4 << 30))
+
+
+class Storage:
+    """A run of bytes holding tensor elements: a byte range of a file, or a buffer in memory."""
+
+    __slots__ = ("key", "dtype", "nbytes", "path", "offset", "crc", "verified", "buffer", "label")
+
+    def __init__(self, key, dtype, nbytes, *, path=None, offset=0, crc=None, buffer=None, label=""):
+        self.key = key
+        self.dtype = dtype  # element dtype of a typed storage; "uint8" for untyped storages
+        self.nbytes = nbytes
+        self.path = path
+        self.offset = offset
+        self.crc = crc  # expected CRC-32 of all bytes, checked whenever the whole storage is read
+        self.verified = crc is None
+        self.buffer = buffer  # a memoryview-able object when the bytes live in memory
+        self.label = label or str(key)
+
+    def chunks(self, start=0, length=None, size=CHUNK):
+        """Yield the bytes [start, start+length) in bounded chunks, checking the CRC when it can."""
+        if length is None:
+            length = self.nbytes - start
+        if self.buffer is not None:
+            view = memoryview(self.buffer).cast("B")
+            for pos in range(start, start + length, size):
+                yield view[pos:min(pos + size, start + length)]
+            return
+        whole = start == 0 and length == self.nbytes
+        if not whole and not self.verified:
+            self.verify()
+        crc = 0
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset + start)
+            remaining = length
+            while remaining:
+                block = f.read(min(size, remaining))
+                if not block:
+                    raise CorruptCheckpoint(f"{self.path}: storage {self.label} is truncated; the file is damaged")
+                if whole and not self.verified:
+                    crc = zlib.crc32(block, crc)
+                remaining -= len(block)
+                yield block
+        if whole and not self.verified:
+            self._check(crc)
+
+    def read(self, start=0, length=None) -> bytes:
+        return b"".join(bytes(c) for c in self.chunks(start, length))
+
+    def verify(self):
+        crc = 0
+        for block in self.chunks(0, self.nbytes):
+            crc = zlib.crc32(block, crc)
+        if not self.verified:
+            self._check(crc)
+
+    def _check(self, crc):
+        if crc != self.crc:
+            raise CorruptCheckpoint(
+                f"{self.path}: CRC mismatch in storage {self.label} (the bytes changed after writing); "
+                "the file is corrupt, get a fresh copy")
+        self.verified = True
+
+
+class TensorRef:
+    """A tensor as a view into a :class:`Storage`: nothing is read until asked."""
+
+    __slots__ = ("storage", "dtype", "shape", "stride", "offset", "requires_grad", "parameter")
+
+    def __init__(self, storage, dtype, shape, stride=None, offset=0, requires_grad=False, parameter=False):
+        self.storage = storage
+        self.dtype = dtype
+        self.shape = tuple(shape)
+        self.stride = tuple(stride) if stride is not None else contiguous_strides(self.shape)
+        self.offset = offset
+        self.requires_grad = requires_grad
+        self.parameter = parameter
+
+    @property
+    def numel(self):
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self):
+        return self.numel * dtypes.itemsize(self.dtype)
+
+    @property
+    def is_contiguous(self):
+        expected = 1
+        for size, stride in zip(reversed(self.shape), reversed(self.stride)):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+    def view_key(self):
+        """Two refs with the same view key are the same tensor (tied weights)."""
+        return (id(self.storage), self.dtype, self.shape, self.stride, self.offset)
+
+    def chunks(self, budget=DEFAULT_MEMORY_BUDGET):
+        """Yield the tensor's bytes in C order, streaming when it is contiguous in its storage."""
+        size = dtypes.itemsize(self.dtype)
+        if self.is_contiguous:
+            yield from self.storage.chunks(self.offset * size, self.nbytes)
+            return
+        if self.nbytes + self.storage.nbytes > budget:
+            raise LimitExceeded(
+                f"tensor view of {self.nbytes} bytes over a {self.storage.nbytes}-byte storage exceeds the "
+                f"memory budget of {budget} bytes; set CKCONV_MEMORY_BUDGET if you trust this file")
+        yield gather(self)
+
+    def __repr__(self):
+        return f"TensorRef({self.dtype}, {list(self.shape)})"
+
+
+def contiguous_strides(shape):
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(strides))
+
+
+def gather(ref: TensorRef) -> bytes:
+    """Copy a strided view into C-order bytes with numpy (no torch needed)."""
+    import numpy as np
+
+    size = dtypes.itemsize(ref.dtype)
+    raw = np.frombuffer(ref.storage.read(), dtype=np.uint8)
+    elem = np.dtype({1: "u1", 2: "<u2", 4: "<u4", 8: "<u8"}.get(size, f"V{size}"))
+    base = raw[: len(raw) // size * size].view(elem)
+    view = np.lib.stride_tricks.as_strided(
+        base[ref.offset:], shape=ref.shape, strides=[s * size for s in ref.stride], writeable=False)
+    return np.ascontiguousarray(view).tobytes()
+
+
+class TorchSize(tuple):
+    """``torch.Size`` without torch."""
+
+    def __repr__(self):
+        return f"torch.Size({list(self)})"
+
+
+class TorchDtype(str):
+    """``torch.float32`` and friends, by name."""
+
+    def __repr__(self):
+        return f"torch.{str(self)}"
+
+
+class TorchDevice(str):
+    """``torch.device('cuda:0')``, by its string form."""
+
+    def __repr__(self):
+        return f"torch.device({str(self)!r})"
+
+
+class Foreign:
+    """An inert record of an object whose class ckconv does not run.
+
+    ``module``/``name`` give the class (or function) the file asked for; ``args`` what it would have been called
+    with; ``state``, ``listitems`` and ``dictitems`` what pickle would have applied afterwards.
+    """
+
+    module = "?"
+    qualname = "?"
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __new__(cls, *args, **kwargs):
+        self = object.__new__(cls)
+        object.__setattr__(self, "args", args)
+        object.__setattr__(self, "kwargs", kwargs)
+        object.__setattr__(self, "state", None)
+        object.__setattr__(self, "listitems", [])
+        object.__setattr__(self, "dictitems", [])
+        return self
+
+    @property
+    def class_name(self):
+        return f"{self.module}.{self.qualname}"
+
+    def __setstate__(self, state):
+        object.__setattr__(self, "state", state)
+
+    def append(self, item):
+        self.listitems.append(item)
+
+    def extend(self, items):
+        self.listitems.extend(items)
+
+    def __setitem__(self, key, value):
+        self.dictitems.append((key, value))
+
+    def __setattr__(self, key, value):  # pickle's slot-state path; recorded, never applied
+        state = self.state if isinstance(self.state, dict) else {}
+        state[key] = value
+        object.__setattr__(self, "state", state)
+
+    def __repr__(self):
+        return f"<foreign {self.class_name}>"
+
+    def __eq__(self, other):
+        return (isinstance(other, Foreign) and self.class_name == other.class_name and self.args == other.args
+                and self.kwargs == other.kwargs and self.state == other.state
+                and self.listitems == other.listitems and self.dictitems == other.dictitems)
+
+    __hash__ = object.__hash__
+
+
+_FOREIGN_CLASSES: dict = {}
+
+
+def foreign_class(module: str, qualname: str):
+    """A stand-in class for ``module.qualname``: calling or instantiating it only records arguments."""
+    key = (module, qualname)
+    if key not in _FOREIGN_CLASSES:
+        _FOREIGN_CLASSES[key] = type("Foreign", (Foreign,), {"module": module, "qualname": qualname})
+    return _FOREIGN_CLASSES[key]
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint as read from one source: the tree plus what the reader learned about it."""
+
+    root: object
+    format: str = ""
+    path: str = ""
+    metadata: dict = field(default_factory=dict)  # format-level metadata (safetensors __metadata__, ...)
+    notes: list = field(default_factory=list)  # things the user should know (lossy steps, fallbacks)
+    foreign: list = field(default_factory=list)  # [(path, class name)] of inert foreign objects
+    dangerous: list = field(default_factory=list)  # dangerous globals seen (inspect only; read refuses)
+

@@ -1,0 +1,199 @@
+"""Emits ckconv trees as protocol-2 pickles in exactly the shape ``torch.save`` writes.
+
+Written by hand (not ``pickle.Pickler``) because the globals it names -- ``torch._utils._rebuild_tensor_v2``,
+``torch.FloatStorage``, ``torch.Size`` -- must appear without importing torch, and the result must be readable by
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+
+from . import dtypes
+from .errors import UnsupportedContent
+from .model import Foreign, TensorRef, TorchDevice, TorchDtype, TorchSize
+
+
+class PickleWriter:
+    def __init__(self, storage_key):
+        self.out = bytearray(b"\x80\x02")
+        self.memo: dict = {}
+        self.storage_key = storage_key  # Storage -> record key (str)
+
+    def dumps(self, root) -> bytes:
+        self.save(root)
+        self.out += b"."
+        return bytes(self.out)
+
+    # -- primitives -------------------------------------------------------------------------------------------
+    def put_memo(self, key):
+        idx = len(self.memo)
+        self.memo[key] = idx
+        self.out += b"q" + bytes([idx]) if idx < 256 else b"r" + struct.pack("<I", idx)
+
+    def global_(self, module, name):
+        key = ("global", module, name)
+        if key in self.memo:
+            idx = self.memo[key]
+            self.out += b"h" + bytes([idx]) if idx < 256 else b"j" + struct.pack("<I", idx)
+            return
+        self.out += b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+        self.put_memo(key)
+
+    def save_str(self, s: str):
+        data = s.encode("utf-8", "surrogatepass")
+        self.out += b"X" + struct.pack("<I", len(data)) + data
+
+    def save_int(self, v: int):
+        if 0 <= v < 256:
+            self.out += b"K" + bytes([v])
+        elif 0 <= v < 65536:
+            self.out += b"M" + struct.pack("<H", v)
+        elif -(2**31) <= v < 2**31:
+            self.out += b"J" + struct.pack("<i", v)
+        else:
+            data = v.to_bytes((v.bit_length() + 8) // 8, "little", signed=True)
+            self.out += (b"\x8a" + bytes([len(data)]) if len(data) < 256 else b"\x8b" + struct.pack("<i", len(data))) + data
+
+    def tuple_(self, items):
+        if not items:
+            self.out += b")"
+            return
+        if len(items) <= 3:
+            for v in items:
+                self.save(v)
+            self.out += {1: b"\x85", 2: b"\x86", 3: b"\x87"}[len(items)]
+            return
+        self.out += b"("
+        for v in items:
+            self.save(v)
+        self.out += b"t"
+
+    # -- values -----------------------------------------------------------------------------------------------
+    def save(self, v):
+        if v is None:
+            self.out += b"N"
+        elif v is True:
+            self.out += b"\x88"
+        elif v is False:
+            self.out += b"\x89"
+        elif isinstance(v, TorchDtype):
+            self.global_("torch", str(v))
+        elif isinstance(v, TorchDevice):
+            self.global_("torch", "device")
+            self.tuple_((str(v),))
+            self.out += b"R"
+        elif isinstance(v, TorchSize):
+            self.global_("torch", "Size")
+            self.tuple_((tuple(v),))
+            self.out += b"R"
+        elif isinstance(v, str):
+            self.save_str(v)
+        elif isinstance(v, int):
+            self.save_int(int(v))
+        elif isinstance(v, float):
+            self.out += b"G" + struct.pack(">d", v)
+        elif isinstance(v, complex):
+            self.global_("builtins", "complex")
+            self.tuple_((v.real, v.imag))
+            self.out += b"R"
+        elif isinstance(v, bytes):
+            self.global_("_codecs", "encode")
+            self.tuple_((v.decode("latin1"), "latin1"))
+            self.out += b"R"
+        elif isinstance(v, bytearray):
+            self.global_("builtins", "bytearray")
+            self.tuple_((v.decode("latin1"), "latin1"))
+            self.out += b"R"
+        elif isinstance(v, TensorRef):
+            self.save_tensor(v)
+        elif isinstance(v, OrderedDict):
+            self.global_("collections", "OrderedDict")
+            self.out += b")R"
+            self.setitems(v)
+            if getattr(v, "__dict__", None):
+                self.save(dict(v.__dict__))
+                self.out += b"b"
+        elif isinstance(v, dict):
+            self.out += b"}"
+            self.setitems(v)
+        elif isinstance(v, list):
+            self.out += b"]"
+            for start in range(0, len(v), 1000):
+                self.out += b"("
+                for item in v[start:start + 1000]:
+                    self.save(item)
+                self.out += b"e"
+        elif isinstance(v, tuple):
+            self.tuple_(tuple(v))
+        elif isinstance(v, (set, frozenset)):
+            self.global_("builtins", type(v).__name__)
+            self.tuple_((list(v),))
+            self.out += b"R"
+        elif isinstance(v, Foreign):
+            self.save_foreign(v)
+        else:
+            raise UnsupportedContent(f"cannot write a value of type {type(v).__name__} into a torch checkpoint")
+
+    def setitems(self, d):
+        items = list(d.items())
+        for start in range(0, len(items), 1000):
+            self.out += b"("
+            for k, val in items[start:start + 1000]:
+                self.save(k)
+                self.save(val)
+            self.out += b"u"
+
+    def save_tensor(self, t: TensorRef):
+        # _rebuild_tensor_v2(pid, offset, size, stride, requires_grad, hooks) for dtypes with a typed storage
+        # class, _rebuild_tensor_v3(..., dtype) over an UntypedStorage otherwise: what torch.save writes.
+        if t.parameter:
+            self.global_("torch._utils", "_rebuild_parameter")
+        st = t.storage
+        typed = dtypes.DTYPES[t.dtype][2] if st.dtype == t.dtype else None
+        self.global_("torch._utils", "_rebuild_tensor_v2" if typed else "_rebuild_tensor_v3")
+        self.out += b"(("
+        self.save_str("storage")
+        if typed:
+            self.global_("torch", typed)
+            numel = st.nbytes // dtypes.itemsize(t.dtype)
+        else:
+            self.global_("torch.storage", "UntypedStorage")
+            numel = st.nbytes
+        self.save_str(self.storage_key(st))
+        self.save_str("cpu")
+        self.save_int(numel)
+        self.out += b"tQ"
+        self.save_int(t.offset)
+        self.tuple_(tuple(t.shape))
+        self.tuple_(tuple(t.stride))
+        self.save(bool(t.requires_grad) and not t.parameter)
+        self.global_("collections", "OrderedDict")
+        self.out += b")R"
+        if not typed:
+            self.global_("torch", t.dtype)
+        self.out += b"tR"
+        if t.parameter:
+            self.save(bool(t.requires_grad))
+            self.global_("collections", "OrderedDict")
+            self.out += b")R\x87R"
+
+    def save_foreign(self, f: Foreign):
+        self.global_(f.module, f.qualname)
+        self.tuple_(tuple(f.args))
+        self.out += b"R"
+        if f.listitems:
+            self.out += b"("
+            for item in f.listitems:
+                self.save(item)
+            self.out += b"e"
+        if f.dictitems:
+            self.out += b"("
+            for k, val in f.dictitems:
+                self.save(k)
+                self.save(val)
+            self.out += b"u"
+        if f.state is not None:
+            self.save(f.state)
+            self.out += b"b"

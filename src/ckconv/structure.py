@@ -1,0 +1,248 @@
+"""Carrying a whole checkpoint tree through formats that only store named tensors (safetensors, npz).
+
+``encode`` gives every distinct tensor a readable name (its path: ``model.features.0.weight``,
+``optimizer.state.0.exp_avg``) and turns everything else into JSON that refers to tensors by name.
+``decode`` reverses it exactly: same containers (dict vs OrderedDict, tuple vs list), same keys (int keys stay
+int), same scalars, tied tensors tied again. The JSON vocabulary is documented in docs/formats.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections import OrderedDict
+
+from . import dtypes
+from .errors import CorruptCheckpoint
+from .model import Foreign, TensorRef, TorchDevice, TorchDtype, TorchSize, foreign_class
+from .tree import MAX_DEPTH, format_path, walk
+
+KEY = "ckconv.structure"
+
+
+def tensor_name(path) -> str:
+    return format_path(path) if path else "tensor"
+
+
+def encode(root, raw_dtypes=frozenset()):
+    """-> (json-able structure, [(name, TensorRef)] of distinct tensors in order, needs_structure).
+
+    ``raw_dtypes``: dtypes the target cannot name; their tensors are described in the structure (dtype, shape) so
+    a format can store them as raw bytes.
+    """
+    walk(root)  # refuse cycles and bombs before recursing
+    names: dict = {}  # view key -> name
+    used: set = set()
+    named: list = []
+
+    def name_for(path, ref):
+        key = ref.view_key()
+        if key in names:
+            return names[key], True
+        base = tensor_name(path)
+        name, n = base, 1
+        while name in used:
+            n += 1
+            name = f"{base}#{n}"
+        used.add(name)
+        names[key] = name
+        named.append((name, ref))
+        return name, False
+
+    def enc(node, path):
+        if node is None or isinstance(node, (bool, str)) and type(node) in (bool, str):
+            return node
+        if type(node) is int:
+            return node
+        if type(node) is float:
+            return node if math.isfinite(node) else {"$float": repr(node)}
+        if isinstance(node, TensorRef):
+            name, _ = name_for(path, node)
+            out = {"$tensor": name}
+            if node.parameter:
+                out["param"] = True
+            if node.requires_grad:
+                out["requires_grad"] = True
+            if node.dtype in raw_dtypes:
+                out["dtype"] = node.dtype
+                out["shape"] = list(node.shape)
+            return out
+        if isinstance(node, TorchSize):
+            return {"$size": list(node)}
+        if isinstance(node, TorchDtype):
+            return {"$dtype": str(node)}
+        if isinstance(node, TorchDevice):
+            return {"$device": str(node)}
+        if isinstance(node, OrderedDict):
+            out = {"$odict": [[enc(k, path), enc(v, path + (k,))] for k, v in node.items()]}
+            if getattr(node, "__dict__", None):
+                out["$attrs"] = enc(dict(node.__dict__), path + ("@attrs",))
+            return out
+        if type(node) is dict:
+            if all(type(k) is str and not k.startswith("$") for k in node):
+                return {k: enc(v, path + (k,)) for k, v in node.items()}
+            return {"$dict": [[enc(k, path), enc(v, path + (k,))] for k, v in node.items()]}
+        if type(node) is list:
+            return [enc(v, path + (i,)) for i, v in enumerate(node)]
+        if type(node) is tuple:
+            return {"$tuple": [enc(v, path + (i,)) for i, v in enumerate(node)]}
+        if type(node) in (set, frozenset):
+            return {"$" + type(node).__name__: [enc(v, path + (i,)) for i, v in enumerate(node)]}
+        if type(node) in (bytes, bytearray):
+            return {"$" + type(node).__name__: base64.b64encode(node).decode()}
+        if type(node) is complex:
+            return {"$complex": [node.real, node.imag]}
+        if isinstance(node, Foreign):
+            out = {"$object": f"{node.module}:{node.qualname}", "args": [enc(a, path + ("args", i)) for i, a in enumerate(node.args)]}
+            if node.state is not None:
+                out["state"] = enc(node.state, path + ("state",))
+            if node.listitems:
+                out["listitems"] = [enc(v, path + ("items", i)) for i, v in enumerate(node.listitems)]
+            if node.dictitems:
+                out["dictitems"] = [[enc(k, path), enc(v, path + (k,))] for k, v in node.dictitems]
+            return out
+        raise CorruptCheckpoint(f"cannot encode a value of type {type(node).__name__} at {format_path(path)}")
+
+    structure = enc(root, ())
+    plain = (type(root) is dict and len(named) == len(root) and bool(root)
+             and all(type(k) is str and isinstance(v, TensorRef) and not v.parameter and not v.requires_grad
+                     and v.dtype not in raw_dtypes and names[v.view_key()] == k for k, v in root.items()))
+    return structure, named, not plain
+
+
+def decode(structure, tensors: dict, where=""):
+    """Rebuild the tree from ``encode``'s JSON; ``tensors`` maps names to TensorRefs. Strict: any surprise is an error."""
+    used: set = set()
+
+    def bad(msg):
+        return CorruptCheckpoint(f"{where}: invalid {KEY} metadata ({msg}); the file was altered or written by a newer ckconv")
+
+    def dec(node, depth):
+        if depth > MAX_DEPTH:
+            raise bad("nesting too deep")
+        if node is None or type(node) in (bool, str, int, float):
+            return node
+        if type(node) is list:
+            return [dec(v, depth + 1) for v in node]
+        if type(node) is not dict:
+            raise bad(f"unexpected {type(node).__name__}")
+        tags = [k for k in node if k.startswith("$")]
+        if not tags:
+            return {k: dec(v, depth + 1) for k, v in node.items()}
+        tag = tags[0]
+        val = node[tag]
+        if tag == "$tensor":
+            if val not in tensors:
+                raise bad(f"refers to missing tensor {val!r}")
+            ref = tensors[val]
+            used.add(val)
+            if "dtype" in node:
+                dt, shape = node["dtype"], node.get("shape")
+                if dt not in dtypes.DTYPES or not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+                    raise bad(f"bad raw tensor description for {val!r}")
+                n = 1
+                for s in shape:
+                    n *= s
+                if n * dtypes.itemsize(dt) != ref.storage.nbytes:
+                    raise bad(f"raw tensor {val!r} holds {ref.storage.nbytes} bytes, not {n} x {dt}")
+                ref = TensorRef(ref.storage, dt, shape)
+                ref.storage.dtype = dt
+            if node.get("param") or node.get("requires_grad"):
+                ref = TensorRef(ref.storage, ref.dtype, ref.shape, ref.stride, ref.offset,
+                                bool(node.get("requires_grad")), bool(node.get("param")))
+                tensors[val] = ref
+            return ref
+        if tag in ("$odict", "$dict"):
+            out = OrderedDict() if tag == "$odict" else {}
+            if type(val) is not list or not all(type(p) is list and len(p) == 2 for p in val):
+                raise bad(f"{tag} must be a list of pairs")
+            for k, v in val:
+                key = dec(k, depth + 1)
+                try:
+                    out[key] = dec(v, depth + 1)
+                except TypeError:
+                    raise bad("unhashable key") from None
+            if "$attrs" in node:
+                if tag != "$odict":
+                    raise bad("$attrs outside $odict")
+                attrs = dec(node["$attrs"], depth + 1)
+                if type(attrs) is not dict:
+                    raise bad("$attrs must be a mapping")
+                out.__dict__.update(attrs)
+            return out
+        if tag == "$tuple":
+            return tuple(dec(v, depth + 1) for v in _list(val, bad))
+        if tag in ("$set", "$frozenset"):
+            try:
+                return (set if tag == "$set" else frozenset)(dec(v, depth + 1) for v in _list(val, bad))
+            except TypeError:
+                raise bad("unhashable set member") from None
+        if tag in ("$bytes", "$bytearray"):
+            try:
+                data = base64.b64decode(val, validate=True)
+            except (ValueError, TypeError):
+                raise bad("bad base64") from None
+            return data if tag == "$bytes" else bytearray(data)
+        if tag == "$float":
+            if val not in ("nan", "inf", "-inf"):
+                raise bad("bad float")
+            return float(val)
+        if tag == "$complex":
+            v = _list(val, bad)
+            if len(v) != 2 or not all(type(x) in (int, float) for x in v):
+                raise bad("bad complex")
+            return complex(*v)
+        if tag == "$size":
+            if not all(type(x) is int for x in _list(val, bad)):
+                raise bad("bad size")
+            return TorchSize(val)
+        if tag == "$dtype":
+            if val not in dtypes.DTYPES:
+                raise bad("unknown dtype")
+            return TorchDtype(val)
+        if tag == "$device":
+            if type(val) is not str:
+                raise bad("bad device")
+            return TorchDevice(val)
+        if tag == "$object":
+            if type(val) is not str or ":" not in val:
+                raise bad("bad object class")
+            module, qualname = val.split(":", 1)
+            obj = foreign_class(module, qualname)(*[dec(a, depth + 1) for a in _list(node.get("args", []), bad)])
+            if "state" in node:
+                obj.__setstate__(dec(node["state"], depth + 1))
+            for item in _list(node.get("listitems", []), bad):
+                obj.append(dec(item, depth + 1))
+            for pair in _list(node.get("dictitems", []), bad):
+                if type(pair) is not list or len(pair) != 2:
+                    raise bad("bad dictitems")
+                obj[dec(pair[0], depth + 1)] = dec(pair[1], depth + 1)
+            return obj
+        raise bad(f"unknown tag {tag}")
+
+    try:
+        root = dec(structure, 0)
+    except RecursionError:
+        raise bad("nesting too deep") from None
+    unused = set(tensors) - used
+    if unused:
+        raise bad(f"{len(unused)} tensors are not referenced, e.g. {sorted(unused)[0]!r}")
+    return root
+
+
+def _list(val, bad):
+    if type(val) is not list:
+        raise bad("expected a list")
+    return val
+
+
+def dumps(structure) -> str:
+    return json.dumps(structure, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def loads(text: str, where=""):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise CorruptCheckpoint(f"{where}: invalid {KEY} metadata (not JSON: {exc})") from None

@@ -1,0 +1,244 @@
+"""Walking checkpoint trees safely, and moving them between ckconv's model and real torch objects."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+from . import dtypes
+from .errors import LimitExceeded, UnsupportedContent
+from .model import Foreign, Storage, TensorRef, TorchDevice, TorchDtype, TorchSize
+
+MAX_DEPTH = int(os.environ.get("CKCONV_MAX_DEPTH", 200))
+MAX_NODES = int(os.environ.get("CKCONV_MAX_NODES", 5_000_000))
+CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
+def children(node):
+    """(key, child) pairs of a container or foreign object; keys become path components."""
+    if isinstance(node, dict):
+        return list(node.items())
+    if isinstance(node, (list, tuple)):
+        return list(enumerate(node))
+    if isinstance(node, (set, frozenset)):
+        return [(i, v) for i, v in enumerate(node)]
+    if isinstance(node, Foreign):
+        out = [("args", node.args)]
+        if node.state is not None:
+            out.append(("state", node.state))
+        if node.listitems:
+            out.append(("items", node.listitems))
+        if node.dictitems:
+            out.append(("dictitems", node.dictitems))
+        return out
+    return []
+
+
+def walk(root, visit=None):
+    """Visit every node depth-first as ``visit(path, node)``; refuse cycles, depth and size bombs.
+
+    Returns the number of nodes visited. Runs iteratively, so hostile nesting cannot overflow the C stack.
+    """
+    count = 0
+    on_path: set = set()
+    stack = [((), root, False)]
+    while stack:
+        path, node, leaving = stack.pop()
+        if leaving:
+            on_path.discard(id(node))
+            continue
+        count += 1
+        if count > MAX_NODES:
+            raise LimitExceeded(
+                f"structure too large: more than {MAX_NODES} objects (shared references can expand "
+                "exponentially); raise CKCONV_MAX_NODES if you trust this file")
+        if len(path) > MAX_DEPTH:
+            raise LimitExceeded(f"structure too deep: nesting exceeds {MAX_DEPTH} levels at {format_path(path[:5])}...")
+        if visit is not None:
+            visit(path, node)
+        if isinstance(node, CONTAINERS) or isinstance(node, Foreign):
+            if id(node) in on_path:
+                raise LimitExceeded(f"self-referencing structure at {format_path(path)}: a container contains itself")
+            on_path.add(id(node))
+            stack.append((path, node, True))
+            for key, child in reversed(children(node)):
+                stack.append((path + (key,), child, False))
+        if isinstance(node, dict):
+            meta = getattr(node, "__dict__", None)
+            if meta:
+                stack.append((path + ("@attrs",), meta, False))
+    return count
+
+
+def format_path(path) -> str:
+    return ".".join(str(p) for p in path) if path else "<root>"
+
+
+def tensors(root):
+    """[(path, TensorRef)] in file order."""
+    found = []
+    walk(root, lambda p, n: found.append((p, n)) if isinstance(n, TensorRef) else None)
+    return found
+
+
+def foreign_objects(root):
+    found = []
+    walk(root, lambda p, n: found.append((format_path(p), n.class_name)) if isinstance(n, Foreign) else None)
+    return found
+
+
+def is_flat_state_dict(root) -> bool:
+    return isinstance(root, dict) and bool(root) and all(
+        isinstance(k, str) and isinstance(v, TensorRef) for k, v in root.items())
+
+
+# --- materialising into torch -------------------------------------------------------------------------------
+
+def materialize(root, budget=None):
+    """Turn a ckconv tree into real torch objects; storages shared in the file stay shared."""
+    import torch
+
+    storages: dict = {}
+
+    def storage_of(ref: TensorRef):
+        st = ref.storage
+        if id(st) not in storages:
+            if st.nbytes == 0:
+                data = torch.empty(0, dtype=torch.uint8)
+            else:
+                data = torch.frombuffer(bytearray(st.read()), dtype=torch.uint8)
+            storages[id(st)] = data.untyped_storage()
+        return storages[id(st)]
+
+    memo: dict = {}
+
+    def convert(node):
+        if id(node) in memo:
+            return memo[id(node)]
+        if isinstance(node, TensorRef):
+            t = torch.empty(0, dtype=dtypes.torch_dtype(node.dtype))
+            t.set_(storage_of(node), node.offset, node.shape, node.stride)
+            if node.parameter:
+                t = torch.nn.Parameter(t, requires_grad=node.requires_grad)
+            elif node.requires_grad:
+                t.requires_grad_(True)
+            out = t
+        elif isinstance(node, TorchSize):
+            out = torch.Size(node)
+        elif isinstance(node, TorchDtype):
+            out = dtypes.torch_dtype(str(node))
+        elif isinstance(node, TorchDevice):
+            out = torch.device(str(node))
+        elif isinstance(node, dict):
+            out = type(node)() if type(node) in (dict, OrderedDict) else dict()
+            for k, v in node.items():
+                out[convert(k)] = convert(v)
+            if getattr(node, "__dict__", None):
+                out.__dict__.update({k: convert(v) for k, v in node.__dict__.items()})
+        elif isinstance(node, list):
+            out = [convert(v) for v in node]
+        elif isinstance(node, tuple):
+            out = tuple(convert(v) for v in node)
+            if type(node) is not tuple and not isinstance(node, TorchSize):
+                out = tuple(out)
+        elif isinstance(node, (set, frozenset)):
+            out = type(node)(convert(v) for v in node)
+        else:
+            out = node
+        memo[id(node)] = out
+        return out
+
+    walk(root)
+    return convert(root)
+
+
+# --- importing in-memory torch objects -------------------------------------------------------------------------
+
+def from_torch(obj):
+    """Describe an in-memory object (tensors, state_dicts, bundles) as a ckconv tree without copying tensor bytes."""
+    import ctypes
+
+    import torch
+
+    storages: dict = {}
+    memo: dict = {}
+
+    def storage_of(t):
+        us = t.untyped_storage()
+        key = (us.data_ptr(), us.nbytes())
+        if key not in storages:
+            if us.device.type != "cpu":
+                us = us.cpu()
+            if t.is_quantized:
+                raise UnsupportedContent("quantized tensors are not supported: dequantize them before saving")
+            n = us.nbytes()
+            buf = (ctypes.c_char * n).from_address(us.data_ptr()) if n else b""
+            st = Storage(str(len(storages)), dtypes.dtype_name(t.dtype), n, buffer=buf)
+            st.buffer = buf
+            storages[key] = (st, us)  # keep the torch storage alive as long as the buffer is used
+        return storages[key][0]
+
+    def convert(node):
+        if id(node) in memo:
+            return memo[id(node)]
+        if isinstance(node, torch.Tensor):
+            if node.layout != torch.strided:
+                raise UnsupportedContent(f"{node.layout} tensors are not supported: call .to_dense() before saving")
+            if node.is_quantized:
+                raise UnsupportedContent("quantized tensors are not supported: dequantize them before saving")
+            out = TensorRef(storage_of(node), dtypes.dtype_name(node.dtype), tuple(node.shape), node.stride(),
+                            node.storage_offset(), node.requires_grad, isinstance(node, torch.nn.Parameter))
+        elif isinstance(node, torch.Size):
+            out = TorchSize(node)
+        elif isinstance(node, torch.dtype):
+            out = TorchDtype(dtypes.dtype_name(node))
+        elif isinstance(node, torch.device):
+            out = TorchDevice(str(node))
+        elif isinstance(node, dict):
+            out = OrderedDict() if isinstance(node, OrderedDict) else {}
+            for k, v in node.items():
+                out[convert(k)] = convert(v)
+            if isinstance(node, OrderedDict) and getattr(node, "__dict__", None):
+                out.__dict__.update({k: convert(v) for k, v in node.__dict__.items()})
+        elif isinstance(node, list):
+            out = [convert(v) for v in node]
+        elif isinstance(node, tuple) and type(node) is tuple:
+            out = tuple(convert(v) for v in node)
+        elif isinstance(node, (set, frozenset)):
+            out = type(node)(convert(v) for v in node)
+        elif node is None or isinstance(node, (bool, int, float, complex, str, bytes, Foreign)):
+            out = node
+        else:
+            out = _reduce_foreign(node, convert)
+        memo[id(node)] = out
+        return out
+
+    return convert(obj)
+
+
+def _reduce_foreign(obj, convert):
+    """Record an in-memory object of another class the way pickle would, as an inert Foreign."""
+    from .model import foreign_class
+
+    cls = type(obj)
+    try:
+        reduced = obj.__reduce_ex__(2)
+    except Exception as exc:  # noqa: BLE001 - any failure means we cannot describe it
+        raise UnsupportedContent(f"cannot store object of type {cls.__module__}.{cls.__qualname__}: {exc}") from None
+    if isinstance(reduced, str):
+        return foreign_class(cls.__module__, reduced)()
+    func, args, *rest = reduced + (None,) * (5 - len(reduced))
+    state, listitems, dictitems = rest[:3]
+    if getattr(func, "__name__", "") == "__newobj__":
+        target, args = args[0], args[1:]
+    else:
+        target = func
+    out = foreign_class(target.__module__, target.__qualname__)(*[convert(a) for a in args])
+    if state is not None:
+        out.__setstate__(convert(state))
+    if listitems is not None:
+        out.extend(convert(list(listitems)))
+    if dictitems is not None:
+        for k, v in dictitems:
+            out[convert(k)] = convert(v)
+    return out
