@@ -1,0 +1,46 @@
+"""Shared test helpers: deep equality that is bit-exact for tensors, and a CLI runner."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+
+def assert_deep_equal(a, b, path="<root>", check_tied=True):
+    """Same nesting, same container types, same keys in the same order, same scalars, tensors bit for bit."""
+    assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype, f"{path}: dtype {a.dtype} != {b.dtype}"
+        assert a.shape == b.shape, f"{path}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        assert a.requires_grad == b.requires_grad, f"{path}: requires_grad differs"
+        assert tensor_bytes(a) == tensor_bytes(b), f"{path}: tensor bytes differ"
+    elif isinstance(a, dict):
+        assert list(a.keys()) == list(b.keys()), f"{path}: keys differ: {list(a)[:5]} vs {list(b)[:5]}"
+        for k in a:
+            assert_deep_equal(a[k], b[k], f"{path}.{k}", check_tied)
+        if isinstance(a, OrderedDict):
+            assert_deep_equal(getattr(a, "__dict__", {}), getattr(b, "__dict__", {}), f"{path}.@attrs", check_tied)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_deep_equal(x, y, f"{path}[{i}]", check_tied)
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), f"{path}: nan != {b}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().contiguous().reshape(-1)
+    return bytes(t.view(torch.uint8).numpy().tobytes()) if t.numel() else b""
+
+
+def run_cli(*args, cwd=None, env=None):
+    """Run the installed ``ckconv`` as a real subprocess; returns CompletedProcess with text output."""
+    exe = Path(sys.executable).with_name("ckconv")
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
