@@ -93,8 +93,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             return foreign_class(module, name)
         if module == "collections" and name == "OrderedDict":
             return OrderedDict
-        if module in ("builtins", "__builtin__") and name in ("set", "frozenset", "complex", "bytearray"):
-            return {"set": set, "frozenset": frozenset, "complex": _complex, "bytearray": _bytearray}[name]
+        if module in ("builtins", "__builtin__") and name in BUILTIN_BUILDERS:
+            return BUILTIN_BUILDERS[name]
         if module == "_codecs" and name == "encode":
             return _codecs_encode
         if module == "copyreg" and name == "_reconstructor":
@@ -222,10 +222,23 @@ def _bytearray(data=b"", *rest):
     return bytearray(data)
 
 
+def _bytes(data=b"", *rest):
+    if isinstance(data, str):
+        return _codecs_encode(data, rest[0] if rest else "latin1")
+    if not isinstance(data, (bytes, bytearray)):
+        raise CorruptCheckpoint("malformed bytes record")
+    return bytes(data)
+
+
 def _codecs_encode(text, encoding="utf-8"):
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
         raise CorruptCheckpoint("malformed bytes record")
     return text.encode(encoding)
+
+
+BUILTIN_BUILDERS = {"set": set, "frozenset": frozenset, "complex": _complex, "bytearray": _bytearray,
+                    "bytes": _bytes, "object": object, "list": list, "tuple": tuple, "dict": dict, "str": str,
+                    "int": int, "float": float, "bool": bool}
 
 
 def _reconstructor(cls, base, state=None):

@@ -46,6 +46,8 @@ class TorchFormat(Format):
             except (zipfile.BadZipFile, OSError, ValueError, EOFError):
                 return True  # a broken zip: let read() say precisely what is wrong
             return any(DATA_PKL.match(n) or n.endswith("/constants.pkl") for n in names)
+        if len(head) >= 9 and head[8:9] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= path.stat().st_size:
+            return False  # a safetensors header whose length happens to start with b"\x80\x02"
         return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
     def read(self, path: Path) -> Checkpoint:
