@@ -133,6 +133,15 @@ def inspect(src, as_json):
                + ", ".join(f"{k} x{v}" for k, v in sorted(info.dtypes.items())))
     for item in info.foreign:
         click.echo(f"foreign object: {item['path']} is a {item['class']} (kept as an inert record)")
+    bundle = info.bundle or {}
+    if bundle.get("layout") not in (None, "state_dict", "unknown"):
+        click.echo(f"layout: {bundle['layout']}" + (f", model at {bundle['model']}" if bundle.get("model") else ""))
+    for opt in bundle.get("optimizers", []):
+        hp = opt["hyperparameters"][0] if opt["hyperparameters"] else {}
+        shown = ", ".join(f"{k}={v}" for k, v in hp.items() if k in ("lr", "betas", "momentum", "weight_decay", "eps"))
+        click.echo(f"optimizer: {opt['path']}: {opt['kind']} ({len(opt['hyperparameters'])} group(s); {shown}); "
+                   f"{opt['with_state']}/{opt['params']} parameters have state; names from {opt['how']}"
+                   + ("; covers a subset of the model's parameters" if opt["subset"] else ""))
     if info.tensors:
         click.echo(_table([(t.name, t.dtype, "x".join(map(str, t.shape)) or "scalar") for t in info.tensors],
                           ["name", "dtype", "shape"]))

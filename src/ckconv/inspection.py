@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import tree
+from .bundles import describe
 from .errors import UnsafeCheckpoint
 from .sections import sections
 
@@ -31,6 +32,7 @@ class Inspection:
     foreign: list = field(default_factory=list)  # [{path, class}]
     dangerous: list = field(default_factory=list)  # globals that would run code
     metadata: dict = field(default_factory=dict)
+    bundle: dict = field(default_factory=dict)  # layout, model section, optimizers (kind, hyper-parameters, names)
     error: str | None = None
 
     def to_dict(self):
@@ -56,7 +58,8 @@ def inspect(path) -> Inspection:
     meta = {k: (v if len(v) < 200 else v[:200] + "...") for k, v in ckpt.metadata.items()}
     return Inspection(str(path), ckpt.format, sections(ckpt.root), len(infos), total,
                       dict(Counter(i.dtype for i in infos)), infos,
-                      [{"path": p, "class": c} for p, c in ckpt.foreign], list(ckpt.dangerous), meta)
+                      [{"path": p, "class": c} for p, c in ckpt.foreign], list(ckpt.dangerous), meta,
+                      describe(ckpt.root).to_dict())
 
 
 def _inspect_dangerous(path, fmt, message) -> Inspection:

@@ -1,0 +1,148 @@
+"""Training bundles: sections named, optimizer slots mapped to parameter names, resume after conversion."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import ckconv
+from ckconv.bundles import describe, load_bundle, save_bundle
+from helpers import assert_deep_equal
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+            torch.nn.Conv2d(4, 6, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1))
+        self.classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 5), torch.nn.ReLU(),
+                                              torch.nn.Linear(5, 3))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+OPTIMIZERS = {
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9),
+}
+
+
+def train(model, opt, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(4, 3, 8, 8, generator=g)).square().mean().backward()
+        opt.step()
+
+
+def fresh(freeze_first=False, named=False, kind="adam"):
+    torch.manual_seed(0)
+    model = Net()
+    if freeze_first:
+        for p in model.features[:2].parameters():
+            p.requires_grad_(False)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = OPTIMIZERS[kind](params if named else [p for _, p in params])
+    return model, opt
+
+
+@pytest.mark.parametrize("kind", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+@pytest.mark.parametrize("freeze_first", [False, True])
+def test_resume_after_conversion_matches_continuing(tmp_path, kind, suffix, freeze_first):
+    model, opt = fresh(freeze_first, kind=kind)
+    train(model, opt, 3)
+    save_bundle(tmp_path / f"b{suffix}", model=model, optimizer=opt, epoch=3)
+    other = ".pth" if suffix == ".safetensors" else ".safetensors"
+    ckconv.convert(tmp_path / f"b{suffix}", tmp_path / f"c{other}")
+
+    resumed = Net()
+    bundle = load_bundle(tmp_path / f"c{other}", resumed)  # restores weights and the freeze first
+    opt2 = OPTIMIZERS[kind]([p for p in resumed.parameters() if p.requires_grad])
+    load_bundle(tmp_path / f"c{other}", resumed, opt2)
+    assert bundle["epoch"] == 3
+    assert [p.requires_grad for p in resumed.parameters()] == [p.requires_grad for p in model.parameters()]
+    for p_src, p_new in zip([p for p in model.parameters() if p.requires_grad],
+                            [p for p in resumed.parameters() if p.requires_grad]):
+        assert_deep_equal(opt.state[p_src], opt2.state[p_new])
+    train(model, opt, 1, seed=1)
+    train(resumed, opt2, 1, seed=1)
+    assert_deep_equal(model.state_dict(), resumed.state_dict())
+
+
+def test_optimizer_names_from_param_names(tmp_path):
+    model, opt = fresh(named=True)
+    train(model, opt, 1)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "a.pth")
+    info = describe(ckconv.read(tmp_path / "a.pth").root).optimizers[0]
+    assert info.how == "param_names"
+    assert list(info.names.values()) == [n for n, _ in model.named_parameters()]
+
+
+def test_optimizer_names_from_order_and_shapes(tmp_path):
+    model, opt = fresh()
+    train(model, opt, 1)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "a.pth")
+    info = describe(ckconv.read(tmp_path / "a.pth").root).optimizers[0]
+    assert info.kind == "Adam" and not info.subset
+    assert list(info.names.values()) == [n for n, _ in model.named_parameters()]
+
+
+def test_optimizer_over_a_subset_is_detected(tmp_path):
+    model, opt = fresh(freeze_first=True, kind="sgd")
+    train(model, opt, 1)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, tmp_path / "a.pth")
+    info = describe(ckconv.read(tmp_path / "a.pth").root).optimizers[0]
+    assert info.kind == "SGD" and info.subset
+    assert info.how == "shapes (unique)"
+    assert list(info.names.values()) == [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def _layouts(model, opt):
+    sd, osd = model.state_dict(), opt.state_dict()
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2).state_dict()
+    return {
+        "lightning": {"epoch": 2, "global_step": 10, "pytorch-lightning_version": "2.4.0",
+                      "state_dict": {f"model.{k}": v for k, v in sd.items()}, "optimizer_states": [osd],
+                      "lr_schedulers": [sched], "loops": {}, "callbacks": {}},
+        "mmengine": {"meta": {"epoch": 2}, "state_dict": sd, "optimizer": osd, "param_schedulers": [sched]},
+        "fvcore": {"model": sd, "optimizer": osd, "scheduler": sched, "iteration": 10},
+        "timm": {"epoch": 2, "arch": "net", "state_dict": sd, "optimizer": osd, "state_dict_ema": copy.deepcopy(sd),
+                 "version": 2},
+        "custom": {"step": 10, "model_state": sd, "optimizer_state": osd},
+    }
+
+
+@pytest.mark.parametrize("layout", ["lightning", "mmengine", "fvcore", "timm", "custom"])
+def test_common_layouts_are_recognised(tmp_path, layout):
+    model, opt = fresh()
+    train(model, opt, 1)
+    obj = _layouts(model, opt)[layout]
+    torch.save(obj, tmp_path / "a.pth")
+    ckconv.convert(tmp_path / "a.pth", tmp_path / "a.safetensors")
+    assert_deep_equal(obj, ckconv.load(tmp_path / "a.safetensors"))
+    info = ckconv.inspect(tmp_path / "a.safetensors")
+    assert info.bundle["layout"] == layout
+    (opt_info,) = info.bundle["optimizers"]
+    assert opt_info["with_state"] == len(list(model.parameters()))
+    prefix = "model." if layout == "lightning" else ""
+    assert opt_info["names"]["0"] == prefix + "features.0.weight"
+    assert "optimizer" in info.sections
+    if layout in ("lightning", "mmengine", "fvcore"):
+        assert "scheduler" in info.sections
+
+
+def test_model_only_extracts_the_state_dict_from_each_layout(tmp_path):
+    model, opt = fresh()
+    train(model, opt, 1)
+    for layout, obj in _layouts(model, opt).items():
+        torch.save(obj, tmp_path / f"{layout}.pth")
+        ckconv.convert(tmp_path / f"{layout}.pth", tmp_path / f"{layout}.safetensors", model_only=True)
+        out = ckconv.load(tmp_path / f"{layout}.safetensors")
+        expected = {("model." if layout == "lightning" else "") + k: v for k, v in model.state_dict().items()}
+        assert list(out) == list(expected), layout
