@@ -11,6 +11,7 @@ _API = {
     "read": "api", "load": "api", "save": "api", "convert": "api", "parse_size": "api", "detect_format": "api",
     "inspect": "inspection", "diff": "diffing",
     "CkconvError": "errors",
+    "save_bundle": "bundles", "load_bundle": "bundles", "describe": "bundles",
 }
 
 
