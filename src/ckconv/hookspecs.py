@@ -1,7 +1,8 @@
 """ckconv's extension points. A plugin implements any of these with ``@ckconv.hookimpl``.
 
 Each hook receives a ``register`` callback; the plugin calls it once per thing it provides. ckconv owns the
-registries, so a name registered twice is an error that names both plugins.
+registries, so a name registered twice is an error that names both plugins. docs/plugins.md documents every hook
+(tests/test_plugin_docs.py keeps the two in step).
 """
 
 import pluggy

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
 
@@ -59,9 +60,15 @@ def get_plugin_manager() -> pluggy.PluginManager:
     return pm
 
 
-def _trace(msg):
-    if os.environ.get("CKCONV_TRACE_PLUGINS"):
+def _tracing():
+    return os.environ.get("CKCONV_TRACE_PLUGINS", "") not in ("", "0")
+
+
+def _trace(msg, exc=None):
+    if _tracing():
         print(f"ckconv plugins: {msg}", file=sys.stderr)
+        if exc is not None:
+            traceback.print_exception(exc, file=sys.stderr)
 
 
 def build_host(load_entry_points=True) -> Host:
@@ -70,6 +77,7 @@ def build_host(load_entry_points=True) -> Host:
         module = importlib.import_module(modname)
         host.manager.register(module, name=modname)
         host.plugins[modname] = PluginInfo(modname, _own_version(), True)
+        _trace(f"loaded built-in {modname}")
     if load_entry_points:
         _load_entry_points(host)
     for hook in HOOKS:
@@ -88,23 +96,32 @@ def _own_version():
 def _load_entry_points(host: Host):
     allowed = os.environ.get("CKCONV_LOAD_PLUGINS")
     names = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
+    seen = set()
     for ep in metadata.entry_points(group="ckconv"):
+        seen.add(ep.name)
         if names is not None and ep.name not in names:
             _trace(f"skipping {ep.name} (not in CKCONV_LOAD_PLUGINS)")
             continue
         if ep.name in host.plugins:
             host.problems.append((ep.name, "a plugin with this name is already loaded; skipped"))
             continue
+        version = ep.dist.version if getattr(ep, "dist", None) else "?"
         try:
             module = ep.load()
             host.manager.register(module, name=ep.name)
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not take ckconv down
-            host.problems.append((ep.name, f"failed to load: {type(exc).__name__}: {exc}"))
-            _trace(f"{ep.name} failed to load: {exc!r}")
+            host.problems.append((ep.name, f"failed to load ({ep.value} {version}): {type(exc).__name__}: {exc}"))
+            _trace(f"{ep.name} failed to load", exc)
             continue
-        version = ep.dist.version if ep.dist else "?"
         host.plugins[ep.name] = PluginInfo(ep.name, version, False)
-        _trace(f"loaded {ep.name} {version}")
+        _trace(f"loaded {ep.name} {version} from {ep.value}")
+        unknown = sorted(c.name for c in host.manager.get_hookcallers(module) or () if c.spec is None)
+        if unknown:
+            host.problems.append((ep.name, f"implements unknown hook(s) {', '.join(unknown)}, which ckconv never "
+                                           f"calls; known hooks: {', '.join(HOOKS)}"))
+    for name in sorted((names or set()) - seen):
+        host.problems.append((name, "named in CKCONV_LOAD_PLUGINS but not installed (no such entry point in the "
+                                    "'ckconv' group)"))
 
 
 def _collect(host: Host, hook: str, impl):
@@ -121,8 +138,8 @@ def _collect(host: Host, hook: str, impl):
     try:
         impl.function(register=register)
     except Exception as exc:  # noqa: BLE001
-        host.problems.append((plugin, f"{hook} raised {type(exc).__name__}: {exc}"))
-        _trace(f"{plugin}.{hook} raised {exc!r}")
+        host.problems.append((plugin, f"{hook} raised {type(exc).__name__}: {exc}; registered none of its {kind}"))
+        _trace(f"{plugin}.{hook} raised {exc!r}", exc)
         return
     for item in staged:
         owner = host.owners.get((kind, item.name))
