@@ -1,0 +1,449 @@
+"""Matching a checkpoint's keys onto an architecture's state_dict, and the report that says how each key went.
+
+The pipeline (docs/matching.md): unwrap -> exact -> --rename -> wrapper prefixes -> common prefixes -> plugin
+rules -> dotted-suffix matching -> structural alignment -> fill ``num_batches_tracked``. Each step only sees the
+keys the steps before it left; every pairing records the step (``how``) and the renames on the way (``steps``).
+Matching needs names and shapes only: no tensor data is read, and architectures are built on the meta device.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+from . import alignment
+from .errors import UsageError
+from .rules import parse_renames, rename, rules_for
+
+NBT = "num_batches_tracked"
+WRAPPERS = ("module", "_orig_mod")  # DataParallel/DDP and torch.compile
+MAX_PREFIX_PARTS = 3
+MAX_FANOUT = 64  # a name shared by more keys than this says nothing about where it belongs
+CONFIDENCE = {"exact": 1.0, "rename": 1.0, "prefix": 1.0, "rule": 1.0, "map": 1.0, "suffix": 0.9}
+
+
+@dataclass
+class Match:
+    target: str
+    source: str
+    how: str
+    shape: tuple
+    steps: list = field(default_factory=list)
+    reshape: tuple | None = None  # the source shape, when the tensor is reshaped to ``shape``
+    confidence: float = 1.0
+
+    def to_dict(self):
+        return {"target": self.target, "source": self.source, "how": self.how, "steps": list(self.steps),
+                "shape": list(self.shape),
+                "reshape": None if self.reshape is None else {"from": list(self.reshape), "to": list(self.shape)},
+                "confidence": self.confidence}
+
+
+class IncompleteMatch(UsageError):
+    """``--strict``: some target keys were left unfilled."""
+
+
+@dataclass
+class MatchReport:
+    arch: str
+    source: str
+    section: str
+    target_count: int
+    source_count: int
+    matched: list = field(default_factory=list)  # [Match] in target order
+    filled: list = field(default_factory=list)  # [{target, shape, dtype, value}]: num_batches_tracked
+    missing: list = field(default_factory=list)  # [{name, shape, dtype}] target keys nothing filled
+    unexpected: list = field(default_factory=list)  # [{name, shape, dtype}] checkpoint keys nothing used
+    mismatched: list = field(default_factory=list)  # [{target, source, target_shape, source_shape, how}]
+    ambiguous: list = field(default_factory=list)  # [{step, target|source, candidates}]
+    notes: list = field(default_factory=list)
+    arch_options: dict = field(default_factory=dict)
+    candidates: list = field(default_factory=list)  # --arch auto: [{arch, coverage, used, score}]
+    source_tensors: dict = field(default=None, repr=False, compare=False)  # {name: TensorRef}
+    targets: list = field(default_factory=list, repr=False, compare=False)  # target names in state_dict order
+    section_path: tuple = field(default=(), repr=False, compare=False)
+
+    @property
+    def coverage(self) -> float:
+        return (len(self.matched) + len(self.filled)) / self.target_count if self.target_count else 0.0
+
+    @property
+    def used(self) -> float:
+        return len(self.matched) / self.source_count if self.source_count else 0.0
+
+    @property
+    def complete(self) -> bool:
+        return self.target_count > 0 and not self.missing and not self.mismatched
+
+    def mapping(self) -> dict:
+        return {m.target: m for m in self.matched}
+
+    def check_strict(self):
+        if not self.complete:
+            unfilled = len(self.missing) + len(self.mismatched)
+            raise IncompleteMatch(f"{unfilled} of {self.target_count} target keys of {self.arch} are not filled "
+                                  f"({len(self.missing)} missing, {len(self.mismatched)} with other shapes); "
+                                  "--strict needs all of them")
+
+    def to_dict(self):
+        return {"arch": self.arch, "arch_options": self.arch_options, "source": self.source,
+                "section": self.section, "coverage": round(self.coverage, 6), "used": round(self.used, 6),
+                "complete": self.complete, "target_count": self.target_count, "source_count": self.source_count,
+                "matched": [m.to_dict() for m in self.matched], "filled": self.filled, "missing": self.missing,
+                "unexpected": self.unexpected, "mismatched": self.mismatched, "ambiguous": self.ambiguous,
+                "notes": self.notes, "candidates": self.candidates}
+
+
+# --- the pipeline on names and shapes --------------------------------------------------------------------
+
+class _Pipeline:
+    def __init__(self, source, target, allow_reshape=True):
+        self.src = {name: (tuple(shape), dtype) for name, shape, dtype in source}
+        self.tgt = {t.name: t for t in target}
+        self.free_src = dict.fromkeys(self.src)  # ordered sets
+        self.free_tgt = dict.fromkeys(self.tgt)
+        self.name = dict(zip(self.src, self.src))  # source key -> its name after the renames so far
+        self.steps = defaultdict(list)
+        self.matched: dict = {}
+        self.mismatched: dict = {}
+        self.ambiguous: list = []
+        self.notes: list = []
+        self.prefixes: list = []  # accepted (strip, add) prefix pairs
+        self.allow_reshape = allow_reshape
+
+    def pair(self, t, s, how, confidence=None):
+        del self.free_src[s], self.free_tgt[t]
+        tshape, sshape = tuple(self.tgt[t].shape), self.src[s][0]
+        confidence = CONFIDENCE.get(how, 0.8) if confidence is None else confidence
+        if tshape == sshape:
+            self.matched[t] = Match(t, s, how, tshape, self.steps.get(s, []), None, confidence)
+        elif self.allow_reshape and alignment.reshape_ok(sshape, tshape):
+            self.matched[t] = Match(t, s, how, tshape, self.steps.get(s, []), sshape, round(confidence - 0.1, 2))
+        else:
+            self.mismatched[t] = {"target": t, "source": s, "target_shape": list(tshape),
+                                  "source_shape": list(sshape), "how": how}
+
+    def lookup(self, how, proposals=None):
+        """Pair each free target with the one free source proposing it (by default: the source's current name)."""
+        if proposals is None:
+            proposals = ((s, self.name[s]) for s in self.free_src)
+        hits = defaultdict(list)
+        for s, t in proposals:
+            if t in self.free_tgt:
+                hits[t].append(s)
+        for t, sources in hits.items():
+            if len(sources) == 1:
+                self.pair(t, sources[0], how)
+            else:
+                self.ambiguous.append({"step": how, "target": t, "candidates": sources})
+
+    def renamed(self, s, new, note):
+        if new != self.name[s]:
+            self.name[s] = new
+            self.steps[s].append(note)
+
+    # 2-3: exact names, the user's renames, wrapper prefixes
+    def user_renames(self, rules):
+        if not rules:
+            return
+        for s in self.free_src:
+            new, applied = rename(self.name[s], rules)
+            for r in applied:
+                self.steps[s].append(r)
+            self.name[s] = new
+        self.lookup("rename")
+
+    def wrappers(self):
+        blocked = {w for w in WRAPPERS if any(w in t.split(".") for t in self.tgt if w in t)}
+        strip = [w for w in WRAPPERS if w not in blocked]
+        for s in self.free_src:
+            name = self.name[s]
+            if not any(w in name for w in strip):
+                continue
+            parts = name.split(".")
+            lead = 0
+            while lead < len(parts) - 1 and parts[lead] in strip:
+                lead += 1
+            rest = parts[lead:]
+            inner = [p for p in rest[:-1] if p != "_orig_mod" or "_orig_mod" not in strip] + rest[-1:]
+            removed = parts[:lead] + (["_orig_mod"] if len(inner) < len(rest) else [])
+            if removed:
+                self.renamed(s, ".".join(inner), "strip " + ", ".join(f"'{p}.'" for p in dict.fromkeys(removed)))
+        self.lookup("prefix")
+
+    def common_prefixes(self):
+        for _ in range(8):
+            best = self._best_prefix()
+            if best is None:
+                return
+            strip, add = best
+            self.prefixes.append(best)
+            proposals = []
+            for s in self.free_src:
+                name = self.name[s]
+                if name.startswith(strip) and add + name[len(strip):] in self.free_tgt:
+                    self.renamed(s, add + name[len(strip):], f"prefix '{strip}' -> '{add}'")
+                    proposals.append((s, self.name[s]))
+            self.lookup("prefix", proposals)
+
+    def _best_prefix(self):
+        tails = defaultdict(list)
+        for t in self.free_tgt:
+            parts = t.split(".")
+            for j in range(min(MAX_PREFIX_PARTS, len(parts) - 1) + 1):
+                tails[".".join(parts[j:])].append(".".join(parts[:j]) + "." if j else "")
+        counts = Counter()
+        under = Counter()
+        for s in self.free_src:
+            parts = self.name[s].split(".")
+            for k in range(min(MAX_PREFIX_PARTS, len(parts) - 1) + 1):
+                strip = ".".join(parts[:k]) + "." if k else ""
+                under[strip] += 1
+                adds = tails.get(".".join(parts[k:]))
+                if adds and len(adds) <= MAX_FANOUT:
+                    for add in adds:
+                        if add != strip and (strip, add) not in self.prefixes:
+                            counts[(strip, add)] += 1
+        if not counts:
+            return None
+        (strip, add), gain = max(counts.items(), key=lambda kv: (kv[1], -len(kv[0][0]) - len(kv[0][1])))
+        if gain >= 2 or gain == under[strip]:
+            return strip, add
+        return None
+
+    # 4: plugin rules, tried on the current name and on each accepted prefix mapping of it
+    def plugin_rules(self, rules):
+        if not rules:
+            return
+        proposals = []
+        for s in self.free_src:
+            name = self.name[s]
+            variants = [(name, None)] + [(add + name[len(strip):], (strip, add))
+                                         for strip, add in self.prefixes if name.startswith(strip)]
+            for variant, via in variants:
+                new, applied = rename(variant, rules)
+                if applied and new in self.free_tgt:
+                    break
+            else:
+                (new, applied), via = rename(name, rules), None  # keep the rename for the suffix step
+            if not applied:
+                continue
+            if via:
+                self.steps[s].append(f"prefix '{via[0]}' -> '{via[1]}'")
+            self.steps[s].extend(f"rule {r}" for r in applied)
+            self.name[s] = new
+            proposals.append((s, new))
+        self.lookup("rule", proposals)
+
+    # 5: dotted-suffix matching, longest suffix wins (detectron2's align_and_update_state_dicts)
+    def suffixes(self):
+        by_tail = defaultdict(list)
+        for t in self.free_tgt:
+            parts = t.split(".")
+            for k in range(1, len(parts) - 1):
+                by_tail[".".join(parts[k:])].append(t)
+        src_tail = defaultdict(list)
+        for s in self.free_src:
+            parts = self.name[s].split(".")
+            for k in range(1, len(parts) - 1):
+                src_tail[".".join(parts[k:])].append(s)
+        scores = defaultdict(dict)  # target -> {source: suffix length in parts}
+        too_wide = []
+        for s in self.free_src:
+            name = self.name[s]
+            targets = by_tail.get(name, ())
+            if len(targets) > MAX_FANOUT:
+                too_wide.append(s)
+                continue
+            for t in targets:
+                scores[t][s] = name.count(".") + 1
+        for t in self.free_tgt:
+            for s in src_tail.get(t, ())[:MAX_FANOUT + 1]:
+                scores[t][s] = max(scores[t].get(s, 0), t.count(".") + 1)
+        for s in too_wide:
+            self.ambiguous.append({"step": "suffix", "source": s, "candidates": by_tail[self.name[s]][:5] + ["..."]})
+        claims = defaultdict(list)
+        for t, by_source in scores.items():
+            best = max(by_source.values())
+            top = [s for s, v in by_source.items() if v == best]
+            if len(top) == 1:
+                claims[top[0]].append(t)
+            else:
+                self.ambiguous.append({"step": "suffix", "target": t, "candidates": top})
+        for s, targets in claims.items():
+            if len(targets) == 1:
+                self.pair(targets[0], s, "suffix")
+            else:
+                self.ambiguous.append({"step": "suffix", "source": s, "candidates": targets})
+
+    # 6: structural alignment of what is left
+    def structure(self):
+        src_items = [(s, self.src[s][0]) for s in self.free_src if not s.endswith(NBT)]
+        tgt_items = [(t, self.tgt[t].shape) for t in self.free_tgt if not t.endswith(NBT)]
+        if not src_items or not tgt_items:
+            return
+        src_groups = alignment.group(src_items, lambda n: n.rpartition(".")[0])
+        tgt_groups = alignment.group(tgt_items, lambda n: self.tgt[n].module)
+        accepted, ambiguous, note = alignment.align(src_groups, tgt_groups, self.allow_reshape)
+        if note:
+            self.notes.append(note)
+        for src_module, tgt_module, pairs, by_name in accepted:
+            for s, t, _ in pairs:
+                self.steps[s].append(f"aligned {src_module or '<root>'} -> {tgt_module or '<root>'}"
+                                     + ("" if by_name else " by shape"))
+                self.pair(t, s, "structural", 0.8 if by_name else 0.7)
+        for src_module, tgt_modules in ambiguous:
+            self.ambiguous.append({"step": "structural", "source": src_module, "candidates": tgt_modules})
+
+    def finish(self, report: MatchReport):
+        order = report.targets = list(self.tgt)
+        report.matched = [self.matched[t] for t in order if t in self.matched]
+        report.mismatched = [self.mismatched[t] for t in order if t in self.mismatched]
+        report.filled = [{"target": t, "shape": [], "dtype": "int64", "value": 0}
+                         for t in self.free_tgt if t.rpartition(".")[2] == NBT and not self.tgt[t].shape]
+        filled = {f["target"] for f in report.filled}
+        report.missing = [_entry(t, self.tgt[t].shape, self.tgt[t].dtype) for t in self.free_tgt if t not in filled]
+        report.unexpected = [_entry(s, *self.src[s]) for s in self.free_src]
+        report.ambiguous = self.ambiguous
+        report.notes += self.notes + _hints(report)
+        return report
+
+
+def _entry(name, shape, dtype):
+    return {"name": name, "shape": list(shape), "dtype": dtype}
+
+
+def _hints(report):
+    heads = {(m["source_shape"][0], m["target_shape"][0]) for m in report.mismatched
+             if len(m["source_shape"]) == len(m["target_shape"]) and m["source_shape"][1:] == m["target_shape"][1:]}
+    if len(heads) == 1:
+        (have, want), = heads
+        return [f"the checkpoint's {have}-way head does not fit the {want}-way head of {report.arch}; "
+                f"if {have} is the number of classes, try --arch-option num_classes={have}"]
+    return []
+
+
+def match_keys(source, target, *, arch="", rules=(), renames=(), structural=True, allow_reshape=True,
+               report=None) -> MatchReport:
+    """Match ``source`` [(name, shape, dtype)] onto ``target`` [TensorSpec] by names and shapes only."""
+    source = list(source)
+    report = report or MatchReport(arch, "<keys>", "<root>", 0, 0)
+    report.target_count, report.source_count = len(target), len(source)
+    p = _Pipeline(source, target, allow_reshape)
+    p.lookup("exact")
+    p.user_renames(parse_renames(renames))
+    p.wrappers()
+    p.common_prefixes()
+    p.plugin_rules(rules_for(arch, rules))
+    p.suffixes()
+    if structural:
+        p.structure()
+    return p.finish(report)
+
+
+# --- the API -----------------------------------------------------------------------------------------------
+
+def source_tensors(ckpt, section=None):
+    """-> (root tree, {name: TensorRef}, where, path, label) for a path, a Checkpoint or torch objects."""
+    from . import tree
+    from .model import Checkpoint
+    from .unwrap import unwrap
+
+    if isinstance(ckpt, (str, os.PathLike)):
+        from .api import read
+
+        root, label = read(ckpt).root, str(ckpt)
+    elif isinstance(ckpt, Checkpoint):
+        root, label = ckpt.root, ckpt.path or "<checkpoint>"
+    else:
+        root, label = tree.from_torch(ckpt), "<memory>"
+    flat, where, path = unwrap(root, section)
+    return root, flat, where, path, label
+
+
+def target_spec(arch, arch_options=None):
+    """-> (ArchSpec, model or None) for an architecture name or an ``nn.Module``."""
+    from . import architectures
+
+    if hasattr(arch, "state_dict") and hasattr(arch, "named_modules"):
+        return architectures.spec_of_model(arch, type(arch).__name__), arch
+    return architectures.spec(arch, arch_options), None
+
+
+def match(ckpt, arch, *, arch_options=None, rename=(), section=None, only=(), drop=(), structural=True,
+          allow_reshape=True, progress=None) -> MatchReport:
+    """Match the model state_dict in ``ckpt`` (a path, a Checkpoint or torch objects) onto ``arch``.
+
+    ``arch``: a name (``resnet18``, ``torchvision:resnet18``), ``auto`` / ``auto:PATTERN,...`` to pick the best
+    registered architecture, or an ``nn.Module``. ``rename``: ``'REGEX=REPLACEMENT'`` strings applied first.
+    ``only``/``drop``: selectors limiting the target keys. Reads no tensor data.
+    """
+    from . import architectures
+    from .plugins import host
+    from .selectors import filter_keys
+
+    _, flat, where, path, label = source_tensors(ckpt, section)
+    source = [(k, v.shape, v.dtype) for k, v in flat.items()]
+    options = architectures.parse_options(arch_options)
+    ranking = []
+    if isinstance(arch, str) and (arch == "auto" or arch.startswith("auto:")):
+        ranking = rank(source, arch[5:], options, rename, progress)
+        arch = pick(ranking)
+    spec, model = target_spec(arch, options)
+    targets = spec.tensors
+    if only or drop:
+        if model is None:
+            model = architectures.build(spec.arch, options)
+        keep = set(filter_keys([t.name for t in targets], only=only, drop=drop, model=model))
+        targets = [t for t in targets if t.name in keep]
+    report = MatchReport(spec.arch, label, where, 0, 0, arch_options=options, candidates=ranking[:5],
+                         source_tensors=flat, section_path=path)
+    return match_keys(source, targets, arch=spec.arch, rules=host().key_rules, renames=rename,
+                      structural=structural, allow_reshape=allow_reshape, report=report)
+
+
+def rank(source, patterns="", arch_options=None, rename=(), progress=None) -> list:
+    """Score every registered architecture (or those matching ``patterns``) by how well ``source`` fills it.
+
+    -> [{arch, coverage, used, score}] best first; ``score`` is the harmonic mean of the share of target keys
+    filled and the share of checkpoint keys used. Architectures that fail to build are skipped.
+    """
+    from . import architectures
+    from .plugins import host
+
+    wanted = [p.strip() for p in str(patterns or "").split(",") if p.strip()]
+    names = [a for a in architectures.all_architectures(auto=not wanted)
+             if not wanted or any(fnmatch.fnmatchcase(a, p) or fnmatch.fnmatchcase(a.split(":", 1)[1], p)
+                                  for p in wanted)]
+    if not names:
+        raise UsageError(f"no registered architecture matches {patterns!r}")
+    rules = host().key_rules
+    out = []
+    for i, name in enumerate(names):
+        if progress is not None:
+            progress(i, len(names), name)
+        try:
+            spec = architectures.spec(name, arch_options)
+        except Exception:  # noqa: BLE001 - one model that cannot be built must not stop the ranking
+            continue
+        r = match_keys(source, spec.tensors, arch=name, rules=rules, renames=rename, structural=False)
+        score = 2 * r.coverage * r.used / (r.coverage + r.used) if r.coverage + r.used else 0.0
+        out.append({"arch": name, "coverage": round(r.coverage, 6), "used": round(r.used, 6),
+                    "score": round(score, 6)})
+    out.sort(key=lambda c: (-c["score"], -c["coverage"], c["arch"]))
+    return out
+
+
+def pick(ranking) -> str:
+    """The best architecture of a ranking, when it is unambiguous."""
+    if not ranking or ranking[0]["score"] == 0:
+        raise UsageError("no registered architecture matches this checkpoint's keys; name one with --arch and "
+                         "use --rename")
+    best = ranking[0]
+    ties = [c["arch"] for c in ranking if c["score"] == best["score"]]
+    if len(ties) > 1:
+        raise UsageError(f"--arch auto is ambiguous: {', '.join(ties[:6])} fit equally well "
+                         f"({best['coverage']:.0%} of their keys); name one with --arch")
+    return best["arch"]

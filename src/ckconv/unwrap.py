@@ -1,0 +1,112 @@
+"""Step 1 of matching: find the model state_dict inside whatever a training framework saved.
+
+Layouts handled: a bare state_dict; ``state_dict`` / ``model`` / ``model_state`` / ``net`` / ``module`` / ... keys
+(plain torch, Lightning, mmengine, fvcore/detectron2, timm); EMA copies (``ema``, ``state_dict_ema``,
+``model_ema``), chosen only when asked for or when they are all there is; nested dicts of tensors, flattened with
+dotted names. Optimizer and scheduler sections are never taken for the model.
+"""
+
+from __future__ import annotations
+
+from .errors import UsageError
+from .model import TensorRef
+from .sections import MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS
+
+EMA_KEYS = ("state_dict_ema", "ema", "model_ema", "ema_state_dict", "ema_model")
+MAX_DEPTH = 4
+SECTION_KEYS = frozenset(MODEL_KEYS + EMA_KEYS + OPTIMIZER_KEYS + SCHEDULER_KEYS)
+
+
+def unwrap(root, section: str | None = None):
+    """-> ({name: TensorRef} in file order, where: str, path: tuple of keys leading to it).
+
+    ``section``: a dotted path of keys to take instead of the best guess (``state_dict_ema``, ``model.ema``).
+    """
+    found = candidates(root)
+    if not found:
+        raise UsageError("cannot find a model state_dict in this checkpoint: no name -> tensor mapping anywhere "
+                         "(see `ckconv inspect`)")
+    if section is not None:
+        wanted = tuple(p for p in str(section).split(".") if p) if section not in ("", "<root>") else ()
+        for path, flat in found:
+            if tuple(map(str, path)) == wanted:
+                return flat, _where(path), path
+        raise UsageError(f"no state_dict at {section!r}; this checkpoint has them at "
+                         + ", ".join(_where(p) for p, _ in found[:8]))
+    path, flat = min(found, key=lambda c: _rank(*c))
+    return flat, _where(path), path
+
+
+def _where(path):
+    return ".".join(map(str, path)) if path else "<root>"
+
+
+def _rank(path, flat):
+    keys = [str(p) for p in path]
+    if any(k in EMA_KEYS for k in keys):
+        kind = 2
+    elif any(k in MODEL_KEYS for k in keys) or not keys:
+        kind = 0
+    else:
+        kind = 1
+    return kind, -len(flat), len(keys)
+
+
+def candidates(root) -> list:
+    """[(path, {name: TensorRef})] for every dict holding tensors under string keys (depth <= MAX_DEPTH)."""
+    out = []
+    stack = [((), root)]
+    seen = set()
+    while stack:
+        path, node = stack.pop()
+        if not isinstance(node, dict) or id(node) in seen or len(path) > MAX_DEPTH:
+            continue
+        seen.add(id(node))
+        flat = _flatten(node)
+        if flat:
+            out.append((path, flat))
+        for key, value in reversed(list(node.items())):
+            if isinstance(value, dict) and not (key in OPTIMIZER_KEYS or key in SCHEDULER_KEYS):
+                stack.append((path + (key,), value))
+    return out
+
+
+def _flatten(node):
+    """Tensors under string keys; nested dicts whose leaves are all tensors join with dots."""
+    flat = {}
+    for key, value in node.items():
+        if not isinstance(key, str):
+            continue
+        if isinstance(value, TensorRef):
+            flat[key] = value
+        elif isinstance(value, dict) and value and key not in SECTION_KEYS and _all_tensors(value, 0):
+            for sub, ref in _flatten(value).items():
+                flat[f"{key}.{sub}"] = ref
+    return flat
+
+
+def _all_tensors(node, depth):
+    if depth > MAX_DEPTH:
+        return False
+    for key, value in node.items():
+        if not isinstance(key, str):
+            return False
+        if isinstance(value, dict):
+            if not value or not _all_tensors(value, depth + 1):
+                return False
+        elif not isinstance(value, TensorRef):
+            return False
+    return True
+
+
+def replace(root, path, new):
+    """``root`` with the value at ``path`` swapped for ``new``; containers on the way are copied, not mutated."""
+    if not path:
+        return new
+    key, rest = path[0], path[1:]
+    copy = type(root)() if type(root) is not dict else {}
+    for k, v in root.items():
+        copy[k] = replace(v, rest, new) if k == key else v
+    if getattr(root, "__dict__", None):
+        copy.__dict__.update(root.__dict__)
+    return copy
