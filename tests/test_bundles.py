@@ -146,3 +146,16 @@ def test_model_only_extracts_the_state_dict_from_each_layout(tmp_path):
         out = ckconv.load(tmp_path / f"{layout}.safetensors")
         expected = {("model." if layout == "lightning" else "") + k: v for k, v in model.state_dict().items()}
         assert list(out) == list(expected), layout
+
+
+def test_safetensors_bundle_names_optimizer_state_by_parameter(tmp_path):
+    from safetensors import safe_open
+
+    model, opt = fresh()
+    train(model, opt, 1)
+    save_bundle(tmp_path / "b.safetensors", model=model, optimizer=opt)
+    with safe_open(tmp_path / "b.safetensors", "pt") as f:
+        names = set(f.keys())
+    assert "optimizer.state.features.0.weight.exp_avg" in names
+    assert "model.features.0.weight" in names
+    assert not any(n.startswith("optimizer.state.0.") for n in names)

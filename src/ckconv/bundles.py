@@ -172,6 +172,27 @@ def describe(root) -> BundleInfo:
     return BundleInfo(layout, model_key, optimizers, schedulers, ema, scalars)
 
 
+def optimizer_namer(root):
+    """A ``structure.encode`` namer: optimizer state tensors named by their parameter, not their slot index."""
+    if not isinstance(root, dict):
+        return None
+    table = {}
+    for info in describe(root).optimizers:
+        prefix = tuple(int(p) if p.isdigit() else p for p in info.path.split("."))
+        for idx, name in info.names.items():
+            table[prefix + ("state", idx)] = f"{info.path}.state.{name}"
+    if not table:
+        return None
+
+    def namer(path):
+        for cut in (len(path) - 1, len(path) - 2):
+            if cut > 0 and path[:cut] in table:
+                return ".".join([table[path[:cut]], *map(str, path[cut:])])
+        return None
+
+    return namer
+
+
 def _find_optimizers(root):
     found = []
     for key, value in root.items():

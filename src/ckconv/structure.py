@@ -25,11 +25,12 @@ def tensor_name(path) -> str:
     return format_path(path) if path else "tensor"
 
 
-def encode(root, raw_dtypes=frozenset()):
+def encode(root, raw_dtypes=frozenset(), namer=None):
     """-> (json-able structure, [(name, TensorRef)] of distinct tensors in order, needs_structure).
 
     ``raw_dtypes``: dtypes the target cannot name; their tensors are described in the structure (dtype, shape) so
-    a format can store them as raw bytes.
+    a format can store them as raw bytes. ``namer(path)`` may return a better name than the path (bundles name
+    optimizer state by parameter name: ``optimizer.state.features.0.weight.exp_avg``).
     """
     walk(root)  # refuse cycles and bombs before recursing
     names: dict = {}  # view key -> name
@@ -40,7 +41,7 @@ def encode(root, raw_dtypes=frozenset()):
         key = ref.view_key()
         if key in names:
             return names[key], True
-        base = tensor_name(path)
+        base = (namer(path) if namer else None) or tensor_name(path)
         name, n = base, 1
         while name in used:
             n += 1
