@@ -70,7 +70,59 @@ class Storage:
             self._check(crc)
 
     def read(self, start=0, length=None) -> bytes:
+        if length is None:
+            length = self.nbytes - start
+        if self.buffer is None and self.path is not None and type(self).chunks is Storage.chunks:
+            # One read into one bytes object: no list of chunks joined into a second copy.
+            whole = start == 0 and length == self.nbytes
+            if not whole and not self.verified:
+                self.verify()
+            with open(self.path, "rb") as f:  # buffered: read(n) loops until n bytes, past the 2 GiB syscall cap
+                f.seek(self.offset + start)
+                data = f.read(length) if length else b""
+            if len(data) != length:
+                raise CorruptCheckpoint(f"{self.path}: storage {self.label} is truncated; the file is damaged")
+            if whole and not self.verified:
+                self._check(zlib.crc32(data))
+            return data
         return b"".join(bytes(c) for c in self.chunks(start, length))
+
+    def copy_to(self, fd, dst_offset, start=0, length=None, *, want_crc=False, progress=None, files=None):
+        """Write the bytes [start, start+length) at ``dst_offset`` of the writable descriptor ``fd``.
+
+        Returns their CRC-32 when ``want_crc`` (a zip writer needs it) and otherwise None. The bytes never become
+        Python objects when they are a byte range of a file: the kernel copies them. A zip source's CRC is checked
+        in the same pass as the copy, and for a whole record that CRC is also the one a zip writer needs, so it is
+        computed once. A safetensors (or legacy) source has no CRC to check: without ``want_crc`` it is a pure
+        kernel copy. ``files`` (a :class:`ckconv.fastcopy.SourceFiles`) keeps source descriptors open between
+        calls. Storages that override :meth:`chunks` (plugins, casts) are written from their chunks.
+        """
+        from . import fastcopy
+
+        if length is None:
+            length = self.nbytes - start
+        if self.buffer is not None or self.path is None or type(self).chunks is not Storage.chunks:
+            return _copy_chunks(self.chunks(start, length), fd, dst_offset, length, want_crc, progress, self.label)
+        whole = start == 0 and length == self.nbytes
+        check = whole and not self.verified
+        if not whole and not self.verified:
+            self.verify()
+        own = files is None
+        files = files or fastcopy.SourceFiles()
+        try:
+            src = files.fd(self.path)
+            if check or want_crc:
+                crc = fastcopy.copy_with_crc(src, self.offset + start, fd, dst_offset, length, progress=progress)
+                if check:
+                    self._check(crc)
+                return crc
+            fastcopy.kernel_copy(src, self.offset + start, fd, dst_offset, length, progress)
+            return None
+        except fastcopy.Truncated:
+            raise CorruptCheckpoint(f"{self.path}: storage {self.label} is truncated; the file is damaged") from None
+        finally:
+            if own:
+                files.close()
 
     def verify(self):
         crc = 0
@@ -137,8 +189,33 @@ class TensorRef:
                 f"memory budget of {budget} bytes; set CKCONV_MEMORY_BUDGET if you trust this file")
         yield gather(self)
 
+    def copy_to(self, fd, dst_offset, *, want_crc=False, progress=None, files=None, budget=DEFAULT_MEMORY_BUDGET):
+        """Write the tensor's bytes in C order at ``dst_offset`` of ``fd``; see :meth:`Storage.copy_to`."""
+        if self.is_contiguous:
+            size = dtypes.itemsize(self.dtype)
+            return self.storage.copy_to(fd, dst_offset, self.offset * size, self.nbytes, want_crc=want_crc,
+                                        progress=progress, files=files)
+        return _copy_chunks(self.chunks(budget), fd, dst_offset, self.nbytes, want_crc, progress, repr(self))
+
     def __repr__(self):
         return f"TensorRef({self.dtype}, {list(self.shape)})"
+
+
+def _copy_chunks(chunks, fd, dst_offset, length, want_crc, progress, label):
+    """Write an iterable of bytes-like blocks at ``dst_offset``; returns their CRC-32 when ``want_crc``."""
+    from .fastcopy import write_at
+
+    crc = 0 if want_crc else None
+    written = 0
+    for block in chunks:
+        crc = write_at(fd, block, dst_offset + written, crc)
+        n = memoryview(block).nbytes
+        written += n
+        if progress:
+            progress(n)
+    if written != length:
+        raise CorruptCheckpoint(f"{label} produced {written} bytes, expected {length}")
+    return crc
 
 
 def contiguous_strides(shape):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .. import dtypes, structure
 from ..errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint
+from ..bundles import optimizer_namer
 from ..hookspecs import hookimpl
 from ..model import Checkpoint, Storage, TensorRef
 from ..tree import foreign_objects
@@ -51,7 +52,8 @@ class SafetensorsFormat(Format):
         return options.max_shard_size is not None
 
     def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
-        encoded, named, needs_structure = structure.encode(checkpoint.root, raw_dtypes=RAW_DTYPES)
+        encoded, named, needs_structure = structure.encode(checkpoint.root, raw_dtypes=RAW_DTYPES,
+                                                            namer=optimizer_namer(checkpoint.root))
         text = structure.dumps(encoded) if needs_structure else None
         if options.max_shard_size is None:
             write_file(path, named, _metadata(text), options.progress)
@@ -259,13 +261,17 @@ def header_bytes(named, metadata) -> bytes:
 
 
 def write_file(path, named, metadata, progress=None):
-    with open(path, "wb") as f:
-        f.write(header_bytes(named, metadata))
+    """Header, then each tensor's bytes copied straight from its source file (see ckconv.fastcopy)."""
+    from ..fastcopy import SourceFiles, write_at
+
+    header = header_bytes(named, metadata)
+    with open(path, "wb", buffering=0) as f, SourceFiles() as files:
+        fd = f.fileno()
+        write_at(fd, header, 0)
+        pos = len(header)
         for _, ref in named:
-            for chunk in ref.chunks():
-                f.write(chunk)
-                if progress:
-                    progress(len(chunk))
+            ref.copy_to(fd, pos, progress=progress, files=files)
+            pos += ref.nbytes
 
 
 def _write_json(path, obj):

@@ -1,0 +1,196 @@
+"""Moving tensor bytes from one file to another without passing them through Python objects.
+
+Every copy names explicit offsets on both sides, so the file positions of the descriptors are never relied on.
+
+* No checksum wanted (a safetensors or legacy source going to safetensors): the kernel copies the range
+  (``os.copy_file_range``, else ``os.sendfile``, else a bounded buffer).
+* A CRC-32 wanted (to verify a zip record of the source, or to write a zip record): the kernel copies block i
+  while a helper thread runs ``zlib.crc32`` over block i-1, which is already in the page cache. ``zlib.crc32`` and
+  the copy both release the GIL, so on two cores the CRC costs little wall time, and the file is read from disk
+  once. Small ranges use one thread and a reused buffer.
+
+Measured on the 2-core benchmark machine (vgg16, 528 MiB, warm page cache): kernel copy 0.22 s, CRC pass 0.23 s,
+read+crc32+write in Python 0.55 s, pipelined copy+crc32 about 0.3 s. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import zlib
+
+BLOCK = 32 << 20  # bytes per kernel copy call (one progress tick)
+BUF = 1 << 20  # bytes per read when the data must pass through user space (fits in L2, so crc32 + write stay hot)
+PIPELINE_MIN = 8 << 20  # below this a helper thread costs more than it saves
+
+_KERNEL_COPY_ERRNOS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM,
+                       getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+_kernel_copy = {"copy_file_range": hasattr(os, "copy_file_range"), "sendfile": hasattr(os, "sendfile")}
+
+
+class Truncated(Exception):
+    """The source ended before the range did (the caller words the error)."""
+
+
+def _no_progress(n):
+    pass
+
+
+def kernel_copy(src_fd, src_off, dst_fd, dst_off, length, progress=None):
+    """Copy ``length`` bytes at ``src_off`` to ``dst_off``, in the kernel when it can."""
+    progress = progress or _no_progress
+    end = src_off + length
+    while src_off < end:
+        n = min(BLOCK, end - src_off)
+        done = _kernel_block(src_fd, src_off, dst_fd, dst_off, n)
+        src_off += done
+        dst_off += done
+        progress(done)
+
+
+def _kernel_block(src_fd, src_off, dst_fd, dst_off, n):
+    """Copy up to ``n`` bytes; returns how many (at least 1) or raises Truncated."""
+    if _kernel_copy["copy_file_range"]:
+        try:
+            done = os.copy_file_range(src_fd, dst_fd, n, src_off, dst_off)
+        except OSError as exc:
+            if exc.errno not in _KERNEL_COPY_ERRNOS:
+                raise
+            _kernel_copy["copy_file_range"] = False
+        else:
+            if done == 0:
+                raise Truncated
+            return done
+    if _kernel_copy["sendfile"]:
+        try:
+            os.lseek(dst_fd, dst_off, os.SEEK_SET)
+            done = os.sendfile(dst_fd, src_fd, src_off, n)
+        except OSError as exc:
+            if exc.errno not in _KERNEL_COPY_ERRNOS:
+                raise
+            _kernel_copy["sendfile"] = False
+        else:
+            if done == 0:
+                raise Truncated
+            return done
+    buf = bytearray(min(n, BUF))
+    done = os.preadv(src_fd, [buf], src_off)
+    if done == 0:
+        raise Truncated
+    _pwrite_all(dst_fd, memoryview(buf)[:done], dst_off)
+    return done
+
+
+def _pwrite_all(fd, view, offset):
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+def crc_range(fd, offset, length, crc=0, buf=None):
+    """CRC-32 of ``length`` bytes of ``fd`` at ``offset``, read through a reused buffer."""
+    buf = buf or bytearray(BUF)
+    view = memoryview(buf)
+    end = offset + length
+    while offset < end:
+        n = os.preadv(fd, [view[:min(len(buf), end - offset)]], offset)
+        if n == 0:
+            raise Truncated
+        crc = zlib.crc32(view[:n], crc)
+        offset += n
+    return crc
+
+
+def copy_with_crc(src_fd, src_off, dst_fd, dst_off, length, crc=0, progress=None):
+    """Copy ``length`` bytes and return their CRC-32 (seeded with ``crc``), reading the source from disk once."""
+    progress = progress or _no_progress
+    if length < PIPELINE_MIN:
+        return _buffered_copy_with_crc(src_fd, src_off, dst_fd, dst_off, length, crc, progress)
+    # Pipeline: the kernel copies block i while the helper thread checksums block i-1 (now in the page cache).
+    state = {"crc": crc, "error": None}
+    buf = bytearray(BUF)
+
+    def checksum(off, n):
+        try:
+            state["crc"] = crc_range(src_fd, off, n, state["crc"], buf)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
+            state["error"] = exc
+
+    helper = None
+    end = src_off + length
+    try:
+        while src_off < end:
+            n = min(BLOCK, end - src_off)
+            done = 0
+            while done < n:
+                done += _kernel_block(src_fd, src_off + done, dst_fd, dst_off + done, n - done)
+            if helper is not None:
+                helper.join()
+                if state["error"] is not None:
+                    raise state["error"]
+            helper = threading.Thread(target=checksum, args=(src_off, n), daemon=True)
+            helper.start()
+            src_off += n
+            dst_off += n
+            progress(n)
+    finally:
+        if helper is not None:
+            helper.join()
+    if state["error"] is not None:
+        raise state["error"]
+    return state["crc"]
+
+
+def _buffered_copy_with_crc(src_fd, src_off, dst_fd, dst_off, length, crc, progress):
+    buf = bytearray(min(BUF, max(length, 1)))
+    view = memoryview(buf)
+    end = src_off + length
+    while src_off < end:
+        n = os.preadv(src_fd, [view[:min(len(buf), end - src_off)]], src_off)
+        if n == 0:
+            raise Truncated
+        block = view[:n]
+        crc = zlib.crc32(block, crc)
+        _pwrite_all(dst_fd, block, dst_off)
+        src_off += n
+        dst_off += n
+        progress(n)
+    return crc
+
+
+def write_at(fd, data, offset, crc=None):
+    """Write a bytes-like block at ``offset``; returns the CRC-32 continued from ``crc`` (None: not computed)."""
+    view = memoryview(data).cast("B")
+    _pwrite_all(fd, view, offset)
+    return None if crc is None else zlib.crc32(view, crc)
+
+
+class SourceFiles:
+    """Read-only descriptors of source files, opened once per path while a writer runs."""
+
+    def __init__(self):
+        self.fds: dict = {}
+
+    def fd(self, path):
+        fd = self.fds.get(path)
+        if fd is None:
+            fd = self.fds[path] = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            if hasattr(os, "posix_fadvise"):
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+                except OSError:
+                    pass
+        return fd
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
