@@ -159,3 +159,32 @@ def test_safetensors_bundle_names_optimizer_state_by_parameter(tmp_path):
     assert "optimizer.state.features.0.weight.exp_avg" in names
     assert "model.features.0.weight" in names
     assert not any(n.startswith("optimizer.state.0.") for n in names)
+
+
+def test_remap_optimizer_follows_renames_and_new_head(tmp_path):
+    """Source model wrapped in ``module.`` with a 5-class head; target has a fresh 3-class head."""
+    from ckconv.bundles import remap_optimizer, resolve_names
+    from ckconv.tree import materialize
+
+    model, opt = fresh()
+    train(model, opt, 2)
+    src_sd = {f"module.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"model": src_sd, "optimizer": opt.state_dict()}, tmp_path / "a.pth")
+    root = ckconv.read(tmp_path / "a.pth").root
+    slot_names, how, _ = resolve_names(root["optimizer"], root["model"])
+    assert how.startswith("parameter order")
+    target = Net()
+    target_params = [n for n, _ in target.named_parameters()]
+    head = {"classifier.3.weight", "classifier.3.bias"}  # pretend the head was dropped as mismatched
+    mapping = {f"module.{n}": n for n in target_params if n not in head}
+    new_osd, report = remap_optimizer(root["optimizer"], slot_names, mapping, target_params)
+    assert sorted(report["new_without_state"]) == sorted(head)
+    assert len(report["dropped"]) == 2
+    target.load_state_dict(model.state_dict())
+    opt2 = torch.optim.Adam(target.parameters(), lr=1e-2)
+    opt2.load_state_dict(materialize(new_osd))
+    for (name, p_src), p_new in zip(model.named_parameters(), target.parameters()):
+        if name in head:
+            assert opt2.state[p_new] == {}
+        else:
+            assert_deep_equal(opt.state[p_src], opt2.state[p_new])

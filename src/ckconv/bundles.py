@@ -251,3 +251,72 @@ def load_bundle(path, model=None, optimizer=None, scheduler=None, strict=True):
     return bundle
 
 
+
+
+def remap_optimizer(osd, slot_names: dict, mapping: dict, target_params: list, target_shapes: dict | None = None):
+    """Re-key an optimizer state_dict for a remapped model.
+
+    ``slot_names``: source slot index -> source parameter name (from :func:`resolve_names`);
+    ``mapping``: source parameter name -> target parameter name (renames; absent = dropped);
+    ``target_params``: target parameter names in ``model.parameters()`` order;
+    ``target_shapes``: target name -> shape, to reshape per-parameter state along with a reshaped weight.
+
+    Returns ``(new_osd, report)``. Slot indices follow the target's ``parameters()`` order, so
+    ``opt = Adam(model.parameters()); opt.load_state_dict(new_osd)`` works; target parameters that no source
+    parameter feeds (a new head) join the last group without state; target parameters fed by a source parameter
+    the optimizer did not cover (frozen) stay out of it.
+    """
+    from collections import OrderedDict
+
+    order = {name: i for i, name in enumerate(target_params)}
+    fed_by_source = set(mapping.values())
+    state = osd["state"]
+    new_state, groups, placed = {}, [], set()
+    dropped = []
+    for group in osd["param_groups"]:
+        members = []
+        for slot in group["params"]:
+            target = mapping.get(slot_names.get(slot))
+            if target is None or target not in order:
+                dropped.append(slot_names.get(slot, slot))
+                continue
+            members.append(order[target])
+            placed.add(target)
+            if slot in state:
+                new_state[order[target]] = _reshape_state(state[slot], (target_shapes or {}).get(target))
+        g = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+        groups.append((g, sorted(members), "param_names" in group))
+    fresh = [name for name in target_params if name not in fed_by_source and name not in placed]
+    if groups:
+        groups[-1][1].extend(order[n] for n in fresh)
+        groups[-1][1].sort()
+    new_groups = []
+    for g, members, had_names in groups:
+        if had_names:
+            g["param_names"] = [target_params[i] for i in members]
+        g["params"] = members
+        new_groups.append(g)
+    new_osd = type(osd)() if isinstance(osd, OrderedDict) else {}
+    new_osd["state"] = {k: new_state[k] for k in sorted(new_state)}
+    new_osd["param_groups"] = new_groups
+    return new_osd, {"moved": len(new_state), "dropped": dropped, "new_without_state": fresh}
+
+
+def _reshape_state(slot_state, shape):
+    if shape is None or not isinstance(slot_state, dict):
+        return slot_state
+    out = type(slot_state)()
+    for key, value in slot_state.items():
+        if isinstance(value, TensorRef) and value.numel == _numel(shape) and value.shape != tuple(shape) \
+                and value.is_contiguous and value.shape != ():
+            value = TensorRef(value.storage, value.dtype, shape, None, value.offset, value.requires_grad,
+                              value.parameter)
+        out[key] = value
+    return out
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
