@@ -23,6 +23,7 @@ from .errors import PluginError, UsageError
 BUILTIN_PLUGINS = (
     "ckconv.formats.torch_pickle",
     "ckconv.formats.safetensors_format",
+    "ckconv.formats.dcp",
     "ckconv.architectures_torchvision",
 )
 HOOKS = ("ckconv_register_formats", "ckconv_register_architectures", "ckconv_register_key_rules")
