@@ -23,7 +23,21 @@ from . import dtypes
 from .errors import CorruptCheckpoint, LimitExceeded
 
 CHUNK = 8 << 20  # bytes moved per read/write when streaming tensor data
-DEFAULT_MEMORY_BUDGET = int(os.environ.get("CKCONV_MEMORY_BUDGET", 4 << 30))
+DEFAULT_MEMORY_BUDGET = 4 << 30
+
+
+def memory_budget() -> int:
+    """Bytes ckconv may allocate beyond the file's own sizes (CKCONV_MEMORY_BUDGET, read at each use)."""
+    try:
+        return int(os.environ.get("CKCONV_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET))
+    except ValueError:
+        return DEFAULT_MEMORY_BUDGET
+
+
+def _no_state(self, state):
+    """pickle's BUILD opcode calls ``__setstate__``: a file must never rewrite a storage's path or a view's shape."""
+    raise CorruptCheckpoint(f"the pickle tried to modify {type(self).__name__} {self.label if isinstance(self, Storage) else self!r} "
+                            "(BUILD on a tensor record); the file is hostile")
 
 
 class Storage:
@@ -41,6 +55,11 @@ class Storage:
         self.verified = crc is None
         self.buffer = buffer  # a memoryview-able object when the bytes live in memory
         self.label = label or str(key)
+
+    __setstate__ = _no_state
+
+    def __reduce__(self):  # copy.copy / deepcopy without __setstate__
+        return _storage_copy, (type(self), {k: getattr(self, k) for k in Storage.__slots__})
 
     def chunks(self, start=0, length=None, size=CHUNK):
         """Yield the bytes [start, start+length) in bounded chunks, checking the CRC when it can."""
@@ -177,19 +196,22 @@ class TensorRef:
         """Two refs with the same view key are the same tensor (tied weights)."""
         return (id(self.storage), self.dtype, self.shape, self.stride, self.offset)
 
-    def chunks(self, budget=DEFAULT_MEMORY_BUDGET):
+    __setstate__ = _no_state
+
+    def __reduce__(self):  # copy.copy / deepcopy without __setstate__
+        return TensorRef, (self.storage, self.dtype, self.shape, self.stride, self.offset, self.requires_grad,
+                           self.parameter)
+
+    def chunks(self, budget=None):
         """Yield the tensor's bytes in C order, streaming when it is contiguous in its storage."""
         size = dtypes.itemsize(self.dtype)
         if self.is_contiguous:
             yield from self.storage.chunks(self.offset * size, self.nbytes)
             return
-        if self.nbytes + self.storage.nbytes > budget:
-            raise LimitExceeded(
-                f"tensor view of {self.nbytes} bytes over a {self.storage.nbytes}-byte storage exceeds the "
-                f"memory budget of {budget} bytes; set CKCONV_MEMORY_BUDGET if you trust this file")
+        check_budget(self, budget)
         yield gather(self)
 
-    def copy_to(self, fd, dst_offset, *, want_crc=False, progress=None, files=None, budget=DEFAULT_MEMORY_BUDGET):
+    def copy_to(self, fd, dst_offset, *, want_crc=False, progress=None, files=None, budget=None):
         """Write the tensor's bytes in C order at ``dst_offset`` of ``fd``; see :meth:`Storage.copy_to`."""
         if self.is_contiguous:
             size = dtypes.itemsize(self.dtype)
@@ -199,6 +221,25 @@ class TensorRef:
 
     def __repr__(self):
         return f"TensorRef({self.dtype}, {list(self.shape)})"
+
+
+def _storage_copy(cls, fields):
+    out = object.__new__(cls)
+    for k, v in fields.items():
+        object.__setattr__(out, k, v)
+    return out
+
+
+def check_budget(ref: TensorRef, budget=None):
+    """Refuse, before allocating, a strided view whose gathered copy would exceed the memory budget.
+
+    A stride-0 ``expand`` stores a few kilobytes and becomes gigabytes when made contiguous.
+    """
+    budget = memory_budget() if budget is None else budget
+    if ref.nbytes + max(ref.storage.nbytes, 0) > budget:
+        raise LimitExceeded(
+            f"tensor view of {ref.nbytes} bytes over a {ref.storage.nbytes}-byte storage exceeds the "
+            f"memory budget of {budget} bytes; set CKCONV_MEMORY_BUDGET if you trust this file")
 
 
 def _copy_chunks(chunks, fd, dst_offset, length, want_crc, progress, label):
@@ -231,6 +272,9 @@ def gather(ref: TensorRef) -> bytes:
     import numpy as np
 
     size = dtypes.itemsize(ref.dtype)
+    check_budget(ref)
+    if ref.numel and (ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride)) + 1) * size > ref.storage.nbytes:
+        raise CorruptCheckpoint(f"tensor view {list(ref.shape)} reaches past the end of storage {ref.storage.label}")
     raw = np.frombuffer(ref.storage.read(), dtype=np.uint8)
     elem = np.dtype({1: "u1", 2: "<u2", 4: "<u4", 8: "<u8"}.get(size, f"V{size}"))
     base = raw[: len(raw) // size * size].view(elem)

@@ -148,8 +148,28 @@ def materialize(root, budget=None):
         memo[id(node)] = out
         return out
 
-    walk(root)
+    _check_view_budget(root, budget)
     return convert(root)
+
+
+def _check_view_budget(root, budget=None):
+    """Refuse views that ask for more memory than their storages hold (a stride-0 ``expand`` of 40 GB) when the
+    total would exceed the memory budget: a caller that makes them contiguous would allocate it."""
+    from .model import memory_budget
+
+    seen, excess = set(), 0
+
+    def visit(path, node):
+        nonlocal excess
+        if isinstance(node, TensorRef) and node.view_key() not in seen:
+            seen.add(node.view_key())
+            excess += max(0, node.nbytes - node.storage.nbytes)
+
+    walk(root, visit)
+    budget = memory_budget() if budget is None else budget
+    if excess > budget:
+        raise LimitExceeded(f"tensor views would need {excess} bytes beyond their storages, over the memory budget "
+                            f"of {budget} bytes; set CKCONV_MEMORY_BUDGET if you trust this file")
 
 
 # --- importing in-memory torch objects -------------------------------------------------------------------------

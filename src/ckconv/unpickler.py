@@ -9,12 +9,17 @@ collected and the load is refused naming them; ``inspect`` reports them instead.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 from collections import OrderedDict
 
-from . import dtypes
-from .errors import CorruptCheckpoint, NotACheckpoint, UnsafeCheckpoint, UnsupportedContent
+from . import dtypes, tree
+from .errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsafeCheckpoint, UnsupportedContent
 from .model import Foreign, TensorRef, TorchDevice, TorchDtype, TorchSize, foreign_class
+from .pickle_scan import scan
+
+INT64_MAX = (1 << 63) - 1
+MAX_BUILT_TUPLE = 512  # elements of a tuple built by a ``builtins.tuple`` call (it may be hashed many times)
 
 DANGEROUS_MODULES = {
     "os", "posix", "nt", "subprocess", "sys", "runpy", "importlib", "pickle", "_pickle", "marshal", "shutil",
@@ -55,20 +60,74 @@ def is_dangerous(module: str, name: str) -> bool:
     return any(".".join(top[:i]) in DANGEROUS_MODULES for i in range(1, len(top) + 1))
 
 
+def _no_state(self, state):
+    """pickle's BUILD opcode calls this: a file must never rewrite ckconv's own objects (paths, offsets, code)."""
+    raise CorruptCheckpoint(f"the pickle tried to modify {self!r} (BUILD on a ckconv object); the file is hostile")
+
+
 class StorageType:
     """The class named in a persistent id (``torch.FloatStorage``), as a dtype."""
+
+    __slots__ = ("dtype",)
+    __setstate__ = _no_state
 
     def __init__(self, dtype):
         self.dtype = dtype
 
+    def __repr__(self):
+        return f"<storage type {self.dtype}>"
 
-class _Param:
-    """Marker for ``torch.nn.Parameter`` used as a type in ``_rebuild_from_type_v2``."""
+
+class Builder:
+    """A callable ckconv hands to the unpickler for a global; the file can call it, never modify it."""
+
+    __slots__ = ("fn", "name")
+    __setstate__ = _no_state
+
+    def __init__(self, fn, name):
+        self.fn = fn
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self):
+        return f"<ckconv builder for {self.name}>"
+
+
+class _Marker:
+    __slots__ = ("name",)
+    __setstate__ = _no_state
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f"<{self.name}>"
+
+
+PARAMETER = _Marker("torch.nn.Parameter")  # the type argument of ``_rebuild_from_type_v2`` for parameters
+
+
+def short_repr(value, limit=80, _depth=0) -> str:
+    """A bounded description of an untrusted value: ``repr`` of a shared structure can take 2**80 steps."""
+    if isinstance(value, (str, bytes, bytearray)):
+        return repr(value[:limit])[:limit]
+    if value is None or type(value) in (bool, float, complex):
+        return repr(value)
+    if type(value) is int:
+        return repr(value) if value.bit_length() < 256 else f"<int of {value.bit_length()} bits>"
+    if isinstance(value, (tuple, list)) and _depth < 2:
+        inner = ", ".join(short_repr(v, limit, _depth + 1) for v in value[:4]) + (", ..." if len(value) > 4 else "")
+        text = f"({inner})" if isinstance(value, tuple) else f"[{inner}]"
+        return text[:limit]
+    return f"<{type(value).__name__}>"
 
 
 def _ints(value, what, where):
-    if not isinstance(value, (tuple, list)) or not all(type(v) is int and v >= 0 for v in value):
-        raise CorruptCheckpoint(f"{where}: tensor {what} {value!r} is not a list of non-negative integers")
+    if not isinstance(value, (tuple, list)) or not all(type(v) is int and 0 <= v <= INT64_MAX for v in value):
+        raise CorruptCheckpoint(f"{where}: tensor {what} {short_repr(value)} is not a list of integers "
+                                "between 0 and the int64 maximum")
     return tuple(value)
 
 
@@ -81,6 +140,13 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.where = where
         self.dangerous: list = []
         self.foreign: list = []
+        self.hash_budget = tree.MAX_NODES  # steps the builders below may spend hashing keys and set members
+        self._builders: dict = {}
+
+    def _builder(self, fn, name):
+        if name not in self._builders:
+            self._builders[name] = Builder(fn, name)
+        return self._builders[name]
 
     # -- the allowlist -----------------------------------------------------------------------------------------
     def find_class(self, module, name):
@@ -92,18 +158,21 @@ class RestrictedUnpickler(pickle.Unpickler):
                 self.dangerous.append(full)
             return foreign_class(module, name)
         if module == "collections" and name == "OrderedDict":
-            return OrderedDict
+            return self._builder(self._ordered_dict, full)
         if module in ("builtins", "__builtin__") and name in BUILTIN_BUILDERS:
-            return BUILTIN_BUILDERS[name]
+            fn = BUILTIN_BUILDERS[name]
+            if isinstance(fn, type):
+                return fn
+            return self._builder(getattr(self, fn) if isinstance(fn, str) else fn, full)
         if module == "_codecs" and name == "encode":
-            return _codecs_encode
+            return self._builder(_codecs_encode, full)
         if module == "copyreg" and name == "_reconstructor":
-            return _reconstructor
+            return self._builder(_reconstructor, full)
         if module in ("torch._utils", "torch._tensor", "torch", "torch.nn.parameter", "torch.storage",
                       "torch.cuda"):
             builder = self._torch_global(module, name)
             if builder is not None:
-                return builder
+                return self._builder(builder, full) if callable(builder) and not isinstance(builder, type) else builder
         if full not in self.foreign:
             self.foreign.append(full)
         return foreign_class(module, name)
@@ -123,7 +192,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         if module == "torch._tensor" and name == "_rebuild_from_type_v2":
             return _rebuild_from_type_v2
         if module == "torch.nn.parameter" and name == "Parameter":
-            return _Param
+            return PARAMETER
         if module == "torch.storage" and name == "_load_from_bytes":
             raise UnsupportedContent(f"{self.where}: tensors pickled with pickle.dump are not supported: "
                                      "re-save the object with torch.save")
@@ -161,15 +230,21 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise CorruptCheckpoint(f"{self.where}: tensor without a storage")
         if dtype is None:
             dtype = TorchDtype(storage.dtype)
-        if not isinstance(dtype, TorchDtype):
-            raise CorruptCheckpoint(f"{self.where}: tensor dtype {dtype!r} is not a torch dtype")
+        if not isinstance(dtype, TorchDtype) or str(dtype) not in dtypes.DTYPES and str(dtype) not in dtypes.QUANTIZED:
+            raise CorruptCheckpoint(f"{self.where}: tensor dtype {short_repr(dtype)} is not a torch dtype")
         if str(dtype) in dtypes.QUANTIZED:
             raise UnsupportedContent(f"{self.where}: quantized tensors are not supported: dequantize before saving")
         size = _ints(size, "shape", self.where)
         stride = _ints(stride, "stride", self.where)
-        if type(storage_offset) is not int or storage_offset < 0 or len(size) != len(stride):
+        if type(storage_offset) is not int or not 0 <= storage_offset <= INT64_MAX or len(size) != len(stride):
             raise CorruptCheckpoint(f"{self.where}: tensor view has an invalid offset or stride")
         item = dtypes.itemsize(str(dtype))
+        numel = 1
+        for n in size:
+            numel *= n
+            if numel * item > INT64_MAX:
+                raise CorruptCheckpoint(f"{self.where}: tensor of shape {short_repr(list(size))} holds more than "
+                                        "the int64 maximum of bytes; the file is corrupt")
         if 0 not in size and storage.nbytes >= 0:  # legacy files learn storage sizes after the pickle
             last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
             if (last + 1) * item > storage.nbytes:
@@ -177,6 +252,86 @@ class RestrictedUnpickler(pickle.Unpickler):
                     f"{self.where}: tensor view {list(size)} at offset {storage_offset} reaches past the end of "
                     f"storage {storage.label} ({storage.nbytes} bytes); the file is corrupt")
         return TensorRef(storage, str(dtype), size, stride, storage_offset, bool(requires_grad))
+
+
+    # -- builders that hash what the file hands them: every key is charged to a budget first -----------------------
+    def _charge(self, values):
+        for value in values:
+            stack = [(value, 0)]
+            while stack:
+                obj, depth = stack.pop()
+                self.hash_budget -= 1 + (obj.bit_length() >> 9 if type(obj) is int else 0)
+                if self.hash_budget < 0:
+                    raise LimitExceeded(f"{self.where}: structure too large: hashing its keys would take more than "
+                                        f"{tree.MAX_NODES} steps (shared references can expand exponentially)")
+                if isinstance(obj, tuple):
+                    if depth >= tree.MAX_DEPTH:
+                        raise LimitExceeded(f"{self.where}: structure too deep: a key nests more than "
+                                            f"{tree.MAX_DEPTH} levels")
+                    stack.extend((item, depth + 1) for item in obj)
+
+    def _pairs(self, items, what):
+        pairs = list(items.items()) if isinstance(items, dict) else list(items)
+        if not all(isinstance(p, (tuple, list)) and len(p) == 2 for p in pairs):
+            raise CorruptCheckpoint(f"{self.where}: malformed {what} record")
+        self._charge(k for k, _ in pairs)
+        return pairs
+
+    def _ordered_dict(self, items=()):
+        return OrderedDict(self._pairs(items, "OrderedDict"))
+
+    def _dict(self, items=()):
+        return dict(self._pairs(items, "dict"))
+
+    def _set(self, items=()):
+        items = list(items)
+        self._charge(items)
+        return set(items)
+
+    def _frozenset(self, items=()):
+        items = list(items)
+        self._charge(items)
+        return frozenset(items)
+
+    def _tuple(self, items=()):
+        items = tuple(items)
+        if len(items) > MAX_BUILT_TUPLE or any(isinstance(i, (tuple, frozenset)) for i in items):
+            raise LimitExceeded(f"{self.where}: a builtins.tuple record is too large or nested; the file is hostile")
+        return items
+
+    def _list(self, items=()):
+        return list(items)
+
+
+def _scalar(value, what, types=(str, int, float, bool)):
+    if type(value) not in types:
+        raise CorruptCheckpoint(f"malformed {what} record")
+    return value
+
+
+def _str(value="", encoding=None, errors="strict"):
+    if encoding is not None:
+        return _codecs_decode(value, encoding)
+    return str(_scalar(value, "str", (str, int, float, bool, type(None))))
+
+
+def _int(value=0, base=None):
+    value = _scalar(value, "int", (str, bytes, int, float, bool))
+    return int(value) if base is None else int(value, _scalar(base, "int", (int,)))
+
+
+def _float(value=0.0):
+    return float(_scalar(value, "float", (str, int, float, bool)))
+
+
+def _bool(value=False):
+    return bool(_scalar(value, "bool", (str, int, float, bool, type(None))))
+
+
+def _codecs_decode(data, encoding):
+    if not isinstance(data, (bytes, bytearray)) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
+        raise CorruptCheckpoint("malformed str record")
+    return bytes(data).decode(encoding)
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
@@ -191,13 +346,13 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     if not callable(func) or not isinstance(args, tuple):
         raise CorruptCheckpoint("malformed tensor subclass record")
     value = func(*args)
-    if isinstance(value, TensorRef) and new_type is _Param:
+    if isinstance(value, TensorRef) and new_type is PARAMETER:
         value.parameter = True
     return value
 
 
 def _size(dims=()):
-    if not all(type(d) is int for d in dims):
+    if not isinstance(dims, (tuple, list)) or len(dims) > MAX_BUILT_TUPLE or not all(type(d) is int for d in dims):
         raise CorruptCheckpoint("torch.Size with non-integer dimensions")
     return TorchSize(dims)
 
@@ -236,9 +391,11 @@ def _codecs_encode(text, encoding="utf-8"):
     return text.encode(encoding)
 
 
-BUILTIN_BUILDERS = {"set": set, "frozenset": frozenset, "complex": _complex, "bytearray": _bytearray,
-                    "bytes": _bytes, "object": object, "list": list, "tuple": tuple, "dict": dict, "str": str,
-                    "int": int, "float": float, "bool": bool}
+# builtins a pickle may name: ckconv's checked stand-ins (methods are bound to the unpickler, which keeps a
+# hashing budget); ``object`` is only ever a base class argument.
+BUILTIN_BUILDERS = {"set": "_set", "frozenset": "_frozenset", "complex": _complex, "bytearray": _bytearray,
+                    "bytes": _bytes, "object": object, "list": "_list", "tuple": "_tuple", "dict": "_dict",
+                    "str": _str, "int": _int, "float": _float, "bool": _bool}
 
 
 def _reconstructor(cls, base, state=None):
@@ -247,21 +404,73 @@ def _reconstructor(cls, base, state=None):
     raise CorruptCheckpoint("malformed object record")
 
 
+class _BoundedFile:
+    """A file the C unpickler reads through: no read asks for more than what is left, whatever a length says."""
+
+    def __init__(self, f):
+        self.f = f
+        pos = f.tell()
+        self.size = f.seek(0, os.SEEK_END)
+        f.seek(pos)
+
+    def _left(self, n):
+        left = max(0, self.size - self.f.tell())
+        return left if n is None or n < 0 else min(n, left)
+
+    def read(self, n=-1):
+        return self.f.read(self._left(n))
+
+    def readinto(self, buf):
+        view = memoryview(buf).cast("B")
+        return self.f.readinto(view[: self._left(len(view))])
+
+    def readline(self, limit=-1):
+        return self.f.readline(self._left(limit))
+
+    def tell(self):
+        return self.f.tell()
+
+    def seek(self, pos, whence=os.SEEK_SET):
+        return self.f.seek(pos, whence)
+
+
 def unpickle(source, *, storage_loader=None, where="", allow_dangerous=False):
-    """Run the restricted unpickler on bytes or a file; returns (object, unpickler) so callers see what it saw."""
-    up = RestrictedUnpickler(source, storage_loader=storage_loader, where=where)
+    """Run the restricted unpickler on bytes or a file; returns (object, unpickler) so callers see what it saw.
+
+    The opcodes are scanned first (:func:`ckconv.pickle_scan.scan`), so nothing that would crash or stall the C
+    unpickler reaches it; a file source is read from its current position and left just after the pickle.
+    """
+    seen: list = []
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        stream = io.BytesIO(source)
+        size = len(source)
+    else:
+        stream = _BoundedFile(source)
+        size = stream.size
+    start = stream.tell()
+    try:
+        scan(stream, where=where, max_depth=tree.MAX_DEPTH, max_nodes=tree.MAX_NODES, size=size,
+             seen_globals=seen)
+    except CkconvError:
+        dangerous = [f"{m}.{n}" for m, n in seen if is_dangerous(m, n)]
+        if dangerous and not allow_dangerous:
+            raise refuse(where, dangerous) from None
+        raise
+    stream.seek(start)
+    up = RestrictedUnpickler(stream, storage_loader=storage_loader, where=where)
     try:
         obj = up.load()
-    except (UnsupportedContent, CorruptCheckpoint, UnsafeCheckpoint):
+    except CkconvError:
         raise
     except RecursionError:
-        raise CorruptCheckpoint(f"{where}: pickle nesting too deep") from None
+        raise LimitExceeded(f"{where}: structure too deep to unpickle") from None
     except MemoryError:
-        raise CorruptCheckpoint(f"{where}: pickle asks for more memory than available") from None
+        raise LimitExceeded(f"{where}: the pickle asks for more memory than available") from None
     except Exception as exc:  # noqa: BLE001 - every malformed pickle ends here, whatever it raised
         if up.dangerous and not allow_dangerous:
             raise refuse(where, up.dangerous) from None
-        raise NotACheckpoint(f"{where}: not a readable checkpoint (malformed pickle: {type(exc).__name__}: {exc})") from None
+        raise NotACheckpoint(f"{where}: not a readable checkpoint (malformed pickle: {type(exc).__name__}: "
+                             f"{str(exc)[:160]})") from None
     if up.dangerous and not allow_dangerous:
         raise refuse(where, up.dangerous)
     return obj, up

@@ -14,15 +14,17 @@ import struct
 from pathlib import Path
 
 from .. import dtypes, structure
-from ..errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint
+from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint
 from ..bundles import optimizer_namer
 from ..hookspecs import hookimpl
 from ..model import Checkpoint, Storage, TensorRef
 from ..tree import foreign_objects
+from ..unpickler import short_repr
 from .base import Format, WriteOptions
 
 MAX_HEADER = 100_000_000  # the Rust implementation's cap
 MAX_TENSORS = int(os.environ.get("CKCONV_MAX_TENSORS", 1_000_000))
+MAX_BYTES = (1 << 64) - 1  # shapes and offsets are u64 in the Rust implementation
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 SHARD_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
@@ -41,6 +43,21 @@ class SafetensorsFormat(Format):
         return len(head) >= 9 and head[8:9] == b"{"
 
     def read(self, path: Path) -> Checkpoint:
+        try:
+            return self._read(path)
+        except CkconvError:
+            raise
+        except RecursionError:
+            raise LimitExceeded(f"{path}: structure too deep to read") from None
+        except MemoryError:
+            raise LimitExceeded(f"{path}: reading it needs more memory than available") from None
+        except OSError as exc:
+            raise NotACheckpoint(f"{path}: cannot read it ({exc.strerror or exc})") from None
+        except (struct.error, UnicodeError, ValueError, OverflowError, KeyError, IndexError, TypeError,
+                AttributeError) as exc:
+            raise NotACheckpoint(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+    def _read(self, path: Path) -> Checkpoint:
         if path.is_dir() or path.name.endswith(".index.json"):
             return read_sharded(path)
         tensors, metadata = read_file(path)
@@ -87,7 +104,13 @@ def _metadata(text):
 def _assemble(tensors: dict, text, where):
     if text is None:
         return tensors
-    return structure.decode(structure.loads(text, where), tensors, where)
+    try:
+        return structure.decode(structure.loads(text, where), tensors, where)
+    except CkconvError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+        raise CorruptCheckpoint(f"{where}: invalid {structure.KEY} metadata ({type(exc).__name__}: "
+                                f"{str(exc)[:80]}); the file was altered or written by a newer ckconv") from None
 
 
 # --- reading -------------------------------------------------------------------------------------------------
@@ -96,7 +119,7 @@ def _no_duplicates(pairs):
     seen = {}
     for k, v in pairs:
         if k in seen:
-            raise CorruptCheckpoint(f"duplicate name {k!r} in JSON header")
+            raise CorruptCheckpoint(f"duplicate name {k!r:.80} in JSON header")
         seen[k] = v
     return seen
 
@@ -114,15 +137,31 @@ def parse_header(path):
         if 8 + n > size:
             raise CorruptCheckpoint(f"{path}: safetensors header length {n} runs past the end of the file; truncated?")
         raw = f.read(n)
+    # Refuse millions of tensors before parsing them: an unescaped "data_offsets" key is one per tensor (inside a
+    # JSON string its quotes would be escaped), and the hook below counts objects for headers that escape it.
+    too_many = LimitExceeded(f"{path}: declares more than {MAX_TENSORS} tensors, over the limit of {MAX_TENSORS} "
+                             "(CKCONV_MAX_TENSORS)")
+    if raw.count(b'"data_offsets"') > MAX_TENSORS:
+        raise too_many
+    objects = 0
+
+    def hook(pairs):
+        nonlocal objects
+        objects += 1
+        if objects > MAX_TENSORS + 2:
+            raise too_many
+        return _no_duplicates(pairs)
+
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=hook)
     except CorruptCheckpoint as exc:
         raise CorruptCheckpoint(f"{path}: safetensors header has a {exc}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CorruptCheckpoint(f"{path}: safetensors header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise CorruptCheckpoint(f"{path}: safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CorruptCheckpoint(f"{path}: safetensors __metadata__ must map strings to strings")
     if len(header) > MAX_TENSORS:
@@ -132,8 +171,8 @@ def parse_header(path):
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} needs exactly dtype, shape and data_offsets")
         code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if code not in dtypes.SAFETENSORS_TO_DTYPE:
-            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} has unknown dtype {code!r:.20}")
+        if type(code) is not str or code not in dtypes.SAFETENSORS_TO_DTYPE:
+            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} has unknown dtype {short_repr(code, 20)}")
         if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
             raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} has an invalid shape")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
@@ -143,6 +182,10 @@ def parse_header(path):
         numel = 1
         for s in shape:
             numel *= s
+            if numel > MAX_BYTES or s > MAX_BYTES:  # checked as it grows: a 3,000-dim shape is a bignum bomb
+                raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} is too large: its shape overflows 64 bits")
+        if offsets[1] > MAX_BYTES:
+            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} is too large: its data_offsets overflow 64 bits")
         if numel * dtypes.itemsize(dtype) != offsets[1] - offsets[0]:
             raise CorruptCheckpoint(
                 f"{path}: tensor {name!r:.80} is {shape} x {code} = {numel * dtypes.itemsize(dtype)} bytes but "
@@ -228,7 +271,8 @@ def read_sharded(path: Path) -> Checkpoint:
         raise CorruptCheckpoint(f"{index_path}: {structure.KEY} must be a string")
     root = _assemble(tensors, text, str(index_path))
     return Checkpoint(root=root, format="safetensors", path=str(path),
-                      metadata={k: str(v) for k, v in meta.items()}, foreign=foreign_objects(root))
+                      metadata={k: v if isinstance(v, str) else short_repr(v, 200) for k, v in meta.items()},
+                      foreign=foreign_objects(root))
 
 
 # --- writing -------------------------------------------------------------------------------------------------

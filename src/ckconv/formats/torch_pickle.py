@@ -13,12 +13,12 @@ import zipfile
 from pathlib import Path
 
 from .. import dtypes, tree
-from ..errors import CorruptCheckpoint, NotACheckpoint, UnsupportedContent
+from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsupportedContent
 from ..fastcopy import SourceFiles
 from ..hookspecs import hookimpl
-from ..model import Checkpoint, Storage
+from ..model import Checkpoint, Foreign, Storage
 from ..pickle_writer import PickleWriter
-from ..unpickler import StorageType, unpickle
+from ..unpickler import PARAMETER, Builder, StorageType, short_repr, unpickle
 from .base import Format, WriteOptions
 from .zipio import ZipRecords, ZipWriter
 
@@ -44,9 +44,11 @@ class TorchFormat(Format):
             try:
                 with zipfile.ZipFile(path) as zf:
                     names = zf.namelist()
-            except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-                return True  # a broken zip: let read() say precisely what is wrong
+            except Exception:  # noqa: BLE001 - a broken zip: let read() say precisely what is wrong
+                return True
             return any(DATA_PKL.match(n) or n.endswith("/constants.pkl") for n in names)
+        if _is_tar(head):
+            return True  # legacy .tar checkpoints: read() names them
         if len(head) >= 9 and head[8:9] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= path.stat().st_size:
             return False  # a safetensors header whose length happens to start with b"\x80\x02"
         return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
@@ -55,28 +57,59 @@ class TorchFormat(Format):
         with open(path, "rb") as f:
             head = f.read(512)
         if head.startswith(ZIP_MAGIC):
-            return read_zip(path)
+            return guarded(read_zip, path)
         if _is_tar(head):
             raise UnsupportedContent(f"{path}: legacy .tar checkpoint (torch < 0.4) is not supported: "
                                      "load it with an old torch you trust and re-save it with torch.save")
-        return read_legacy(path)
+        return guarded(read_legacy, path)
 
     def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
         write_zip(checkpoint.root, path, options)
 
 
+def guarded(reader, path, **kwargs):
+    """Run a reader; whatever a hostile file makes Python raise becomes one clear ckconv error."""
+    try:
+        return reader(path, **kwargs)
+    except CkconvError:
+        raise
+    except RecursionError:
+        raise LimitExceeded(f"{path}: structure too deep to read") from None
+    except MemoryError:
+        raise LimitExceeded(f"{path}: reading it needs more memory than available") from None
+    except OSError as exc:
+        raise NotACheckpoint(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except (EOFError, struct.error, UnicodeError, zipfile.BadZipFile, ValueError, OverflowError, KeyError,
+            IndexError, TypeError, AttributeError) as exc:
+        raise NotACheckpoint(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:120]})") from None
+
+
+INTERNALS = (Builder, StorageType, Storage)
+
+
 def _finish(root, up, fmt, path) -> Checkpoint:
-    tree.walk(root)
-    return Checkpoint(root=root, format=fmt, path=str(path), foreign=tree.foreign_objects(root),
-                      dangerous=list(up.dangerous))
+    foreign = []
+
+    def visit(p, node):
+        if isinstance(node, Foreign):
+            foreign.append((tree.format_path(p), node.class_name))
+        elif isinstance(node, INTERNALS) or node is PARAMETER:
+            raise CorruptCheckpoint(f"{path}: the pickle leaves {short_repr(node)} at {tree.format_path(p)} where a "
+                                    "value belongs; the file is malformed")
+
+    tree.walk(root, visit)
+    return Checkpoint(root=root, format=fmt, path=str(path), foreign=foreign, dangerous=list(up.dangerous))
 
 
-def read_zip(path, allow_dangerous=False) -> Checkpoint:
-    records = ZipRecords(path)
-    names = list(records.records)
+def _refuse_torchscript(path, names):
     if any(n.endswith("/constants.pkl") for n in names) or any("/code/" in n for n in names):
         raise UnsupportedContent(f"{path}: this is a TorchScript archive, not a checkpoint; ckconv does not run "
                                  "TorchScript: load it with torch.jit.load if you trust it and save its state_dict()")
+
+
+def read_zip(path, allow_dangerous=False) -> Checkpoint:
+    records = ZipRecords(path, check_names=lambda names: _refuse_torchscript(path, names))
+    names = list(records.records)
     roots = [m.group(1) for n in names if (m := DATA_PKL.match(n))]
     if len(roots) != 1:
         raise NotACheckpoint(f"{path}: not a readable checkpoint (zip archive without exactly one data.pkl)")
@@ -89,17 +122,17 @@ def read_zip(path, allow_dangerous=False) -> Checkpoint:
     def load_storage(pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)
                 and isinstance(pid[2], str) and type(pid[4]) is int and pid[4] >= 0):
-            raise CorruptCheckpoint(f"{path}: malformed storage reference {pid!r:.80}")
+            raise CorruptCheckpoint(f"{path}: malformed storage reference {short_repr(pid)}")
         _, stype, key, _location, numel = pid
         if key in storages:
             return storages[key]
         name = prefix + "data/" + key
         if name not in records.records:
-            raise CorruptCheckpoint(f"{path}: storage {key!r} is referenced but missing from the archive")
+            raise CorruptCheckpoint(f"{path}: storage {key!r:.80} is referenced but missing from the archive")
         start, size, crc = records.records[name]
         if numel * dtypes.itemsize(stype.dtype) != size:
             raise CorruptCheckpoint(
-                f"{path}: storage {key} declares {numel} x {stype.dtype} ({numel * dtypes.itemsize(stype.dtype)} bytes) "
+                f"{path}: storage {key:.80} declares {numel} x {stype.dtype} ({numel * dtypes.itemsize(stype.dtype)} bytes) "
                 f"but its record holds {size} bytes; the file is corrupt")
         storages[key] = Storage(key, stype.dtype, size, path=str(path), offset=start, crc=crc, label=key)
         return storages[key]
@@ -114,33 +147,38 @@ def read_legacy(path, allow_dangerous=False) -> Checkpoint:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         first, up = unpickle(f, where=where, allow_dangerous=allow_dangerous)
+        # Anything but the exact magic int is a plain pickle; the comparison never touches a hostile object.
         if not (type(first) is int and first == LEGACY_MAGIC):
             # A plain pickle (protocol 2-5): the object itself.
             if f.read(1):
                 raise CorruptCheckpoint(f"{path}: trailing bytes after the pickle; the file was altered")
             return _finish(first, up, "torch", path)
         protocol, _ = unpickle(f, where=where)
-        if protocol != LEGACY_PROTOCOL:
-            raise UnsupportedContent(f"{path}: legacy checkpoint protocol {protocol!r} is not supported")
+        if not (type(protocol) is int and protocol == LEGACY_PROTOCOL):
+            raise UnsupportedContent(f"{path}: legacy checkpoint protocol {short_repr(protocol)} is not supported")
         sys_info, _ = unpickle(f, where=where)
-        if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
+        if type(sys_info) is dict and sys_info.get("little_endian", True) is False:
             raise UnsupportedContent(f"{path}: big-endian checkpoints are not supported: re-save on a little-endian machine")
         storages: dict = {}
+        declared: dict = {}
 
         def load_storage(pid):
             if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"
-                    and isinstance(pid[1], StorageType) and isinstance(pid[2], str)):
-                raise CorruptCheckpoint(f"{path}: malformed storage reference {pid!r:.80}")
+                    and isinstance(pid[1], StorageType) and isinstance(pid[2], str)
+                    and type(pid[4]) is int and pid[4] >= 0):
+                raise CorruptCheckpoint(f"{path}: malformed storage reference {short_repr(pid)}")
             _, stype, key, _location, numel, view = pid
             if view is not None:
                 raise UnsupportedContent(f"{path}: storage views from torch < 0.4 are not supported")
             if key not in storages:
                 storages[key] = Storage(key, stype.dtype, -1, path=str(path), label=key)
+                declared[key] = numel
             return storages[key]
 
         root, up = unpickle(f, storage_loader=load_storage, where=where, allow_dangerous=allow_dangerous)
         keys, _ = unpickle(f, where=where)
-        if not isinstance(keys, list) or set(keys) != set(storages) or len(keys) != len(set(keys)):
+        if (type(keys) is not list or not all(type(k) is str for k in keys) or set(keys) != set(storages)
+                or len(keys) != len(set(keys))):
             raise CorruptCheckpoint(f"{path}: legacy storage table does not match the tensors it should hold")
         pos = f.tell()
         for key in keys:
@@ -152,7 +190,10 @@ def read_legacy(path, allow_dangerous=False) -> Checkpoint:
             st = storages[key]
             nbytes = numel * dtypes.itemsize(st.dtype)
             if numel < 0 or pos + 8 + nbytes > size:
-                raise CorruptCheckpoint(f"{path}: storage {key} declares {numel} elements past the end of the file")
+                raise CorruptCheckpoint(f"{path}: storage {key:.80} declares {numel} elements past the end of the file")
+            if numel != declared[key]:
+                raise CorruptCheckpoint(f"{path}: storage {key:.80} declares {declared[key]} elements in the pickle "
+                                        f"but {numel} in the data; the file is corrupt")
             st.offset, st.nbytes = pos + 8, nbytes
             pos += 8 + nbytes
         for _, ref in tree.tensors(root):

@@ -17,53 +17,83 @@ ALIGN = 64
 
 
 class ZipRecords:
-    """Name -> (data offset, size, crc) for every record of a torch zip archive."""
+    """Name -> (data offset, size, crc) for every record of a torch zip archive.
 
-    def __init__(self, path):
+    ``check_names(names)`` runs on the list of record names before any record is judged, so a reader can give
+    the precise reason for an archive it does not handle (a TorchScript archive) before a generic one.
+    """
+
+    def __init__(self, path, check_names=None):
         self.path = path
         try:
             with open(path, "rb") as f:
-                f.seek(0, 2)
-                self.file_size = f.tell()
+                self.file_size = f.seek(0, 2)
                 zf = zipfile.ZipFile(f)
                 infos = zf.infolist()
+                if check_names is not None:
+                    check_names([i.filename for i in infos])
                 self.records = {}
+                spans = []
                 for info in infos:
-                    if info.filename in self.records:
-                        raise CorruptCheckpoint(f"{path}: duplicate zip record {info.filename!r}; refusing an ambiguous archive")
-                    if info.compress_type != zipfile.ZIP_STORED:
-                        raise CorruptCheckpoint(
-                            f"{path}: zip record {info.filename!r} is compressed; torch.save never writes compressed "
-                            "records, so this file was altered (possible decompression bomb)")
-                    if info.file_size != info.compress_size:
-                        raise CorruptCheckpoint(f"{path}: zip record {info.filename!r} declares inconsistent sizes")
-                    if info.flag_bits & 0x1:
-                        raise UnsupportedContent(f"{path}: encrypted zip records are not supported")
-                    f.seek(info.header_offset)
-                    header = f.read(30)
-                    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-                        raise CorruptCheckpoint(f"{path}: zip record {info.filename!r} has a broken local header")
-                    name_len, extra_len = struct.unpack("<HH", header[26:30])
-                    local_name = f.read(name_len)
-                    if local_name.decode("utf-8", "replace") != info.filename and local_name != info.orig_filename.encode("cp437", "replace"):
-                        raise CorruptCheckpoint(f"{path}: zip record {info.filename!r} disagrees with its local header")
-                    start = info.header_offset + 30 + name_len + extra_len
-                    if start + info.file_size > self.file_size:
-                        raise CorruptCheckpoint(
-                            f"{path}: zip record {info.filename!r} declares {info.file_size} bytes past the end of the "
-                            "file; the file is truncated or altered")
+                    start = self._check(f, info)
                     self.records[info.filename] = (start, info.file_size, info.CRC)
-        except zipfile.BadZipFile as exc:
+                    spans.append((info.header_offset, start + info.file_size, info.filename))
+                self._no_overlap(spans, zf.start_dir)
+        except (CorruptCheckpoint, UnsupportedContent):
+            raise
+        except OSError as exc:
+            if exc.errno is not None and not isinstance(exc, zipfile.BadZipFile):
+                raise NotACheckpoint(f"{path}: cannot read it ({exc.strerror or exc})") from None
             raise NotACheckpoint(f"{path}: not a readable checkpoint (broken zip archive: {exc})") from None
-        except (OSError, EOFError, struct.error, ValueError) as exc:
-            if isinstance(exc, OSError) and not isinstance(exc, (EOFError,)) and exc.errno:
-                raise
-            raise NotACheckpoint(f"{path}: not a readable checkpoint (broken zip archive: {exc})") from None
+        except Exception as exc:  # noqa: BLE001 - zipfile raises many types on hostile input
+            raise NotACheckpoint(f"{path}: not a readable checkpoint (broken zip archive: {type(exc).__name__}: "
+                                 f"{str(exc)[:120]})") from None
+
+    def _check(self, f, info) -> int:
+        path, name = self.path, info.filename
+        if name in self.records:
+            raise CorruptCheckpoint(f"{path}: duplicate zip record {name!r:.80}; refusing an ambiguous archive")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CorruptCheckpoint(
+                f"{path}: zip record {name!r:.80} is compressed; torch.save never writes compressed "
+                "records, so this file was altered (possible decompression bomb)")
+        if info.file_size != info.compress_size:
+            raise CorruptCheckpoint(f"{path}: zip record {name!r:.80} declares inconsistent sizes")
+        if info.flag_bits & 0x1:
+            raise UnsupportedContent(f"{path}: encrypted zip records are not supported")
+        if not 0 <= info.header_offset <= self.file_size - 30:
+            raise CorruptCheckpoint(f"{path}: zip record {name!r:.80} has a local header outside the file")
+        f.seek(info.header_offset)
+        header = f.read(30)
+        if len(header) != 30 or header[:4] != b"PK\x03\x04":
+            raise CorruptCheckpoint(f"{path}: zip record {name!r:.80} has a broken local header")
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        local_name = f.read(name_len)
+        if local_name.decode("utf-8", "replace") != name and local_name != info.orig_filename.encode("cp437", "replace"):
+            raise CorruptCheckpoint(f"{path}: zip record {name!r:.80} disagrees with its local header")
+        start = info.header_offset + 30 + name_len + extra_len
+        if start + info.file_size > self.file_size:
+            raise CorruptCheckpoint(
+                f"{path}: zip record {name!r:.80} declares {info.file_size} bytes past the end of the "
+                "file; the file is truncated or altered")
+        return start
+
+    def _no_overlap(self, spans, central_directory):
+        """Each record's header and bytes lie apart from every other's and before the central directory.
+
+        Overlapping records are how "non-recursive" zip bombs reuse one run of bytes many times over.
+        """
+        spans.sort()
+        for (_, end, name), (next_start, _, next_name) in zip(spans, spans[1:] + [(central_directory, 0, None)]):
+            if end > next_start:
+                other = f"record {next_name!r:.80}" if next_name is not None else "the central directory"
+                raise CorruptCheckpoint(f"{self.path}: zip record {name!r:.80} overlaps {other}; "
+                                        "the archive was crafted or damaged")
 
     def read(self, name, limit=1 << 31) -> bytes:
         start, size, crc = self.records[name]
         if size > limit:
-            raise CorruptCheckpoint(f"{self.path}: record {name!r} is implausibly large ({size} bytes)")
+            raise CorruptCheckpoint(f"{self.path}: record {name!r:.80} is implausibly large ({size} bytes)")
         with open(self.path, "rb") as f:
             f.seek(start)
             data = f.read(size)
