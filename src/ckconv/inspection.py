@@ -64,14 +64,14 @@ def inspect(path) -> Inspection:
 
 def _inspect_dangerous(path, fmt, message) -> Inspection:
     """Re-read with dangerous globals recorded instead of refused (everything stays inert)."""
-    from .formats.torch_pickle import read_legacy, read_zip
+    from .formats.torch_pickle import guarded, read_legacy, read_zip
 
     with open(path, "rb") as f:
         head = f.read(4)
     reader = read_zip if head == b"PK\x03\x04" else read_legacy
-    ckpt = reader(path, allow_dangerous=True)
+    ckpt = guarded(reader, path, allow_dangerous=True)
     return Inspection(str(path), fmt, sections(ckpt.root), 0, 0, {}, [],
-                      [{"path": p, "class": c} for p, c in ckpt.foreign], list(ckpt.dangerous), {}, message)
+                      [{"path": p, "class": c} for p, c in ckpt.foreign], list(ckpt.dangerous), {}, error=message)
 
 
 def size_text(n: int) -> str:
