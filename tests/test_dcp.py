@@ -1,0 +1,345 @@
+"""torch.distributed.checkpoint (DCP) folders: reading (lazy, restricted), writing, multi-rank conversion, memory.
+
+Run as a script under torchrun (``torchrun --nproc-per-node 2 tests/test_dcp.py SPEC``) this file is also the
+driver of the two-rank test: see ``_driver`` at the end.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import assert_deep_equal
+
+warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- building checkpoints ----------------------------------------------------------------------------------
+
+def small_bundle():
+    """A training bundle: model state_dict (OrderedDict with _metadata), Adam state (int keys), scalars, tuples."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 4 * 4, 5))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3, 6, 6)).sum().backward()
+    opt.step()
+    return {"model": model.state_dict(), "optim": opt.state_dict(), "epoch": 3, "best": 0.25,
+            "history": [0.5, 0.25], "tag": ("run", 7), "extra": {"note": "hello", "empty": {}}}
+
+
+def dcp_save(state, folder):
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=str(folder), no_dist=True)
+    return folder
+
+
+def torch_reference(folder, tmp_path):
+    """What torch's own converter makes of a DCP folder."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp_path / f"ref-{Path(folder).name}.pt"
+    dcp_to_torch_save(str(folder), str(out))
+    return torch.load(out, weights_only=False)
+
+
+def write_chunked_dcp(folder, tensors, boxes, extra=None, files=2):
+    """A DCP folder whose tensors are split into chunks across ``files`` .distcp files, as sharded saves make them.
+
+    ``tensors``: fqn -> full tensor; ``boxes``: fqn -> [(offsets, sizes)]; ``extra``: fqn -> non-tensor value.
+    Uses torch's own metadata classes, and torch.save per item as FileSystemWriter does.
+    """
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                       MetadataIndex, TensorProperties, TensorStorageMetadata)
+
+    folder = Path(folder)
+    folder.mkdir()
+    streams = [io.BytesIO() for _ in range(files)]
+    sdm, storage, n = {}, {}, 0
+
+    def put(obj):
+        nonlocal n
+        f = streams[n % files]
+        name = f"__{n % files}_0.distcp"
+        n += 1
+        start = f.tell()
+        torch.save(obj, f)
+        return _StorageInfo(name, start, f.tell() - start)
+
+    for fqn, value in (extra or {}).items():
+        sdm[fqn] = BytesStorageMetadata()
+        buf = io.BytesIO()
+        torch.save(value, buf)
+        storage[MetadataIndex(fqn)] = put_bytes(streams, n % files, buf.getvalue())
+        n += 1
+    for fqn, t in tensors.items():
+        chunks = []
+        for offs, sizes in boxes.get(fqn, [((0,) * t.dim(), tuple(t.shape))]):
+            piece = t[tuple(slice(o, o + s) for o, s in zip(offs, sizes))].clone()
+            chunks.append(ChunkStorageMetadata(offsets=torch.Size(offs), sizes=torch.Size(sizes)))
+            storage[MetadataIndex(fqn, offs)] = put(piece)
+        sdm[fqn] = TensorStorageMetadata(TensorProperties(dtype=t.dtype), t.shape, chunks)
+    planner = {fqn: tuple(fqn.split(".")) for fqn in sdm}
+    md = Metadata(state_dict_metadata=sdm, planner_data=planner, storage_data=storage, version="1.0.0")
+    for i, s in enumerate(streams):
+        (folder / f"__{i}_0.distcp").write_bytes(s.getvalue())
+    with open(folder / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    return folder
+
+
+def put_bytes(streams, i, data):
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    start = streams[i].tell()
+    streams[i].write(data)
+    return _StorageInfo(f"__{i}_0.distcp", start, len(data))
+
+
+def nested(flat):
+    out: dict = {}
+    for fqn, v in flat.items():
+        *head, last = fqn.split(".")
+        cur = out
+        for h in head:
+            cur = cur.setdefault(h, {})
+        cur[last] = v
+    return out
+
+
+def invoke(*args):
+    from click.testing import CliRunner
+
+    from ckconv.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+# --- reading ------------------------------------------------------------------------------------------------
+
+def test_reads_torch_written_dcp_lazily_like_dcp_to_torch_save(tmp_path):
+    import ckconv
+    from ckconv import api
+    from ckconv.formats.dcp import DcpTensorStorage
+
+    folder = dcp_save(small_bundle(), tmp_path / "ckpt")
+    assert api.detect_format(folder) == "dcp"
+    ckpt = api.read(folder)
+    refs = [ref for _, ref in __import__("ckconv.tree", fromlist=["tensors"]).tensors(ckpt.root)]
+    assert refs and all(isinstance(r.storage, DcpTensorStorage) for r in refs)
+    assert all(p._ref is None for r in refs for p in r.storage.pieces)  # no chunk archive opened yet
+    assert_deep_equal(ckconv.load(folder), torch_reference(folder, tmp_path))
+
+
+def test_convert_dcp_to_safetensors_and_pth(tmp_path):
+    import ckconv
+
+    folder = dcp_save(small_bundle(), tmp_path / "ckpt")
+    expected = torch_reference(folder, tmp_path)
+    result = invoke("convert", folder, tmp_path / "out.safetensors")
+    assert result.exit_code == 0, result.output
+    assert "(dcp) ->" in result.stdout
+    assert_deep_equal(ckconv.load(tmp_path / "out.safetensors"), expected)
+    assert invoke("convert", folder, tmp_path / "out.pth").exit_code == 0
+    assert_deep_equal(torch.load(tmp_path / "out.pth", weights_only=True), expected)
+    result = invoke("convert", folder, tmp_path / "model.safetensors", "--model-only", "--dtype", "bf16")
+    assert result.exit_code == 0, result.output
+    from safetensors.torch import load_file
+
+    model = load_file(tmp_path / "model.safetensors")
+    assert list(model) == list(expected["model"])
+    assert model["0.weight"].dtype == torch.bfloat16
+    assert model["1.num_batches_tracked"].dtype == torch.int64
+
+
+def test_pth_to_dcp_round_trip_is_exact_and_torch_reads_it(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    import ckconv
+
+    bundle = small_bundle()
+    bundle["tied"] = {"a": bundle["model"]["0.weight"], "b": bundle["model"]["0.weight"]}
+    bundle["param"] = torch.nn.Parameter(torch.ones(3))
+    bundle[5] = OrderedDict(z=torch.zeros(2, dtype=torch.bfloat16), y=[1, 2, {"k": torch.arange(4)}])
+    torch.save(bundle, tmp_path / "in.pth")
+    result = invoke("convert", tmp_path / "in.pth", tmp_path / "out", "--to", "dcp")
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(tmp_path / "out")) == [".metadata", "__0_0.distcp"]
+    source = torch.load(tmp_path / "in.pth", weights_only=False)
+    back = ckconv.load(tmp_path / "out")
+    assert_deep_equal(back, source)  # OrderedDict + _metadata, int keys, tuples, empty dicts, Parameter
+    assert back["tied"]["a"].data_ptr() == back["tied"]["b"].data_ptr()  # ties survive
+    assert back["model"]._metadata == source["model"]._metadata
+
+    # torch sees what it would have written itself, and loads it into a live model
+    plain = {k: (v.detach() if k == "param" else v) for k, v in bundle.items()}
+    theirs = dcp_save(plain, tmp_path / "theirs")
+    ours_via_torch = torch_reference(tmp_path / "out", tmp_path)
+    ours_via_torch["param"] = ours_via_torch["param"].detach()
+    assert_deep_equal(ours_via_torch, torch_reference(theirs, tmp_path))
+    target = {"model": {k: torch.zeros_like(v) for k, v in bundle["model"].items()}}
+    dcp.load(target, checkpoint_id=str(tmp_path / "out"), no_dist=True)
+    assert_deep_equal(target["model"], dict(bundle["model"]))
+
+
+def test_dtypes_shapes_and_dcp_to_dcp(tmp_path):
+    import ckconv
+
+    state = {
+        "scalar": torch.tensor(2.5, dtype=torch.float64), "empty": torch.zeros(0, 3), "bool": torch.tensor([True, False]),
+        "i8": torch.arange(-3, 3, dtype=torch.int8), "u16": torch.arange(5, dtype=torch.int32).to(torch.uint16),
+        "f8": torch.linspace(-2, 2, 6).to(torch.float8_e4m3fn), "c128": torch.randn(3, dtype=torch.complex128),
+        "view": torch.arange(24.0).reshape(4, 6)[:, 1:4], "t": torch.arange(6.0).reshape(2, 3).t(),
+    }
+    torch.save(state, tmp_path / "in.pth")
+    assert invoke("convert", tmp_path / "in.pth", tmp_path / "a", "--to", "dcp").exit_code == 0
+    assert invoke("convert", tmp_path / "a", tmp_path / "b", "--to", "dcp").exit_code == 0
+    for name in ("a", "b"):
+        assert_deep_equal(ckconv.load(tmp_path / name), state)
+        assert_deep_equal(torch_reference(tmp_path / name, tmp_path), state)
+
+
+def test_chunked_tensors_assemble_exactly(tmp_path):
+    import ckconv
+    from ckconv import api
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {
+        "m.rows": torch.randn(10, 6, generator=g),
+        "m.cols": torch.randn(5, 9, generator=g).to(torch.bfloat16),
+        "m.grid": torch.arange(7 * 8, dtype=torch.int32).reshape(7, 8),
+        "m.cube": torch.randn(4, 3, 5, generator=g, dtype=torch.float64),
+        "m.vec": torch.arange(11, dtype=torch.int64),
+        "m.whole": torch.randn(3, 3, generator=g),
+    }
+    boxes = {
+        "m.rows": [((0, 0), (4, 6)), ((4, 0), (6, 6))],
+        "m.cols": [((0, 0), (5, 2)), ((0, 2), (5, 4)), ((0, 6), (5, 3))],
+        "m.grid": [((0, 0), (3, 5)), ((0, 5), (3, 3)), ((3, 0), (4, 5)), ((3, 5), (4, 3))],
+        "m.cube": [((0, 0, 0), (2, 3, 5)), ((2, 0, 0), (2, 1, 5)), ((2, 1, 0), (2, 2, 2)), ((2, 1, 2), (2, 2, 3))],
+        "m.vec": [((6,), (5,)), ((0,), (6,))],
+    }
+    folder = write_chunked_dcp(tmp_path / "ck", tensors, boxes, extra={"step": 12})
+    expected = nested({"step": 12, **tensors})
+    assert_deep_equal(torch_reference(folder, tmp_path), expected)  # torch agrees it is a valid checkpoint
+    assert_deep_equal(ckconv.load(folder), expected)
+    # every byte range, in small blocks (blocks run along an inner dimension when a row is larger)
+    ckpt = api.read(folder)
+    for name, t in tensors.items():
+        ref = ckpt.root["m"][name.split(".")[1]]
+        full = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        for size in (ref.storage.nbytes, 8, 24, 5 * t.element_size()):
+            for start, length in ((0, len(full)), (3, len(full) - 7), (len(full) // 2, 5)):
+                got = b"".join(bytes(c) for c in ref.storage.chunks(start, length, size))
+                assert got == full[start:start + length], (name, size, start, length)
+    assert invoke("convert", folder, tmp_path / "out.safetensors").exit_code == 0
+    assert_deep_equal(ckconv.load(tmp_path / "out.safetensors"), expected)
+
+
+def test_inspect_reads_metadata_not_tensor_data(tmp_path):
+    folder = dcp_save({"model": torch.nn.Linear(64, 32).state_dict(), "epoch": 1}, tmp_path / "ckpt")
+    from ckconv.formats.dcp import load_metadata
+
+    file, off, length = load_metadata(folder).locations[("model.weight", (0, 0))]
+    with open(file, "r+b") as f:  # scribble over the weight's bytes (its archive's CRC would catch a read)
+        f.seek(off + length - 2048)
+        f.write(b"\xff" * 1024)
+    result = invoke("inspect", folder)
+    assert result.exit_code == 0, result.output
+    assert "dcp checkpoint" in result.stdout and "model.weight" in result.stdout and "32x64" in result.stdout
+    result = invoke("convert", folder, tmp_path / "out.safetensors")
+    assert result.exit_code == 1
+    assert "CRC mismatch" in result.stderr and not (tmp_path / "out.safetensors").exists()
+
+
+# --- hostile and broken folders -----------------------------------------------------------------------------
+
+def _tamper(folder, change):
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    with open(folder / ".metadata", "rb") as f:
+        md = pickle.load(f)
+    change(md, _StorageInfo)
+    with open(folder / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+
+
+def _first(md, fqn):
+    return next(k for k in md.storage_data if k.fqn == fqn)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+CASES = {
+    "outside": (lambda md, SI: md.storage_data.update({_first(md, "w"): SI("../evil.distcp", 0, 10)}), "outside"),
+    "absolute": (lambda md, SI: md.storage_data.update({_first(md, "w"): SI("/etc/passwd", 0, 10)}), "outside"),
+    "past_end": (lambda md, SI: md.storage_data.update({_first(md, "w"): SI("__0_0.distcp", 0, 10**9)}),
+                 "truncated"),
+    "missing_file": (lambda md, SI: md.storage_data.update({_first(md, "w"): SI("__7_0.distcp", 0, 1)}), "missing"),
+    "transform": (lambda md, SI: setattr(md.storage_data[_first(md, "w")], "transform_descriptors", ["zstd"]),
+                  "transforms"),
+    "overlap": (lambda md, SI: md.state_dict_metadata["w"].chunks.append(md.state_dict_metadata["w"].chunks[0]),
+                "overlap"),
+    "no_storage": (lambda md, SI: md.storage_data.pop(_first(md, "w")), "no storage entry"),
+    "os_system": (lambda md, SI: setattr(md, "planner_data", _Boom()), "refusing"),
+    "bad_path": (lambda md, SI: md.planner_data.update({"v": ("w", "x")}), "runs through"),
+    "collision": (lambda md, SI: md.planner_data.update({"v": ("w",)}), "collides"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_hostile_metadata_is_refused(tmp_path, case):
+    from ckconv import api
+
+    folder = dcp_save({"w": torch.ones(4), "v": torch.zeros(2), "n": 1, "e": {"w": 2}}, tmp_path / "ckpt")
+    change, message = CASES[case]
+    _tamper(folder, change)
+    with pytest.raises(Exception) as info:
+        api.read(folder).root and api.load(folder)
+    assert message in str(info.value), str(info.value)
+    assert type(info.value).__module__ == "ckconv.errors"
+    assert not (Path("/tmp") / "pwned").exists()
+
+
+def test_code_in_a_stored_value_is_refused(tmp_path):
+    from ckconv import api
+    from ckconv.errors import UnsafeCheckpoint
+
+    folder = write_chunked_dcp(tmp_path / "ck", {"w": torch.ones(2)}, {}, extra={"evil": _Boom()})
+    with pytest.raises(UnsafeCheckpoint, match="posix.system|os.system"):
+        api.read(folder)
+
+
+def test_wrong_inputs_are_clear(tmp_path):
+    from ckconv import api
+    from ckconv.errors import UnsupportedContent
+
+    (tmp_path / "plain").mkdir()
+    result = invoke("inspect", tmp_path / "plain")
+    assert result.exit_code == 1 and "not a readable checkpoint" in result.stderr
+    torch.save([torch.ones(2)], tmp_path / "list.pth")
+    result = invoke("convert", tmp_path / "list.pth", tmp_path / "out", "--to", "dcp")
+    assert result.exit_code == 1 and "top level" in result.stderr and not (tmp_path / "out").exists()
+    with pytest.raises(UnsupportedContent, match="both named"):
+        api.save({"a.b": torch.ones(1), "a": {"b": torch.zeros(1)}}, tmp_path / "clash", format="dcp")
