@@ -12,6 +12,7 @@ _API = {
     "inspect": "inspection", "diff": "diffing",
     "CkconvError": "errors",
     "save_bundle": "bundles", "load_bundle": "bundles", "describe": "bundles",
+    "match": "matching", "MatchReport": "matching", "load_into": "remap", "freeze": "selectors",
 }
 
 

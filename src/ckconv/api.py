@@ -120,21 +120,35 @@ class ConversionResult:
     dtype: str | None = None
     cast: int = 0  # tensors cast by --dtype
     notes: list = field(default_factory=list)
+    match: dict | None = None  # the MatchReport (as a dict) when keys were remapped (--arch, --map, --rename, ...)
 
     def to_dict(self):
         return asdict(self)
 
 
 def convert(src, dst, *, to=None, model_only=False, dtype=None, max_shard_size=None, force=False,
-            progress=None) -> ConversionResult:
-    """Convert ``src`` to ``dst`` losslessly (unless ``model_only`` or ``dtype`` ask otherwise)."""
+            progress=None, arch=None, arch_options=None, map=None, only=(), drop=(), rename=(), section=None,
+            strict=False) -> ConversionResult:
+    """Convert ``src`` to ``dst`` losslessly (unless ``model_only`` or ``dtype`` ask otherwise).
+
+    ``arch`` / ``map`` / ``rename`` / ``only`` / ``drop`` remap the model state_dict onto an architecture's names
+    (see :func:`ckconv.match`); the other sections of a bundle are kept unless ``model_only``.
+    """
     from .sections import model_state_dict
 
     src, dst = Path(src), Path(dst)
     ckpt = read(src)
     notes = list(ckpt.notes)
     root = ckpt.root
-    if model_only:
+    report = None
+    if arch is not None or map is not None or rename or only or drop or section is not None:
+        from .remap import remap_checkpoint
+
+        root, report, remap_notes = remap_checkpoint(
+            ckpt, arch=arch, arch_options=arch_options, map=map, only=only, drop=drop, rename=rename,
+            section=section, strict=strict, model_only=model_only)
+        notes += remap_notes
+    elif model_only:
         root, where = model_state_dict(root)
         notes.append(f"wrote only the model state_dict (found at {where})")
     cast = 0
@@ -152,7 +166,8 @@ def convert(src, dst, *, to=None, model_only=False, dtype=None, max_shard_size=N
         progress.start(total)
     name = save(out, dst, format=to, max_shard_size=max_shard_size, force=force, progress=progress)
     return ConversionResult(str(src), str(dst), ckpt.format, name, len(refs), total, model_only,
-                            dtypes.CAST_NAMES.get(dtype) if dtype else None, cast, notes)
+                            dtypes.CAST_NAMES.get(dtype) if dtype else None, cast, notes,
+                            report.to_dict() if report is not None else None)
 
 
 def _unique_tensors(root):

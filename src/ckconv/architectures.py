@@ -124,7 +124,10 @@ def resolve(arch: str) -> tuple:
         if ns not in known:
             raise UsageError(f"unknown architecture namespace {ns!r}; known: {', '.join(sorted(known)) or 'none'}")
         return known[ns], model
-    found = [src for src in known.values() if arch in _list(src)]
+    builtin = [src for ns, src in known.items() if _is_builtin(ns) and arch in _list(src)]
+    if len(builtin) == 1:
+        return builtin[0], arch  # plain names mean the built-in architectures; plugins are named ns:model
+    found = builtin or [src for src in known.values() if arch in _list(src)]
     if not found:
         raise UsageError(f"unknown architecture {arch!r}; try `--arch auto` or a name from "
                          + ", ".join(f"{ns}:" for ns in sorted(known)) + " (e.g. resnet18)")
@@ -132,6 +135,12 @@ def resolve(arch: str) -> tuple:
         raise UsageError(f"architecture {arch!r} is ambiguous: " + ", ".join(f"{s.name}:{arch}" for s in found)
                          + "; name one of these")
     return found[0], arch
+
+
+def _is_builtin(namespace):
+    from .plugins import BUILTIN_PLUGINS, host
+
+    return host().owners.get(("architectures", namespace)) in BUILTIN_PLUGINS
 
 
 _LISTS: dict = {}
@@ -151,6 +160,8 @@ def all_architectures(auto=False) -> list:
     out = []
     for ns, src in sorted(sources().items()):
         skip = getattr(src, "auto_exclude", ()) if auto else ()
+        if "*" in skip:
+            continue
         out += [f"{ns}:{m}" for m in _list(src) if not any(fnmatch.fnmatchcase(m, p) for p in skip)]
     return out
 

@@ -94,14 +94,30 @@ class Progress:
 @click.option("--max-shard-size", help="Shard the output into a folder, e.g. 5GB (decimal) or 2GiB.")
 @click.option("--force", is_flag=True, help="Overwrite DST if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def convert(src, dst, to, model_only, dtype, max_shard_size, force, as_json):
+@click.option("--arch", help="Remap the model state_dict onto this architecture's names (resnet18, "
+                             "torchvision:vgg16, auto). See `ckconv match`.")
+@click.option("--arch-option", "arch_options", multiple=True, metavar="KEY=VALUE",
+              help="Architecture builder option, a Python literal (num_classes=10). Repeatable.")
+@click.option("--map", "map_file", type=click.Path(path_type=str),
+              help="Use a mapping saved by `ckconv match --save-map` instead of matching.")
+@click.option("--only", multiple=True, metavar="SELECTOR", help="Keep only this part, e.g. 'features[:10]'.")
+@click.option("--drop", multiple=True, metavar="SELECTOR", help="Leave out this part, e.g. 'classifier[-1]'.")
+@click.option("--rename", multiple=True, metavar="REGEX=REPL", help="Rename checkpoint keys first. Repeatable.")
+@click.option("--section", help="Where the state_dict is inside a bundle (e.g. state_dict_ema).")
+@click.option("--strict", is_flag=True, help="With --arch: refuse to write unless every target key is filled.")
+def convert(src, dst, to, model_only, dtype, max_shard_size, force, as_json, arch, arch_options, map_file, only,
+            drop, rename, section, strict):
     """Convert SRC to DST, keeping everything (model, optimizer, scalars) unless told otherwise."""
     from .api import convert as do_convert
     from .inspection import size_text
 
     progress = Progress(not as_json)
+    remap = {}
+    if arch or map_file or only or drop or rename or section is not None:
+        remap = dict(arch=arch, arch_options=list(arch_options), map=map_file, only=list(only), drop=list(drop),
+                     rename=list(rename), section=section, strict=strict)
     result = do_convert(src, dst, to=to, model_only=model_only, dtype=dtype, max_shard_size=max_shard_size,
-                        force=force, progress=progress)
+                        force=force, progress=progress, **remap)
     progress.finish()
     if as_json:
         _json(result.to_dict())
@@ -110,6 +126,161 @@ def convert(src, dst, to, model_only, dtype, max_shard_size, force, as_json):
                f"({result.destination_format}): {result.tensors} tensors, {size_text(result.bytes)}")
     for note in result.notes:
         click.echo(f"  note: {note}")
+
+
+@cli.command()
+@click.argument("ckpt", required=False, type=click.Path(path_type=str))
+@click.option("--arch", required=True, help="resnet18, torchvision:resnet18, or auto (auto:PATTERN,... limits the "
+                                            "candidates, e.g. 'auto:resnet*,vgg*').")
+@click.option("--arch-option", "arch_options", multiple=True, metavar="KEY=VALUE",
+              help="Architecture builder option, a Python literal (num_classes=10). Repeatable.")
+@click.option("--rename", multiple=True, metavar="REGEX=REPL",
+              help="Rename checkpoint keys before matching (Python re.sub). Repeatable.")
+@click.option("--select", "selectors", multiple=True, metavar="SELECTOR",
+              help="Only this part of the architecture: 'features[24:]', 'classifier[-1]', layer4.")
+@click.option("--section", help="Where the state_dict is inside a bundle (e.g. state_dict_ema).")
+@click.option("--no-structural", is_flag=True, help="Do not align leftover layers by module order and shape.")
+@click.option("--save-map", type=click.Path(path_type=str), help="Write the mapping as JSON, for `convert --map`.")
+@click.option("--strict", is_flag=True, help="Exit 1 unless every target key is filled.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (or the spec) as JSON.")
+def match(ckpt, arch, arch_options, rename, selectors, section, no_structural, save_map, strict, as_json):
+    """Match CKPT's keys onto an architecture and report how each key was found.
+
+    Without CKPT, print the architecture's state_dict spec (with --select, that part of its module tree).
+    """
+    if ckpt is None:
+        _show_spec(arch, arch_options, selectors, as_json)
+        return
+    from .matching import match as do_match
+
+    report = do_match(ckpt, arch, arch_options=list(arch_options), rename=list(rename), section=section,
+                      only=list(selectors), structural=not no_structural)
+    if save_map:
+        from .remap import save_map as write_map
+
+        write_map(report, save_map)
+    if as_json:
+        _json(report.to_dict())
+    else:
+        _show_report(report)
+        if save_map:
+            click.echo(f"wrote the mapping to {save_map}")
+    if strict:
+        report.check_strict()
+
+
+def _show_spec(arch, arch_options, selectors, as_json):
+    from . import architectures
+    from .errors import UsageError
+
+    if arch == "auto" or arch.startswith("auto:"):
+        raise UsageError("--arch auto needs a checkpoint to rank architectures against")
+    spec = architectures.spec(arch, list(arch_options))
+    tensors = spec.tensors
+    modules = []
+    if selectors:
+        from .selectors import select, under
+
+        model = architectures.build(spec.arch, list(arch_options))
+        for sel in selectors:
+            modules.append((sel, select(model, sel)))
+        names = [q for _, picked in modules for q, _ in picked]
+        tensors = [t for t in tensors if under(t.name, names)]
+    if as_json:
+        out = spec.to_dict()
+        out["tensors"] = [t.to_dict() for t in tensors]
+        if modules:
+            out["selected"] = {sel: [q for q, _ in picked] for sel, picked in modules}
+        _json(out)
+        return
+    for sel, picked in modules:
+        click.echo(f"{spec.arch} {sel}:")
+        click.echo(_module_repr(sel, picked))
+        click.echo()
+    click.echo(_table([(t.name, "x".join(map(str, t.shape)) or "scalar", t.dtype, t.kind) for t in tensors],
+                      ["name", "shape", "dtype", "kind"]))
+    params = [t for t in tensors if t.kind == "parameter"]
+    count = sum(_numel(t.shape) for t in params)
+    click.echo(f"{len(tensors)} keys: {len(params)} parameters ({count:,} elements), "
+               f"{len(tensors) - len(params)} buffers")
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _module_repr(sel, picked):
+    """What ``print(model.<sel>)`` shows: one module, or a Sequential of the picked children (names kept)."""
+    from collections import OrderedDict
+
+    from torch import nn
+
+    if len(picked) == 1 and not _is_slice(sel):
+        return repr(picked[0][1])
+    if all(isinstance(m, nn.Module) for _, m in picked):
+        return repr(nn.Sequential(OrderedDict((q.rsplit(".", 1)[-1], m) for q, m in picked)))
+    return "\n".join(f"{q}: {m!r}" for q, m in picked)
+
+
+def _is_slice(sel):
+    from .selectors import parse
+
+    steps = parse(sel)
+    return bool(steps) and steps[-1][0] == "slice"
+
+
+def _group_keys(names):
+    """``layer1.0.bn1.{weight,bias}`` style groups, in order."""
+    groups: dict = {}
+    for n in names:
+        module, _, leaf = n.rpartition(".")
+        groups.setdefault(module, []).append(leaf)
+    out = []
+    for module, leaves in groups.items():
+        inner = leaves[0] if len(leaves) == 1 else "{" + ",".join(leaves) + "}"
+        out.append(f"{module}.{inner}" if module else inner)
+    return out
+
+
+def _shape(shape):
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def _show_report(report):
+    if report.candidates:
+        click.echo(_table([(c["arch"], f"{c['coverage']:.1%}", f"{c['used']:.1%}", f"{c['score']:.3f}")
+                           for c in report.candidates], ["candidate", "fills", "uses", "score"]))
+        click.echo()
+    click.echo(f"{report.source} [{report.section}] -> {report.arch}")
+    rows = []
+    for m in report.matched:
+        shape = _shape(m.shape) + (f" (from {_shape(m.reshape)})" if m.reshape is not None else "")
+        how = m.how if m.confidence >= 1 else f"{m.how} ({m.confidence:.2f})"
+        rows.append((m.target, "<-", m.source, how, shape))
+    if rows:
+        click.echo(_table(rows, ["target", "", "source", "how", "shape"]))
+    for m in report.mismatched:
+        click.echo(f"mismatched: {m['target']} {_shape(m['target_shape'])} <- {m['source']} "
+                   f"{_shape(m['source_shape'])} ({m['how']}); skipped")
+    for a in report.ambiguous:
+        who = a.get("target") or a.get("source")
+        click.echo(f"ambiguous ({a['step']}): {who}: {', '.join(map(str, a['candidates']))}; skipped")
+    for label, items, key in (("filled with 0", report.filled, "target"), ("missing", report.missing, "name"),
+                              ("unexpected", report.unexpected, "name")):
+        if items:
+            click.echo(f"{label} ({len(items)}):")
+            for line in _group_keys([e[key] for e in items]):
+                click.echo(f"  {line}")
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"coverage: {report.coverage:.1%} of {report.target_count} target keys "
+               f"({len(report.matched)} matched, {len(report.filled)} filled); "
+               f"used {len(report.matched)} of {report.source_count} checkpoint keys; "
+               f"{len(report.missing)} missing, {len(report.unexpected)} unexpected, "
+               f"{len(report.mismatched)} mismatched")
 
 
 @cli.command()

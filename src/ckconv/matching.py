@@ -189,28 +189,32 @@ class _Pipeline:
             self.lookup("prefix", proposals)
 
     def _best_prefix(self):
+        """The (strip, add) prefix pair that lines up the most keys with equal shapes, if it is convincing."""
         tails = defaultdict(list)
         for t in self.free_tgt:
             parts = t.split(".")
-            for j in range(min(MAX_PREFIX_PARTS, len(parts) - 1) + 1):
+            for j in range(min(MAX_PREFIX_PARTS, len(parts) - 2) + 1):  # keep at least "module.leaf"
                 tails[".".join(parts[j:])].append(".".join(parts[:j]) + "." if j else "")
         counts = Counter()
         under = Counter()
         for s in self.free_src:
             parts = self.name[s].split(".")
-            for k in range(min(MAX_PREFIX_PARTS, len(parts) - 1) + 1):
+            shape = self.src[s][0]
+            for k in range(min(MAX_PREFIX_PARTS, len(parts) - 2) + 1):
                 strip = ".".join(parts[:k]) + "." if k else ""
                 under[strip] += 1
-                adds = tails.get(".".join(parts[k:]))
+                rest = ".".join(parts[k:])
+                adds = tails.get(rest)
                 if adds and len(adds) <= MAX_FANOUT:
                     for add in adds:
-                        if add != strip and (strip, add) not in self.prefixes:
+                        if add != strip and tuple(self.tgt[add + rest].shape) == shape:
                             counts[(strip, add)] += 1
-        if not counts:
-            return None
-        (strip, add), gain = max(counts.items(), key=lambda kv: (kv[1], -len(kv[0][0]) - len(kv[0][1])))
-        if gain >= 2 or gain == under[strip]:
-            return strip, add
+        for pair, gain in sorted(counts.items(), key=lambda kv: (-kv[1], len(kv[0][0]) + len(kv[0][1]))):
+            if pair in self.prefixes:
+                continue
+            # convincing: it explains most keys under the stripped prefix (all of them when there is one)
+            if gain == under[pair[0]] or (gain >= 2 and 2 * gain >= under[pair[0]]):
+                return pair
         return None
 
     # 4: plugin rules, tried on the current name and on each accepted prefix mapping of it
@@ -414,9 +418,11 @@ def rank(source, patterns="", arch_options=None, rename=(), progress=None) -> li
     from .plugins import host
 
     wanted = [p.strip() for p in str(patterns or "").split(",") if p.strip()]
-    names = [a for a in architectures.all_architectures(auto=not wanted)
-             if not wanted or any(fnmatch.fnmatchcase(a, p) or fnmatch.fnmatchcase(a.split(":", 1)[1], p)
-                                  for p in wanted)]
+    names = architectures.all_architectures(auto=True)
+    if wanted:  # bare patterns pick among the auto candidates; "ns:pattern" reaches any namespace
+        everything = architectures.all_architectures() if any(":" in p for p in wanted) else names
+        names = [a for a in everything if any(fnmatch.fnmatchcase(a if ":" in p else a.split(":", 1)[1], p)
+                                              for p in wanted)]
     if not names:
         raise UsageError(f"no registered architecture matches {patterns!r}")
     rules = host().key_rules
