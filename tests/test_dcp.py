@@ -343,3 +343,52 @@ def test_wrong_inputs_are_clear(tmp_path):
     assert result.exit_code == 1 and "top level" in result.stderr and not (tmp_path / "out").exists()
     with pytest.raises(UnsupportedContent, match="both named"):
         api.save({"a.b": torch.ones(1), "a": {"b": torch.zeros(1)}}, tmp_path / "clash", format="dcp")
+
+
+# --- memory ---------------------------------------------------------------------------------------------------
+
+MEMORY_CHILD = textwrap.dedent("""
+    import json, resource, sys
+    import numpy  # noqa: F401  (assembles chunked tensors)
+    import ckconv.api, ckconv.bundles, ckconv.fastcopy, ckconv.formats.dcp, ckconv.plugins, ckconv.sections
+    ckconv.plugins.host()
+
+    def vm(key):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+
+    src, dst, headroom, total = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    base = vm("VmSize")  # everything the conversion needs is imported: the limit is what it may add
+    resource.setrlimit(resource.RLIMIT_AS, (base + headroom, base + headroom))
+    try:
+        bytearray(total)
+        sys.exit("the limit does not hold a checkpoint-sized buffer back")
+    except MemoryError:
+        pass
+    ckconv.api.convert(src, dst)
+    print(json.dumps({"base": base, "peak": vm("VmPeak"), "torch": "torch" in sys.modules}))
+""")
+
+
+def test_converting_a_checkpoint_larger_than_the_memory_limit(tmp_path):
+    """dcp -> safetensors under RLIMIT_AS = (address space after imports) + 48 MB, for a 128 MB checkpoint whose
+    two tensors are 64 MB each, one of them in four chunks: nothing may be materialised."""
+    from safetensors import safe_open
+
+    n = 16 << 20
+    a = torch.arange(n, dtype=torch.float32).reshape(4096, -1)
+    b = torch.arange(n, dtype=torch.int32).reshape(1024, -1)
+    cols = b.shape[1] // 4
+    folder = write_chunked_dcp(tmp_path / "big", {"a": a, "b": b},
+                               {"b": [((0, i * cols), (1024, cols)) for i in range(4)]}, extra={"step": 1})
+    headroom, total = 48 << 20, a.nbytes + b.nbytes
+    env = {**os.environ, "CKCONV_LOAD_PLUGINS": "", "MALLOC_ARENA_MAX": "1", "OPENBLAS_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, folder, tmp_path / "out.safetensors", str(headroom),
+                           str(total)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stats = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not stats["torch"] and stats["peak"] - stats["base"] < headroom
+    with safe_open(tmp_path / "out.safetensors", "pt") as f:
+        assert torch.equal(f.get_tensor("a"), a) and torch.equal(f.get_tensor("b"), b)
