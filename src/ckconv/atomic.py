@@ -50,7 +50,8 @@ def staged(dst: Path, *, directory: bool, force: bool):
     """Yield a temporary path (file or folder) that becomes ``dst`` when the block succeeds."""
     dst = Path(dst)
     check_destination(dst, force)
-    tmp = dst.parent / f".{dst.name}.ckconv-tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    stem = dst.name[:100]  # a 255-byte destination name must still leave room for the suffix
+    tmp = dst.parent / f".{stem}.ckconv-tmp-{os.getpid()}-{os.urandom(4).hex()}"
     try:
         if directory:
             tmp.mkdir()
@@ -59,9 +60,13 @@ def staged(dst: Path, *, directory: bool, force: bool):
         if dst.is_dir() and not dst.is_symlink():
             if not force:
                 raise OutputExists(f"{dst} already exists; pass --force to overwrite it")
-            trash = dst.parent / f".{dst.name}.ckconv-old-{os.getpid()}"
+            trash = dst.parent / f".{stem}.ckconv-old-{os.getpid()}-{os.urandom(4).hex()}"
             os.rename(dst, trash)
-            os.rename(tmp, dst)
+            try:
+                os.rename(tmp, dst)
+            except BaseException:
+                os.rename(trash, dst)  # put the old folder back: never leave the destination missing
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, dst)
