@@ -212,8 +212,8 @@ class _Pipeline:
         for pair, gain in sorted(counts.items(), key=lambda kv: (-kv[1], len(kv[0][0]) + len(kv[0][1]))):
             if pair in self.prefixes:
                 continue
-            # convincing: it explains most keys under the stripped prefix (all of them when there is one)
-            if gain == under[pair[0]] or (gain >= 2 and 2 * gain >= under[pair[0]]):
+            # convincing: it lines up several keys, and at least half of those under the stripped prefix
+            if gain >= 2 and 2 * gain >= under[pair[0]]:
                 return pair
         return None
 
