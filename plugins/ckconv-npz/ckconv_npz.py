@@ -56,8 +56,10 @@ class NpzFormat(Format):
             with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
                 infos = zf.infolist()
                 arrays = [i for i in infos if i.filename.endswith(".npy")]
-                if not arrays or any(not i.filename.endswith(".npy") and i.filename != STRUCTURE_MEMBER for i in infos):
+                if not infos or any(not i.filename.endswith(".npy") and i.filename != STRUCTURE_MEMBER for i in infos):
                     return False
+                if not arrays:
+                    return True  # only ckconv's structure member: a checkpoint without tensors
                 f.seek(0, 2)
                 return _member_head(f, arrays[0], path, f.tell(), len(NPY_MAGIC)) == NPY_MAGIC
         except (zipfile.BadZipFile, CorruptCheckpoint, OSError, ValueError, EOFError, struct.error, zlib.error):

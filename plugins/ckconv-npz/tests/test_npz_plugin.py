@@ -8,10 +8,14 @@ import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ckconv
 from ckconv import plugins
@@ -49,6 +53,8 @@ def assert_same(a, b, path="<root>"):
         assert len(a) == len(b), path
         for i, (x, y) in enumerate(zip(a, b)):
             assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), f"{path}: nan != {b!r}"
     else:
         assert a == b, f"{path}: {a!r} != {b!r}"
 
@@ -226,3 +232,43 @@ def test_installed_plugin_is_listed_with_its_version():
     listed = {p["name"]: p for p in json.loads(out.stdout)["plugins"]}
     assert listed["npz"]["formats"] == ["npz"] and listed["npz"]["version"] == "0.1.0"
     assert not listed["npz"]["builtin"]
+
+
+def test_names_zip_cannot_hold_are_refused(tmp_path):
+    with pytest.raises(UnsupportedContent, match="NUL"):
+        ckconv.save({"a\x00b": torch.zeros(1)}, tmp_path / "x.npz")
+    assert not (tmp_path / "x.npz").exists()
+
+
+# --- property test: random nested structures of random dtypes survive .pth -> .npz -> .pth ----------------------
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2,
+          torch.int64, torch.int16, torch.uint8, torch.bool, torch.complex64, torch.complex128, torch.uint32]
+
+
+def random_tensor(dtype, shape, seed):
+    size = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return raw.view(dtype).reshape(shape) if size else torch.empty(shape, dtype=dtype)
+
+
+names = st.text(st.characters(blacklist_characters="\x00"), max_size=6)
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True),
+                    st.text(max_size=6), st.binary(max_size=6))
+tensors = st.builds(lambda d, shape, seed: random_tensor(d, tuple(shape), seed),
+                    st.sampled_from(DTYPES), st.lists(st.integers(0, 3), max_size=3), st.integers(0, 10**6))
+trees = st.recursive(st.one_of(scalars, tensors),
+                     lambda kids: st.one_of(st.lists(kids, max_size=3), st.tuples(kids, kids),
+                                            st.dictionaries(st.one_of(names, st.integers(0, 9)), kids, max_size=3)),
+                     max_leaves=10)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(obj=st.dictionaries(names, trees, min_size=1, max_size=4))
+def test_property_random_structures_round_trip_through_npz(tmp_path_factory, obj):
+    tmp = tmp_path_factory.mktemp("npz")
+    torch.save(obj, tmp / "a.pth")
+    ckconv.convert(tmp / "a.pth", tmp / "a.npz")
+    ckconv.convert(tmp / "a.npz", tmp / "b.pth")
+    assert_same(torch.load(tmp / "b.pth", weights_only=True), obj)
