@@ -19,8 +19,8 @@ import zlib
 from pathlib import Path
 
 from ckconv import dtypes, hookimpl, structure
-from ckconv.errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsafeCheckpoint, UnsupportedContent
-from ckconv.errors import UsageError
+from ckconv.errors import (CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsafeCheckpoint, UnsupportedContent,
+                           UsageError)
 from ckconv.formats import Format, WriteOptions
 from ckconv.model import CHUNK, Checkpoint, Storage, TensorRef
 from ckconv.tree import foreign_objects
