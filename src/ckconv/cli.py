@@ -28,6 +28,15 @@ class CkconvGroup(click.Group):
             _fail("interrupted; nothing was written")
         except MemoryError:
             _fail("out of memory; nothing was written (try a machine with more memory)")
+        except RecursionError:
+            if DEBUG:
+                raise
+            _fail("the input nests too deeply to process; the file is malformed or hostile")
+        except OSError as exc:
+            if DEBUG:
+                raise
+            where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+            _fail(f"cannot access{where}: {exc.strerror or exc}")
         except Exception as exc:  # noqa: BLE001 - last line of defence: no tracebacks for users
             if DEBUG:
                 raise
@@ -35,7 +44,8 @@ class CkconvGroup(click.Group):
 
 
 def _fail(message):
-    click.echo(f"Error: {message}", err=True)
+    text = " ".join(str(message).splitlines())  # one line, whatever a path or a file's names contain
+    click.echo(f"Error: {text}", err=True)
     sys.exit(1)
 
 
