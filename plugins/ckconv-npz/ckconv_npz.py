@@ -12,6 +12,7 @@ against the archive, and each member's zip CRC is checked whenever its bytes are
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import zipfile
@@ -22,7 +23,7 @@ from ckconv import dtypes, hookimpl, structure
 from ckconv.errors import (CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsafeCheckpoint, UnsupportedContent,
                            UsageError)
 from ckconv.formats import Format, WriteOptions
-from ckconv.model import CHUNK, Checkpoint, Storage, TensorRef
+from ckconv.model import CHUNK, Checkpoint, Storage, TensorRef, contiguous_strides
 from ckconv.tree import foreign_objects
 
 STRUCTURE_MEMBER = "__ckconv_structure__.json"
@@ -79,7 +80,8 @@ class NpzFormat(Format):
         if options.max_shard_size is not None:
             raise UsageError("npz archives are not sharded; drop --max-shard-size or write safetensors")
         encoded, named, needs_structure = structure.encode(checkpoint.root, raw_dtypes=RAW_DTYPES)
-        text = structure.dumps(encoded) if needs_structure else None
+        # ASCII JSON: any Python str survives, lone surrogates included (json.loads restores them)
+        text = json.dumps(encoded, separators=(",", ":"), allow_nan=False) if needs_structure else None
         write_archive(path, named, text, options.progress)
 
 
@@ -236,7 +238,7 @@ def _check_raw_views(encoded, arrays, path):
                 ref = arrays.get(node["$tensor"])
                 dt = node["dtype"]
                 if ref is not None and dt in dtypes.DTYPES and (
-                        not ref.is_contiguous or not NUMPY_CODES[ref.dtype].startswith(("|u", "<u"))
+                        ref.stride != contiguous_strides(ref.shape) or not NUMPY_CODES[ref.dtype].startswith(("|u", "<u"))
                         or dtypes.itemsize(ref.dtype) != dtypes.itemsize(dt)):
                     raise CorruptCheckpoint(f"{path}: member {node['$tensor']!r:.80} is {ref.dtype} but should hold "
                                             f"{dt} as a C-order uint{8 * dtypes.itemsize(dt)} view")
@@ -335,8 +337,9 @@ def write_archive(path, named, text, progress=None):
         if text is not None:
             zf.writestr(zipfile.ZipInfo(STRUCTURE_MEMBER), text.encode("utf-8"))
         for name, ref in named:
-            if "\x00" in name:
-                raise UnsupportedContent(f"cannot store a tensor named {name!r:.80} in a zip archive (NUL character)")
+            if "\x00" in name or not _utf8(name):
+                raise UnsupportedContent(f"cannot store a tensor named {name!r:.80} in a zip archive (NUL character "
+                                         "or lone surrogate); rename it or write safetensors")
             header = npy_header(ref)
             info = zipfile.ZipInfo(name + ".npy")
             info.file_size = len(header) + ref.nbytes  # lets zipfile choose zip64 up front for big members
@@ -346,6 +349,14 @@ def write_archive(path, named, text, progress=None):
                     member.write(chunk)
                     if progress:
                         progress(len(chunk))
+
+
+def _utf8(name):
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @hookimpl
