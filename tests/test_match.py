@@ -19,6 +19,15 @@ from matchcases import (ConvHead, as_conv, caffe_squeezenet, differs, fresh, ima
                         same_outputs, state)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small forward passes run faster on one thread than on two shared, busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def spec_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:

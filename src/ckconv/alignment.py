@@ -12,7 +12,7 @@ counts agree, the leading (output) dimension agrees and the ranks differ (a Line
 
 from __future__ import annotations
 
-MAX_CELLS = 1_000_000  # groups x groups; beyond this the alignment is skipped with a note
+MAX_CELLS = 500_000  # groups x groups; beyond this the alignment is skipped with a note
 EXACT, RESHAPE = 2, 1
 
 
