@@ -188,3 +188,37 @@ def test_remap_optimizer_follows_renames_and_new_head(tmp_path):
             assert opt2.state[p_new] == {}
         else:
             assert_deep_equal(opt.state[p_src], opt2.state[p_new])
+
+
+@pytest.mark.parametrize("kind", ["adam", "sgd"])
+def test_convert_with_arch_moves_optimizer_state_and_resumes(tmp_path, kind):
+    """A DataParallel-wrapped resnet18 bundle -> torchvision:resnet18 names; resume gives identical weights."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=4)
+    opt = OPTIMIZERS[kind](model.parameters())
+    x = torch.randn(2, 3, 32, 32)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    wrapped = {f"module.{k}": v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save({"model": wrapped, "optimizer": opt.state_dict(), "epoch": 2}, tmp_path / "src.pth")
+    result = ckconv.convert(tmp_path / "src.pth", tmp_path / "out.safetensors", arch="resnet18",
+                            arch_options=["num_classes=4"])
+    assert any("optimizer at optimizer" in n for n in result.notes)
+    resumed = torchvision.models.resnet18(weights=None, num_classes=4)
+    opt2 = OPTIMIZERS[kind](resumed.parameters())
+    bundle = load_bundle(tmp_path / "out.safetensors", resumed, opt2)
+    assert bundle["epoch"] == 2
+    for p_src, p_new in zip(model.parameters(), resumed.parameters()):
+        assert_deep_equal(opt.state[p_src], opt2.state[p_new])
+    model.train(), resumed.train()
+    for m, o in ((model, opt), (resumed, opt2)):
+        o.zero_grad()
+        m(x).square().mean().backward()
+        o.step()
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        if not name.endswith("num_batches_tracked"):
+            assert torch.equal(a, b), name

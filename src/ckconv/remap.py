@@ -233,12 +233,60 @@ def remap_checkpoint(ckpt, *, arch=None, arch_options=None, map=None, only=(), d
     state = remap_refs(report)
     root = state if model_only else replace(ckpt.root, report.section_path, state)
     notes = [_summary(report, model_only)]
+    if not model_only:
+        root, optimizer_notes = remap_optimizers(root, report, options)
+        notes += optimizer_notes
     if report.mismatched:
         notes.append("skipped keys with other shapes: " + ", ".join(
             f"{m['target']} {m['source_shape']} vs {m['target_shape']}" for m in report.mismatched[:5])
             + (" ..." if len(report.mismatched) > 5 else ""))
     notes += report.notes
     return root, report, notes
+
+
+def remap_optimizers(root, report: MatchReport, options=None):
+    """Optimizer state in a bundle follows the model's renames, reshapes and drops (slots in target order)."""
+    from . import architectures
+    from .bundles import _find_optimizers, model_parameters, remap_optimizer, resolve_names
+
+    if not isinstance(root, dict):
+        return root, []
+    found = _find_optimizers(root)
+    if not found:
+        return root, []
+    mapping = {m.source: m.target for m in report.matched}
+    shapes = {m.target: tuple(m.shape) for m in report.matched}
+    source_sd = report.source_tensors or {}
+    if report.arch not in ("<none>", "<map>", "", None):
+        spec = architectures.spec(report.arch, options or report.arch_options or None)
+        target_params = [t.name for t in spec.tensors if t.kind == "parameter"]
+    else:
+        target_params = [mapping[n] for n, _ in model_parameters(source_sd) if n in mapping]
+    notes = []
+    for path, osd in found:
+        slot_names, how, _subset = resolve_names(osd, source_sd)
+        if not slot_names:
+            notes.append(f"optimizer at {path}: cannot tell which parameter each slot belongs to; kept unchanged "
+                         "(it will not fit the remapped model)")
+            continue
+        new_osd, info = remap_optimizer(osd, slot_names, mapping, target_params, shapes)
+        keys = tuple(int(p) if p.isdigit() else p for p in path.split("."))
+        root = _replace_path(root, keys, new_osd)
+        notes.append(f"optimizer at {path}: state of {info['moved']} parameters follows the renames (slot names "
+                     f"from {how}); {len(info['dropped'])} dropped, {len(info['new_without_state'])} new parameters "
+                     "start without state")
+    return root, notes
+
+
+def _replace_path(root, keys, new):
+    if not keys:
+        return new
+    head, rest = keys[0], keys[1:]
+    if isinstance(root, list):
+        return [(_replace_path(v, rest, new) if i == head else v) for i, v in enumerate(root)]
+    from .unwrap import replace
+
+    return replace(root, (head,), _replace_path(root[head], rest, new))
 
 
 def _summary(report, model_only):
