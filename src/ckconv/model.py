@@ -14,6 +14,7 @@ Readers build this tree, writers consume it; ``materialize`` turns it into real 
 
 from __future__ import annotations
 
+import math
 import os
 import zlib
 from collections import OrderedDict
@@ -174,10 +175,7 @@ class TensorRef:
 
     @property
     def numel(self):
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self):

@@ -110,11 +110,14 @@ class ZipWriter:
     def __init__(self, f):
         self.f = f
         self.pos = f.tell()
-        self.entries = []  # (name bytes, offset, size, crc)
+        self.entries = []  # (name bytes, offset, size, crc, zip64)
+        self._moved = False  # True after add_copy wrote through the descriptor: f's own position is behind
 
     def add(self, name: str, chunks, size: int, expected_crc: int | None = None):
         """Write a record from ``chunks``; the local header's CRC is patched in once the bytes have streamed."""
-        header_pos = self._begin(name, size)
+        bname, extra, zip64 = self._layout(name, size)
+        header_pos = self.pos
+        self._write(self._local_header(bname, extra, size, 0, zip64))
         crc = written = 0
         for c in chunks:
             crc = zlib.crc32(c, crc)
@@ -124,39 +127,42 @@ class ZipWriter:
             raise CorruptCheckpoint(f"record {name} produced {written} bytes, expected {size}")
         if expected_crc is not None and crc != expected_crc:
             raise CorruptCheckpoint(f"CRC mismatch while copying record {name}; the source file is corrupt")
-        self._finish(name, header_pos, size, crc)
+        self.f.seek(header_pos + 14)
+        self.f.write(struct.pack("<I", crc))
+        self.f.seek(self.pos)
+        self.entries.append((bname, header_pos, size, crc, zip64))
 
     def add_copy(self, name: str, size: int, copy):
         """Write a record of ``size`` bytes that ``copy(fd, offset)`` puts at ``offset`` of the file's descriptor.
 
         ``copy`` returns the CRC-32 of what it wrote (``Storage.copy_to(..., want_crc=True)`` does, checking the
         source's own CRC in the same pass), so the bytes are checksummed once and never pass through this object.
+        The local header goes in afterwards, CRC included, through ``f`` (which may be a wrapper that shifts
+        positions): one seek and one buffered write, no patching.
         """
-        header_pos = self._begin(name, size)
-        self.f.flush()
-        crc = copy(self.f.fileno(), self.pos)
-        self.pos += size
-        self._finish(name, header_pos, size, crc)
+        bname, extra, zip64 = self._layout(name, size)
+        header_pos = self.pos
+        header_len = 30 + len(bname) + len(extra)
+        self.f.flush()  # buffered bytes reach the file before the descriptor is written directly
+        crc = copy(self.f.fileno(), header_pos + header_len)
+        self.f.seek(header_pos)
+        self.f.write(self._local_header(bname, extra, size, crc, zip64))
+        self.pos = header_pos + header_len + size
+        self._moved = True
+        self.entries.append((bname, header_pos, size, crc, zip64))
 
-    def _begin(self, name, size):
+    def _layout(self, name, size):
         bname = name.encode()
         zip64 = size >= 0xFFFFFFFF or self.pos >= 0xFFFFFFFF
         extra = struct.pack("<HHQQ", 1, 16, size, size) if zip64 else b""
         pad = (-(self.pos + 30 + len(bname) + len(extra) + 4)) % ALIGN
         extra += struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # "FB" padding field, as torch writes
-        header_pos = self.pos
-        self._write(self._local_header(bname, extra, size, 0, zip64))
-        self.entries.append((bname, header_pos, size, None, zip64))
-        return header_pos
-
-    def _finish(self, name, header_pos, size, crc):
-        self.f.seek(header_pos + 14)
-        self.f.write(struct.pack("<I", crc))
-        self.f.seek(self.pos)
-        bname, _, _, _, zip64 = self.entries[-1]
-        self.entries[-1] = (bname, header_pos, size, crc, zip64)
+        return bname, extra, zip64
 
     def _write(self, data):
+        if self._moved:
+            self.f.seek(self.pos)
+            self._moved = False
         self.f.write(data)
         self.pos += len(data)
 
