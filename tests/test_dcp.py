@@ -254,6 +254,22 @@ def test_chunked_tensors_assemble_exactly(tmp_path):
     assert_deep_equal(ckconv.load(tmp_path / "out.safetensors"), expected)
 
 
+def test_arch_remapping_with_dcp_in_and_out(tmp_path):
+    import torchvision
+
+    import ckconv
+
+    model = torchvision.models.squeezenet1_0()
+    dcp_save({"state_dict": {"module." + k: v for k, v in model.state_dict().items()}, "epoch": 2}, tmp_path / "in")
+    result = invoke("convert", tmp_path / "in", tmp_path / "out", "--to", "dcp", "--arch", "squeezenet1_0")
+    assert result.exit_code == 0, result.output
+    out = ckconv.load(tmp_path / "out")
+    assert out["epoch"] == 2
+    fresh = torchvision.models.squeezenet1_0()
+    fresh.load_state_dict(out["state_dict"])
+    assert_deep_equal(dict(fresh.state_dict()), dict(model.state_dict()))
+
+
 def test_inspect_reads_metadata_not_tensor_data(tmp_path):
     folder = dcp_save({"model": torch.nn.Linear(64, 32).state_dict(), "epoch": 1}, tmp_path / "ckpt")
     from ckconv.formats.dcp import load_metadata
@@ -392,3 +408,135 @@ def test_converting_a_checkpoint_larger_than_the_memory_limit(tmp_path):
     assert not stats["torch"] and stats["peak"] - stats["base"] < headroom
     with safe_open(tmp_path / "out.safetensors", "pt") as f:
         assert torch.equal(f.get_tensor("a"), a) and torch.equal(f.get_tensor("b"), b)
+
+
+# --- two ranks under torchrun ---------------------------------------------------------------------------------
+
+DIST_CONVERSIONS = [  # (name, ckconv convert arguments relative to the work folder)
+    ("sharded", ["torch_dcp", "dist/sharded", "--max-shard-size", "3KB"]),
+    ("dcp", ["bundle.pth", "dist/dcp", "--to", "dcp"]),
+    ("chunked", ["chunked_dcp", "dist/chunked.safetensors"]),
+    ("pth", ["chunked_dcp", "dist/chunked.pth"]),
+    ("dtensor", ["dtensor_dcp", "dist/dtensor.safetensors"]),
+    ("exists", ["bundle.pth", "dist/dcp", "--to", "dcp"]),
+]
+
+
+def _dtensor_state():
+    g = torch.Generator().manual_seed(3)
+    return {"w0": torch.randn(6, 4, generator=g), "w1": torch.randn(3, 8, generator=g).to(torch.bfloat16),
+            "b": torch.arange(5.0)}
+
+
+def _driver(work):
+    """Each rank: run CLI conversions the way ``torchrun -m ckconv convert ...`` does (the first starts the process
+    group, later ones reuse it), save a DTensor-sharded checkpoint with DCP on that group and convert it too.
+    Exit codes go to rank<N>.json."""
+    import runpy
+
+    import torch.distributed as dist
+
+    work = Path(work)
+    os.chdir(work)
+    codes = {}
+
+    def ckconv(name, args):
+        sys.argv = ["ckconv", "convert", *args]
+        try:
+            runpy.run_module("ckconv", run_name="__main__", alter_sys=True)
+            codes[name] = 0
+        except SystemExit as exc:
+            codes[name] = exc.code if isinstance(exc.code, int) else 1
+
+    for name, args in DIST_CONVERSIONS[:4]:
+        ckconv(name, args)
+    assert dist.is_initialized()  # started by ckconv for the first conversion
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    import torch.distributed.checkpoint as dcp
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    full = _dtensor_state()
+    state = {"model": {"w0": distribute_tensor(full["w0"], mesh, [Shard(0)]),
+                       "w1": distribute_tensor(full["w1"], mesh, [Shard(1)]),
+                       "b": distribute_tensor(full["b"], mesh, [Replicate()])}, "step": 7}
+    dcp.save(state, checkpoint_id="dtensor_dcp")
+    dist.barrier()
+    for name, args in DIST_CONVERSIONS[4:]:
+        ckconv(name, args)
+    dist.barrier()
+    dist.destroy_process_group()
+    Path(f"rank{os.environ['RANK']}.json").write_text(json.dumps(codes))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # one torchrun launch: about 20 s of its 35 s is three processes importing torch
+def test_two_ranks_under_torchrun_match_one_process(tmp_path):
+    import ckconv
+    from ckconv import api
+
+    work = tmp_path
+    bundle = small_bundle()
+    torch.save(bundle, work / "bundle.pth")
+    dcp_save(bundle, work / "torch_dcp")
+    g = torch.Generator().manual_seed(2)
+    chunked = {"m.a": torch.randn(8, 6, generator=g), "m.b": torch.arange(30, dtype=torch.int16).reshape(5, 6)}
+    write_chunked_dcp(work / "chunked_dcp", chunked, {"m.a": [((0, 0), (8, 2)), ((0, 2), (8, 4))],
+                                                       "m.b": [((0, 0), (2, 6)), ((2, 0), (3, 6))]}, extra={"it": 4})
+    (work / "dist").mkdir()
+    env = {**os.environ, "CKCONV_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.run([str(torchrun), "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+                           "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", __file__, str(work)],
+                          capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    codes = [json.loads((work / f"rank{r}.json").read_text()) for r in (0, 1)]
+    expected_codes = {name: 0 for name, _ in DIST_CONVERSIONS} | {"exists": 1}
+    assert codes == [expected_codes, expected_codes], codes
+    assert proc.stdout.count("Converted ") == len(DIST_CONVERSIONS) - 1  # rank 0 reports, rank 1 stays quiet
+    assert "already exists" in proc.stderr
+
+    # the same conversions in one process
+    single = work / "single"
+    single.mkdir()
+    for name, args in DIST_CONVERSIONS[:-1]:
+        src, dst, *rest = args
+        result = invoke("convert", work / src, single / Path(dst).name, *rest)
+        assert result.exit_code == 0, (name, result.output)
+
+    def files(root):
+        root = Path(root)
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} \
+            if root.is_dir() else {"": root.read_bytes()}
+
+    for name in ("sharded/", "chunked.safetensors", "dtensor.safetensors"):  # byte for byte
+        a, b = files(work / "dist" / name), files(single / name)
+        assert a == b, name
+    assert len(files(work / "dist" / "sharded")) > 2  # several shards, written by both ranks, plus the index
+    assert_deep_equal(ckconv.load(work / "dist" / "chunked.pth"), ckconv.load(single / "chunked.pth"))
+    assert_deep_equal(ckconv.load(work / "dist" / "chunked.pth"), nested({"it": 4, **chunked}))
+
+    # dcp written by two ranks: one file per rank, both with a share; same content as one process wrote
+    out = work / "dist" / "dcp"
+    assert sorted(os.listdir(out)) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert all((out / f"__{r}_0.distcp").stat().st_size > 1000 for r in (0, 1))
+    assert_deep_equal(ckconv.load(out), torch.load(work / "bundle.pth", weights_only=False))
+    assert_deep_equal(torch_reference(out, tmp_path), torch_reference(single / "dcp", tmp_path))
+
+    # the DTensor-sharded checkpoint torch wrote on two ranks reads as the full tensors
+    full = _dtensor_state()
+    assert len(api.read(work / "dtensor_dcp").root["model"]["w1"].storage.pieces) == 2
+    expected = {"model": {"w0": full["w0"], "w1": full["w1"], "b": full["b"]}, "step": 7}
+    assert_deep_equal(ckconv.load(work / "dtensor_dcp"), expected)
+    assert_deep_equal(torch_reference(work / "dtensor_dcp", tmp_path), expected)
+    assert_deep_equal(ckconv.load(work / "dist" / "dtensor.safetensors"), expected)
+
+
+if __name__ == "__main__":  # torchrun tests/test_dcp.py WORK: see _driver
+    _driver(sys.argv[1])

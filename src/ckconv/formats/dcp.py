@@ -1048,31 +1048,43 @@ def world_from_env():
 
 
 class Group:
-    """The process group ckconv converts with: gloo, object collectives only (CPU, no tensors move)."""
+    """The process group ckconv converts with: object collectives only, over gloo (CPU; no tensors move).
+
+    When no default group exists ckconv starts one from torchrun's environment and keeps it until the process
+    exits: starting a second one in the same process would rendezvous again on torchrun's store, where keys left
+    by the first make that unreliable. A caller's existing group is joined (a gloo subgroup is made if it runs
+    another backend, e.g. NCCL).
+    """
 
     def __init__(self):
+        import atexit
+
         import torch.distributed as dist
 
         self.dist = dist
-        self.owned = not dist.is_initialized()
-        if self.owned:
+        if not dist.is_initialized():
             dist.init_process_group(backend="gloo")
+            atexit.register(_destroy_group)
+        self.pg = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
 
     def bcast(self, obj):
         box = [obj]
-        self.dist.broadcast_object_list(box, src=0)
+        self.dist.broadcast_object_list(box, src=0, group=self.pg)
         return box[0]
 
     def gather(self, obj):
         out = [None] * self.world
-        self.dist.all_gather_object(out, obj)
+        self.dist.all_gather_object(out, obj, group=self.pg)
         return out
 
-    def close(self):
-        if self.owned:
-            self.dist.destroy_process_group()
+
+def _destroy_group():
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _failure(exc, rank):
@@ -1155,22 +1167,19 @@ def save_distributed(obj, path, *, format=None, max_shard_size=None, force=False
     fmt = host().format(name)
     options = WriteOptions(max_shard_size=shard, progress=progress)
     group = Group()
-    try:
-        if name == "dcp":
-            plan = plan_write(ckpt.root, group.world)
+    if name == "dcp":
+        plan = plan_write(ckpt.root, group.world)
 
-            def finish(tmp, results):
-                write_metadata(tmp, plan, {k: v for r in results for k, v in r.items()})
+        def finish(tmp, results):
+            write_metadata(tmp, plan, {k: v for r in results for k, v in r.items()})
 
-            run_collective(group, path, directory=True, force=force, finish=finish,
-                           work=lambda tmp: write_rank_file(tmp, group.rank, plan.blobs_for(group.rank), progress))
-        elif name == "safetensors":
-            _safetensors_distributed(ckpt, path, options, force, group)
-        else:
-            run_collective(group, path, directory=fmt.writes_directory(options), force=force,
-                           work=lambda tmp: fmt.write(ckpt, tmp, options) if group.rank == 0 else None)
-    finally:
-        group.close()
+        run_collective(group, path, directory=True, force=force, finish=finish,
+                       work=lambda tmp: write_rank_file(tmp, group.rank, plan.blobs_for(group.rank), progress))
+    elif name == "safetensors":
+        _safetensors_distributed(ckpt, path, options, force, group)
+    else:
+        run_collective(group, path, directory=fmt.writes_directory(options), force=force,
+                       work=lambda tmp: fmt.write(ckpt, tmp, options) if group.rank == 0 else None)
     return name
 
 
