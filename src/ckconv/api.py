@@ -128,11 +128,13 @@ class ConversionResult:
 
 def convert(src, dst, *, to=None, model_only=False, dtype=None, max_shard_size=None, force=False,
             progress=None, arch=None, arch_options=None, map=None, only=(), drop=(), rename=(), section=None,
-            strict=False) -> ConversionResult:
+            strict=False, distributed=False) -> ConversionResult:
     """Convert ``src`` to ``dst`` losslessly (unless ``model_only`` or ``dtype`` ask otherwise).
 
     ``arch`` / ``map`` / ``rename`` / ``only`` / ``drop`` remap the model state_dict onto an architecture's names
     (see :func:`ckconv.match`); the other sections of a bundle are kept unless ``model_only``.
+    ``distributed``: when this process is one rank of a torchrun job, write only this rank's share of the output
+    (:func:`ckconv.formats.dcp.save_distributed`; every rank must call convert). The CLI sets it.
     """
     from .sections import model_state_dict
 
@@ -164,7 +166,13 @@ def convert(src, dst, *, to=None, model_only=False, dtype=None, max_shard_size=N
     total = sum(r.nbytes for r in refs)
     if progress is not None and hasattr(progress, "start"):
         progress.start(total)
-    name = save(out, dst, format=to, max_shard_size=max_shard_size, force=force, progress=progress)
+    saver = save
+    if distributed:  # under torchrun each rank writes its share (issue 8)
+        from .formats.dcp import save_distributed, world_from_env
+
+        if world_from_env() is not None:
+            saver = save_distributed
+    name = saver(out, dst, format=to, max_shard_size=max_shard_size, force=force, progress=progress)
     return ConversionResult(str(src), str(dst), ckpt.format, name, len(refs), total, model_only,
                             dtypes.CAST_NAMES.get(dtype) if dtype else None, cast, notes,
                             report.to_dict() if report is not None else None)

@@ -127,8 +127,12 @@ def convert(src, dst, to, model_only, dtype, max_shard_size, force, as_json, arc
         remap = dict(arch=arch, arch_options=list(arch_options), map=map_file, only=list(only), drop=list(drop),
                      rename=list(rename), section=section, strict=strict)
     result = do_convert(src, dst, to=to, model_only=model_only, dtype=dtype, max_shard_size=max_shard_size,
-                        force=force, progress=progress, **remap)
+                        force=force, progress=progress, distributed=True, **remap)
     progress.finish()
+    from .formats.dcp import world_from_env  # under torchrun, only rank 0 reports
+
+    if (world_from_env() or (0,))[0] != 0:
+        return
     if as_json:
         _json(result.to_dict())
         return
