@@ -40,6 +40,24 @@ class _Malformed(Exception):
     pass
 
 
+_LEAF = _Value()  # shared by every scalar: leaves are never mutated (only ``mutable`` values grow)
+_K_LEAF, _K_STR, _K_LONG, _K_GET, _K_PUT, _K_MEMO, _K_MARK, _K_EMPTY_MUT, _K_EMPTY_TUPLE, _K_TUPLE, _K_TUPLEN, \
+    _K_LIST, _K_DICT, _K_FROZENSET, _K_APPEND, _K_MARKED_ADD, _K_SETITEM, _K_BUILD, _K_POP, _K_POP_MARK, _K_DUP, \
+    _K_GLOBAL, _K_STACK_GLOBAL, _K_CALL2, _K_CALL3, _K_CALL_MARK, _K_BINPERSID, _K_TOP, _K_FRAME, _K_STOP, \
+    _K_NOTHING = range(31)
+_KINDS = {**{n: _K_LEAF for n in LEAVES}, **{n: _K_STR for n in STRINGS}, **{n: _K_GET for n in GETS},
+          **{n: _K_PUT for n in PUTS}, "LONG1": _K_LONG, "LONG4": _K_LONG, "MEMOIZE": _K_MEMO, "MARK": _K_MARK,
+          "EMPTY_LIST": _K_EMPTY_MUT, "EMPTY_DICT": _K_EMPTY_MUT, "EMPTY_SET": _K_EMPTY_MUT,
+          "EMPTY_TUPLE": _K_EMPTY_TUPLE, "TUPLE": _K_TUPLE, "TUPLE1": _K_TUPLEN, "TUPLE2": _K_TUPLEN,
+          "TUPLE3": _K_TUPLEN, "LIST": _K_LIST, "DICT": _K_DICT, "FROZENSET": _K_FROZENSET, "APPEND": _K_APPEND,
+          "APPENDS": _K_MARKED_ADD, "ADDITEMS": _K_MARKED_ADD, "SETITEMS": _K_MARKED_ADD, "SETITEM": _K_SETITEM,
+          "BUILD": _K_BUILD, "POP": _K_POP, "POP_MARK": _K_POP_MARK, "DUP": _K_DUP, "GLOBAL": _K_GLOBAL,
+          "STACK_GLOBAL": _K_STACK_GLOBAL, "REDUCE": _K_CALL2, "NEWOBJ": _K_CALL2, "NEWOBJ_EX": _K_CALL3,
+          "INST": _K_CALL_MARK, "OBJ": _K_CALL_MARK, "BINPERSID": _K_BINPERSID, "READONLY_BUFFER": _K_TOP,
+          "FRAME": _K_FRAME, "STOP": _K_STOP, "PROTO": _K_NOTHING}
+_TUPLE_N = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+
+
 def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
     """Walk the opcodes of one pickle (bytes, or a file positioned at it); raise a CkconvError for a hostile one.
 
@@ -51,6 +69,7 @@ def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
     marks: list = []
     memo: dict = {}
     hash_work = 0
+    fence = 0  # stack items below the innermost MARK are out of reach
 
     def too_big(v):
         if v.depth > max_depth:
@@ -62,151 +81,183 @@ def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
                 "exponentially); raise CKCONV_MAX_NODES if you trust this file")
         return v
 
-    def pop(n=1):
-        fence = marks[-1] if marks else 0
+    def pop(n):
         if len(stack) - n < fence:
             raise _Malformed("stack underflow")
-        items = stack[len(stack) - n:]
-        del stack[len(stack) - n:]
+        items = stack[-n:]
+        del stack[-n:]
         return items
 
     def pop_mark():
+        nonlocal fence
         if not marks:
             raise _Malformed("no MARK on the stack")
         m = marks.pop()
+        fence = marks[-1] if marks else 0
         items = stack[m:]
         del stack[m:]
         return items
 
-    def top():
-        if len(stack) <= (marks[-1] if marks else 0):
-            raise _Malformed("stack underflow")
-        return stack[-1]
-
-    def hashed(keys):
+    def hashed(cost):
         nonlocal hash_work
-        hash_work += sum(k.hcost for k in keys)
+        hash_work += cost
         if hash_work > max_nodes:
             raise LimitExceeded(f"{where}: structure too large: hashing its dictionary keys would take more than "
                                 f"{max_nodes} steps (shared references can expand exponentially)")
 
-    def grow(target, items, keys=()):
+    def measure(items):
+        depth, weight, hcost = 0, 0, 0
+        for i in items:
+            if i.depth > depth:
+                depth = i.depth
+            weight += i.weight
+            hcost += i.hcost
+        return depth, weight, hcost
+
+    def key_cost(keys):
+        return sum(k.hcost for k in keys)
+
+    def grow(target, items, keycost=0):
         if target.mutable:
-            target.depth = max(target.depth, 1 + max((i.depth for i in items), default=0))
-            target.weight += sum(i.weight for i in items)
-            target.keywork += sum(k.hcost for k in keys)
+            depth, weight, _ = measure(items)
+            if depth + 1 > target.depth:
+                target.depth = depth + 1
+            target.weight += weight
+            target.keywork += keycost
             too_big(target)
 
     def tuple_of(items):
-        return too_big(_Value(1 + max((i.depth for i in items), default=0), 1 + sum(i.weight for i in items),
-                              1 + sum(i.hcost for i in items)))
+        depth, weight, hcost = measure(items)
+        return too_big(_Value(depth + 1, weight + 1, hcost + 1))
 
     def result_of(items):
-        return too_big(_Value(max((i.depth for i in items), default=0), 1 + sum(i.weight for i in items),
-                              OBJECT_HASH_COST, mutable=True))
+        depth, weight, _ = measure(items)
+        return too_big(_Value(depth, weight + 1, OBJECT_HASH_COST, mutable=True))
 
-    ops = pickletools.genops(source)
     pos = 0
+    append = stack.append
+    kinds = _KINDS
     try:
-        for op, arg, pos in ops:
-            name = op.name
-            if name in LEAVES:
-                stack.append(_Value())
-            elif name in STRINGS:
-                stack.append(_Value(text=arg if len(arg) < 200 else None))
-            elif name in ("LONG1", "LONG4"):
-                stack.append(_Value(hcost=1 + arg.bit_length() // 512))
-            elif name in GETS:
-                if arg not in memo:
-                    raise _Malformed(f"memo index {arg} was never stored")
-                stack.append(memo[arg])
-            elif name in PUTS:
+        for op, arg, pos in pickletools.genops(source):
+            kind = kinds.get(op.name)
+            if kind == _K_PUT:
                 if arg < 0 or arg > pos:
                     raise LimitExceeded(f"{where}: pickle memo index {arg} is implausible at byte {pos}; "
                                         "the file is malformed or hostile")
-                memo[arg] = top()
-            elif name == "MEMOIZE":
-                memo[len(memo)] = top()
-            elif name == "MARK":
+                if len(stack) <= fence:
+                    raise _Malformed("stack underflow")
+                memo[arg] = stack[-1]
+            elif kind == _K_GET:
+                value = memo.get(arg)
+                if value is None:
+                    raise _Malformed(f"memo index {arg} was never stored")
+                append(value)
+            elif kind == _K_LEAF:
+                append(_LEAF)
+            elif kind == _K_STR:
+                append(_Value(text=arg) if len(arg) < 200 else _LEAF)
+            elif kind == _K_MARK:
                 marks.append(len(stack))
-            elif name in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET"):
-                stack.append(_Value(1, 1, 1, mutable=True))
-            elif name == "EMPTY_TUPLE":
-                stack.append(_Value(1, 1, 1))
-            elif name == "TUPLE":
-                stack.append(tuple_of(pop_mark()))
-            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-                stack.append(tuple_of(pop(int(name[-1]))))
-            elif name == "LIST":
-                v = _Value(1, 1, 1, mutable=True)
-                grow(v, pop_mark())
-                stack.append(v)
-            elif name == "DICT":
+                fence = len(stack)
+            elif kind == _K_TUPLEN:
+                append(tuple_of(pop(_TUPLE_N[op.name])))
+            elif kind == _K_TUPLE:
+                append(tuple_of(pop_mark()))
+            elif kind == _K_CALL2:
+                append(result_of(pop(2)))
+            elif kind == _K_MARKED_ADD:
                 items = pop_mark()
-                hashed(items[0::2])
-                v = _Value(1, 1, 1, mutable=True)
-                grow(v, items, items[0::2])
-                stack.append(v)
-            elif name == "FROZENSET":
-                items = pop_mark()
-                hashed(items)
-                stack.append(too_big(_Value(1 + max((i.depth for i in items), default=0),
-                                            1 + sum(i.weight for i in items), 1 + len(items))))
-            elif name == "APPEND":
-                item = pop()
-                grow(top(), item)
-            elif name in ("APPENDS", "ADDITEMS", "SETITEMS"):
-                items = pop_mark()
-                keys = items if name == "ADDITEMS" else items[0::2] if name == "SETITEMS" else ()
-                hashed(keys)
-                grow(top(), items, keys)
-            elif name == "SETITEM":
-                items = pop(2)
-                hashed(items[:1])
-                grow(top(), items, items[:1])
-            elif name == "BUILD":
-                (state,) = pop()
-                target = top()
-                hashed([_Value(hcost=state.keywork)])  # BUILD re-inserts the state's keys into __dict__
-                grow(target, [state])
-            elif name == "POP":
-                if marks and marks[-1] == len(stack):
-                    marks.pop()
-                else:
-                    pop()
-            elif name == "POP_MARK":
-                pop_mark()
-            elif name == "DUP":
-                stack.append(top())
-            elif name == "GLOBAL":
+                name = op.name
+                cost = key_cost(items) if name == "ADDITEMS" else key_cost(items[0::2]) if name == "SETITEMS" else 0
+                hashed(cost)
+                if len(stack) <= fence:
+                    raise _Malformed("stack underflow")
+                grow(stack[-1], items, cost)
+            elif kind == _K_EMPTY_MUT:
+                append(_Value(1, 1, 1, mutable=True))
+            elif kind == _K_GLOBAL:
                 module, _, qualname = arg.partition(" ")
                 _record(seen_globals, module, qualname)
-                stack.append(_Value())
-            elif name == "STACK_GLOBAL":
+                append(_LEAF)
+            elif kind == _K_BINPERSID:
+                pop(1)
+                append(_LEAF)
+            elif kind == _K_LONG:
+                append(_Value(hcost=1 + arg.bit_length() // 512))
+            elif kind == _K_MEMO:
+                if len(stack) <= fence:
+                    raise _Malformed("stack underflow")
+                memo[len(memo)] = stack[-1]
+            elif kind == _K_EMPTY_TUPLE:
+                append(_Value(1, 1, 1))
+            elif kind == _K_LIST:
+                value = _Value(1, 1, 1, mutable=True)
+                grow(value, pop_mark())
+                append(value)
+            elif kind == _K_DICT:
+                items = pop_mark()
+                cost = key_cost(items[0::2])
+                hashed(cost)
+                value = _Value(1, 1, 1, mutable=True)
+                grow(value, items, cost)
+                append(value)
+            elif kind == _K_FROZENSET:
+                items = pop_mark()
+                hashed(key_cost(items))
+                depth, weight, _ = measure(items)
+                append(too_big(_Value(depth + 1, weight + 1, 1 + len(items))))
+            elif kind == _K_APPEND:
+                items = pop(1)
+                if len(stack) <= fence:
+                    raise _Malformed("stack underflow")
+                grow(stack[-1], items)
+            elif kind == _K_SETITEM:
+                items = pop(2)
+                cost = items[0].hcost
+                hashed(cost)
+                if len(stack) <= fence:
+                    raise _Malformed("stack underflow")
+                grow(stack[-1], items, cost)
+            elif kind == _K_BUILD:
+                (state,) = pop(1)
+                if len(stack) <= fence:
+                    raise _Malformed("stack underflow")
+                hashed(state.keywork)  # BUILD re-inserts the state's keys into the object's __dict__
+                grow(stack[-1], [state])
+            elif kind == _K_POP:
+                if marks and marks[-1] == len(stack):
+                    marks.pop()
+                    fence = marks[-1] if marks else 0
+                else:
+                    pop(1)
+            elif kind == _K_POP_MARK:
+                pop_mark()
+            elif kind == _K_DUP:
+                if len(stack) <= fence:
+                    raise _Malformed("stack underflow")
+                append(stack[-1])
+            elif kind == _K_STACK_GLOBAL:
                 module, qualname = pop(2)
                 if module.text is None or qualname.text is None:
                     raise _Malformed("STACK_GLOBAL needs two short strings")
                 _record(seen_globals, module.text, qualname.text)
-                stack.append(_Value())
-            elif name in ("REDUCE", "NEWOBJ"):
-                stack.append(result_of(pop(2)))
-            elif name == "NEWOBJ_EX":
-                stack.append(result_of(pop(3)))
-            elif name in ("INST", "OBJ"):
-                stack.append(result_of(pop_mark()))
-            elif name == "BINPERSID":
-                pop()
-                stack.append(_Value())
-            elif name == "READONLY_BUFFER":
-                top()
-            elif name == "FRAME":
+                append(_LEAF)
+            elif kind == _K_CALL3:
+                append(result_of(pop(3)))
+            elif kind == _K_CALL_MARK:
+                append(result_of(pop_mark()))
+            elif kind == _K_TOP:
+                if len(stack) <= fence:
+                    raise _Malformed("stack underflow")
+            elif kind == _K_FRAME:
                 if total is not None and arg > total - pos:
                     raise _Malformed(f"frame of {arg} bytes runs past the end of the data")
-            elif name == "STOP":
-                top()
+            elif kind == _K_STOP:
+                if len(stack) <= fence:
+                    raise _Malformed("STOP with an empty stack")
                 return
-            elif name != "PROTO":
-                raise _Malformed(f"unexpected opcode {name}")
+            elif kind != _K_NOTHING:
+                raise _Malformed(f"unexpected opcode {op.name}")
         raise _Malformed("no STOP opcode")
     except (_Malformed, ValueError, KeyError, TypeError, EOFError, OverflowError, MemoryError) as exc:
         raise NotACheckpoint(f"{where}: not a readable checkpoint (malformed pickle near byte {pos}: "
