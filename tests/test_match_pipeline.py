@@ -126,6 +126,18 @@ def test_plugin_rules_apply_after_prefixes_and_only_to_their_arch():
     assert "features.layer.norm1.weight" not in pairs(r)
 
 
+def test_rule_architecture_patterns():
+    from ckconv.plugins import host
+
+    rules = {r.name: r for r in host().key_rules}
+    dense = rules["torchvision.densenet_legacy"]
+    assert dense.applies_to("torchvision:densenet121") and dense.applies_to("DenseNet")  # a model's class name
+    assert not dense.applies_to("torchvision:resnet18") and not dense.applies_to("ResNet")
+    assert KeyRule("r", "x", "y").applies_to("anything")
+    mask = rules["torchvision.mask_head_legacy"]
+    assert mask.apply("roi_heads.mask_head.mask_fcn3.weight") == "roi_heads.mask_head.2.0.weight"
+
+
 def test_user_renames_and_their_syntax():
     assert parse_rename(r"^backbone\.=features.").pattern == r"^backbone\."
     assert parse_rename(r"fc(?=\.)=head").pattern == r"fc(?=\.)"  # split at the last '='

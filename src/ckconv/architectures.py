@@ -206,8 +206,9 @@ def build(arch: str, options=None, *, device="meta"):
                 raise
             with _parameters_on_meta():  # models that compute with tensors while building (RegNet)
                 return source.build(model, **options)
-    except TypeError as exc:
-        raise UsageError(f"cannot build {source.name}:{model} with options {options}: {exc}") from None
+    except (TypeError, ValueError, KeyError, AssertionError) as exc:  # builders reject bad options this way
+        raise UsageError(f"cannot build {source.name}:{model} with options {options}: "
+                         f"{type(exc).__name__}: {exc}".replace("\n", " ")) from None
 
 
 @contextlib.contextmanager

@@ -29,14 +29,14 @@ def ckconv_register_key_rules(register):
     register(KeyRule(
         "torchvision.densenet_legacy",
         r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$",
-        r"\1\2", arch="densenet*",
+        r"\1\2", arch=("densenet*", "DenseNet"),
         description="old DenseNet layers: norm.1 -> norm1, conv.2 -> conv2 (torchvision densenet._load_state_dict)"))
     register(KeyRule(
         "torchvision.vit_mlp_legacy", r"^(.*\.mlp)\.linear_([12])\.(weight|bias)$",
-        lambda m: f"{m.group(1)}.{3 * (int(m.group(2)) - 1)}.{m.group(3)}", arch="vit_*",
+        lambda m: f"{m.group(1)}.{3 * (int(m.group(2)) - 1)}.{m.group(3)}", arch=("vit_*", "VisionTransformer"),
         description="ViT MLPBlock v1: mlp.linear_1 -> mlp.0, mlp.linear_2 -> mlp.3"))
     register(KeyRule(
-        "torchvision.rpn_head_legacy", r"^(.*rpn\.head\.conv)\.(weight|bias)$", r"\1.0.0.\2", arch="*rcnn*",
+        "torchvision.rpn_head_legacy", r"^(.*rpn\.head\.conv)\.(weight|bias)$", r"\1.0.0.\2", arch=("*rcnn*",),
         description="RPNHead v1: rpn.head.conv -> rpn.head.conv.0.0"))
     register(KeyRule(
         "torchvision.mask_head_legacy", r"^(.*mask_head)\.mask_fcn(\d+)\.(weight|bias)$", _mask_fcn,

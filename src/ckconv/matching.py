@@ -311,8 +311,14 @@ class _Pipeline:
         report.missing = [_entry(t, self.tgt[t].shape, self.tgt[t].dtype) for t in self.free_tgt if t not in filled]
         report.unexpected = [_entry(s, *self.src[s]) for s in self.free_src]
         report.ambiguous = self.ambiguous
-        report.notes += self.notes + _hints(report)
+        report.notes += self.notes + _hints(report) + self._dtype_notes(report)
         return report
+
+    def _dtype_notes(self, report):
+        cast = Counter((self.src[m.source][1], self.tgt[m.target].dtype) for m in report.matched
+                       if self.src[m.source][1] != self.tgt[m.target].dtype)
+        return [f"{n} matched tensors are {have} where {report.arch} has {want}; they are written as they are "
+                f"(load_state_dict casts them; convert --dtype changes them)" for (have, want), n in cast.items()]
 
 
 def _entry(name, shape, dtype):

@@ -15,14 +15,15 @@ class KeyRule:
     """Rename checkpoint keys matching ``pattern`` (a regex, searched) to ``replacement`` (as ``re.sub``).
 
     ``replacement`` may be a string with ``\\1`` groups or a callable taking the match (for renames that compute,
-    like ``mask_fcn1`` -> ``0``). ``arch``: an fnmatch pattern of the architectures the rule is for (``densenet*``,
-    ``torchvision:vit_*``); None applies it to every architecture.
+    like ``mask_fcn1`` -> ``0``). ``arch``: an fnmatch pattern, or a tuple of them, naming the architectures the
+    rule is for (``densenet*``, ``torchvision:vit_*``, or a model class name such as ``DenseNet`` when matching
+    onto an ``nn.Module``), compared case-insensitively; None applies it to every architecture.
     """
 
     name: str
     pattern: str
     replacement: str | Callable = ""
-    arch: str | None = None
+    arch: str | tuple | None = None
     description: str = ""
     regex: re.Pattern = field(init=False, repr=False, compare=False)
 
@@ -35,8 +36,10 @@ class KeyRule:
     def applies_to(self, arch: str | None) -> bool:
         if self.arch is None or not arch:
             return True
-        short = arch.split(":", 1)[-1]
-        return fnmatch.fnmatchcase(arch, self.arch) or fnmatch.fnmatchcase(short, self.arch)
+        full = arch.lower()
+        short = full.split(":", 1)[-1]
+        patterns = (self.arch,) if isinstance(self.arch, str) else self.arch
+        return any(fnmatch.fnmatchcase(full, p.lower()) or fnmatch.fnmatchcase(short, p.lower()) for p in patterns)
 
     def apply(self, key: str) -> str:
         try:
