@@ -167,8 +167,11 @@ def match(ckpt, arch, arch_options, rename, selectors, section, no_structural, s
         return
     from .matching import match as do_match
 
+    progress = _RankingProgress() if sys.stderr.isatty() and not as_json else None
     report = do_match(ckpt, arch, arch_options=list(arch_options), rename=list(rename), section=section,
-                      only=list(selectors), structural=not no_structural)
+                      only=list(selectors), structural=not no_structural, progress=progress)
+    if progress is not None:
+        progress.finish()
     if save_map:
         from .remap import save_map as write_map
 
@@ -181,6 +184,24 @@ def match(ckpt, arch, arch_options, rename, selectors, section, no_structural, s
             click.echo(f"wrote the mapping to {save_map}")
     if strict:
         report.check_strict()
+
+
+class _RankingProgress:
+    """``--arch auto`` on a terminal: which architecture is being scored (the first run builds every spec)."""
+
+    def __init__(self):
+        self.width = 0
+
+    def __call__(self, i, n, name):
+        text = f"ranking architectures {i + 1}/{n}: {name}"
+        sys.stderr.write("\r" + text.ljust(self.width))
+        sys.stderr.flush()
+        self.width = max(self.width, len(text))
+
+    def finish(self):
+        if self.width:
+            sys.stderr.write("\r" + " " * self.width + "\r")
+            sys.stderr.flush()
 
 
 def _show_spec(arch, arch_options, selectors, as_json):
