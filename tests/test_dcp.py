@@ -137,13 +137,13 @@ def invoke(*args):
 
 def test_reads_torch_written_dcp_lazily_like_dcp_to_torch_save(tmp_path):
     import ckconv
-    from ckconv import api
+    from ckconv import api, tree
     from ckconv.formats.dcp import DcpTensorStorage
 
     folder = dcp_save(small_bundle(), tmp_path / "ckpt")
     assert api.detect_format(folder) == "dcp"
     ckpt = api.read(folder)
-    refs = [ref for _, ref in __import__("ckconv.tree", fromlist=["tensors"]).tensors(ckpt.root)]
+    refs = [ref for _, ref in tree.tensors(ckpt.root)]
     assert refs and all(isinstance(r.storage, DcpTensorStorage) for r in refs)
     assert all(p._ref is None for r in refs for p in r.storage.pieces)  # no chunk archive opened yet
     assert_deep_equal(ckconv.load(folder), torch_reference(folder, tmp_path))
@@ -268,6 +268,32 @@ def test_arch_remapping_with_dcp_in_and_out(tmp_path):
     fresh = torchvision.models.squeezenet1_0()
     fresh.load_state_dict(out["state_dict"])
     assert_deep_equal(dict(fresh.state_dict()), dict(model.state_dict()))
+
+
+def test_bundle_through_dcp_restores_a_live_model_optimizer_and_scheduler(tmp_path):
+    import ckconv
+
+    def build():
+        torch.manual_seed(5)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+        model[0].weight.requires_grad_(False)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        return model, opt, torch.optim.lr_scheduler.StepLR(opt, 3)
+
+    model, opt, sched = build()
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    ckconv.save_bundle(tmp_path / "b.pth", model=model, optimizer=opt, scheduler=sched)
+    assert invoke("convert", tmp_path / "b.pth", tmp_path / "b", "--to", "dcp").exit_code == 0
+    model2, opt2, sched2 = build()
+    with torch.no_grad():
+        for p in model2.parameters():
+            p.zero_()
+    ckconv.load_bundle(tmp_path / "b", model=model2, optimizer=opt2, scheduler=sched2)
+    assert_deep_equal(model2.state_dict(), model.state_dict())
+    assert_deep_equal(opt2.state_dict(), opt.state_dict())
+    assert sched2.state_dict() == sched.state_dict()
 
 
 def test_inspect_reads_metadata_not_tensor_data(tmp_path):

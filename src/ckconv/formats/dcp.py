@@ -238,6 +238,7 @@ def interpret_metadata(obj, folder: Path, where: str) -> DcpMetadata:
         raise CorruptCheckpoint(f"{where}: storage_data is missing (not written by FileSystemWriter?)")
     locations = {}
     sizes: dict = {}
+    checked: dict = {}  # relative name -> validated path
     for index, info in storage.items():
         if not _is_record(index, "MetadataIndex") or not _is_record(info, "_StorageInfo"):
             raise CorruptCheckpoint(f"{where}: storage_data maps {index!r:.60} to {info!r:.60}; expected "
@@ -256,8 +257,9 @@ def interpret_metadata(obj, folder: Path, where: str) -> DcpMetadata:
                                      "without _extensions")
         if type(off) is not int or type(length) is not int or off < 0 or length < 0:
             raise CorruptCheckpoint(f"{where}: storage of {fqn!r:.80} has an invalid offset or length")
-        file = _safe_file(folder, rel, where)
-        if file not in sizes:
+        file = checked.get(rel) if isinstance(rel, str) else None
+        if file is None:
+            file = checked[rel] = _safe_file(folder, rel, where)
             sizes[file] = os.path.getsize(file)
         if off + length > sizes[file]:
             raise CorruptCheckpoint(f"{where}: {fqn!r:.80} is stored at bytes {off}..{off + length} of {rel}, "
@@ -1037,6 +1039,8 @@ def write_metadata(folder, plan: WritePlan, locations: dict):
 
 def world_from_env():
     """(rank, world size) when this process is one of several started by torchrun, else None."""
+    if not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
+        return None  # RANK / WORLD_SIZE without a rendezvous address: not torchrun (or not usable)
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ["RANK"])
@@ -1155,7 +1159,8 @@ def save_distributed(obj, path, *, format=None, max_shard_size=None, force=False
     * other formats: rank 0 writes the output alone (the other ranks wait).
 
     Every rank reads the source lazily, so each reads only the tensor bytes it writes. The output is
-    byte-identical to the single-process result for safetensors and torch, and holds the same content for dcp.
+    byte-identical to the single-process result for safetensors, and holds the same content for torch (whose
+    files carry a random serialization id) and dcp (one file per rank).
     """
     from ..api import _as_checkpoint, output_format, parse_size
     from ..plugins import host
