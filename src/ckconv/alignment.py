@@ -80,22 +80,29 @@ def align(src_groups, tgt_groups, allow_reshape=True):
     if n * m > MAX_CELLS:
         return [], [], (f"structural alignment skipped: {n} x {m} leftover modules is too many to align; "
                         "use --rename for the rest")
-    sig_cache: dict = {}
+    ids: dict = {}  # group signature -> small int
 
     def sig(items):
-        return tuple((leaf, shape) for leaf, shape, _ in items)
+        return ids.setdefault(tuple((leaf, shape) for leaf, shape, _ in items), len(ids))
+
+    def numels(items):  # groups that could pair hold the same element counts
+        return tuple(sorted(numel(shape) for _, shape, _ in items))
 
     src_sigs = [sig(g) for _, g in src_groups]
     tgt_sigs = [sig(g) for _, g in tgt_groups]
+    tgt_by_numels: dict = {}
+    for j, (_, g) in enumerate(tgt_groups):
+        tgt_by_numels.setdefault(numels(g), []).append(j)
+    table: dict = {}
     weights = [[0] * m for _ in range(n)]
-    for i in range(n):
+    for i, (_, g) in enumerate(src_groups):
         row = weights[i]
-        for j in range(m):
+        for j in tgt_by_numels.get(numels(g), ()):
             key = (src_sigs[i], tgt_sigs[j])
-            if key not in sig_cache:
-                found = pair_groups(src_groups[i][1], tgt_groups[j][1], allow_reshape)
-                sig_cache[key] = found[0] if found else 0
-            row[j] = sig_cache[key]
+            if key not in table:
+                found = pair_groups(g, tgt_groups[j][1], allow_reshape)
+                table[key] = found[0] if found else 0
+            row[j] = table[key]
     forward = [[0] * (m + 1) for _ in range(n + 1)]  # best over src[:i], tgt[:j]
     for i in range(1, n + 1):
         prev, cur, w = forward[i - 1], forward[i], weights[i - 1]
