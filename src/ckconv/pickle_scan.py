@@ -16,24 +16,32 @@ import pickletools
 
 from .errors import LimitExceeded, NotACheckpoint
 
+NUMBERS = frozenset(("INT", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT"))
 LEAVES = frozenset((
-    "INT", "BININT", "BININT1", "BININT2", "LONG", "STRING", "BINSTRING", "SHORT_BINSTRING", "BINBYTES",
-    "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "NEXT_BUFFER", "NONE", "NEWTRUE", "NEWFALSE", "FLOAT", "BINFLOAT",
-    "PERSID", "EXT1", "EXT2", "EXT4"))
+    "BININT", "BININT1", "BININT2", "STRING", "BINSTRING", "SHORT_BINSTRING", "BINBYTES",
+    "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "NEXT_BUFFER", "NONE", "NEWTRUE", "NEWFALSE", "PERSID", "EXT1",
+    "EXT2", "EXT4"))
 STRINGS = frozenset(("UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"))
 PUTS = frozenset(("PUT", "BINPUT", "LONG_BINPUT"))
 GETS = frozenset(("GET", "BINGET", "LONG_BINGET"))
 OBJECT_HASH_COST = 512  # bound on hashing anything a builder returns (ckconv's builders cap what they build)
+MAX_SAME_HASH = 64  # dict keys sharing one hash: n of them cost n**2 / 2 comparisons (hash flooding)
+SAFE_INT_BITS = 60  # ints below 2**61 - 1 hash to themselves: distinct ones never collide
+BUILDS_HASHABLE = frozenset((("builtins", "tuple"), ("__builtin__", "tuple"), ("builtins", "frozenset"),
+                             ("__builtin__", "frozenset"), ("torch", "Size")))
 
 
 class _Value:
     """What the shadow stack knows about one value: nesting depth, expanded size, cost to hash."""
 
-    __slots__ = ("depth", "weight", "hcost", "keywork", "mutable", "text")
+    __slots__ = ("depth", "weight", "hcost", "keywork", "mutable", "text", "hkey", "collidable", "fn")
 
-    def __init__(self, depth=0, weight=1, hcost=1, mutable=False, text=None):
+    def __init__(self, depth=0, weight=1, hcost=1, mutable=False, text=None, hkey=None, collidable=False, fn=None):
         self.depth, self.weight, self.hcost, self.keywork = depth, weight, hcost, 0
         self.mutable, self.text = mutable, text
+        self.hkey = hkey  # the hash of a number whose hash an attacker can choose (floats, ints past 2**61)
+        self.collidable = collidable  # tuples and frozensets: deterministic hashes, collisions can be crafted
+        self.fn = fn  # (module, name) of a global
 
 
 class _Malformed(Exception):
@@ -46,7 +54,7 @@ _K_LEAF, _K_STR, _K_LONG, _K_GET, _K_PUT, _K_MEMO, _K_MARK, _K_EMPTY_MUT, _K_EMP
     _K_GLOBAL, _K_STACK_GLOBAL, _K_CALL2, _K_CALL3, _K_CALL_MARK, _K_BINPERSID, _K_TOP, _K_FRAME, _K_STOP, \
     _K_NOTHING = range(31)
 _KINDS = {**{n: _K_LEAF for n in LEAVES}, **{n: _K_STR for n in STRINGS}, **{n: _K_GET for n in GETS},
-          **{n: _K_PUT for n in PUTS}, "LONG1": _K_LONG, "LONG4": _K_LONG, "MEMOIZE": _K_MEMO, "MARK": _K_MARK,
+          **{n: _K_PUT for n in PUTS}, **{n: _K_LONG for n in NUMBERS}, "MEMOIZE": _K_MEMO, "MARK": _K_MARK,
           "EMPTY_LIST": _K_EMPTY_MUT, "EMPTY_DICT": _K_EMPTY_MUT, "EMPTY_SET": _K_EMPTY_MUT,
           "EMPTY_TUPLE": _K_EMPTY_TUPLE, "TUPLE": _K_TUPLE, "TUPLE1": _K_TUPLEN, "TUPLE2": _K_TUPLEN,
           "TUPLE3": _K_TUPLEN, "LIST": _K_LIST, "DICT": _K_DICT, "FROZENSET": _K_FROZENSET, "APPEND": _K_APPEND,
@@ -69,6 +77,9 @@ def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
     marks: list = []
     memo: dict = {}
     hash_work = 0
+    same_hash: dict = {}
+    collidable_keys = 0
+    max_collidable = max(1000, max_nodes // 500)
     fence = 0  # stack items below the innermost MARK are out of reach
 
     def too_big(v):
@@ -98,12 +109,26 @@ def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
         del stack[m:]
         return items
 
-    def hashed(cost):
-        nonlocal hash_work
+    def hashed(cost, keys=()):
+        nonlocal hash_work, collidable_keys
         hash_work += cost
         if hash_work > max_nodes:
             raise LimitExceeded(f"{where}: structure too large: hashing its dictionary keys would take more than "
                                 f"{max_nodes} steps (shared references can expand exponentially)")
+        for k in keys:
+            if k is _LEAF or k.text is not None:
+                continue
+            if k.hkey is not None:
+                n = same_hash[k.hkey] = same_hash.get(k.hkey, 0) + 1
+                if n > MAX_SAME_HASH:
+                    raise LimitExceeded(f"{where}: more than {MAX_SAME_HASH} dictionary keys share one hash value; "
+                                        "crafted collisions would make loading take hours")
+            elif k.collidable:
+                collidable_keys += 1
+                if collidable_keys > max_collidable:
+                    raise LimitExceeded(f"{where}: more than {max_collidable} tuple or frozenset dictionary keys; "
+                                        "refusing a possible hash-collision attack (raise CKCONV_MAX_NODES if you "
+                                        "trust this file)")
 
     def measure(items):
         depth, weight, hcost = 0, 0, 0
@@ -128,11 +153,12 @@ def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
 
     def tuple_of(items):
         depth, weight, hcost = measure(items)
-        return too_big(_Value(depth + 1, weight + 1, hcost + 1))
+        return too_big(_Value(depth + 1, weight + 1, hcost + 1, collidable=True))
 
     def result_of(items):
         depth, weight, _ = measure(items)
-        return too_big(_Value(depth, weight + 1, OBJECT_HASH_COST, mutable=True))
+        return too_big(_Value(depth, weight + 1, OBJECT_HASH_COST, mutable=True,
+                              collidable=items[0].fn in BUILDS_HASHABLE))
 
     pos = 0
     append = stack.append
@@ -168,8 +194,9 @@ def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
             elif kind == _K_MARKED_ADD:
                 items = pop_mark()
                 name = op.name
-                cost = key_cost(items) if name == "ADDITEMS" else key_cost(items[0::2]) if name == "SETITEMS" else 0
-                hashed(cost)
+                keys = items if name == "ADDITEMS" else items[0::2] if name == "SETITEMS" else ()
+                cost = key_cost(keys)
+                hashed(cost, keys)
                 if len(stack) <= fence:
                     raise _Malformed("stack underflow")
                 grow(stack[-1], items, cost)
@@ -178,12 +205,17 @@ def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
             elif kind == _K_GLOBAL:
                 module, _, qualname = arg.partition(" ")
                 _record(seen_globals, module, qualname)
-                append(_LEAF)
+                append(_Value(fn=(module, qualname)))
             elif kind == _K_BINPERSID:
                 pop(1)
                 append(_LEAF)
-            elif kind == _K_LONG:
-                append(_Value(hcost=1 + arg.bit_length() // 512))
+            elif kind == _K_LONG:  # numbers whose hash the file can choose carry it, to count collisions
+                if type(arg) is float:
+                    append(_Value(hkey=hash(arg)))
+                elif arg.bit_length() <= SAFE_INT_BITS and arg != -1:
+                    append(_LEAF)
+                else:
+                    append(_Value(hcost=1 + arg.bit_length() // 512, hkey=hash(arg)))
             elif kind == _K_MEMO:
                 if len(stack) <= fence:
                     raise _Malformed("stack underflow")
@@ -197,15 +229,15 @@ def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
             elif kind == _K_DICT:
                 items = pop_mark()
                 cost = key_cost(items[0::2])
-                hashed(cost)
+                hashed(cost, items[0::2])
                 value = _Value(1, 1, 1, mutable=True)
                 grow(value, items, cost)
                 append(value)
             elif kind == _K_FROZENSET:
                 items = pop_mark()
-                hashed(key_cost(items))
+                hashed(key_cost(items), items)
                 depth, weight, _ = measure(items)
-                append(too_big(_Value(depth + 1, weight + 1, 1 + len(items))))
+                append(too_big(_Value(depth + 1, weight + 1, 1 + len(items), collidable=True)))
             elif kind == _K_APPEND:
                 items = pop(1)
                 if len(stack) <= fence:
@@ -214,7 +246,7 @@ def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
             elif kind == _K_SETITEM:
                 items = pop(2)
                 cost = items[0].hcost
-                hashed(cost)
+                hashed(cost, items[:1])
                 if len(stack) <= fence:
                     raise _Malformed("stack underflow")
                 grow(stack[-1], items, cost)
@@ -241,7 +273,7 @@ def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
                 if module.text is None or qualname.text is None:
                     raise _Malformed("STACK_GLOBAL needs two short strings")
                 _record(seen_globals, module.text, qualname.text)
-                append(_LEAF)
+                append(_Value(fn=(module.text, qualname.text)))
             elif kind == _K_CALL3:
                 append(result_of(pop(3)))
             elif kind == _K_CALL_MARK:

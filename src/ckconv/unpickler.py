@@ -16,7 +16,7 @@ from collections import OrderedDict
 from . import dtypes, tree
 from .errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsafeCheckpoint, UnsupportedContent
 from .model import Foreign, TensorRef, TorchDevice, TorchDtype, TorchSize, foreign_class
-from .pickle_scan import scan
+from .pickle_scan import MAX_SAME_HASH, SAFE_INT_BITS, scan
 
 INT64_MAX = (1 << 63) - 1
 MAX_BUILT_TUPLE = 512  # elements of a tuple built by a ``builtins.tuple`` call (it may be hashed many times)
@@ -141,6 +141,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.dangerous: list = []
         self.foreign: list = []
         self.hash_budget = tree.MAX_NODES  # steps the builders below may spend hashing keys and set members
+        self.same_hash: dict = {}  # hash -> how many number keys had it (hash flooding)
+        self.collidable = 0  # tuple and frozenset keys seen by the builders
         self._builders: dict = {}
 
     def _builder(self, fn, name):
@@ -256,7 +258,19 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     # -- builders that hash what the file hands them: every key is charged to a budget first -----------------------
     def _charge(self, values):
+        """Account for hashing ``values`` (keys, set members): work, and collisions a file can craft."""
         for value in values:
+            if type(value) is float or type(value) is int and (value.bit_length() > SAFE_INT_BITS or value == -1):
+                h = hash(value)
+                self.same_hash[h] = self.same_hash.get(h, 0) + 1
+                if self.same_hash[h] > MAX_SAME_HASH:
+                    raise LimitExceeded(f"{self.where}: more than {MAX_SAME_HASH} keys share one hash value; "
+                                        "crafted collisions would make loading take hours")
+            elif isinstance(value, (tuple, frozenset)):
+                self.collidable += 1
+                if self.collidable > max(1000, tree.MAX_NODES // 500):
+                    raise LimitExceeded(f"{self.where}: too many tuple or frozenset keys; refusing a possible "
+                                        "hash-collision attack (raise CKCONV_MAX_NODES if you trust this file)")
             stack = [(value, 0)]
             while stack:
                 obj, depth = stack.pop()
@@ -295,7 +309,8 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def _tuple(self, items=()):
         items = tuple(items)
-        if len(items) > MAX_BUILT_TUPLE or any(isinstance(i, (tuple, frozenset)) for i in items):
+        if (len(items) > MAX_BUILT_TUPLE or any(isinstance(i, (tuple, frozenset)) for i in items)
+                or any(type(i) is int and i.bit_length() > 64 for i in items)):
             raise LimitExceeded(f"{self.where}: a builtins.tuple record is too large or nested; the file is hostile")
         return items
 
@@ -343,7 +358,8 @@ def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
 
 
 def _rebuild_from_type_v2(func, new_type, args, state):
-    if not callable(func) or not isinstance(args, tuple):
+    tensor_builder = isinstance(func, Builder) and func.name.startswith("torch._utils._rebuild_")
+    if not (tensor_builder or isinstance(func, type) and issubclass(func, Foreign)) or not isinstance(args, tuple):
         raise CorruptCheckpoint("malformed tensor subclass record")
     value = func(*args)
     if isinstance(value, TensorRef) and new_type is PARAMETER:
@@ -352,7 +368,8 @@ def _rebuild_from_type_v2(func, new_type, args, state):
 
 
 def _size(dims=()):
-    if not isinstance(dims, (tuple, list)) or len(dims) > MAX_BUILT_TUPLE or not all(type(d) is int for d in dims):
+    if (not isinstance(dims, (tuple, list)) or len(dims) > MAX_BUILT_TUPLE
+            or not all(type(d) is int and -INT64_MAX - 1 <= d <= INT64_MAX for d in dims)):
         raise CorruptCheckpoint("torch.Size with non-integer dimensions")
     return TorchSize(dims)
 
