@@ -83,17 +83,17 @@ VALID_ST = _valid_safetensors()
 
 JSON_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70), st.floats(allow_nan=False),
                          st.text(max_size=8))
-JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                                 st.dictionaries(st.text(max_size=6), inner, max_size=4)),
-                           max_leaves=12)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+    max_leaves=12)
 ENTRY = st.fixed_dictionaries({
     "dtype": st.one_of(st.sampled_from(sorted(sf.dtypes.SAFETENSORS_TO_DTYPE)), JSON_SCALARS),
     "shape": st.one_of(st.lists(st.integers(-2, 1 << 65), max_size=4), JSON_VALUES),
     "data_offsets": st.one_of(st.lists(st.integers(-1, 64), min_size=2, max_size=2), JSON_VALUES),
 }, optional={"extra": JSON_VALUES})
-HEADERS = st.dictionaries(st.text(max_size=12), st.one_of(ENTRY, JSON_VALUES), max_size=5).map(
-    lambda h: h) | st.builds(lambda h, m: {**h, "__metadata__": m},
-                             st.dictionaries(st.text(max_size=8), ENTRY, max_size=3), JSON_VALUES)
+HEADERS = st.dictionaries(st.text(max_size=12), st.one_of(ENTRY, JSON_VALUES), max_size=5) | st.builds(
+    lambda h, m: {**h, "__metadata__": m}, st.dictionaries(st.text(max_size=8), ENTRY, max_size=3), JSON_VALUES)
 
 
 def _check_safetensors(path):

@@ -37,8 +37,9 @@ def memory_budget() -> int:
 
 def _no_state(self, state):
     """pickle's BUILD opcode calls ``__setstate__``: a file must never rewrite a storage's path or a view's shape."""
-    raise CorruptCheckpoint(f"the pickle tried to modify {type(self).__name__} {self.label if isinstance(self, Storage) else self!r} "
-                            "(BUILD on a tensor record); the file is hostile")
+    what = self.label if isinstance(self, Storage) else repr(self)
+    raise CorruptCheckpoint(f"the pickle tried to modify {type(self).__name__} {what} (BUILD on a tensor record); "
+                            "the file is hostile")
 
 
 class Storage:
@@ -271,7 +272,8 @@ def gather(ref: TensorRef) -> bytes:
 
     size = dtypes.itemsize(ref.dtype)
     check_budget(ref)
-    if ref.numel and (ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride)) + 1) * size > ref.storage.nbytes:
+    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
+    if ref.numel and (last + 1) * size > ref.storage.nbytes:
         raise CorruptCheckpoint(f"tensor view {list(ref.shape)} reaches past the end of storage {ref.storage.label}")
     raw = np.frombuffer(ref.storage.read(), dtype=np.uint8)
     elem = np.dtype({1: "u1", 2: "<u2", 4: "<u4", 8: "<u8"}.get(size, f"V{size}"))

@@ -251,10 +251,9 @@ class RestrictedUnpickler(pickle.Unpickler):
             last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
             if (last + 1) * item > storage.nbytes:
                 raise CorruptCheckpoint(
-                    f"{self.where}: tensor view {list(size)} at offset {storage_offset} reaches past the end of "
-                    f"storage {storage.label} ({storage.nbytes} bytes); the file is corrupt")
+                    f"{self.where}: tensor view {short_repr(list(size))} at offset {storage_offset} reaches past the "
+                    f"end of storage {storage.label} ({storage.nbytes} bytes); the file is corrupt")
         return TensorRef(storage, str(dtype), size, stride, storage_offset, bool(requires_grad))
-
 
     # -- builders that hash what the file hands them: every key is charged to a budget first -----------------------
     def _charge(self, values):

@@ -55,7 +55,8 @@ class SafetensorsFormat(Format):
             raise NotACheckpoint(f"{path}: cannot read it ({exc.strerror or exc})") from None
         except (struct.error, UnicodeError, ValueError, OverflowError, KeyError, IndexError, TypeError,
                 AttributeError) as exc:
-            raise NotACheckpoint(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:120]})") from None
+            raise NotACheckpoint(
+                f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:120]})") from None
 
     def _read(self, path: Path) -> Checkpoint:
         if path.is_dir() or path.name.endswith(".index.json"):

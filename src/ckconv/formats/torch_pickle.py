@@ -132,7 +132,8 @@ def read_zip(path, allow_dangerous=False) -> Checkpoint:
         start, size, crc = records.records[name]
         if numel * dtypes.itemsize(stype.dtype) != size:
             raise CorruptCheckpoint(
-                f"{path}: storage {key:.80} declares {numel} x {stype.dtype} ({numel * dtypes.itemsize(stype.dtype)} bytes) "
+                f"{path}: storage {key:.80} declares {numel} x {stype.dtype} "
+                f"({numel * dtypes.itemsize(stype.dtype)} bytes) "
                 f"but its record holds {size} bytes; the file is corrupt")
         storages[key] = Storage(key, stype.dtype, size, path=str(path), offset=start, crc=crc, label=key)
         return storages[key]

@@ -69,7 +69,8 @@ class ZipRecords:
             raise CorruptCheckpoint(f"{path}: zip record {name!r:.80} has a broken local header")
         name_len, extra_len = struct.unpack("<HH", header[26:30])
         local_name = f.read(name_len)
-        if local_name.decode("utf-8", "replace") != name and local_name != info.orig_filename.encode("cp437", "replace"):
+        cp437 = info.orig_filename.encode("cp437", "replace")
+        if local_name.decode("utf-8", "replace") != name and local_name != cp437:
             raise CorruptCheckpoint(f"{path}: zip record {name!r:.80} disagrees with its local header")
         start = info.header_offset + 30 + name_len + extra_len
         if start + info.file_size > self.file_size:
