@@ -93,6 +93,8 @@ def test_convert_refuses_cleanly(name, tmp_path, monkeypatch, large_cases):
     if expected is None:  # legitimate files that naive loaders refuse
         assert result.exit_code == 0, result.output
         assert [p.name for p in out_dir.iterdir()] == ["out.safetensors"]
+        same = invoke("diff", source_of(name, large_cases), out_dir / "out.safetensors")
+        assert same.exit_code == 0, same.output
         return
     assert_clean_failure(result, expected, out_dir)
 
