@@ -450,11 +450,12 @@ class _BoundedFile:
         return self.f.seek(pos, whence)
 
 
-def unpickle(source, *, storage_loader=None, where="", allow_dangerous=False):
+def unpickle(source, *, storage_loader=None, where="", allow_dangerous=False, unpickler_class=None):
     """Run the restricted unpickler on bytes or a file; returns (object, unpickler) so callers see what it saw.
 
     The opcodes are scanned first (:func:`ckconv.pickle_scan.scan`), so nothing that would crash or stall the C
     unpickler reaches it; a file source is read from its current position and left just after the pickle.
+    ``unpickler_class`` is a :class:`RestrictedUnpickler` subclass with extra builders (DCP metadata).
     """
     seen: list = []
     if isinstance(source, (bytes, bytearray, memoryview)):
@@ -473,7 +474,7 @@ def unpickle(source, *, storage_loader=None, where="", allow_dangerous=False):
             raise refuse(where, dangerous) from None
         raise
     stream.seek(start)
-    up = RestrictedUnpickler(stream, storage_loader=storage_loader, where=where)
+    up = (unpickler_class or RestrictedUnpickler)(stream, storage_loader=storage_loader, where=where)
     try:
         obj = up.load()
     except CkconvError:
