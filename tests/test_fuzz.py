@@ -199,6 +199,7 @@ OPCODES = [b"N", b"\x88", b"\x89", b"K\x01", b"J\xff\xff\xff\x7f", b"\x8a\x09" +
 
 @FUZZ
 @given(ops=st.lists(st.sampled_from(OPCODES), max_size=60), proto=st.sampled_from([2, 4, 5]))
+@example(ops=[b"(", b"o"], proto=2)  # OBJ on an empty mark once crashed the scan
 def test_fuzz_unpickler_opcode_sequences(ops, proto):
     data = bytes([0x80, proto]) + b"".join(ops) + b"."
     only_ckconv_errors(unpickle, data, storage_loader=loader, where="fuzz")

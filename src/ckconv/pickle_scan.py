@@ -158,7 +158,7 @@ def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
     def result_of(items):
         depth, weight, _ = measure(items)
         return too_big(_Value(depth, weight + 1, OBJECT_HASH_COST, mutable=True,
-                              collidable=items[0].fn in BUILDS_HASHABLE))
+                              collidable=bool(items) and items[0].fn in BUILDS_HASHABLE))
 
     pos = 0
     append = stack.append
@@ -291,7 +291,7 @@ def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
             elif kind != _K_NOTHING:
                 raise _Malformed(f"unexpected opcode {op.name}")
         raise _Malformed("no STOP opcode")
-    except (_Malformed, ValueError, KeyError, TypeError, EOFError, OverflowError, MemoryError) as exc:
+    except (_Malformed, ValueError, KeyError, IndexError, TypeError, EOFError, OverflowError, MemoryError) as exc:
         raise NotACheckpoint(f"{where}: not a readable checkpoint (malformed pickle near byte {pos}: "
                              f"{str(exc)[:120]})") from None
 
