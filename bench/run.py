@@ -88,8 +88,9 @@ torch.save(load_file(sys.argv[1]), sys.argv[2])
 """
 
 NAIVE_SHARDED = r"""
-import sys, torch
+import os, sys, torch
 from huggingface_hub import save_torch_state_dict
+os.makedirs(sys.argv[2], exist_ok=True)
 save_torch_state_dict(torch.load(sys.argv[1], map_location="cpu", weights_only=True), sys.argv[2], max_shard_size=sys.argv[3])
 """
 
@@ -336,7 +337,14 @@ class Bench:
             else:
                 contenders.insert(1, (nv, lambda: ([PY, "-c", code, str(src), str(self.work / f"out_naive{out_suffix}"),
                                                     *extra], self.work / f"out_naive{out_suffix}")))
-        alternate(contenders, reps, self.log)
+        try:
+            alternate(contenders, reps, self.log)
+        except RuntimeError as exc:  # one broken contender must not lose the rest of the run
+            self.log(f"  FAILED: {exc}")
+            self.results["notes"].append(f"{title}: a run failed, its numbers are incomplete: {str(exc).splitlines()[0][:200]}")
+            for series, _ in contenders:
+                if not series.samples:
+                    series.note = "failed"
         row = {"case": title, "size": size_label or f"{src.stat().st_size / MIB:,.0f} MiB",
                "bytes": src.stat().st_size, "ck": ck, "naive": nv, "cp": cp, "cps": cps}
         self.results[group].append(row)
@@ -476,7 +484,7 @@ class Bench:
             lines.append("|---|---|---:|---:|---:|---:|---:|---|")
             for r in rows:
                 ck, nv, cp, cps = r["ck"], r["naive"], r["cp"], r["cps"]
-                lines.append(f"| {r['case']} | ckconv convert | {cells(ck, ck.rss - imp_rss)} |")
+                lines.append(f"| {r['case']} | ckconv convert | {cells(ck, (ck.rss or 0) - imp_rss)} |")
                 if nv is not None:
                     lines.append(f"| | naive torch script | {cells(nv, (nv.rss - torch_rss) if nv.samples else 0)} |")
                 lines.append(f"| | cp | {cells(cp, 0)} |")
@@ -487,6 +495,8 @@ class Bench:
             lines.append("|---|---:|---:|---:|---:|---:|---:|")
             for r in rows:
                 ck, nv, cp, cps = r["ck"], r["naive"], r["cp"], r["cps"]
+                if not (ck.samples and cp.samples and cps.samples):
+                    continue
                 extra = (ck.rss - imp_rss) / MIB
                 rn = ratio(ck.wall, nv.wall) if nv is not None and nv.samples else "-"
                 issue = f"{(ck.wall - torch_wall) / cp.wall:.2f}"
