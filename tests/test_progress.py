@@ -80,6 +80,7 @@ def test_bar_is_drawn_on_a_tty_and_ends_with_a_newline(source, tmp_path, suffix)
     assert "\r[" in err and "MB" in err, repr(err)
     assert "%" in err
     assert err.endswith("\n")  # the prompt is not left after the bar (a pty turns "\n" into "\r\n")
+    assert err.rstrip().rsplit("\r", 1)[-1].startswith("[" + "#" * 30 + "] 100.0%")  # ends on the final count
     assert "\r[" not in out and "Converted" in out  # data on stdout, the bar only on stderr
 
 

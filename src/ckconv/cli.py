@@ -85,6 +85,9 @@ class Progress:
         if not self.enabled or now - self.t0 < 1.0 or now - self.last < 0.1 or not self.total:
             return
         self.last = now
+        self._draw()
+
+    def _draw(self):
         frac = min(self.done / self.total, 1.0)
         bar = "#" * int(frac * 30)
         sys.stderr.write(f"\r[{bar:<30}] {frac:6.1%} {self.done / 1e6:,.0f}/{self.total / 1e6:,.0f} MB")
@@ -92,6 +95,7 @@ class Progress:
 
     def finish(self):
         if self.enabled and self.last:
+            self._draw()  # the last update may have been throttled: end on the final count
             sys.stderr.write("\n")
 
 
