@@ -64,7 +64,7 @@ torch.save(sd, sys.argv[1])
 
 MAKE_BUNDLE = r"""
 import sys, torch
-sd = torch.load(sys.argv[1], weights_only=True)
+sd = torch.load(sys.argv[2], weights_only=True)   # argv: output, source
 params = {k: v.clone().requires_grad_(True) for k, v in sd.items() if v.is_floating_point()}
 opt = torch.optim.Adam(params.values(), lr=1e-4)
 g = torch.Generator().manual_seed(1)
@@ -72,7 +72,7 @@ for p in params.values():
     p.grad = torch.randn(p.shape, generator=g) * 1e-3
 opt.step()
 torch.save({"model": sd, "optimizer": opt.state_dict(), "epoch": 7, "best_acc": 0.71,
-            "args": {"lr": 1e-4, "arch": "vgg16", "batch_size": 64}}, sys.argv[2])
+            "args": {"lr": 1e-4, "arch": "vgg16", "batch_size": 64}}, sys.argv[1])
 """
 
 NAIVE_PTH_TO_ST = r"""
@@ -211,8 +211,10 @@ def measure(cmd, *, env=None) -> Sample:
 
 
 def run_python(code, *args, check=True):
-    return subprocess.run([PY, "-c", code, *map(str, args)], env=child_env(), check=check,
-                          capture_output=True, text=True)
+    proc = subprocess.run([PY, "-c", code, *map(str, args)], env=child_env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"child script failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+    return proc
 
 
 def remove(path: Path):
@@ -451,6 +453,8 @@ class Bench:
     # --- reporting ------------------------------------------------------------------------------------------
 
     def tables(self):
+        if not hasattr(self, "base"):
+            return "(no measurements)\n"
         base = self.base
         imp_rss = base["imports"].rss
         torch_wall, torch_rss = base["torch"].wall, base["torch"].rss
@@ -651,6 +655,11 @@ def main(argv=None):
     started = _dt.datetime.now().astimezone()
     try:
         bench.run()
+    except Exception as exc:  # keep what was measured: the tables below still get written
+        import traceback
+
+        traceback.print_exc()
+        bench.results["notes"].append(f"the run stopped early: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
     finally:
         bench.cleanup()
     load_after = os.getloadavg()
