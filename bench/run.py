@@ -683,7 +683,7 @@ def main(argv=None):
     info = machine()
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip() or "?"
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src", "bench"],
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src", "bench/run.py"],
                            capture_output=True, text=True).stdout.strip()
     header = [
         "# ckconv benchmark results",
