@@ -222,3 +222,65 @@ def test_convert_with_arch_moves_optimizer_state_and_resumes(tmp_path, kind):
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
         if not name.endswith("num_batches_tracked"):
             assert torch.equal(a, b), name
+
+
+def test_convert_freeze_with_arch_is_restored_by_load_bundle(tmp_path):
+    """The tutorial's step: freeze the first blocks of `features` while converting; resuming keeps them fixed."""
+    import torchvision
+    from click.testing import CliRunner
+
+    from ckconv.cli import cli
+
+    torch.manual_seed(0)
+    model = torchvision.models.squeezenet1_1(weights=None, num_classes=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "optimizer": opt.state_dict(),
+                "epoch": 1}, tmp_path / "src.pth")
+    run = CliRunner().invoke(cli, ["convert", str(tmp_path / "src.pth"), str(tmp_path / "out.safetensors"),
+                                   "--arch", "squeezenet1_1", "--arch-option", "num_classes=4",
+                                   "--freeze", "features[:4]", "--json"])
+    assert run.exit_code == 0, run.output
+    expected = [n for n, _ in model.features[:4].named_parameters(prefix="features")]
+    assert expected and any(f"{len(expected)} parameters frozen" in n
+                            for n in __import__("json").loads(run.output)["notes"])
+
+    resumed = torchvision.models.squeezenet1_1(weights=None, num_classes=4)
+    bundle = load_bundle(tmp_path / "out.safetensors", resumed)
+    assert bundle["frozen"] == expected and bundle["epoch"] == 1
+    assert [n for n, p in resumed.named_parameters() if not p.requires_grad] == expected
+    before = copy.deepcopy(resumed.state_dict())
+    opt2 = torch.optim.SGD([p for p in resumed.parameters() if p.requires_grad], lr=0.1)
+    resumed(torch.randn(2, 3, 64, 64)).square().mean().backward()
+    opt2.step()
+    after = resumed.state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in expected)
+    assert not torch.equal(before["classifier.1.weight"], after["classifier.1.weight"])
+
+
+def test_convert_freeze_dotted_names_without_arch_wraps_a_state_dict(tmp_path):
+    model = Net()
+    torch.save(model.state_dict(), tmp_path / "sd.pth")
+    result = ckconv.convert(tmp_path / "sd.pth", tmp_path / "b.pth", freeze=["features.0", "features.1"])
+    assert any("wrapped the state_dict" in n for n in result.notes)
+    back = torch.load(tmp_path / "b.pth", weights_only=True)
+    assert back["frozen"] == ["features.0.weight", "features.0.bias", "features.1.weight", "features.1.bias"]
+    assert_deep_equal(back["model"], model.state_dict())
+    fresh_model = Net()
+    load_bundle(tmp_path / "b.pth", fresh_model)
+    assert [p.requires_grad for p in fresh_model.parameters()] == [False] * 4 + [True] * 6
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--freeze", "features[:2]"], "needs the architecture (--arch)"),
+    (["--freeze", "features.0", "--model-only"], "--model-only writes a bare state_dict"),
+    (["--freeze", "nothing.here"], "selects no parameter"),
+])
+def test_convert_freeze_refusals_write_nothing(tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from ckconv.cli import cli
+
+    torch.save({"model": Net().state_dict(), "epoch": 1}, tmp_path / "b.pth")
+    run = CliRunner().invoke(cli, ["convert", str(tmp_path / "b.pth"), str(tmp_path / "out.pth"), *args])
+    assert run.exit_code == 1 and message in run.output, run.output
+    assert not (tmp_path / "out.pth").exists()

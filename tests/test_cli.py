@@ -137,3 +137,14 @@ def test_commands_that_need_no_torch_do_not_import_it(tmp_path, args):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_reader_closing_the_pipe_is_not_an_error(tmp_path):
+    """`ckconv inspect big.pth | head -1`: no BrokenPipeError traceback, no error line."""
+    torch.save({f"layer{i}.weight": torch.zeros(1) for i in range(3000)}, tmp_path / "many.pth")
+    proc = subprocess.Popen([sys.executable, "-m", "ckconv", "inspect", tmp_path / "many.pth"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away while ckconv still writes the table
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and err == ""

@@ -566,3 +566,15 @@ def test_two_ranks_under_torchrun_match_one_process(tmp_path):
 
 if __name__ == "__main__":  # torchrun tests/test_dcp.py WORK: see _driver
     _driver(sys.argv[1])
+
+
+def test_inspect_names_code_in_a_dcp_folder_without_running_it(tmp_path):
+    from click.testing import CliRunner
+
+    from ckconv.cli import cli
+
+    folder = write_chunked_dcp(tmp_path / "ck", {"w": torch.ones(2)}, {}, extra={"evil": _Boom()})
+    run = CliRunner().invoke(cli, ["inspect", str(folder)])
+    assert run.exit_code == 0, run.output
+    assert "DANGEROUS" in run.output and "system" in run.output
+    assert not (Path("/tmp") / "pwned").exists()

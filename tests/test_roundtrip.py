@@ -76,6 +76,18 @@ def test_tied_tensors_are_stored_once_and_come_back_tied(tmp_path):
     assert back["embed.weight"].data_ptr() == back["head.weight"].data_ptr()
 
 
+def test_strings_utf8_cannot_hold_survive_and_the_file_stays_readable(tmp_path):
+    """Lone surrogates (os.fsdecode of odd bytes) in values, keys and tensor paths: safetensors headers are UTF-8."""
+    odd = "run-\udc80\udcff"
+    obj = {"model": {f"w{odd}": torch.ones(2)}, "path": odd, odd: 1, "names": [odd, "ok"]}
+    back = roundtrip(obj, tmp_path, [".safetensors", ".pth"])
+    assert_deep_equal(back, obj)
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "step0.safetensors", "pt") as f:  # the reference reader still parses the header
+        assert len(list(f.keys())) == 1
+
+
 def test_views_and_non_contiguous_tensors(tmp_path):
     big = torch.randn(6, 7)
     obj = {"t": big.t(), "slice": big[1:3, ::2], "big": big, "expand": torch.randn(3, 1).expand(3, 4)}

@@ -128,17 +128,22 @@ class ConversionResult:
 
 def convert(src, dst, *, to=None, model_only=False, dtype=None, max_shard_size=None, force=False,
             progress=None, arch=None, arch_options=None, map=None, only=(), drop=(), rename=(), section=None,
-            strict=False, distributed=False) -> ConversionResult:
+            strict=False, freeze=(), distributed=False) -> ConversionResult:
     """Convert ``src`` to ``dst`` losslessly (unless ``model_only`` or ``dtype`` ask otherwise).
 
     ``arch`` / ``map`` / ``rename`` / ``only`` / ``drop`` remap the model state_dict onto an architecture's names
     (see :func:`ckconv.match`); the other sections of a bundle are kept unless ``model_only``.
+    ``freeze``: selectors (``features[:10]``; dotted names without ``arch``) whose parameters the written bundle
+    lists under ``frozen``, for :func:`ckconv.load_bundle` to restore.
     ``distributed``: when this process is one rank of a torchrun job, write only this rank's share of the output
     (:func:`ckconv.formats.dcp.save_distributed`; every rank must call convert). The CLI sets it.
     """
     from .sections import model_state_dict
 
     src, dst = Path(src), Path(dst)
+    if freeze and model_only:
+        raise UsageError("--freeze records the frozen parameters in a bundle, but --model-only writes a bare "
+                         "state_dict; drop one of the two")
     ckpt = read(src)
     notes = list(ckpt.notes)
     root = ckpt.root
@@ -153,6 +158,13 @@ def convert(src, dst, *, to=None, model_only=False, dtype=None, max_shard_size=N
     elif model_only:
         root, where = model_state_dict(root)
         notes.append(f"wrote only the model state_dict (found at {where})")
+    if freeze:
+        from .bundles import record_freeze
+
+        target = report.arch if report is not None and report.arch not in ("<none>", "<map>") else None
+        root, _, note = record_freeze(root, [freeze] if isinstance(freeze, str) else list(freeze), arch=target,
+                                      arch_options=report.arch_options if target else None)
+        notes.append(note)
     cast = 0
     if dtype:
         root, cast, skipped = cast_floating(root, dtype)

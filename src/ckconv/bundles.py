@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .errors import UsageError
 from .model import TensorRef
 from .tree import is_flat_state_dict
 
@@ -206,9 +207,10 @@ def _find_optimizers(root):
 # --- writing and restoring bundles from live objects ------------------------------------------------------
 
 def save_bundle(path, *, model=None, optimizer=None, scheduler=None, force=False, **extra):
-    """Write ``{'model': sd, 'optimizer': osd, 'scheduler': ..., 'trainable': {...}, **extra}`` atomically.
+    """Write ``{'model': sd, 'optimizer': osd, 'scheduler': ..., 'frozen': [...], **extra}`` atomically.
 
-    ``trainable`` records which parameters have ``requires_grad`` so ``load_bundle`` can restore a freeze.
+    ``frozen`` lists the parameters with ``requires_grad=False`` (left out when none are) so ``load_bundle`` can
+    restore the freeze.
     """
     from .api import save
 
@@ -235,8 +237,6 @@ def load_bundle(path, model=None, optimizer=None, scheduler=None, strict=True):
     if model is not None:
         sd = next((bundle[k] for k in MODEL_KEYS if isinstance(bundle.get(k), dict)), None)
         if sd is None:
-            from .errors import UsageError
-
             raise UsageError(f"{path}: no model state_dict found (looked under {', '.join(MODEL_KEYS)})")
         model.load_state_dict(sd, strict=strict)
         frozen = set(bundle.get("frozen", ()))
@@ -251,6 +251,44 @@ def load_bundle(path, model=None, optimizer=None, scheduler=None, strict=True):
     return bundle
 
 
+
+def record_freeze(root, selectors, *, arch=None, arch_options=None):
+    """-> (new root, frozen names, note): ``root`` with the parameters under ``selectors`` listed as ``frozen``.
+
+    With ``arch`` the selectors resolve against that architecture's module tree (``features[:10]``); without one
+    only dotted names work (``features.0``). A bare state_dict becomes ``{'model': sd, 'frozen': [...]}``.
+    """
+    from .sections import model_state_dict
+    from .selectors import _names, freeze, under
+
+    sd, where = model_state_dict(root)
+    if arch:
+        from . import architectures
+
+        model = architectures.build(arch, arch_options or None)  # on the meta device: no memory, no weights
+        selected = set(freeze(model, list(selectors)))
+        params = [n for n, _ in model.named_parameters() if n in sd]
+        frozen = [n for n in params if n in selected]
+    else:
+        params = [name for name, _ in model_parameters(sd)]
+        prefixes = _names(list(selectors), None)
+        frozen = [n for n in params if under(n, prefixes)]
+    if not frozen:
+        raise UsageError(f"--freeze {' '.join(selectors)}: selects no parameter of the model state_dict (found at "
+                         f"{where}); check the names with `ckconv inspect`" + ("" if arch else " or pass --arch"))
+    if where == "<root>":
+        new = {"model": root, "frozen": frozen}
+        note = "wrapped the state_dict as a bundle {'model': ..., 'frozen': [...]} to record the freeze"
+    else:
+        new = type(root)() if type(root) is not dict else {}
+        new.update((k, v) for k, v in root.items() if k != "frozen")
+        if getattr(root, "__dict__", None):
+            new.__dict__.update(root.__dict__)
+        new["frozen"] = frozen
+        note = "replaced the bundle's earlier freeze" if "frozen" in root else "recorded the freeze"
+    trainable = len(params) - len(frozen)
+    return new, frozen, (f"{note}: {len(frozen)} parameters frozen, {trainable} trainable "
+                         "(ckconv.load_bundle restores it)")
 
 
 def remap_optimizer(osd, slot_names: dict, mapping: dict, target_params: list, target_shapes: dict | None = None):

@@ -26,6 +26,8 @@ class CkconvGroup(click.Group):
             _fail(str(exc))
         except KeyboardInterrupt:
             _fail("interrupted; nothing was written")
+        except BrokenPipeError:
+            _reader_went_away()
         except MemoryError:
             _fail("out of memory; nothing was written (try a machine with more memory)")
         except RecursionError:
@@ -41,6 +43,16 @@ class CkconvGroup(click.Group):
             if DEBUG:
                 raise
             _fail(f"internal error: {type(exc).__name__}: {exc} (rerun with CKCONV_DEBUG=1 and report it)")
+
+
+def _reader_went_away():
+    """``ckconv inspect big.pth | head``: the reader closed the pipe; stop quietly, as cat and ls do."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the final flush at exit must not fail again
+    except OSError:
+        pass
+    sys.exit(0)
 
 
 def _fail(message):
@@ -119,8 +131,11 @@ class Progress:
 @click.option("--rename", multiple=True, metavar="REGEX=REPL", help="Rename checkpoint keys first. Repeatable.")
 @click.option("--section", help="Where the state_dict is inside a bundle (e.g. state_dict_ema).")
 @click.option("--strict", is_flag=True, help="With --arch: refuse to write unless every target key is filled.")
+@click.option("--freeze", multiple=True, metavar="SELECTOR",
+              help="Record these parameters as frozen in the bundle, e.g. 'features[:10]' (with --arch; dotted "
+                   "names without). Repeatable. ckconv.load_bundle restores the freeze.")
 def convert(src, dst, to, model_only, dtype, max_shard_size, force, as_json, arch, arch_options, map_file, only,
-            drop, rename, section, strict):
+            drop, rename, section, strict, freeze):
     """Convert SRC to DST, keeping everything (model, optimizer, scalars) unless told otherwise."""
     from .api import convert as do_convert
     from .inspection import size_text
@@ -131,7 +146,7 @@ def convert(src, dst, to, model_only, dtype, max_shard_size, force, as_json, arc
         remap = dict(arch=arch, arch_options=list(arch_options), map=map_file, only=list(only), drop=list(drop),
                      rename=list(rename), section=section, strict=strict)
     result = do_convert(src, dst, to=to, model_only=model_only, dtype=dtype, max_shard_size=max_shard_size,
-                        force=force, progress=progress, distributed=True, **remap)
+                        force=force, progress=progress, freeze=list(freeze), distributed=True, **remap)
     progress.finish()
     from .formats.dcp import world_from_env  # under torchrun, only rank 0 reports
 
@@ -338,6 +353,8 @@ def inspect(src, as_json):
     if info.dangerous:
         click.echo(f"DANGEROUS: loading this file with torch.load(weights_only=False) would call "
                    f"{', '.join(info.dangerous)}; ckconv refuses to convert it")
+    elif info.error:
+        click.echo(f"DANGEROUS: {info.error}")
     click.echo("sections: " + ", ".join(f"{k} ({', '.join(map(str, v))})" for k, v in info.sections.items()))
     click.echo(f"tensors: {info.tensor_count}, {size_text(info.bytes)}; dtypes: "
                + ", ".join(f"{k} x{v}" for k, v in sorted(info.dtypes.items())))
@@ -405,4 +422,7 @@ def plugins(as_json):
 
 
 def main():
-    cli(prog_name="ckconv")
+    try:
+        cli(prog_name="ckconv")
+    except BrokenPipeError:
+        _reader_went_away()

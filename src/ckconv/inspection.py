@@ -66,6 +66,8 @@ def _inspect_dangerous(path, fmt, message) -> Inspection:
     """Re-read with dangerous globals recorded instead of refused (everything stays inert)."""
     from .formats.torch_pickle import guarded, read_legacy, read_zip
 
+    if Path(path).is_dir():  # a DCP folder: the refusal already names the globals
+        return Inspection(str(path), fmt, {}, 0, 0, {}, [], [], [], {}, error=message)
     with open(path, "rb") as f:
         head = f.read(4)
     reader = read_zip if head == b"PK\x03\x04" else read_legacy

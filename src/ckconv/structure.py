@@ -41,7 +41,7 @@ def encode(root, raw_dtypes=frozenset(), namer=None):
         key = ref.view_key()
         if key in names:
             return names[key], True
-        base = (namer(path) if namer else None) or tensor_name(path)
+        base = _utf8_safe((namer(path) if namer else None) or tensor_name(path))
         name, n = base, 1
         while name in used:
             n += 1
@@ -52,7 +52,9 @@ def encode(root, raw_dtypes=frozenset(), namer=None):
         return name, False
 
     def enc(node, path):
-        if node is None or isinstance(node, (bool, str)) and type(node) in (bool, str):
+        if type(node) is str:
+            return node if _utf8_ok(node) else {"$str": base64.b64encode(node.encode("utf-8", "surrogatepass")).decode()}
+        if node is None or type(node) is bool:
             return node
         if type(node) is int:
             return node
@@ -81,7 +83,7 @@ def encode(root, raw_dtypes=frozenset(), namer=None):
                 out["$attrs"] = enc(dict(node.__dict__), path + ("@attrs",))
             return out
         if type(node) is dict:
-            if all(type(k) is str and not k.startswith("$") for k in node):
+            if all(type(k) is str and not k.startswith("$") and _utf8_ok(k) for k in node):
                 return {k: enc(v, path + (k,)) for k, v in node.items()}
             return {"$dict": [[enc(k, path), enc(v, path + (k,))] for k, v in node.items()]}
         if type(node) is list:
@@ -179,12 +181,13 @@ def decode(structure, tensors: dict, where=""):
                 return (set if tag == "$set" else frozenset)(dec(v, depth + 1) for v in _list(val, bad))
             except TypeError:
                 raise bad("unhashable set member") from None
-        if tag in ("$bytes", "$bytearray"):
+        if tag in ("$bytes", "$bytearray", "$str"):
             try:
                 data = base64.b64decode(val, validate=True)
+                return data if tag == "$bytes" else bytearray(data) if tag == "$bytearray" else \
+                    data.decode("utf-8", "surrogatepass")
             except (ValueError, TypeError):
-                raise bad("bad base64") from None
-            return data if tag == "$bytes" else bytearray(data)
+                raise bad(f"bad base64 in {tag}") from None
         if tag == "$float":
             if val not in ("nan", "inf", "-inf"):
                 raise bad("bad float")
@@ -230,6 +233,19 @@ def decode(structure, tensors: dict, where=""):
     if unused:
         raise bad(f"{len(unused)} tensors are not referenced, e.g. {sorted(unused)[0]!r}")
     return root
+
+
+def _utf8_ok(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (a Python str may hold lone surrogates; JSON parsers refuse them)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _utf8_safe(name: str) -> str:
+    return name if _utf8_ok(name) else name.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _list(val, bad):

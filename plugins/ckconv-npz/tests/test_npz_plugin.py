@@ -235,11 +235,11 @@ def test_installed_plugin_is_listed_with_its_version():
 
 
 def test_names_zip_cannot_hold_are_refused_other_strings_survive(tmp_path):
-    for bad in ("a\x00b", "\ud800"):
-        with pytest.raises(UnsupportedContent, match="NUL character or lone surrogate"):
-            ckconv.save({bad: torch.zeros(1)}, tmp_path / "x.npz")
-        assert not (tmp_path / "x.npz").exists()
-    odd = {"\ud800": "\udfff x", "é/../..": [torch.zeros(0, 0).bfloat16(), "\x00"]}
+    with pytest.raises(UnsupportedContent, match="NUL character"):
+        ckconv.save({"a\x00b": torch.zeros(1)}, tmp_path / "x.npz")
+    assert not (tmp_path / "x.npz").exists()
+    # a lone surrogate in a key gets an escaped member name; the structure maps it back
+    odd = {"\ud800": "\udfff x", "é/../..": [torch.zeros(0, 0).bfloat16(), "\x00"], "t\udc80": torch.ones(2)}
     ckconv.save(odd, tmp_path / "odd.npz")
     assert_same(ckconv.load(tmp_path / "odd.npz"), odd)
 

@@ -179,22 +179,7 @@ def load_metadata(folder: Path) -> DcpMetadata:
                             "(CKCONV_MAX_DCP_METADATA)")
     with open(mpath, "rb") as f:
         data = f.read()
-    up = MetadataUnpickler(data, where=where)
-    try:
-        obj = up.load()
-    except CkconvError:
-        raise
-    except RecursionError:
-        raise CorruptCheckpoint(f"{where}: pickle nesting too deep") from None
-    except MemoryError:
-        raise CorruptCheckpoint(f"{where}: pickle asks for more memory than available") from None
-    except Exception as exc:  # noqa: BLE001 - every malformed pickle ends here
-        if up.dangerous:
-            raise refuse(where, up.dangerous) from None
-        raise NotACheckpoint(f"{where}: not a readable DCP metadata file (malformed pickle: "
-                             f"{type(exc).__name__}: {exc})") from None
-    if up.dangerous:
-        raise refuse(where, up.dangerous)
+    obj, _ = unpickle(data, where=where, unpickler_class=MetadataUnpickler)  # opcode pre-scan, then restricted
     return interpret_metadata(obj, folder, where)
 
 
