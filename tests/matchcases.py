@@ -9,11 +9,29 @@ from __future__ import annotations
 import functools
 import re
 
+import pytest
 import torch
 import torchvision
 from torch import nn
 
 ATOL = 1e-5
+
+
+# Fixtures for the matching test modules, which import them by name (autouse applies where they are imported).
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Small forward passes run faster on one thread than on two shared, busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def spec_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CKCONV_CACHE_DIR", str(tmp_path_factory.mktemp("ckconv-cache")))
+        yield
 
 
 def randomize(model: nn.Module, seed: int) -> nn.Module:

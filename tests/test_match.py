@@ -16,23 +16,7 @@ import ckconv
 from ckconv import architectures
 from ckconv.matching import IncompleteMatch
 from matchcases import (ConvHead, as_conv, caffe_squeezenet, differs, fresh, image, legacy_densenet, model,
-                        same_outputs, state)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small forward passes run faster on one thread than on two shared, busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def spec_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CKCONV_CACHE_DIR", str(tmp_path_factory.mktemp("ckconv-cache")))
-        yield
+                        one_thread, same_outputs, spec_cache, state)  # noqa: F401 - fixtures
 
 
 @pytest.fixture(scope="session")

@@ -12,23 +12,7 @@ from click.testing import CliRunner
 
 import ckconv
 from ckconv.cli import cli
-from matchcases import fresh, model, same_outputs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small forward passes run faster on one thread than on two shared, busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def spec_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CKCONV_CACHE_DIR", str(tmp_path_factory.mktemp("ckconv-cache")))
-        yield
+from matchcases import fresh, model, one_thread, same_outputs, spec_cache  # noqa: F401 - fixtures
 
 
 def invoke(*args):

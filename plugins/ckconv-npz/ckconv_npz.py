@@ -258,23 +258,7 @@ class StoredMemberStorage(Storage):
     def chunks(self, start=0, length=None, size=CHUNK):
         if length is None:
             length = self.nbytes - start
-        whole = start == 0 and length == self.nbytes
-        if not whole and not self.verified:
-            self.verify()
-        crc = self.header_crc
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(self.offset + start)
-            remaining = length
-            while remaining:
-                block = f.read(min(size, remaining))
-                if not block:
-                    raise CorruptCheckpoint(f"{self.path}: member {self.label} is truncated; the file is damaged")
-                if whole and not self.verified:
-                    crc = zlib.crc32(block, crc)
-                remaining -= len(block)
-                yield block
-        if whole and not self.verified:
-            self._check(crc)
+        return self.file_chunks(start, length, size, crc_seed=self.header_crc, what="member")
 
 
 class DeflatedMemberStorage(Storage):

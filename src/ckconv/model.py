@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import zlib
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from . import dtypes
@@ -72,17 +71,21 @@ class Storage:
             for pos in range(start, start + length, size):
                 yield view[pos:min(pos + size, start + length)]
             return
+        yield from self.file_chunks(start, length, size)
+
+    def file_chunks(self, start, length, size, crc_seed=0, what="storage"):
+        """The file-backed part of :meth:`chunks`; ``crc_seed`` for stored CRCs that also cover a header."""
         whole = start == 0 and length == self.nbytes
         if not whole and not self.verified:
             self.verify()
-        crc = 0
+        crc = crc_seed
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.offset + start)
             remaining = length
             while remaining:
                 block = f.read(min(size, remaining))
                 if not block:
-                    raise CorruptCheckpoint(f"{self.path}: storage {self.label} is truncated; the file is damaged")
+                    raise CorruptCheckpoint(f"{self.path}: {what} {self.label} is truncated; the file is damaged")
                 if whole and not self.verified:
                     crc = zlib.crc32(block, crc)
                 remaining -= len(block)

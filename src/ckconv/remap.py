@@ -29,32 +29,27 @@ def _reshaped(ref: TensorRef, shape):
 
 def remap_refs(report: MatchReport, refs=None) -> OrderedDict:
     """{target name: TensorRef} in target order: matched tensors (reshaped where recorded) and filled zeros."""
-    refs = report.source_tensors if refs is None else refs
-    mapping = report.mapping()
-    filled = {f["target"] for f in report.filled}
-    out = OrderedDict()
-    for t in report.targets:
-        if t in mapping:
-            m = mapping[t]
-            out[t] = _reshaped(refs[m.source], m.shape) if m.reshape is not None else refs[m.source]
-        elif t in filled:
-            out[t] = _zero_ref(t)
-    return out
+    return _remapped(report, report.source_tensors if refs is None else refs, _reshaped, _zero_ref)
 
 
 def remap_tensors(report: MatchReport, tensors) -> OrderedDict:
     """The same for torch tensors ``{source name: tensor}``."""
     import torch
 
+    return _remapped(report, tensors, lambda t, shape: t.reshape(shape),
+                     lambda _name: torch.tensor(0, dtype=torch.int64))
+
+
+def _remapped(report, values, reshape, zero):
     mapping = report.mapping()
     filled = {f["target"] for f in report.filled}
     out = OrderedDict()
     for t in report.targets:
         if t in mapping:
             m = mapping[t]
-            out[t] = tensors[m.source].reshape(m.shape) if m.reshape is not None else tensors[m.source]
+            out[t] = reshape(values[m.source], m.shape) if m.reshape is not None else values[m.source]
         elif t in filled:
-            out[t] = torch.tensor(0, dtype=torch.int64)
+            out[t] = zero(t)
     return out
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..errors import CkconvError, LimitExceeded, NotACheckpoint
 
 
 @dataclass
@@ -40,3 +44,23 @@ class Format:
 
     def writes_directory(self, options: WriteOptions) -> bool:
         return False
+
+
+def guarded(reader, path, **kwargs):
+    """Run ``reader(path, **kwargs)``; whatever a hostile file makes Python raise becomes one clear ckconv error.
+
+    Format plugins wrap their readers in it: a malformed file must never surface as a traceback.
+    """
+    try:
+        return reader(path, **kwargs)
+    except CkconvError:
+        raise
+    except RecursionError:
+        raise LimitExceeded(f"{path}: structure too deep to read") from None
+    except MemoryError:
+        raise LimitExceeded(f"{path}: reading it needs more memory than available") from None
+    except OSError as exc:
+        raise NotACheckpoint(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    except (EOFError, struct.error, UnicodeError, zipfile.BadZipFile, ValueError, OverflowError, KeyError,
+            IndexError, TypeError, AttributeError) as exc:
+        raise NotACheckpoint(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:120]})") from None

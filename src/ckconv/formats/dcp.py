@@ -38,9 +38,10 @@ from .. import dtypes, errors, structure, tree
 from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsupportedContent, WriteFailed
 from ..hookspecs import hookimpl
 from ..model import CHUNK, Checkpoint, Foreign, Storage, TensorRef, contiguous_strides
-from ..unpickler import RestrictedUnpickler, StorageType, refuse, unpickle
+from ..unpickler import RestrictedUnpickler, unpickle
 from .base import Format, WriteOptions
-from .zipio import ZipWriter
+from .torch_pickle import storage_loader
+from .zipio import ZipWriter, record_bytes
 
 METADATA_NAME = ".metadata"
 SUFFIX = ".distcp"
@@ -460,45 +461,13 @@ def read_torch_blob(path, start, length, where):
         raise CorruptCheckpoint(f"{where}: torch.save archive without exactly one data.pkl")
     prefix = roots[0] + "/"
     if prefix + "byteorder" in records:
-        if _record_bytes(path, records[prefix + "byteorder"], where, 16).strip() != b"little":
+        if record_bytes(path, records[prefix + "byteorder"], f"{where}: record byteorder", 16).strip() != b"little":
             raise UnsupportedContent(f"{where}: big-endian data is not supported")
-    storages: dict = {}
+    load_storage = storage_loader(path, records, prefix, where)
 
-    def load_storage(pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)
-                and isinstance(pid[2], str) and type(pid[4]) is int and pid[4] >= 0):
-            raise CorruptCheckpoint(f"{where}: malformed storage reference {pid!r:.80}")
-        _, stype, key, _location, numel = pid
-        if key not in storages:
-            name = prefix + "data/" + key
-            if name not in records:
-                raise CorruptCheckpoint(f"{where}: storage {key!r} is referenced but missing from the archive")
-            begin, size, crc = records[name]
-            if numel * dtypes.itemsize(stype.dtype) != size:
-                raise CorruptCheckpoint(f"{where}: storage {key} declares {numel} x {stype.dtype} but its record "
-                                        f"holds {size} bytes; the file is corrupt")
-            storages[key] = Storage(key, stype.dtype, size, path=str(path), offset=begin, crc=crc, label=where)
-        return storages[key]
-
-    data = _record_bytes(path, records[prefix + "data.pkl"], where, MAX_BLOB_PICKLE)
+    data = record_bytes(path, records[prefix + "data.pkl"], f"{where}: record data.pkl", MAX_BLOB_PICKLE)
     root, _ = unpickle(data, storage_loader=load_storage, where=where)
     return root
-
-
-def _record_bytes(path, record, where, limit):
-    import zlib
-
-    begin, size, crc = record
-    if size > limit:
-        raise CorruptCheckpoint(f"{where}: a record is implausibly large ({size} bytes)")
-    with open(path, "rb") as f:
-        f.seek(begin)
-        data = f.read(size)
-    if len(data) != size:
-        raise CorruptCheckpoint(f"{where}: a record is truncated")
-    if zlib.crc32(data) != crc:
-        raise CorruptCheckpoint(f"{where}: CRC mismatch in a record; the file is corrupt, get a fresh copy")
-    return data
 
 
 # =============================================================================================================

@@ -20,7 +20,7 @@ from ..hookspecs import hookimpl
 from ..model import Checkpoint, Storage, TensorRef
 from ..tree import foreign_objects
 from ..unpickler import short_repr
-from .base import Format, WriteOptions
+from .base import Format, WriteOptions, guarded
 
 MAX_HEADER = 100_000_000  # the Rust implementation's cap
 MAX_TENSORS = int(os.environ.get("CKCONV_MAX_TENSORS", 1_000_000))
@@ -43,20 +43,7 @@ class SafetensorsFormat(Format):
         return len(head) >= 9 and head[8:9] == b"{"
 
     def read(self, path: Path) -> Checkpoint:
-        try:
-            return self._read(path)
-        except CkconvError:
-            raise
-        except RecursionError:
-            raise LimitExceeded(f"{path}: structure too deep to read") from None
-        except MemoryError:
-            raise LimitExceeded(f"{path}: reading it needs more memory than available") from None
-        except OSError as exc:
-            raise NotACheckpoint(f"{path}: cannot read it ({exc.strerror or exc})") from None
-        except (struct.error, UnicodeError, ValueError, OverflowError, KeyError, IndexError, TypeError,
-                AttributeError) as exc:
-            raise NotACheckpoint(
-                f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:120]})") from None
+        return guarded(self._read, path)
 
     def _read(self, path: Path) -> Checkpoint:
         if path.is_dir() or path.name.endswith(".index.json"):

@@ -13,13 +13,13 @@ import zipfile
 from pathlib import Path
 
 from .. import dtypes, tree
-from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsupportedContent
+from ..errors import CorruptCheckpoint, NotACheckpoint, UnsupportedContent
 from ..fastcopy import SourceFiles
 from ..hookspecs import hookimpl
 from ..model import Checkpoint, Foreign, Storage
 from ..pickle_writer import PickleWriter
 from ..unpickler import PARAMETER, Builder, StorageType, short_repr, unpickle
-from .base import Format, WriteOptions
+from .base import Format, WriteOptions, guarded
 from .zipio import ZipRecords, ZipWriter
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -67,23 +67,6 @@ class TorchFormat(Format):
         write_zip(checkpoint.root, path, options)
 
 
-def guarded(reader, path, **kwargs):
-    """Run a reader; whatever a hostile file makes Python raise becomes one clear ckconv error."""
-    try:
-        return reader(path, **kwargs)
-    except CkconvError:
-        raise
-    except RecursionError:
-        raise LimitExceeded(f"{path}: structure too deep to read") from None
-    except MemoryError:
-        raise LimitExceeded(f"{path}: reading it needs more memory than available") from None
-    except OSError as exc:
-        raise NotACheckpoint(f"{path}: cannot read it ({exc.strerror or exc})") from None
-    except (EOFError, struct.error, UnicodeError, zipfile.BadZipFile, ValueError, OverflowError, KeyError,
-            IndexError, TypeError, AttributeError) as exc:
-        raise NotACheckpoint(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:120]})") from None
-
-
 INTERNALS = (Builder, StorageType, Storage)
 
 
@@ -117,30 +100,38 @@ def read_zip(path, allow_dangerous=False) -> Checkpoint:
     byteorder = records.read(prefix + "byteorder", limit=16) if prefix + "byteorder" in records.records else b"little"
     if byteorder.strip() != b"little":
         raise UnsupportedContent(f"{path}: big-endian checkpoints are not supported: re-save on a little-endian machine")
+    load_storage = storage_loader(path, records.records, prefix, str(path))
+    data = records.read(prefix + "data.pkl")
+    root, up = unpickle(data, storage_loader=load_storage, where=str(path), allow_dangerous=allow_dangerous)
+    return _finish(root, up, "torch", path)
+
+
+def storage_loader(path, records: dict, prefix: str, where: str):
+    """The unpickler's persistent-id resolver for a torch zip archive: ``('storage', type, key, location, numel)``
+    -> a :class:`Storage` over record ``{prefix}data/{key}`` of ``path``, its size checked against ``numel``."""
     storages: dict = {}
 
     def load_storage(pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)
                 and isinstance(pid[2], str) and type(pid[4]) is int and pid[4] >= 0):
-            raise CorruptCheckpoint(f"{path}: malformed storage reference {short_repr(pid)}")
+            raise CorruptCheckpoint(f"{where}: malformed storage reference {short_repr(pid)}")
         _, stype, key, _location, numel = pid
         if key in storages:
             return storages[key]
         name = prefix + "data/" + key
-        if name not in records.records:
-            raise CorruptCheckpoint(f"{path}: storage {key!r:.80} is referenced but missing from the archive")
-        start, size, crc = records.records[name]
+        if name not in records:
+            raise CorruptCheckpoint(f"{where}: storage {key!r:.80} is referenced but missing from the archive")
+        start, size, crc = records[name]
         if numel * dtypes.itemsize(stype.dtype) != size:
             raise CorruptCheckpoint(
-                f"{path}: storage {key:.80} declares {numel} x {stype.dtype} "
+                f"{where}: storage {key:.80} declares {numel} x {stype.dtype} "
                 f"({numel * dtypes.itemsize(stype.dtype)} bytes) "
                 f"but its record holds {size} bytes; the file is corrupt")
-        storages[key] = Storage(key, stype.dtype, size, path=str(path), offset=start, crc=crc, label=key)
+        storages[key] = Storage(key, stype.dtype, size, path=str(path), offset=start, crc=crc,
+                                label=key if where == str(path) else where)
         return storages[key]
 
-    data = records.read(prefix + "data.pkl")
-    root, up = unpickle(data, storage_loader=load_storage, where=str(path), allow_dangerous=allow_dangerous)
-    return _finish(root, up, "torch", path)
+    return load_storage
 
 
 def read_legacy(path, allow_dangerous=False) -> Checkpoint:

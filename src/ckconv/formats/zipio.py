@@ -92,17 +92,22 @@ class ZipRecords:
                                         "the archive was crafted or damaged")
 
     def read(self, name, limit=1 << 31) -> bytes:
-        start, size, crc = self.records[name]
-        if size > limit:
-            raise CorruptCheckpoint(f"{self.path}: record {name!r:.80} is implausibly large ({size} bytes)")
-        with open(self.path, "rb") as f:
-            f.seek(start)
-            data = f.read(size)
-        if len(data) != size:
-            raise CorruptCheckpoint(f"{self.path}: record {name!r} is truncated")
-        if zlib.crc32(data) != crc:
-            raise CorruptCheckpoint(f"{self.path}: CRC mismatch in record {name!r}; the file is corrupt, get a fresh copy")
-        return data
+        return record_bytes(self.path, self.records[name], f"{self.path}: record {name!r:.80}", limit)
+
+
+def record_bytes(path, record, where, limit) -> bytes:
+    """The bytes of a stored record ``(start, size, crc)`` of ``path``, CRC-checked; ``where`` names it in errors."""
+    start, size, crc = record
+    if size > limit:
+        raise CorruptCheckpoint(f"{where} is implausibly large ({size} bytes)")
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(size)
+    if len(data) != size:
+        raise CorruptCheckpoint(f"{where} is truncated")
+    if zlib.crc32(data) != crc:
+        raise CorruptCheckpoint(f"{where}: CRC mismatch; the file is corrupt, get a fresh copy")
+    return data
 
 
 class ZipWriter:
