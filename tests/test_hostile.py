@@ -428,6 +428,27 @@ def test_sigkill_mid_write_leaves_nothing_at_the_destination(tmp_path):
     assert result.exit_code == 0 and dst.is_file()
 
 
+def test_sigterm_mid_write_cleans_up_and_says_so(tmp_path):
+    """`kill PID` (SIGTERM) unwinds like Ctrl-C: no destination, no temp file, one line on stderr, exit 1."""
+    src = tmp_path / "big.pth"
+    g = torch.Generator().manual_seed(0)
+    torch.save({f"w{i}": torch.rand(8 << 20, generator=g) for i in range(8)}, src)
+    dst = tmp_path / "out.safetensors"
+    exe = Path(sys.executable).with_name("ckconv")
+    proc = subprocess.Popen([str(exe), "convert", str(src), str(dst), "--dtype", "fp16"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    temp = []
+    while not temp and proc.poll() is None and time.monotonic() < deadline:
+        temp = list(tmp_path.glob(".out.safetensors.ckconv-tmp-*"))
+        time.sleep(0.002)
+    assert temp, "the temp file never appeared"
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 1 and err == "Error: interrupted; nothing was written\n", err
+    assert not dst.exists() and _leftovers(tmp_path) == ["big.pth"]
+
+
 def test_long_destination_name_still_stages(small_source, tmp_path):
     dst = tmp_path / ("n" * 240 + ".safetensors")
     result = invoke("convert", small_source, dst)

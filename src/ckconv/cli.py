@@ -421,7 +421,15 @@ def plugins(as_json):
         click.echo(f"problem: {p['plugin']}: {p['problem']}", err=True)
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: staged outputs are removed, one line on stderr, exit 1
+
+
 def main():
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # `kill`, a closed terminal, a scheduler's timeout
+        signal.signal(sig, _terminated)
     try:
         cli(prog_name="ckconv")
     except BrokenPipeError:
