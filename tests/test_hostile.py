@@ -400,36 +400,8 @@ def test_sharded_output_is_staged_and_indexed_last(small_source, tmp_path, monke
     assert _leftovers(tmp_path) == ["sharded", "src"]
 
 
-def test_sigkill_mid_write_leaves_nothing_at_the_destination(tmp_path):
-    """A real conversion of ~256 MB, killed with SIGKILL as soon as its temp file appears."""
-    src = tmp_path / "big.pth"
-    g = torch.Generator().manual_seed(0)
-    torch.save({f"w{i}": torch.rand(8 << 20, generator=g) for i in range(8)}, src)
-    dst = tmp_path / "out.safetensors"
-    exe = Path(sys.executable).with_name("ckconv")
-    proc = subprocess.Popen([str(exe), "convert", str(src), str(dst), "--dtype", "fp16"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    temp = []
-    try:
-        while not temp and proc.poll() is None and time.monotonic() < deadline:
-            temp = list(tmp_path.glob(".out.safetensors.ckconv-tmp-*"))
-            time.sleep(0.002)
-        assert temp, f"the temp file never appeared: {proc.poll()} {proc.stderr.read()[-500:] if proc.stderr else ''}"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    assert not dst.exists(), "SIGKILL left a file at the destination"
-    assert temp[0].exists() and temp[0].stat().st_size < 8 * (8 << 20) * 2, "the kill came after the write"
-    # The leftover is hidden and harmless: the next run writes the destination.
-    result = invoke("convert", HOSTILE / "legit_protocol4_zip.pth", dst)
-    assert result.exit_code == 0 and dst.is_file()
-
-
-def test_sigterm_mid_write_cleans_up_and_says_so(tmp_path):
-    """`kill PID` (SIGTERM) unwinds like Ctrl-C: no destination, no temp file, one line on stderr, exit 1."""
+def _convert_until_staged(tmp_path):
+    """Start a real conversion of ~256 MB; return (process, destination, temp files) once its temp file appears."""
     src = tmp_path / "big.pth"
     g = torch.Generator().manual_seed(0)
     torch.save({f"w{i}": torch.rand(8 << 20, generator=g) for i in range(8)}, src)
@@ -442,7 +414,28 @@ def test_sigterm_mid_write_cleans_up_and_says_so(tmp_path):
     while not temp and proc.poll() is None and time.monotonic() < deadline:
         temp = list(tmp_path.glob(".out.safetensors.ckconv-tmp-*"))
         time.sleep(0.002)
-    assert temp, "the temp file never appeared"
+    if not temp:
+        proc.kill()
+        raise AssertionError(f"the temp file never appeared: {proc.communicate(timeout=60)[1][-500:]}")
+    return proc, dst, temp
+
+
+def test_sigkill_mid_write_leaves_nothing_at_the_destination(tmp_path):
+    """A real conversion, killed with SIGKILL as soon as its temp file appears."""
+    proc, dst, temp = _convert_until_staged(tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not dst.exists(), "SIGKILL left a file at the destination"
+    assert temp[0].exists() and temp[0].stat().st_size < 8 * (8 << 20) * 2, "the kill came after the write"
+    # The leftover is hidden and harmless: the next run writes the destination.
+    result = invoke("convert", HOSTILE / "legit_protocol4_zip.pth", dst)
+    assert result.exit_code == 0 and dst.is_file()
+
+
+def test_sigterm_mid_write_cleans_up_and_says_so(tmp_path):
+    """`kill PID` (SIGTERM) unwinds like Ctrl-C: no destination, no temp file, one line on stderr, exit 1."""
+    proc, dst, _ = _convert_until_staged(tmp_path)
     proc.send_signal(signal.SIGTERM)
     err = proc.communicate(timeout=60)[1]
     assert proc.returncode == 1 and err == "Error: interrupted; nothing was written\n", err

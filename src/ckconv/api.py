@@ -161,9 +161,8 @@ def convert(src, dst, *, to=None, model_only=False, dtype=None, max_shard_size=N
     if freeze:
         from .bundles import record_freeze
 
-        target = report.arch if report is not None and report.arch not in ("<none>", "<map>") else None
-        root, _, note = record_freeze(root, [freeze] if isinstance(freeze, str) else list(freeze), arch=target,
-                                      arch_options=report.arch_options if target else None)
+        target = report.architecture if report is not None else None
+        root, _, note = record_freeze(root, freeze, arch=target, arch_options=report.arch_options if target else None)
         notes.append(note)
     cast = 0
     if dtype:

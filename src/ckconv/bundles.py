@@ -260,18 +260,20 @@ def record_freeze(root, selectors, *, arch=None, arch_options=None):
     """
     from .sections import model_state_dict
     from .selectors import _names, freeze, under
+    from .unwrap import replace
 
+    selectors = [selectors] if isinstance(selectors, str) else list(selectors)
     sd, where = model_state_dict(root)
     if arch:
         from . import architectures
 
         model = architectures.build(arch, arch_options or None)  # on the meta device: no memory, no weights
-        selected = set(freeze(model, list(selectors)))
+        selected = set(freeze(model, selectors))
         params = [n for n, _ in model.named_parameters() if n in sd]
         frozen = [n for n in params if n in selected]
     else:
         params = [name for name, _ in model_parameters(sd)]
-        prefixes = _names(list(selectors), None)
+        prefixes = _names(selectors, None)
         frozen = [n for n in params if under(n, prefixes)]
     if not frozen:
         raise UsageError(f"--freeze {' '.join(selectors)}: selects no parameter of the model state_dict (found at "
@@ -280,11 +282,7 @@ def record_freeze(root, selectors, *, arch=None, arch_options=None):
         new = {"model": root, "frozen": frozen}
         note = "wrapped the state_dict as a bundle {'model': ..., 'frozen': [...]} to record the freeze"
     else:
-        new = type(root)() if type(root) is not dict else {}
-        new.update((k, v) for k, v in root.items() if k != "frozen")
-        if getattr(root, "__dict__", None):
-            new.__dict__.update(root.__dict__)
-        new["frozen"] = frozen
+        new = replace(root, ("frozen",), frozen)
         note = "replaced the bundle's earlier freeze" if "frozen" in root else "recorded the freeze"
     trainable = len(params) - len(frozen)
     return new, frozen, (f"{note}: {len(frozen)} parameters frozen, {trainable} trainable "

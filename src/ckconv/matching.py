@@ -66,6 +66,11 @@ class MatchReport:
     section_path: tuple = field(default=(), repr=False, compare=False)
 
     @property
+    def architecture(self) -> str | None:
+        """The target architecture, or None for a plain rename (``<none>``) or a map without one (``<map>``)."""
+        return self.arch if self.arch not in ("<none>", "<map>", "", None) else None
+
+    @property
     def coverage(self) -> float:
         return (len(self.matched) + len(self.filled)) / self.target_count if self.target_count else 0.0
 

@@ -252,7 +252,7 @@ def remap_optimizers(root, report: MatchReport, options=None):
     mapping = {m.source: m.target for m in report.matched}
     shapes = {m.target: tuple(m.shape) for m in report.matched}
     source_sd = report.source_tensors or {}
-    if report.arch not in ("<none>", "<map>", "", None):
+    if report.architecture:
         spec = architectures.spec(report.arch, options or report.arch_options or None)
         target_params = [t.name for t in spec.tensors if t.kind == "parameter"]
     else:
@@ -287,7 +287,7 @@ def _replace_path(root, keys, new):
 def _summary(report, model_only):
     where = "wrote only the remapped state_dict" if model_only else f"replaced the state_dict at {report.section}"
     parts = [f"{where}: {len(report.matched)} tensors under {report.arch}'s names"]
-    if report.arch not in ("<none>", "<map>"):
+    if report.architecture:
         parts.append(f"{report.coverage:.1%} of its {report.target_count} keys")
     if report.filled:
         parts.append(f"{len(report.filled)} num_batches_tracked filled with 0")

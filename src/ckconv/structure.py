@@ -184,10 +184,16 @@ def decode(structure, tensors: dict, where=""):
         if tag in ("$bytes", "$bytearray", "$str"):
             try:
                 data = base64.b64decode(val, validate=True)
-                return data if tag == "$bytes" else bytearray(data) if tag == "$bytearray" else \
-                    data.decode("utf-8", "surrogatepass")
             except (ValueError, TypeError):
                 raise bad(f"bad base64 in {tag}") from None
+            if tag == "$bytes":
+                return data
+            if tag == "$bytearray":
+                return bytearray(data)
+            try:
+                return data.decode("utf-8", "surrogatepass")
+            except UnicodeDecodeError:
+                raise bad("$str is not UTF-8") from None
         if tag == "$float":
             if val not in ("nan", "inf", "-inf"):
                 raise bad("bad float")

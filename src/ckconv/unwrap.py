@@ -100,13 +100,20 @@ def _all_tensors(node, depth):
 
 
 def replace(root, path, new):
-    """``root`` with the value at ``path`` swapped for ``new``; containers on the way are copied, not mutated."""
+    """``root`` with the value at ``path`` swapped for ``new``; containers on the way are copied, not mutated.
+
+    A last key that ``root`` lacks is added at the end.
+    """
     if not path:
         return new
     key, rest = path[0], path[1:]
     copy = type(root)() if type(root) is not dict else {}
     for k, v in root.items():
         copy[k] = replace(v, rest, new) if k == key else v
+    if key not in copy:
+        if rest:
+            raise KeyError(key)
+        copy[key] = new
     if getattr(root, "__dict__", None):
         copy.__dict__.update(root.__dict__)
     return copy

@@ -463,7 +463,7 @@ def read_torch_blob(path, start, length, where):
     if prefix + "byteorder" in records:
         if record_bytes(path, records[prefix + "byteorder"], f"{where}: record byteorder", 16).strip() != b"little":
             raise UnsupportedContent(f"{where}: big-endian data is not supported")
-    load_storage = storage_loader(path, records, prefix, where)
+    load_storage = storage_loader(path, records, prefix, where, label=where)
 
     data = record_bytes(path, records[prefix + "data.pkl"], f"{where}: record data.pkl", MAX_BLOB_PICKLE)
     root, _ = unpickle(data, storage_loader=load_storage, where=where)

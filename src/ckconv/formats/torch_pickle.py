@@ -106,9 +106,10 @@ def read_zip(path, allow_dangerous=False) -> Checkpoint:
     return _finish(root, up, "torch", path)
 
 
-def storage_loader(path, records: dict, prefix: str, where: str):
+def storage_loader(path, records: dict, prefix: str, where: str, label: str | None = None):
     """The unpickler's persistent-id resolver for a torch zip archive: ``('storage', type, key, location, numel)``
-    -> a :class:`Storage` over record ``{prefix}data/{key}`` of ``path``, its size checked against ``numel``."""
+    -> a :class:`Storage` over record ``{prefix}data/{key}`` of ``path``, its size checked against ``numel``.
+    Storages are labelled ``label``, or their key when None."""
     storages: dict = {}
 
     def load_storage(pid):
@@ -128,7 +129,7 @@ def storage_loader(path, records: dict, prefix: str, where: str):
                 f"({numel * dtypes.itemsize(stype.dtype)} bytes) "
                 f"but its record holds {size} bytes; the file is corrupt")
         storages[key] = Storage(key, stype.dtype, size, path=str(path), offset=start, crc=crc,
-                                label=key if where == str(path) else where)
+                                label=label or key)
         return storages[key]
 
     return load_storage
