@@ -374,31 +374,38 @@ def inspect(src, as_json):
                           ["name", "dtype", "shape"]))
 
 
+def _tolerance(ctx, param, value):
+    if value is not None and value != value:
+        raise click.BadParameter("must be a number, not nan")
+    return value
+
+
 @cli.command()
 @click.argument("a", type=click.Path(path_type=str))
 @click.argument("b", type=click.Path(path_type=str))
+@click.option("--atol", type=click.FloatRange(min=0), callback=_tolerance,
+              help="Absolute tolerance: tensors are equal when |a-b| <= atol + rtol*|b| everywhere, compared by "
+                   "value across dtypes (default: bit for bit in the same dtype).")
+@click.option("--rtol", type=click.FloatRange(min=0), callback=_tolerance,
+              help="Relative tolerance (see --atol); the other one defaults to 0.")
+@click.option("--strict", is_flag=True,
+              help="Also fail on notes: container types, key order, _metadata, dtypes within tolerance, flags.")
+@click.option("--tensors-only", is_flag=True, help="Compare only the tensors, by name; ignore every other value.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
-def diff(a, b, as_json):
-    """Compare two checkpoints in any formats. Exit 0 when equal, 1 when not."""
-    from .diffing import diff as do_diff
+def diff(a, b, atol, rtol, strict, tensors_only, as_json):
+    """Compare two checkpoints in any formats. Exit 0 when equal, 1 when not.
 
-    report = do_diff(a, b)
+    Tensors and non-tensor values (epoch, lr) decide; how they are held (dict vs OrderedDict, _metadata) is
+    reported as notes, which fail only with --strict.
+    """
+    from .diffing import diff as do_diff
+    from .diffing import render
+
+    report = do_diff(a, b, atol=atol, rtol=rtol, strict=strict, tensors_only=tensors_only)
     if as_json:
         _json(report.to_dict())
     else:
-        for k in report.only_in_a:
-            click.echo(f"only in A: {k}")
-        for k in report.only_in_b:
-            click.echo(f"only in B: {k}")
-        for d in report.tensors_differ:
-            if d.max_abs_diff is None:
-                click.echo(f"differs: {d.name}: {d.dtype} {d.shape} vs {d.other_dtype} {d.other_shape}")
-            else:
-                click.echo(f"differs: {d.name}: max abs diff {d.max_abs_diff:g}")
-        for v in report.values_differ:
-            click.echo(f"differs: {v['name']}: {v['a']} vs {v['b']}")
-        click.echo(("equal" if report.equal else "different")
-                   + f" ({report.tensors_compared} tensors, {report.values_compared} values compared)")
+        click.echo(render(report))
     sys.exit(0 if report.equal else 1)
 
 
