@@ -1,8 +1,9 @@
 """Training bundles: which part is the model, which the optimizer, and which parameter each optimizer slot is.
 
-torch optimizers key their state by parameter index. ckconv recovers names for those indices from
-``param_names`` (optimizers built from ``named_parameters()``) or, failing that, by aligning the optimizer's
-indices with the model's parameters in order, verified by state shapes (``exp_avg`` has its parameter's shape).
+Layouts (torch, Lightning, mmengine, fvcore, timm, free-form) are recognised by their keys; slot names come from
+:mod:`ckconv.optimizer_slots` (``param_names``, or a fit of each param group by state shapes that is proven
+unique). With ``--arch`` a bundle is written in the torch layout, ``{'model': sd, 'optimizer': osd, ...}``
+(:func:`standard_layout`), whatever layout it was read in.
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .errors import UsageError
-from .model import TensorRef
+from .optimizer_slots import BUFFER_SUFFIXES, model_parameters, remap_optimizer, resolve  # noqa: F401 - re-exported
 from .tree import is_flat_state_dict
-
-BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 LAYOUTS = [  # (name, keys that identify it)
     ("lightning", {"state_dict", "pytorch-lightning_version"}),
@@ -34,6 +33,7 @@ class OptimizerInfo:
     names: dict = field(default_factory=dict)  # index -> parameter name (when resolved)
     how: str = ""  # "param_names", "shapes (unique)", "shapes (ambiguous)", "unresolved"
     subset: bool = False  # the optimizer covers only some of the model's parameters
+    problem: str | None = None  # why the slots have no names (an ambiguous fit, state that does not fit)
 
     def to_dict(self):
         d = asdict(self)
@@ -81,64 +81,28 @@ def optimizer_kind(osd) -> str:
     return "unknown"
 
 
-def model_parameters(model_sd: dict) -> list:
-    """[(name, shape)] of the entries that are parameters: state_dict order minus the known buffers."""
-    out = []
-    for name, ref in model_sd.items():
-        if not isinstance(ref, TensorRef) or name.rsplit(".", 1)[-1] in BUFFER_SUFFIXES:
-            continue
-        if not (ref.dtype.startswith(("float", "bfloat", "complex"))):
-            continue
-        out.append((name, tuple(ref.shape)))
-    return out
+def resolve_names(osd, model_sd: dict | None, frozen=()):
+    """-> (slot index -> name, how, subset); names stay empty unless proven (see :func:`ckconv.optimizer_slots.resolve`)."""
+    res = resolve(osd, model_sd, frozen)
+    return res.names, res.how, res.subset
 
 
-def _state_shape(state):
-    if not isinstance(state, dict):
-        return None
-    for key in ("exp_avg", "momentum_buffer", "square_avg", "sum", "exp_avg_sq", "acc_delta", "ax", "prev"):
-        value = state.get(key)
-        if isinstance(value, TensorRef):
-            return tuple(value.shape)
-    return None
+def layout_of(root) -> str:
+    if not isinstance(root, dict):
+        return "unknown"
+    keys = set(root)
+    for name, marker in LAYOUTS:
+        if marker <= keys:
+            return name
+    if is_flat_state_dict(root):
+        return "state_dict"
+    return "torch" if {"model", "optimizer"} <= keys else "custom"
 
 
-def _align(slots, params, reverse=False):
-    """Monotone alignment of optimizer slots [(index, shape or None)] onto params [(name, shape)]."""
-    order_s = list(reversed(slots)) if reverse else slots
-    order_p = list(reversed(params)) if reverse else params
-    out, j = {}, 0
-    for idx, shape in order_s:
-        while j < len(order_p) and shape is not None and order_p[j][1] != shape:
-            j += 1
-        if j >= len(order_p):
-            return None
-        out[idx] = order_p[j][0]
-        j += 1
-    return out
-
-
-def resolve_names(osd, model_sd: dict | None):
-    """-> (index -> name, how, subset)."""
-    slots = [(i, _state_shape(osd["state"].get(i))) for g in osd["param_groups"] for i in g["params"]]
-    names = {}
-    for g in osd["param_groups"]:
-        pn = g.get("param_names")
-        if isinstance(pn, list) and len(pn) == len(g["params"]):
-            names.update(zip(g["params"], pn))
-    if len(names) == len(slots) and slots:
-        params = {n for n, _ in model_parameters(model_sd)} if model_sd else set()
-        return names, "param_names", bool(params) and len(set(names.values()) & params) < len(params)
-    if not model_sd:
-        return {}, "unresolved", False
-    params = model_parameters(model_sd)
-    if len(slots) == len(params) and all(s is None or s == p[1] for (_, s), p in zip(slots, params)):
-        return {i: p[0] for (i, _), p in zip(slots, params)}, "parameter order (shapes agree)", False
-    first, last = _align(slots, params), _align(slots, params, reverse=True)
-    if first is None:
-        return {}, "unresolved", False
-    how = "shapes (unique)" if first == last else "shapes (ambiguous: several parameter subsets fit)"
-    return first, how, True
+def frozen_names(root) -> list:
+    """The ``frozen`` list a bundle records (``save_bundle``, ``convert --freeze``), or []."""
+    frozen = root.get("frozen") if isinstance(root, dict) else None
+    return list(frozen) if isinstance(frozen, list) and all(isinstance(n, str) for n in frozen) else []
 
 
 def describe(root) -> BundleInfo:
@@ -147,27 +111,21 @@ def describe(root) -> BundleInfo:
 
     if not isinstance(root, dict):
         return BundleInfo("unknown", None, [], [], None, {})
-    keys = set(root)
-    layout = "state_dict" if is_flat_state_dict(root) else "custom"
-    for name, marker in LAYOUTS:
-        if marker <= keys:
-            layout = name
-            break
-    else:
-        if layout == "custom" and {"model", "optimizer"} <= keys:
-            layout = "torch"
+    layout = layout_of(root)
     try:
         model_sd, model_key = model_state_dict(root)
     except Exception:  # noqa: BLE001 - a bundle without a model is still a bundle
         model_sd, model_key = None, None
     optimizers = []
     for path, node in _find_optimizers(root):
-        names, how, subset = resolve_names(node, model_sd)
+        res = resolve(node, model_sd, frozen_names(root))
         optimizers.append(OptimizerInfo(
             path, optimizer_kind(node),
             [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in node["param_groups"]],
-            sum(len(g["params"]) for g in node["param_groups"]), len(node["state"]), names, how, subset))
-    schedulers = [k for k in root if k in ("scheduler", "lr_scheduler", "lr_schedulers", "param_schedulers")]
+            sum(len(g["params"]) for g in node["param_groups"]), len(node["state"]), res.names, res.how,
+            res.subset, res.problem))
+    schedulers = [k for k in root if k in ("scheduler", "schedulers", "lr_scheduler", "lr_schedulers",
+                                           "param_schedulers")]
     ema = next((k for k in ("state_dict_ema", "model_ema", "ema") if k in root), None)
     scalars = {k: v for k, v in root.items() if isinstance(k, str) and type(v) in (int, float, str, bool)}
     return BundleInfo(layout, model_key, optimizers, schedulers, ema, scalars)
@@ -204,6 +162,125 @@ def _find_optimizers(root):
     return found
 
 
+def optimizer_paths(root) -> list:
+    """Key paths (tuples) of the optimizer state_dicts at the top of a bundle or in its top-level lists."""
+    if not isinstance(root, dict):
+        return []
+    return [tuple(int(p) if p.isdigit() and isinstance(root.get(path.split(".")[0]), list) else p
+                  for p in path.split(".")) for path, _ in _find_optimizers(root)]
+
+
+def drop_optimizers(root):
+    """-> (root without its optimizer state_dicts, how many were dropped)."""
+    if not isinstance(root, dict):
+        return root, 0
+    out = type(root)() if type(root) is not dict else {}
+    dropped = 0
+    for key, value in root.items():
+        if is_optimizer_state(value):
+            dropped += 1
+            continue
+        if isinstance(value, list) and value and any(is_optimizer_state(v) for v in value):
+            kept = [v for v in value if not is_optimizer_state(v)]
+            dropped += len(value) - len(kept)
+            if not kept:
+                continue
+            value = kept
+        out[key] = value
+    if getattr(root, "__dict__", None):
+        out.__dict__.update(root.__dict__)
+    return out, dropped
+
+
+def standard_layout(root, model_key, layout):
+    """-> (``{'model': sd, 'optimizer': osd, ...}``, note) from a bundle in any layout.
+
+    The model section (at ``model_key``) becomes ``model``; a single optimizer, wherever it sat, ``optimizer``;
+    optimizers from one list (Lightning's ``optimizer_states``) ``optimizers`` when there are several. Lightning's
+    ``lr_schedulers`` become ``scheduler`` (or ``schedulers``). Everything else keeps its name and order.
+    """
+    items = [(k, v) for k, v in root.items() if k != model_key]
+    singles = [k for k, v in items if is_optimizer_state(v)]
+    lists = [k for k, v in items if isinstance(v, list) and v and all(is_optimizer_state(x) for x in v)]
+    out, taken, moved = {"model": root[model_key]}, {model_key}, [f"{model_key} -> model"]
+    if len(singles) + len(lists) == 1:
+        key = (singles or lists)[0]
+        value = root[key]
+        name = "optimizers" if isinstance(value, list) and len(value) > 1 else "optimizer"
+        out[name] = value[0] if isinstance(value, list) and name == "optimizer" else value
+        taken.add(key)
+        moved.append(f"{key}{'[0]' if isinstance(value, list) and name == 'optimizer' else ''} -> {name}")
+    if layout == "lightning":
+        for key, single, several in (("optimizer_states", "optimizer", "optimizers"),
+                                     ("lr_schedulers", "scheduler", "schedulers")):
+            value = root.get(key)
+            if key in taken or not isinstance(value, list):
+                continue
+            taken.add(key)
+            if value:
+                name = single if len(value) == 1 else several
+                out[name] = value[0] if len(value) == 1 else value
+                moved.append(f"{key}{'[0]' if len(value) == 1 else ''} -> {name}")
+    for key, value in items:
+        if key in taken:
+            continue
+        if key in out:
+            raise UsageError(f"this {layout} bundle has its own {key!r} entry beside the {model_key!r} section; "
+                             "writing the torch layout would overwrite it: pass --keep-layout")
+        out[key] = value
+    if moved == ["model -> model"] or (moved == ["model -> model", "optimizer -> optimizer"]):
+        return out, None
+    return out, (f"read the {layout} layout; wrote the torch layout {{'model', 'optimizer', ...}}: "
+                 f"{', '.join(moved)}, the rest under their names (--keep-layout keeps the {layout} layout)")
+
+
+def model_paths(root) -> list:
+    """Key paths of the model state_dict (the one ``match`` would take) and of EMA copies beside it."""
+    from .unwrap import EMA_KEYS, unwrap
+
+    try:
+        _, _, path = unwrap(root)
+    except UsageError:
+        return []
+    paths = [tuple(path)]
+    if isinstance(root, dict) and path:
+        paths += [(k,) for k in EMA_KEYS if isinstance(root.get(k), dict) and (k,) != tuple(path)]
+    return paths
+
+
+def cast_notes(root, dtype, dtype_optimizer, model_only=False):
+    """``--dtype`` / ``--dtype-optimizer``: -> (root, tensors cast, notes).
+
+    ``dtype`` casts the model state_dict and its EMA copies only; ``dtype_optimizer`` casts the optimizers'
+    floating state (moments), never their ``step`` counters. Everything else keeps its dtype.
+    """
+    from .api import cast_floating
+    from .dtypes import CAST_NAMES
+    from .optimizer_slots import INTEGER_STATE
+
+    opt = [] if model_only else optimizer_paths(root)
+    total, notes = 0, []
+    if dtype:
+        within = [()] if model_only else model_paths(root)
+        root, cast, skipped = cast_floating(root, dtype, within=within, exclude=opt)
+        where = ", ".join(".".join(map(str, p)) or "<root>" for p in within) or "nowhere: no model state_dict found"
+        notes.append(f"cast {cast} floating tensors to {CAST_NAMES[dtype]} in the model (at {where}); integer, bool "
+                     "and other tensors unchanged" + (f"; left {skipped} float8/complex tensors as they were"
+                                                      if skipped else "")
+                     + ("; optimizer state kept in its dtype (--dtype-optimizer casts it)"
+                        if opt and not dtype_optimizer else ""))
+        total += cast
+    if dtype_optimizer:
+        if not opt:
+            raise UsageError("--dtype-optimizer casts optimizer state, but this checkpoint has no optimizer "
+                             "state_dict" + (" in what --model-only writes" if model_only else ""))
+        root, cast, _ = cast_floating(root, dtype_optimizer, within=opt, keep_keys=INTEGER_STATE)
+        notes.append(f"cast {cast} floating optimizer state tensors to {CAST_NAMES[dtype_optimizer]}; step "
+                     "counters kept as they were")
+        total += cast
+    return root, total, notes
+
+
 # --- writing and restoring bundles from live objects ------------------------------------------------------
 
 def save_bundle(path, *, model=None, optimizer=None, scheduler=None, force=False, **extra):
@@ -229,7 +306,12 @@ def save_bundle(path, *, model=None, optimizer=None, scheduler=None, force=False
 
 
 def load_bundle(path, model=None, optimizer=None, scheduler=None, strict=True):
-    """Restore model weights, the recorded freeze, optimizer and scheduler state; returns the loaded bundle."""
+    """Restore model weights, the recorded freeze, optimizer and scheduler state; returns the loaded bundle.
+
+    ``requires_grad`` is set only when the bundle records a freeze (a ``frozen`` list); otherwise the model keeps
+    the freeze the caller applied. ``optimizer`` / ``scheduler`` may be lists, for a bundle's ``optimizers`` /
+    ``schedulers`` lists.
+    """
     from .api import load
     from .sections import MODEL_KEYS, OPTIMIZER_KEYS
 
@@ -239,17 +321,25 @@ def load_bundle(path, model=None, optimizer=None, scheduler=None, strict=True):
         if sd is None:
             raise UsageError(f"{path}: no model state_dict found (looked under {', '.join(MODEL_KEYS)})")
         model.load_state_dict(sd, strict=strict)
-        frozen = set(bundle.get("frozen", ()))
-        for name, p in model.named_parameters():
-            p.requires_grad_(name not in frozen)
-    if optimizer is not None:
-        osd = next((bundle[k] for k in OPTIMIZER_KEYS if isinstance(bundle.get(k), dict)), None)
-        if osd is not None:
-            optimizer.load_state_dict(osd)
-    if scheduler is not None and isinstance(bundle.get("scheduler"), dict):
-        scheduler.load_state_dict(bundle["scheduler"])
+        if "frozen" in bundle:  # a recorded freeze is restored; without one requires_grad is left as it is
+            frozen = set(frozen_names(bundle))
+            for name, p in model.named_parameters():
+                p.requires_grad_(name not in frozen)
+    for live, several, single_keys in ((optimizer, "optimizers", OPTIMIZER_KEYS), (scheduler, "schedulers", ("scheduler",))):
+        if live is None:
+            continue
+        if isinstance(live, (list, tuple)):  # several optimizers (schedulers): the bundle's list, in order
+            saved = bundle.get(several)
+            if not isinstance(saved, list) or len(saved) != len(live):
+                raise UsageError(f"{path}: {len(live)} {several} given, but the bundle holds "
+                                 f"{len(saved) if isinstance(saved, list) else 'no list of'} {several}")
+            for obj, state in zip(live, saved):
+                obj.load_state_dict(state)
+            continue
+        state = next((bundle[k] for k in single_keys if isinstance(bundle.get(k), dict)), None)
+        if state is not None:
+            live.load_state_dict(state)
     return bundle
-
 
 
 def record_freeze(root, selectors, *, arch=None, arch_options=None):
@@ -287,72 +377,3 @@ def record_freeze(root, selectors, *, arch=None, arch_options=None):
     trainable = len(params) - len(frozen)
     return new, frozen, (f"{note}: {len(frozen)} parameters frozen, {trainable} trainable "
                          "(ckconv.load_bundle restores it)")
-
-
-def remap_optimizer(osd, slot_names: dict, mapping: dict, target_params: list, target_shapes: dict | None = None):
-    """Re-key an optimizer state_dict for a remapped model.
-
-    ``slot_names``: source slot index -> source parameter name (from :func:`resolve_names`);
-    ``mapping``: source parameter name -> target parameter name (renames; absent = dropped);
-    ``target_params``: target parameter names in ``model.parameters()`` order;
-    ``target_shapes``: target name -> shape, to reshape per-parameter state along with a reshaped weight.
-
-    Returns ``(new_osd, report)``. Slot indices follow the target's ``parameters()`` order, so
-    ``opt = Adam(model.parameters()); opt.load_state_dict(new_osd)`` works; target parameters that no source
-    parameter feeds (a new head) join the last group without state; target parameters fed by a source parameter
-    the optimizer did not cover (frozen) stay out of it.
-    """
-    from collections import OrderedDict
-
-    order = {name: i for i, name in enumerate(target_params)}
-    fed_by_source = set(mapping.values())
-    state = osd["state"]
-    new_state, groups, placed = {}, [], set()
-    dropped = []
-    for group in osd["param_groups"]:
-        members = []
-        for slot in group["params"]:
-            target = mapping.get(slot_names.get(slot))
-            if target is None or target not in order:
-                dropped.append(slot_names.get(slot, slot))
-                continue
-            members.append(order[target])
-            placed.add(target)
-            if slot in state:
-                new_state[order[target]] = _reshape_state(state[slot], (target_shapes or {}).get(target))
-        g = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-        groups.append((g, sorted(members), "param_names" in group))
-    fresh = [name for name in target_params if name not in fed_by_source and name not in placed]
-    if groups:
-        groups[-1][1].extend(order[n] for n in fresh)
-        groups[-1][1].sort()
-    new_groups = []
-    for g, members, had_names in groups:
-        if had_names:
-            g["param_names"] = [target_params[i] for i in members]
-        g["params"] = members
-        new_groups.append(g)
-    new_osd = type(osd)() if isinstance(osd, OrderedDict) else {}
-    new_osd["state"] = {k: new_state[k] for k in sorted(new_state)}
-    new_osd["param_groups"] = new_groups
-    return new_osd, {"moved": len(new_state), "dropped": dropped, "new_without_state": fresh}
-
-
-def _reshape_state(slot_state, shape):
-    if shape is None or not isinstance(slot_state, dict):
-        return slot_state
-    out = type(slot_state)()
-    for key, value in slot_state.items():
-        if isinstance(value, TensorRef) and value.numel == _numel(shape) and value.shape != tuple(shape) \
-                and value.is_contiguous and value.shape != ():
-            value = TensorRef(value.storage, value.dtype, shape, None, value.offset, value.requires_grad,
-                              value.parameter)
-        out[key] = value
-    return out
-
-
-def _numel(shape):
-    n = 1
-    for s in shape:
-        n *= s
-    return n

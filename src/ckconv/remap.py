@@ -199,11 +199,18 @@ def _restrict(report: MatchReport, only, drop, model):
 # --- convert --arch / --map / --only / --drop / --rename ---------------------------------------------------
 
 def remap_checkpoint(ckpt, *, arch=None, arch_options=None, map=None, only=(), drop=(), rename=(), section=None,
-                     strict=False, model_only=False, structural=True):
-    """-> (new root, MatchReport, notes): the model section replaced by the remapped state_dict."""
+                     strict=False, model_only=False, structural=True, optimizer="remap", keep_layout=False):
+    """-> (new root, MatchReport, notes): the model section replaced by the remapped state_dict.
+
+    Optimizer state follows the renames (``optimizer="remap"``) or is left out (``"drop"``). With an architecture
+    a bundle is written in the torch layout ``{'model': sd, 'optimizer': osd, ...}`` unless ``keep_layout``.
+    """
     from . import architectures
+    from .bundles import drop_optimizers, frozen_names, layout_of, standard_layout
     from .unwrap import replace
 
+    if optimizer not in ("remap", "drop"):
+        raise UsageError(f"unknown --optimizer {optimizer!r}; use remap or drop")
     options = architectures.parse_options(arch_options)
     if map is not None:
         data = load_map(map)
@@ -229,8 +236,26 @@ def remap_checkpoint(ckpt, *, arch=None, arch_options=None, map=None, only=(), d
     root = state if model_only else replace(ckpt.root, report.section_path, state)
     notes = [_summary(report, model_only)]
     if not model_only:
-        root, optimizer_notes = remap_optimizers(root, report, options)
-        notes += optimizer_notes
+        frozen = frozen_names(ckpt.root)
+        if optimizer == "drop":
+            root, dropped = drop_optimizers(root)
+            if dropped:
+                notes.append(f"left out {dropped} optimizer state_dict{'s' if dropped > 1 else ''} (--optimizer drop)")
+        else:
+            root, optimizer_notes = remap_optimizers(root, report, options, frozen=frozen)
+            notes += optimizer_notes
+        if frozen and isinstance(root, dict) and "frozen" in root:
+            mapping = {m.source: m.target for m in report.matched}
+            kept = [mapping[n] for n in frozen if n in mapping]
+            root = replace(root, ("frozen",), kept)
+            if len(kept) < len(frozen):
+                notes.append(f"the recorded freeze follows the renames: {len(frozen) - len(kept)} frozen "
+                             "parameters are not in the output")
+        if report.architecture and not keep_layout and isinstance(root, dict) and len(report.section_path) == 1:
+            root, note = standard_layout(root, report.section_path[0], layout_of(ckpt.root))
+            notes += [note] if note else []
+        elif report.architecture and not keep_layout and len(report.section_path) > 1:
+            notes.append(f"the model sits at {report.section}, inside another section; kept the source layout")
     if report.mismatched:
         notes.append("skipped keys with other shapes: " + ", ".join(
             f"{m['target']} {m['source_shape']} vs {m['target_shape']}" for m in report.mismatched[:5])
@@ -239,10 +264,15 @@ def remap_checkpoint(ckpt, *, arch=None, arch_options=None, map=None, only=(), d
     return root, report, notes
 
 
-def remap_optimizers(root, report: MatchReport, options=None):
-    """Optimizer state in a bundle follows the model's renames, reshapes and drops (slots in target order)."""
+def remap_optimizers(root, report: MatchReport, options=None, *, frozen=()):
+    """Optimizer state in a bundle follows the model's renames, reshapes and drops (slots in target order).
+
+    Refuses (:class:`UsageError`) an optimizer whose slots cannot be proven to belong to particular parameters,
+    or whose state would not fit its new parameter: such state is never written.
+    """
     from . import architectures
-    from .bundles import _find_optimizers, model_parameters, remap_optimizer, resolve_names
+    from .bundles import _find_optimizers
+    from .optimizer_slots import model_parameters, remap_optimizer, resolve
 
     if not isinstance(root, dict):
         return root, []
@@ -252,24 +282,36 @@ def remap_optimizers(root, report: MatchReport, options=None):
     mapping = {m.source: m.target for m in report.matched}
     shapes = {m.target: tuple(m.shape) for m in report.matched}
     source_sd = report.source_tensors or {}
+    source_shapes = {n: tuple(ref.shape) for n, ref in source_sd.items()}
     if report.architecture:
         spec = architectures.spec(report.arch, options or report.arch_options or None)
         target_params = [t.name for t in spec.tensors if t.kind == "parameter"]
     else:
         target_params = [mapping[n] for n, _ in model_parameters(source_sd) if n in mapping]
+    in_place = [mapping.get(n) for n, _ in model_parameters(source_sd)] == target_params and all(
+        m.reshape is None for m in report.matched)
     notes = []
     for path, osd in found:
-        slot_names, how, _subset = resolve_names(osd, source_sd)
-        if not slot_names:
-            notes.append(f"optimizer at {path}: cannot tell which parameter each slot belongs to; kept unchanged "
-                         "(it will not fit the remapped model)")
-            continue
-        new_osd, info = remap_optimizer(osd, slot_names, mapping, target_params, shapes)
+        res = resolve(osd, source_sd, frozen)
+        if res.problem is not None:
+            if in_place:  # every parameter keeps its place and shape: the slots still point where they did
+                notes.append(f"optimizer at {path}: kept unchanged (the parameters keep their order and shapes; "
+                             f"{res.problem})")
+                continue
+            raise UsageError(f"optimizer at {path}: {res.problem}; ckconv cannot move its state onto "
+                             f"{report.arch}'s parameters: pass --optimizer drop to write the model without it, or "
+                             "save the optimizer with param_names (torch >= 2.6, built from named_parameters())")
+        try:
+            new_osd, info = remap_optimizer(osd, res.names, mapping, target_params, shapes, source_shapes)
+        except UsageError as exc:
+            raise UsageError(f"optimizer at {path}: {exc}") from None
         keys = tuple(int(p) if p.isdigit() else p for p in path.split("."))
         root = _replace_path(root, keys, new_osd)
+        groups = len(osd["param_groups"])
         notes.append(f"optimizer at {path}: state of {info['moved']} parameters follows the renames (slot names "
-                     f"from {how}); {len(info['dropped'])} dropped, {len(info['new_without_state'])} new parameters "
-                     "start without state")
+                     f"from {res.how}; {groups} param group{'s' if groups != 1 else ''}); {len(info['dropped'])} "
+                     f"dropped, {len(info['new_without_state'])} new parameters start without state"
+                     + (" in the last group" if info["new_without_state"] and groups > 1 else ""))
     return root, notes
 
 
