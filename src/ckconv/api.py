@@ -61,16 +61,27 @@ def _as_checkpoint(obj) -> Checkpoint:
 
 
 def output_format(dst: Path, to: str | None, max_shard_size) -> str:
+    """The output format's name: ``to``, else from ``dst``'s extension; with ``max_shard_size``, the sharded
+    variant (``torch`` -> ``torch-sharded``), refused for a format that cannot shard (never silently ignored)."""
     if to:
-        return host().format(to).name
-    if max_shard_size is not None:
+        name = host().format(to).name
+    elif max_shard_size is not None:
         return "safetensors"
-    suffix = dst.suffix.lower()
-    for name, fmt in host().formats.items():
-        if suffix in getattr(fmt, "extensions", ()):
-            return name
-    raise UsageError(f"cannot tell the output format from {dst.name!r}; pass --to "
-                     f"({', '.join(sorted(host().formats))})")
+    else:
+        suffix = dst.suffix.lower()
+        name = next((n for n, fmt in host().formats.items() if suffix in getattr(fmt, "extensions", ())), None)
+        if name is None:
+            raise UsageError(f"cannot tell the output format from {dst.name!r}; pass --to "
+                             f"({', '.join(sorted(host().formats))})")
+    if max_shard_size is None or getattr(host().format(name), "shardable", False):
+        return name
+    formats = host().formats.values()
+    sharded = next((f.name for f in formats if getattr(f, "shards_for", None) == name), None)
+    if sharded is None:
+        able = ", ".join(sorted(f.name for f in formats if getattr(f, "shardable", False)))
+        raise UsageError(f"--max-shard-size does not apply to format {name}: it is not sharded; drop "
+                         f"--max-shard-size, or shard with --to {able}")
+    return sharded
 
 
 def save(obj, path, *, format: str | None = None, max_shard_size=None, force=False, progress=None) -> str:

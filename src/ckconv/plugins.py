@@ -22,6 +22,7 @@ from .errors import PluginError, UsageError
 
 BUILTIN_PLUGINS = (
     "ckconv.formats.torch_pickle",
+    "ckconv.formats.torch_sharded",  # before safetensors: it claims the *.index.json files whose shards are torch
     "ckconv.formats.safetensors_format",
     "ckconv.formats.dcp",
     "ckconv.architectures_torchvision",

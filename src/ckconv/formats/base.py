@@ -21,6 +21,8 @@ class Format:
 
     * ``name`` -- unique short name used by ``--to``;
     * ``extensions`` -- suffixes that pick this format for an output path (reading always sniffs bytes);
+    * ``shardable`` -- True when ``write`` honours ``options.max_shard_size``; ckconv refuses ``--max-shard-size``
+      for any other format, unless a format declares ``shards_for = "<its name>"`` to write it sharded;
     * ``sniff(path, head)`` -- True when the file/folder at ``path`` is in this format; ``head`` is its first
       64 bytes (``b""`` for folders). Must not trust extensions;
     * ``read(path)`` -> :class:`ckconv.model.Checkpoint`; must never execute code from the file;
@@ -32,6 +34,7 @@ class Format:
     name = ""
     description = ""
     extensions: tuple = ()
+    shardable = False
 
     def sniff(self, path: Path, head: bytes) -> bool:
         raise NotImplementedError

@@ -34,6 +34,7 @@ class SafetensorsFormat(Format):
     name = "safetensors"
     description = "safetensors files and sharded folders (model.safetensors.index.json)"
     extensions = (".safetensors",)
+    shardable = True  # honours --max-shard-size
 
     def sniff(self, path: Path, head: bytes) -> bool:
         if path.is_dir():
