@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import dtypes, tree
-from .atomic import staged
-from .errors import NotACheckpoint, UsageError
+from .atomic import FolderLayout, identities, staged
+from .errors import NotACheckpoint, OutputExists, UsageError
 from .formats.base import WriteOptions
 from .model import Checkpoint, Storage, TensorRef
 from .plugins import host
@@ -92,9 +93,83 @@ def save(obj, path, *, format: str | None = None, max_shard_size=None, force=Fal
     name = output_format(path, format, shard)
     fmt = host().format(name)
     options = WriteOptions(max_shard_size=shard, progress=progress)
-    with staged(path, directory=fmt.writes_directory(options), force=force) as tmp:
+    target = output_target(ckpt, path, format=name, max_shard_size=shard)
+    with staged(target.path, directory=target.folder, force=force, protect=target.protect,
+                layout=target.layout) as tmp:
         fmt.write(ckpt, tmp, options)
     return name
+
+
+@dataclass
+class OutputTarget:
+    path: Path  # where the output goes (for a single file into an existing folder: DIR/<source stem><ext>)
+    format: object  # the Format plugin
+    folder: bool  # a multi-file output (sharded safetensors, dcp)
+    protect: frozenset  # (device, inode) of the source's files: never overwritten or removed, even with force
+    layout: FolderLayout | None  # for folder outputs: the files of the format's layout (ckconv.atomic)
+
+
+def output_target(obj, path, *, format: str | None = None, max_shard_size=None) -> OutputTarget:
+    """Where ``save`` writes ``obj`` for ``path``, refusing what could only lose data; touches nothing.
+
+    A folder output (``max_shard_size``, dcp) goes into ``path``, new or existing (only its own layout's files
+    are replaced there: :func:`ckconv.atomic.staged_folder`); a name with a file extension is refused for it
+    (``out.safetensors`` -> use ``out``). A single-file output whose ``path`` is an existing folder takes ``cp``
+    semantics: ``path/<source stem><ext>``.
+    """
+    ckpt = _as_checkpoint(obj)
+    path = Path(path)
+    shard = parse_size(max_shard_size)
+    fmt = host().format(output_format(path, format, shard))
+    options = WriteOptions(max_shard_size=shard)
+    folder = fmt.writes_directory(options)
+    layout = None
+    if folder:
+        suffix = path.suffix.lower()
+        if suffix and suffix in _file_extensions() and not path.is_dir():
+            why = ("--max-shard-size writes a folder of shards" if shard is not None
+                   else f"a {fmt.name} checkpoint is a folder")
+            raise UsageError(f"{path} names a file, but {why}; pass {path.with_suffix('')} instead")
+        make_layout = getattr(fmt, "folder_layout", None)
+        layout = make_layout(options) if make_layout is not None else None
+    elif path.is_dir():
+        path = path / _file_name_in_folder(ckpt, fmt, path)
+        if path.is_dir():
+            raise OutputExists(f"{path} is a folder; ckconv never replaces a folder with a file: name the "
+                               "output file")
+    return OutputTarget(path, fmt, folder, identities(_source_files(ckpt)), layout)
+
+
+def _file_extensions() -> set:
+    return {e.lower() for f in host().formats.values() for e in getattr(f, "extensions", ())}
+
+
+def _file_name_in_folder(ckpt: Checkpoint, fmt, folder: Path) -> str:
+    """``cp x.pth DIR`` names ``DIR/x.pth``: the source's stem with the output format's extension."""
+    exts = tuple(getattr(fmt, "extensions", ()))
+    if not ckpt.path or not exts:
+        example = folder / ("model" + (exts[0] if exts else ""))
+        raise UsageError(f"{folder} is a folder; name the output file inside it (e.g. {example})")
+    src = Path(ckpt.path)
+    name = src.name[: -len(".index.json")] if src.name.endswith(".index.json") else src.name
+    stem, suffix = os.path.splitext(name)
+    if not stem or (src.is_dir() and suffix.lower() not in _file_extensions()):
+        stem, suffix = name, ""  # a folder "run.v2" keeps its whole name
+    return stem + (suffix if suffix.lower() in exts else exts[0])  # x.bin stays x.bin as a torch output
+
+
+def _source_files(ckpt: Checkpoint) -> set:
+    """Every file (and folder) the checkpoint's bytes come from: what no output may overwrite."""
+    paths = {ckpt.path} if ckpt.path else set()
+    seen = set()
+    for _, ref in tree.tensors(ckpt.root):
+        st = ref.storage
+        while st is not None and id(st) not in seen:  # a cast storage reads from another storage
+            seen.add(id(st))
+            paths.update(p for p in [getattr(st, "path", None)]
+                         + [getattr(x, "path", None) for x in getattr(st, "pieces", ())] if p)
+            st = getattr(st, "source", None)
+    return paths
 
 
 def parse_size(value) -> int | None:
@@ -188,6 +263,7 @@ def convert(src, dst, *, to=None, model_only=False, dtype=None, max_shard_size=N
     total = sum(r.nbytes for r in refs)
     if progress is not None and hasattr(progress, "start"):
         progress.start(total)
+    dst = output_target(out, dst, format=to, max_shard_size=max_shard_size).path  # a folder DST takes DST/<name>
     saver = save
     if distributed:  # under torchrun each rank writes its share (issue 8)
         from .formats.dcp import save_distributed, world_from_env

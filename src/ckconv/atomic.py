@@ -1,7 +1,17 @@
-"""All-or-nothing outputs: write beside the destination, fsync, rename, fsync the folder.
+"""All-or-nothing outputs that never cost the user a file: stage beside (or inside) the destination, fsync, rename.
 
-A crash, SIGKILL or full disk leaves at most a hidden ``.NAME.ckconv-tmp-*`` beside the destination, never a
-partial file or folder at the destination itself.
+Two helpers, one per kind of output:
+
+* :func:`staged_file` -- one file. A hidden ``.NAME.ckconv-tmp-*`` beside the destination becomes it by one
+  ``os.replace``; a crash, SIGKILL or full disk leaves at most that hidden file, never a partial destination.
+* :func:`staged_folder` -- a multi-file output (sharded safetensors, DCP, sharded torch ``.bin``). A new folder is
+  staged beside and renamed into place whole; an existing folder (a model folder holding ``config.json``, the
+  source checkpoint, ...) is written *into*: only the files of the output's own layout are replaced, one rename
+  each, index last, and a failure puts back whatever was moved.
+
+Both refuse, even with ``force``, to overwrite or remove any file in ``protect`` (the source checkpoint's files,
+compared by inode as ``os.path.samefile`` does, not by name). Nothing here removes a file ckconv did not write in
+this run, except a file of the output's own layout that ``force`` was given to replace.
 """
 
 from __future__ import annotations
@@ -9,10 +19,15 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 from .errors import OutputExists, WriteFailed
+
+NEVER_SOURCE = "ckconv never overwrites or removes its source, even with --force"
 
 
 def _fsync_dir(path: Path):
@@ -38,7 +53,51 @@ def _fsync_tree(path: Path):
             os.fsync(f.fileno())
 
 
-def check_destination(dst: Path, force: bool):
+def _tmp_name(stem: str) -> str:
+    return f".{stem[:100]}.ckconv-tmp-{os.getpid()}-{os.urandom(4).hex()}"  # 255-byte names leave room
+
+
+def identities(paths: Iterable) -> frozenset:
+    """The (device, inode) of every existing path in ``paths``: what ``protect`` takes."""
+    out = set()
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except (OSError, ValueError):
+            continue
+        out.add((st.st_dev, st.st_ino))
+    return frozenset(out)
+
+
+def _is_protected(path: Path, protect: frozenset) -> bool:
+    if not protect:
+        return False
+    try:
+        st = os.stat(path)  # follows symlinks: a link to the source counts as the source
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) in protect
+
+
+def _refuse_source(path: Path, what="choose another output path"):
+    raise OutputExists(f"{path} is the source checkpoint; {NEVER_SOURCE}: {what}")
+
+
+def _os_error(dst: Path, exc: OSError):
+    if exc.errno == errno.ENOSPC:
+        return WriteFailed(f"no space left on device while writing {dst}; free space and retry (nothing was written)")
+    return WriteFailed(f"cannot write {dst}: {exc.strerror or exc} (nothing was written)")
+
+
+# --- one file ------------------------------------------------------------------------------------------------
+
+def check_destination(dst: Path, force: bool, protect: frozenset = frozenset()):
+    """Refuse a single-file destination that is a folder, the source, or (without ``force``) any existing file."""
+    dst = Path(dst)
+    if dst.is_dir():
+        raise OutputExists(f"{dst} is a folder; ckconv never replaces a folder with a file: name a file inside it")
+    if _is_protected(dst, protect):
+        _refuse_source(dst)
     if (dst.exists() or dst.is_symlink()) and not force:
         raise OutputExists(f"{dst} already exists; pass --force to overwrite it")
     if not dst.parent.is_dir():
@@ -46,42 +105,214 @@ def check_destination(dst: Path, force: bool):
 
 
 @contextmanager
-def staged(dst: Path, *, directory: bool, force: bool):
-    """Yield a temporary path (file or folder) that becomes ``dst`` when the block succeeds."""
+def staged_file(dst, *, force: bool, protect: frozenset = frozenset()):
+    """Yield a temporary path beside ``dst`` to write; it replaces ``dst`` (one ``os.replace``) when the block
+    succeeds. Refused up front as :func:`check_destination` says; on any failure the temporary file is removed,
+    ``dst`` is as it was, and an ``OSError`` becomes one :class:`WriteFailed` line."""
     dst = Path(dst)
-    check_destination(dst, force)
-    stem = dst.name[:100]  # a 255-byte destination name must still leave room for the suffix
-    tmp = dst.parent / f".{stem}.ckconv-tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    check_destination(dst, force, protect)
+    tmp = dst.parent / _tmp_name(dst.name)
     try:
-        if directory:
-            tmp.mkdir()
         yield tmp
         _fsync_tree(tmp)
-        if dst.is_dir() and not dst.is_symlink():
-            if not force:
-                raise OutputExists(f"{dst} already exists; pass --force to overwrite it")
-            trash = dst.parent / f".{stem}.ckconv-old-{os.getpid()}-{os.urandom(4).hex()}"
-            os.rename(dst, trash)
-            try:
-                os.rename(tmp, dst)
-            except BaseException:
-                os.rename(trash, dst)  # put the old folder back: never leave the destination missing
-                raise
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
+        if _is_protected(dst, protect):  # it may have changed while we wrote
+            _refuse_source(dst)
+        os.replace(tmp, dst)
         _fsync_dir(dst.parent)
     except BaseException as exc:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        except IsADirectoryError:
+            shutil.rmtree(tmp, ignore_errors=True)  # a writer that made a folder here: ours, made in this run
         if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
-            if exc.errno == errno.ENOSPC:
-                raise WriteFailed(f"no space left on device while writing {dst}; free space and retry "
-                                  "(nothing was written)") from None
-            raise WriteFailed(f"cannot write {dst}: {exc.strerror or exc} (nothing was written)") from None
+            raise _os_error(dst, exc) from None
         raise
+
+
+# --- a folder of files ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FolderLayout:
+    """The files a multi-file format owns in its folder (what :func:`staged_folder` may replace there).
+
+    * ``index`` -- names that say the folder is complete (``model.safetensors.index.json``, ``.metadata``): moved
+      into place after every other file, in this order, and moved aside first when replaced.
+    * ``earlier(folder)`` -- names of the files an earlier output of this layout left in ``folder`` (its index and
+      the shards that index names, never a name it does not name): removed with ``force`` when the new output
+      does not write them. Called on an existing folder only; must not raise for a missing or malformed index
+      (name nothing then) and must only ever return plain names inside the folder.
+    """
+
+    index: tuple = ()
+    earlier: Callable[[Path], Iterable[str]] | None = None
+
+    def earlier_files(self, folder: Path) -> list:
+        names = list(self.index)
+        if self.earlier is not None:
+            names += [n for n in self.earlier(folder) if n not in names]
+        return [n for n in names if _plain_name(n) and os.path.lexists(folder / n)]
+
+
+def _plain_name(name) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name \
+        and os.sep not in name
+
+
+def _check_replacements(dst: Path, names, force: bool, protect: frozenset, *, skip_folders: bool):
+    """-> the names in ``dst`` that will be moved aside; refuses folders, the source, and (without force) any."""
+    out = []
+    for n in names:
+        p = dst / n
+        if p.is_dir() and not p.is_symlink():
+            if skip_folders:
+                continue
+            raise OutputExists(f"{p} is a folder; ckconv never replaces a folder with a file: write into "
+                               "another folder")
+        if _is_protected(p, protect):
+            _refuse_source(p, "write into another folder")
+        out.append(n)
+    if out and not force:
+        more = f" and {len(out) - 1} more files" if len(out) > 1 else ""
+        raise OutputExists(f"{dst} already exists and holds {out[0]}{more} of this output's layout; pass --force "
+                           "to replace them (ckconv never touches the other files in the folder)")
+    return out
+
+
+@contextmanager
+def staged_folder(dst, *, force: bool, protect: frozenset = frozenset(), layout: FolderLayout | None = None):
+    """Stage a multi-file output for ``dst``, a new or an existing folder; yield an empty temporary folder.
+
+    Contract for the writer: write plain files (no subfolders) into the yielded folder; the names it writes are
+    the output. When the block succeeds:
+
+    * ``dst`` does not exist: the temporary folder (``.NAME.ckconv-tmp-*`` beside it) is renamed to ``dst``.
+    * ``dst`` is a folder: the temporary folder is ``dst/.ckconv-tmp-*`` (same file system, so every rename is
+      atomic). The files the output writes, plus ``layout.earlier_files(dst)`` (the files of an earlier output of
+      the same layout), are *replaced*: the index files are moved aside first, then the rest, into
+      ``dst/.ckconv-old-*``; the new files are renamed in, index last; the folder is fsynced; only then are the
+      moved-aside files deleted. Every other file in ``dst`` is never touched. Without ``force`` any such file
+      existing is refused -- as far as the names are known, before the block runs (``layout.index`` and the
+      earlier files), and again with the exact names before anything is moved.
+    * Refused even with ``force``: ``dst`` or any file to replace being in ``protect``; ``dst`` being a file;
+      a folder where a file would go.
+
+    On any failure (``OutputExists``, a full disk, Ctrl-C) everything moved is put back and the temporary folder
+    (only files this run wrote) is removed: nothing is left at a new ``dst``, and an existing one is as it was. A
+    SIGKILL mid-write leaves the hidden temporary folder; a SIGKILL in the few renames of the final step leaves
+    the replaced files in ``dst/.ckconv-old-*``, from where the user can move them back.
+    """
+    dst = Path(dst)
+    layout = layout or FolderLayout()
+    existing = dst.is_dir()
+    if existing:
+        if _is_protected(dst, protect):
+            _refuse_source(dst, "write into another folder")
+        _check_replacements(dst, layout.earlier_files(dst), force, protect, skip_folders=True)
+        tmp = dst / f".ckconv-tmp-{os.getpid()}-{os.urandom(4).hex()}"
+    else:
+        if os.path.lexists(dst):
+            raise OutputExists(f"{dst} is a file, but this output is a folder; ckconv never replaces a file with "
+                               "a folder: pass a folder name")
+        if not dst.parent.is_dir():
+            raise WriteFailed(f"cannot write {dst}: folder {dst.parent} does not exist")
+        tmp = dst.parent / _tmp_name(dst.name)
+    made = False
+    try:
+        tmp.mkdir()
+        made = True
+        yield tmp
+        _fsync_tree(tmp)
+        if existing:
+            _commit_into(dst, tmp, layout, force, protect)
+        else:
+            os.rename(tmp, dst)  # fails (ENOTEMPTY, ENOTDIR) if something appeared at dst meanwhile
+            _fsync_dir(dst.parent)
+    except BaseException as exc:
+        if made:
+            shutil.rmtree(tmp, ignore_errors=True)  # only the files this run staged; backups live elsewhere
+        if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError):
+            raise _os_error(dst, exc) from None
+        raise
+
+
+def _commit_into(dst: Path, tmp: Path, layout: FolderLayout, force: bool, protect: frozenset):
+    index = [n for n in layout.index]
+    written = []
+    for n in sorted(os.listdir(tmp)):
+        if not stat.S_ISREG(os.lstat(tmp / n).st_mode):
+            raise WriteFailed(f"cannot write {dst}: the writer left {n}, which is not a plain file "
+                              "(a format plugin must write plain files only)")
+        written.append(n)
+    order = [n for n in written if n not in index] + [n for n in index if n in written]
+    earlier = [n for n in layout.earlier_files(dst) if n not in written]
+    replaced = _check_replacements(dst, [n for n in written if os.path.lexists(dst / n)], force, protect,
+                                   skip_folders=False)
+    stale = _check_replacements(dst, earlier, force, protect, skip_folders=True)
+    aside_names = sorted(replaced + stale, key=lambda n: (n not in index, index.index(n) if n in index else 0))
+    backup = None
+    aside, moved = [], []
+    try:
+        if aside_names:
+            backup = dst / f".ckconv-old-{os.getpid()}-{os.urandom(4).hex()}"
+            backup.mkdir()
+            for n in aside_names:  # index first: the folder stops claiming to be complete before a shard changes
+                os.rename(dst / n, backup / n)
+                aside.append(n)
+        for n in order:  # index last: a folder with an index is complete
+            os.rename(tmp / n, dst / n)
+            moved.append(n)
+        _fsync_dir(dst)
+    except BaseException:
+        lost = _roll_back(dst, tmp, backup, aside, moved)
+        if lost:
+            raise WriteFailed(f"cannot write {dst}, and {len(lost)} replaced files could not be put back: they are "
+                              f"in {backup} (move them back by hand)") from None
+        raise
+    for n in aside:  # the files --force replaced, now superseded on disk
+        try:
+            os.unlink(backup / n)
+        except OSError:
+            pass
+    for folder in (backup, tmp):
+        if folder is not None:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass
+    _fsync_dir(dst)
+
+
+def _roll_back(dst, tmp, backup, aside, moved) -> list:
+    for n in reversed(moved):
+        try:
+            os.rename(dst / n, tmp / n)  # ours: back into the staging folder, which the caller removes
+        except OSError:
+            pass
+    lost = []
+    for n in reversed(aside):
+        try:
+            if n in moved and os.path.lexists(dst / n):
+                os.unlink(dst / n)  # a new file we could not move back out: ours, written in this run
+            os.rename(backup / n, dst / n)
+        except OSError:
+            lost.append(n)
+    _fsync_dir(dst)
+    if backup is not None and not lost:
+        try:
+            os.rmdir(backup)
+        except OSError:
+            pass
+    return lost
+
+
+@contextmanager
+def staged(dst, *, directory: bool, force: bool, protect: frozenset = frozenset(), layout=None):
+    """:func:`staged_folder` when ``directory``, else :func:`staged_file`."""
+    if directory:
+        with staged_folder(dst, force=force, protect=protect, layout=layout) as tmp:
+            yield tmp
+    else:
+        with staged_file(dst, force=force, protect=protect) as tmp:
+            yield tmp

@@ -12,7 +12,7 @@ import numpy as np
 
 from . import dtypes
 
-BLOCK_ELEMENTS = 1 << 20  # elements decoded at a time: at most 16 MiB of complex128 per side
+BLOCK_ELEMENTS = 1 << 18  # elements decoded at a time: 4 MiB of complex128 per side, a few temporaries
 
 _NUMPY = {
     "float64": "<f8", "float32": "<f4", "float16": "<f2",
@@ -58,10 +58,11 @@ def decode(raw, dtype: str, as_kind: str):
         values = _table(dtype)[np.frombuffer(raw, np.uint8)]
     else:
         values = np.frombuffer(raw, _NUMPY[dtype])
-    if as_kind == "complex":
-        return values.astype(np.complex128)
-    if as_kind == "float":
-        return values.astype(np.float64)
+    with np.errstate(invalid="ignore"):  # NaN float16 -> float64 warns on some numpy builds
+        if as_kind == "complex":
+            return values.astype(np.complex128)
+        if as_kind == "float":
+            return values.astype(np.float64)
     return values.astype(np.uint64 if dtype == "uint64" else np.int64)
 
 
@@ -90,9 +91,9 @@ def _table(dtype):
     return _TABLES[dtype]
 
 
-def blocks(ref, count=BLOCK_ELEMENTS):
+def blocks(ref, count=None):
     """Yield a tensor's C-order bytes in blocks of ``count`` whole elements (the last may be shorter)."""
-    want = count * dtypes.itemsize(ref.dtype)
+    want = (count or BLOCK_ELEMENTS) * dtypes.itemsize(ref.dtype)
     pending = bytearray()
     for chunk in ref.chunks():
         pending += chunk
@@ -129,5 +130,5 @@ def outside(d, y, atol, rtol, as_kind):
             return d != 0
         with np.errstate(all="ignore"):
             return ~(d.astype(np.float64) <= atol + rtol * np.abs(y.astype(np.float64)))
-    with np.errstate(all="ignore"):
-        return ~(np.isfinite(d) & (d <= atol + rtol * np.abs(y)))
+    with np.errstate(all="ignore"):  # d == 0 first: NaN or infinite elements of y make the bound NaN
+        return ~((d == 0) | (np.isfinite(d) & (d <= atol + rtol * np.abs(y))))

@@ -28,7 +28,10 @@ class Format:
     * ``read(path)`` -> :class:`ckconv.model.Checkpoint`; must never execute code from the file;
     * ``write(checkpoint, path, options)`` -- write to ``path``, a temporary location ckconv renames into place
       afterwards, so a plugin never needs its own atomicity; ``writes_directory(options)`` says whether ``path``
-      should be a folder.
+      should be a folder (an empty one, holding only plain files when ``write`` returns);
+    * optional ``folder_layout(options)`` -> :class:`ckconv.atomic.FolderLayout`: for a folder output written into
+      an existing folder, its index file names (moved in last) and the files an earlier output left there
+      (replaced with ``--force``); without it only the names ``write`` writes are replaced, in name order.
     """
 
     name = ""

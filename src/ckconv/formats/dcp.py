@@ -28,6 +28,7 @@ import io
 import os
 import pickle
 import re
+import stat
 import struct
 import uuid
 import zipfile
@@ -80,6 +81,11 @@ class DcpFormat(Format):
 
     def writes_directory(self, options: WriteOptions) -> bool:
         return True
+
+    def folder_layout(self, options: WriteOptions):
+        from ..atomic import FolderLayout
+
+        return FolderLayout(index=(METADATA_NAME,), earlier=earlier_output)
 
     def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
         plan = plan_write(checkpoint.root, world=1)
@@ -957,6 +963,19 @@ def write_rank_file(folder, rank, blobs, progress=None) -> dict:
     return locations
 
 
+def earlier_output(folder: Path) -> list:
+    """The ``.distcp`` files an earlier DCP checkpoint's ``.metadata`` in ``folder`` names (read by ckconv's
+    restricted reader; an unreadable or missing ``.metadata`` names none): what a new output there replaces."""
+    try:
+        if not stat.S_ISREG(os.stat(folder / METADATA_NAME).st_mode):
+            return []
+        meta = load_metadata(folder)
+    except Exception:  # noqa: BLE001 - an earlier output ckconv cannot read names nothing to replace
+        return []
+    names = (Path(file) for file, _, _ in meta.locations.values())
+    return sorted({p.name for p in names if p.parent == folder and re.fullmatch(r"__\d+_\d+\.distcp", p.name)})
+
+
 def write_metadata(folder, plan: WritePlan, locations: dict):
     """``.metadata`` as torch's FileSystemWriter writes it, plus ckconv's exact structure record."""
     import torch
@@ -1059,16 +1078,18 @@ def _raise(status):
     raise cls(text)
 
 
-def run_collective(group: Group, path: Path, *, directory: bool, force: bool, work, setup=None, finish=None):
-    """Rank 0 stages the output (ckconv.atomic.staged) and tells every rank the temporary path; every rank runs
-    ``work(tmp)``; when all succeeded rank 0 runs ``finish(tmp, results)`` and renames into place. A failure on any
-    rank fails every rank with the same message, and nothing is left at the destination.
+def run_collective(group: Group, path: Path, *, directory: bool, force: bool, work, setup=None, finish=None,
+                   protect=frozenset(), layout=None):
+    """Rank 0 stages the output (ckconv.atomic.staged: a folder output into a new or existing folder, replacing
+    only ``layout``'s files, never a ``protect``-ed source file) and tells every rank the temporary path; every
+    rank runs ``work(tmp)``; when all succeeded rank 0 runs ``finish(tmp, results)`` and moves the output into
+    place. A failure on any rank fails every rank with the same message, and the destination is as it was.
     """
     from ..atomic import staged
 
     if group.rank == 0:
         try:
-            with staged(path, directory=directory, force=force) as tmp:
+            with staged(path, directory=directory, force=force, protect=protect, layout=layout) as tmp:
                 if setup is not None:
                     setup(tmp)
                 group.bcast(("ok", str(tmp)))
@@ -1116,14 +1137,13 @@ def save_distributed(obj, path, *, format=None, max_shard_size=None, force=False
     byte-identical to the single-process result for safetensors, and holds the same content for torch (whose
     files carry a random serialization id) and dcp (one file per rank).
     """
-    from ..api import _as_checkpoint, output_format, parse_size
-    from ..plugins import host
+    from ..api import _as_checkpoint, output_target, parse_size
 
-    path = Path(path)
     ckpt = _as_checkpoint(obj)
     shard = parse_size(max_shard_size)
-    name = output_format(path, format, shard)
-    fmt = host().format(name)
+    target = output_target(ckpt, path, format=format, max_shard_size=shard)  # same answer on every rank
+    path, fmt, name = target.path, target.format, target.format.name
+    stage = {"protect": target.protect, "layout": target.layout}
     options = WriteOptions(max_shard_size=shard, progress=progress)
     group = Group()
     if name == "dcp":
@@ -1132,17 +1152,17 @@ def save_distributed(obj, path, *, format=None, max_shard_size=None, force=False
         def finish(tmp, results):
             write_metadata(tmp, plan, {k: v for r in results for k, v in r.items()})
 
-        run_collective(group, path, directory=True, force=force, finish=finish,
+        run_collective(group, path, directory=True, force=force, finish=finish, **stage,
                        work=lambda tmp: write_rank_file(tmp, group.rank, plan.blobs_for(group.rank), progress))
     elif name == "safetensors":
-        _safetensors_distributed(ckpt, path, options, force, group)
+        _safetensors_distributed(ckpt, path, options, force, group, stage)
     else:
-        run_collective(group, path, directory=fmt.writes_directory(options), force=force,
+        run_collective(group, path, directory=fmt.writes_directory(options), force=force, **stage,
                        work=lambda tmp: fmt.write(ckpt, tmp, options) if group.rank == 0 else None)
     return name
 
 
-def _safetensors_distributed(ckpt, path, options, force, group):
+def _safetensors_distributed(ckpt, path, options, force, group, stage):
     # The same plan as SafetensorsFormat.write (tests check the outputs are byte-identical).
     from ..bundles import optimizer_namer
     from ..fastcopy import SourceFiles
@@ -1175,11 +1195,11 @@ def _safetensors_distributed(ckpt, path, options, force, group):
                     named[i][1].copy_to(f.fileno(), starts[i], progress=options.progress, files=files)
                 os.fsync(f.fileno())
 
-        run_collective(group, path, directory=False, force=force, setup=setup, work=work)
+        run_collective(group, path, directory=False, force=force, setup=setup, work=work, **stage)
         return
     shards = plan_shards(named, options.max_shard_size)
     if len(shards) == 1:
-        run_collective(group, path, directory=True, force=force, work=lambda tmp: write_file(
+        run_collective(group, path, directory=True, force=force, **stage, work=lambda tmp: write_file(
             tmp / SINGLE_NAME, named, _metadata(text), options.progress) if rank == 0 else None)
         return
     names = [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
@@ -1198,7 +1218,7 @@ def _safetensors_distributed(ckpt, path, options, force, group):
             index["metadata"][structure.KEY] = text
         _write_json(tmp / INDEX_NAME, index)
 
-    run_collective(group, path, directory=True, force=force, work=work_shards, finish=finish_index)
+    run_collective(group, path, directory=True, force=force, work=work_shards, finish=finish_index, **stage)
 
 
 @hookimpl

@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import struct
 from pathlib import Path
 
 from .. import dtypes, structure
+from ..atomic import FolderLayout
 from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint
 from ..bundles import optimizer_namer
 from ..hookspecs import hookimpl
@@ -58,6 +60,9 @@ class SafetensorsFormat(Format):
         return options.max_shard_size is not None
 
     def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
+    def folder_layout(self, options: WriteOptions) -> FolderLayout:
+        return FolderLayout(index=(SINGLE_NAME, INDEX_NAME), earlier=earlier_output)
+
         encoded, named, needs_structure = structure.encode(checkpoint.root, raw_dtypes=RAW_DTYPES,
                                                             namer=optimizer_namer(checkpoint.root))
         text = structure.dumps(encoded) if needs_structure else None
@@ -308,6 +313,24 @@ def write_file(path, named, metadata, progress=None):
 
 
 def _write_json(path, obj):
+def earlier_output(folder: Path) -> list:
+    """The files of an earlier sharded output in ``folder`` that a new one replaces: the shards its
+    ``model.safetensors.index.json`` names (plain ``*.safetensors`` names only; a missing, odd or unreadable
+    index names none). ``model.safetensors`` and the index itself are the layout's ``index`` names."""
+    index = folder / INDEX_NAME
+    try:
+        st = os.stat(index)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_HEADER:  # a FIFO or /dev/zero behind a link: skip
+            return []
+        wmap = json.loads(index.read_text("utf-8")).get("weight_map")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return []
+    if not isinstance(wmap, dict):
+        return []
+    return [n for n in dict.fromkeys(wmap.values())
+            if isinstance(n, str) and SHARD_NAME.match(n) and n.endswith(".safetensors") and not n.startswith(".")]
+
+
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
