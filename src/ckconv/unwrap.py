@@ -1,17 +1,29 @@
-"""Step 1 of matching: find the model state_dict inside whatever a training framework saved.
+"""Step 1 of every command that wants the model: find its state_dict inside whatever a training framework saved.
 
-Layouts handled: a bare state_dict; ``state_dict`` / ``model`` / ``model_state`` / ``net`` / ``module`` / ... keys
-(plain torch, Lightning, mmengine, fvcore/detectron2, timm); EMA copies (``ema``, ``state_dict_ema``,
-``model_ema``), chosen only when asked for or when they are all there is; nested dicts of tensors, flattened with
-dotted names. Optimizer and scheduler sections are never taken for the model.
+One rule, used by ``--model-only``, ``--arch``, ``match``, ``load_into``, ``--freeze`` and ``inspect``. Layouts
+handled: a bare state_dict; ``state_dict`` / ``model`` / ``model_state`` / ``net`` / ``module`` / ... keys (plain
+torch, Lightning, mmengine, fvcore/detectron2, timm); a pickled ``nn.Module`` (``torch.save(model)``, also inside a
+bundle), whose state_dict :mod:`ckconv.modules` derives without importing its class; EMA copies (``ema``,
+``state_dict_ema``, ``model_ema``), chosen only when asked for or when they are all there is; nested dicts of
+tensors, flattened with dotted names. Optimizer and scheduler sections are never taken for the model. Among
+several candidates: a model key (or the root) before any other key before an EMA key, then the one with more
+tensors, then the shallower.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
+from . import modules
 from .errors import UsageError
 from .model import TensorRef
-from .sections import MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS
+from .tree import is_flat_state_dict
 
+MODEL_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "net", "module", "network", "weights",
+              "params", "state_dict_ema", "ema", "model_ema")
+OPTIMIZER_KEYS = ("optimizer", "optimizer_states", "optimizer_state", "optimizer_state_dict", "optim", "opt")
+SCHEDULER_KEYS = ("scheduler", "lr_scheduler", "lr_schedulers", "param_schedulers", "scheduler_state",
+                  "scheduler_state_dict")
 EMA_KEYS = ("state_dict_ema", "ema", "model_ema", "ema_state_dict", "ema_model")
 MAX_DEPTH = 4
 SECTION_KEYS = frozenset(MODEL_KEYS + EMA_KEYS + OPTIMIZER_KEYS + SCHEDULER_KEYS)
@@ -21,20 +33,36 @@ def unwrap(root, section: str | None = None):
     """-> ({name: TensorRef} in file order, where: str, path: tuple of keys leading to it).
 
     ``section``: a dotted path of keys to take instead of the best guess (``state_dict_ema``, ``model.ema``).
+    A bare state_dict comes back as it is (its ``_metadata`` too); a pickled module as ``model.state_dict()``.
+    A pickled module whose state_dict cannot be derived is an error, not skipped: it is what the user meant.
     """
-    found = candidates(root)
-    if not found:
-        raise UsageError("cannot find a model state_dict in this checkpoint: no name -> tensor mapping anywhere "
-                         "(see `ckconv inspect`)")
+    found, failed = _search(root)
     if section is not None:
         wanted = tuple(p for p in str(section).split(".") if p) if section not in ("", "<root>") else ()
         for path, flat in found:
             if tuple(map(str, path)) == wanted:
                 return flat, _where(path), path
+        for path, error in failed:
+            if tuple(map(str, path)) == wanted:
+                raise error
+        if not found and failed:
+            raise failed[0][1]
         raise UsageError(f"no state_dict at {section!r}; this checkpoint has them at "
                          + ", ".join(_where(p) for p, _ in found[:8]))
+    if failed:
+        raise failed[0][1]
+    if not found:
+        raise UsageError("cannot find a model state_dict in this checkpoint: no name -> tensor mapping or pickled "
+                         "nn.Module at the top level, under " + ", ".join(MODEL_KEYS[:6]) + ", ... or in nested "
+                         "dicts (see `ckconv inspect`)")
     path, flat = min(found, key=lambda c: _rank(*c))
     return flat, _where(path), path
+
+
+def model_state_dict(root):
+    """-> (the model state_dict, where it was found): :func:`unwrap`'s best guess."""
+    flat, where, _ = unwrap(root)
+    return flat, where
 
 
 def _where(path):
@@ -53,27 +81,42 @@ def _rank(path, flat):
 
 
 def candidates(root) -> list:
-    """[(path, {name: TensorRef})] for every dict holding tensors under string keys (depth <= MAX_DEPTH)."""
-    out = []
+    """[(path, {name: TensorRef})] for every dict holding tensors under string keys and every pickled module."""
+    return _search(root)[0]
+
+
+def _search(root):
+    """-> (candidates, [(path, error)] of pickled modules whose state_dict cannot be derived); depth <= MAX_DEPTH."""
+    out, failed = [], []
     stack = [((), root)]
     seen = set()
     while stack:
         path, node = stack.pop()
-        if not isinstance(node, dict) or id(node) in seen or len(path) > MAX_DEPTH:
+        if id(node) in seen or len(path) > MAX_DEPTH:
+            continue
+        if modules.is_module(node):
+            seen.add(id(node))
+            try:
+                out.append((path, modules.state_dict(node, where=f"pickled module at {_where(path)}")))
+            except modules.ModuleStateError as exc:
+                failed.append((path, exc))
+            continue
+        if not isinstance(node, dict):
             continue
         seen.add(id(node))
-        flat = _flatten(node)
+        flat = node if is_flat_state_dict(node) else _flatten(node)
         if flat:
             out.append((path, flat))
         for key, value in reversed(list(node.items())):
-            if isinstance(value, dict) and not (key in OPTIMIZER_KEYS or key in SCHEDULER_KEYS):
+            if (isinstance(value, dict) or modules.is_module(value)) and not (key in OPTIMIZER_KEYS
+                                                                              or key in SCHEDULER_KEYS):
                 stack.append((path + (key,), value))
-    return out
+    return out, failed
 
 
 def _flatten(node):
     """Tensors under string keys; nested dicts whose leaves are all tensors join with dots."""
-    flat = {}
+    flat = OrderedDict() if isinstance(node, OrderedDict) else {}
     for key, value in node.items():
         if not isinstance(key, str):
             continue
