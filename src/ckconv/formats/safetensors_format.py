@@ -59,10 +59,10 @@ class SafetensorsFormat(Format):
     def writes_directory(self, options: WriteOptions) -> bool:
         return options.max_shard_size is not None
 
-    def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
     def folder_layout(self, options: WriteOptions) -> FolderLayout:
         return FolderLayout(index=(SINGLE_NAME, INDEX_NAME), earlier=earlier_output)
 
+    def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
         encoded, named, needs_structure = structure.encode(checkpoint.root, raw_dtypes=RAW_DTYPES,
                                                             namer=optimizer_namer(checkpoint.root))
         text = structure.dumps(encoded) if needs_structure else None
@@ -312,7 +312,6 @@ def write_file(path, named, metadata, progress=None):
             pos += ref.nbytes
 
 
-def _write_json(path, obj):
 def earlier_output(folder: Path) -> list:
     """The files of an earlier sharded output in ``folder`` that a new one replaces: the shards its
     ``model.safetensors.index.json`` names (plain ``*.safetensors`` names only; a missing, odd or unreadable
@@ -331,6 +330,7 @@ def earlier_output(folder: Path) -> list:
             if isinstance(n, str) and SHARD_NAME.match(n) and n.endswith(".safetensors") and not n.startswith(".")]
 
 
+def _write_json(path, obj):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
