@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import OrderedDict
 
@@ -16,62 +17,136 @@ CONTAINERS = (dict, list, tuple, set, frozenset)
 
 def children(node):
     """(key, child) pairs of a container or foreign object; keys become path components."""
-    if isinstance(node, dict):
-        return list(node.items())
-    if isinstance(node, (list, tuple)):
-        return list(enumerate(node))
-    if isinstance(node, (set, frozenset)):
-        return [(i, v) for i, v in enumerate(node)]
-    if isinstance(node, Foreign):
-        out = [("args", node.args)]
-        if node.state is not None:
-            out.append(("state", node.state))
-        if node.listitems:
-            out.append(("items", node.listitems))
-        if node.dictitems:
-            out.append(("dictitems", node.dictitems))
-        return out
+    if isinstance(node, CONTAINERS) or isinstance(node, Foreign):
+        return list(_iter_children(node))
     return []
+
+
+def _iter_children(node):
+    if isinstance(node, dict):
+        meta = getattr(node, "__dict__", None)
+        if meta:  # an OrderedDict's attributes (torch's ``_metadata``) come first, as a child named "@attrs"
+            return itertools.chain((("@attrs", meta),), node.items())
+        return iter(node.items())
+    if isinstance(node, (list, tuple, set, frozenset)):
+        return enumerate(node)
+    out = [("args", node.args)]
+    if node.state is not None:
+        out.append(("state", node.state))
+    if node.listitems:
+        out.append(("items", node.listitems))
+    if node.dictitems:
+        out.append(("dictitems", node.dictitems))
+    return iter(out)
+
+
+class TreePath:
+    """Where a node lies: a link to its parent's path plus one key, so a walk costs O(1) memory per node.
+
+    Behaves as the tuple of keys from the root (iterate, ``len``, index, compare with tuples, ``+``); the tuple
+    is built only when asked for, so a wide tree 200 levels deep never holds 200 keys per node.
+    """
+
+    __slots__ = ("parent", "key", "depth")
+
+    def __init__(self, parent, key):
+        self.parent, self.key = parent, key
+        self.depth = 0 if parent is None else parent.depth + 1
+
+    def as_tuple(self) -> tuple:
+        keys = []
+        p = self
+        while p.parent is not None:
+            keys.append(p.key)
+            p = p.parent
+        return tuple(reversed(keys))
+
+    def __iter__(self):
+        return iter(self.as_tuple())
+
+    def __len__(self):
+        return self.depth
+
+    def __bool__(self):
+        return self.depth > 0
+
+    def __getitem__(self, index):
+        return self.as_tuple()[index]
+
+    def __eq__(self, other):
+        if isinstance(other, (TreePath, tuple)):
+            return self.as_tuple() == tuple(other)
+        return NotImplemented
+
+    def __hash__(self):
+        return hash(self.as_tuple())
+
+    def __add__(self, other):
+        return self.as_tuple() + tuple(other)
+
+    def __radd__(self, other):
+        return tuple(other) + self.as_tuple()
+
+    def __repr__(self):
+        return repr(self.as_tuple())
+
+
+ROOT = TreePath(None, None)
+_END = object()
 
 
 def walk(root, visit=None):
     """Visit every node depth-first as ``visit(path, node)``; refuse cycles, depth and size bombs.
 
-    Returns the number of nodes visited. Runs iteratively, so hostile nesting cannot overflow the C stack.
+    Returns the number of nodes visited. Runs iteratively, so hostile nesting cannot overflow the C stack, and
+    holds only the current branch: memory is O(depth) beyond what ``visit`` keeps. ``path`` is a
+    :class:`TreePath` (a tuple of keys on demand); keep it, not ``tuple(path)``, to stay O(1) per node.
     """
     count = 0
     on_path: set = set()
-    stack = [((), root, False)]
-    while stack:
-        path, node, leaving = stack.pop()
-        if leaving:
-            on_path.discard(id(node))
-            continue
+    frames: list = []  # (id of an open container, its path, iterator over its (key, child) pairs)
+    path, node = ROOT, root
+    while True:
         count += 1
         if count > MAX_NODES:
             raise LimitExceeded(
                 f"structure too large: more than {MAX_NODES} objects (shared references can expand "
                 "exponentially); raise CKCONV_MAX_NODES if you trust this file")
-        if len(path) > MAX_DEPTH:
-            raise LimitExceeded(f"structure too deep: nesting exceeds {MAX_DEPTH} levels at {format_path(path[:5])}...")
+        if path.depth > MAX_DEPTH:
+            raise LimitExceeded(f"structure too deep: nesting exceeds {MAX_DEPTH} levels at "
+                                f"{format_path(path.as_tuple()[:5])}...")
         if visit is not None:
             visit(path, node)
         if isinstance(node, CONTAINERS) or isinstance(node, Foreign):
             if id(node) in on_path:
                 raise LimitExceeded(f"self-referencing structure at {format_path(path)}: a container contains itself")
             on_path.add(id(node))
-            stack.append((path, node, True))
-            for key, child in reversed(children(node)):
-                stack.append((path + (key,), child, False))
-        if isinstance(node, dict):
-            meta = getattr(node, "__dict__", None)
-            if meta:
-                stack.append((path + ("@attrs",), meta, False))
-    return count
+            frames.append((id(node), path, _iter_children(node)))
+        while frames:
+            parent_id, parent, pairs = frames[-1]
+            pair = next(pairs, _END)
+            if pair is _END:
+                frames.pop()
+                on_path.discard(parent_id)
+                continue
+            path, node = TreePath(parent, pair[0]), pair[1]
+            break
+        else:
+            return count
 
 
 def format_path(path) -> str:
-    return ".".join(str(p) for p in path) if path else "<root>"
+    return ".".join(key_text(p) for p in path) if path else "<root>"
+
+
+def key_text(key) -> str:
+    """A path component as text; an int too long for ``str`` (Python's 4,300-digit limit) is shown by size."""
+    if type(key) is int and key.bit_length() > MAX_INT_TEXT_BITS:
+        return f"<{key.bit_length()}-bit int>"
+    return str(key)
+
+
+MAX_INT_TEXT_BITS = 13_000  # about 3,900 decimal digits: under sys.get_int_max_str_digits()'s default 4,300
 
 
 def tensors(root):
