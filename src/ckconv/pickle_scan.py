@@ -48,6 +48,19 @@ class _Malformed(Exception):
     pass
 
 
+def _memo_put(dense, sparse, index, value):
+    """The shadow memo is a list while indices come in order (8 bytes an entry) and a dict for the rest."""
+    if index < len(dense):
+        dense[index] = value
+    elif index == len(dense):
+        dense.append(value)
+        sparse.pop(index, None)
+        while sparse and len(dense) in sparse:
+            dense.append(sparse.pop(len(dense)))
+    else:
+        sparse[index] = value
+
+
 _LEAF = _Value()  # shared by every scalar: leaves are never mutated (only ``mutable`` values grow)
 _K_LEAF, _K_STR, _K_LONG, _K_GET, _K_PUT, _K_MEMO, _K_MARK, _K_EMPTY_MUT, _K_EMPTY_TUPLE, _K_TUPLE, _K_TUPLEN, \
     _K_LIST, _K_DICT, _K_FROZENSET, _K_APPEND, _K_MARKED_ADD, _K_SETITEM, _K_BUILD, _K_POP, _K_POP_MARK, _K_DUP, \
@@ -75,7 +88,8 @@ def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
     total = len(source) if isinstance(source, (bytes, bytearray)) else size
     stack: list = []
     marks: list = []
-    memo: dict = {}
+    memo: list = []  # the memo, capped at max_nodes entries: a pickler memoizes each object once, so 20 million
+    sparse: dict = {}  # one-byte MEMOIZE opcodes are hostile (they would cost gigabytes here and in the C unpickler)
     hash_work = 0
     same_hash: dict = {}
     collidable_keys = 0
@@ -91,6 +105,10 @@ def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
                 f"{where}: structure too large: more than {max_nodes} objects (shared references can expand "
                 "exponentially); raise CKCONV_MAX_NODES if you trust this file")
         return v
+
+    def too_many_memos():
+        return LimitExceeded(f"{where}: the pickle stores more than {max_nodes} memo entries, more than the objects "
+                             "it may hold; the file is malformed or hostile (raise CKCONV_MAX_NODES if you trust it)")
 
     def pop(n):
         if len(stack) - n < fence:
@@ -172,9 +190,14 @@ def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
                                         "the file is malformed or hostile")
                 if len(stack) <= fence:
                     raise _Malformed("stack underflow")
-                memo[arg] = stack[-1]
+                if arg == len(memo) and not sparse:
+                    memo.append(stack[-1])
+                else:
+                    _memo_put(memo, sparse, arg, stack[-1])
+                if len(memo) + len(sparse) > max_nodes:
+                    raise too_many_memos()
             elif kind == _K_GET:
-                value = memo.get(arg)
+                value = memo[arg] if 0 <= arg < len(memo) else sparse.get(arg)
                 if value is None:
                     raise _Malformed(f"memo index {arg} was never stored")
                 append(value)
@@ -219,7 +242,12 @@ def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
             elif kind == _K_MEMO:
                 if len(stack) <= fence:
                     raise _Malformed("stack underflow")
-                memo[len(memo)] = stack[-1]
+                if sparse:
+                    _memo_put(memo, sparse, len(memo) + len(sparse), stack[-1])
+                else:
+                    memo.append(stack[-1])
+                if len(memo) + len(sparse) > max_nodes:
+                    raise too_many_memos()
             elif kind == _K_EMPTY_TUPLE:
                 append(_Value(1, 1, 1))
             elif kind == _K_LIST:
