@@ -10,6 +10,7 @@ import time
 import click
 
 from .errors import CkconvError
+from .tree import json_safe, key_text
 
 DEBUG = os.environ.get("CKCONV_DEBUG", "") not in ("", "0")
 
@@ -62,7 +63,7 @@ def _fail(message):
 
 
 def _json(obj):
-    click.echo(json.dumps(obj, indent=2, default=str))
+    click.echo(json.dumps(json_safe(obj), indent=2, default=str))
 
 
 def _table(rows, headers):

@@ -272,7 +272,7 @@ def _compare_values(report, sa, sb):
 
 
 def _short(value):
-    text = repr(value)
+    text = tree.key_text(value) if type(value) is int else repr(value)  # str() refuses ints past 4,300 digits
     return text if len(text) <= 80 else text[:77] + "..."
 
 

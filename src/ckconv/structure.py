@@ -19,6 +19,8 @@ from .model import Foreign, TensorRef, TorchDevice, TorchDtype, TorchSize, forei
 from .tree import MAX_DEPTH, format_path, walk
 
 KEY = "ckconv.structure"
+BIG_INT_BITS = 13_000  # longer ints (about 3,900 digits) are written as {"$int": hex}: JSON's int->str limit is 4,300
+HEX_DIGITS = frozenset("0123456789abcdef")
 
 
 def tensor_name(path) -> str:
@@ -57,7 +59,7 @@ def encode(root, raw_dtypes=frozenset(), namer=None):
         if node is None or type(node) is bool:
             return node
         if type(node) is int:
-            return node
+            return node if node.bit_length() <= BIG_INT_BITS else {"$int": format(node, "x")}
         if type(node) is float:
             return node if math.isfinite(node) else {"$float": repr(node)}
         if isinstance(node, TensorRef):
@@ -194,6 +196,11 @@ def decode(structure, tensors: dict, where=""):
                 return data.decode("utf-8", "surrogatepass")
             except UnicodeDecodeError:
                 raise bad("$str is not UTF-8") from None
+        if tag == "$int":
+            digits = val[1:] if type(val) is str and val.startswith("-") else val
+            if type(digits) is not str or not digits or not set(digits) <= HEX_DIGITS:
+                raise bad("bad $int")
+            return int(val, 16)  # base 16 has no digit limit
         if tag == "$float":
             if val not in ("nan", "inf", "-inf"):
                 raise bad("bad float")

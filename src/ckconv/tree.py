@@ -73,6 +73,15 @@ class TreePath:
     def __getitem__(self, index):
         return self.as_tuple()[index]
 
+    def __contains__(self, key):
+        return key in self.as_tuple()
+
+    def index(self, key):
+        return self.as_tuple().index(key)
+
+    def count(self, key):
+        return self.as_tuple().count(key)
+
     def __eq__(self, other):
         if isinstance(other, (TreePath, tuple)):
             return self.as_tuple() == tuple(other)
@@ -142,11 +151,23 @@ def format_path(path) -> str:
 def key_text(key) -> str:
     """A path component as text; an int too long for ``str`` (Python's 4,300-digit limit) is shown by size."""
     if type(key) is int and key.bit_length() > MAX_INT_TEXT_BITS:
-        return f"<{key.bit_length()}-bit int>"
+        digits = format(abs(key), "x")  # base 16 has no length limit
+        return f"<{key.bit_length()}-bit int {'-' if key < 0 else ''}0x{digits[:8]}...{digits[-8:]}>"
     return str(key)
 
 
 MAX_INT_TEXT_BITS = 13_000  # about 3,900 decimal digits: under sys.get_int_max_str_digits()'s default 4,300
+
+
+def json_safe(obj):
+    """``obj`` (a report's dicts, lists and scalars) with ints too long for ``json.dumps`` shown as text."""
+    if type(obj) is int:
+        return obj if obj.bit_length() <= MAX_INT_TEXT_BITS else key_text(obj)
+    if isinstance(obj, dict):
+        return {json_safe(k) if type(k) is int else k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def tensors(root):

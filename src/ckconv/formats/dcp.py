@@ -815,7 +815,7 @@ def flatten(root):
 
     def visit(path, v):
         if isinstance(v, dict):
-            items = [[_plain(k, "a key"), visit(path + (str(k),), x)] for k, x in v.items()]
+            items = [[_plain(k, "a key"), visit(path + (tree.key_text(k),), x)] for k, x in v.items()]
             node = {"$odict" if isinstance(v, OrderedDict) else "$dict": items}
             attrs = getattr(v, "__dict__", None) if isinstance(v, OrderedDict) else None
             if attrs:
