@@ -18,7 +18,12 @@ class CorruptCheckpoint(CkconvError):
 
 
 class UnsafeCheckpoint(CkconvError):
-    """The file would run code when loaded (dangerous pickle globals)."""
+    """The file would run code when loaded (dangerous pickle globals), or an output would name globals ckconv does
+    not know to be benign. ``globals`` lists the dotted names."""
+
+    def __init__(self, message, globals_=()):
+        super().__init__(message)
+        self.globals = list(globals_)
 
 
 class UnsupportedContent(CkconvError):

@@ -6,9 +6,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import tree
+from . import modules, policy, tree
 from .bundles import describe
 from .errors import UnsafeCheckpoint
+from .model import Checkpoint, Foreign, is_reference
 from .sections import sections
 
 
@@ -34,20 +35,27 @@ class Inspection:
     metadata: dict = field(default_factory=dict)
     bundle: dict = field(default_factory=dict)  # layout, model section, optimizers (kind, hyper-parameters, names)
     error: str | None = None
+    modules: list = field(default_factory=list)  # pickled nn.Modules: [{path, class, tensors, error}]
+    verdict: str = "safe"  # safe / unknown / dangerous (ckconv.policy)
+    globals: dict = field(default_factory=dict)  # {verdict: [dotted names]}
 
     def to_dict(self):
         return asdict(self)
 
 
-def inspect(path) -> Inspection:
+def inspect(path, allow_globals=()) -> Inspection:
+    """What ``path`` holds, with a safety verdict (:mod:`ckconv.policy`): a dangerous file is still described
+    (read with every global inert), and ``verdict``/``globals`` say what ``torch.load`` would call."""
     from .api import detect_format, read
 
     path = Path(path)
     fmt = detect_format(path)
+    error = None
     try:
         ckpt = read(path, fmt)
     except UnsafeCheckpoint as exc:
-        return _inspect_dangerous(path, fmt, str(exc))
+        error = str(exc)
+        ckpt = _read_dangerous(path, fmt, exc)
     refs = tree.tensors(ckpt.root)
     seen, infos, total = set(), [], 0
     for p, ref in refs:
@@ -56,24 +64,53 @@ def inspect(path) -> Inspection:
             seen.add(ref.view_key())
             total += ref.nbytes
     meta = {k: (v if len(v) < 200 else v[:200] + "...") for k, v in ckpt.metadata.items()}
-    return Inspection(str(path), ckpt.format, sections(ckpt.root), len(infos), total,
+    found = verdicts(ckpt, allow_globals)
+    return Inspection(str(path), ckpt.format or fmt, sections(ckpt.root), len(infos), total,
                       dict(Counter(i.dtype for i in infos)), infos,
-                      [{"path": p, "class": c} for p, c in ckpt.foreign], list(ckpt.dangerous), meta,
-                      describe(ckpt.root).to_dict())
+                      [{"path": p, "class": c} for p, c in ckpt.foreign], found[policy.DANGEROUS], meta,
+                      describe(ckpt.root).to_dict(), error=error, modules=modules.describe(ckpt.root),
+                      verdict=policy.worst(v for v in found if found[v]), globals=found)
 
 
-def _inspect_dangerous(path, fmt, message) -> Inspection:
-    """Re-read with dangerous globals recorded instead of refused (everything stays inert)."""
+def _read_dangerous(path, fmt, exc) -> Checkpoint:
+    """Re-read a refused torch file with dangerous globals recorded instead of refused (everything stays inert);
+    where even that cannot build the tree (a payload that breaks the stand-ins), only the names are reported."""
     from .formats.torch_pickle import guarded, read_legacy, read_zip
 
-    if Path(path).is_dir():  # a DCP folder: the refusal already names the globals
-        return Inspection(str(path), fmt, {}, 0, 0, {}, [], [], [], {}, error=message)
-    with open(path, "rb") as f:
-        head = f.read(4)
-    reader = read_zip if head == b"PK\x03\x04" else read_legacy
-    ckpt = guarded(reader, path, allow_dangerous=True)
-    return Inspection(str(path), fmt, sections(ckpt.root), 0, 0, {}, [],
-                      [{"path": p, "class": c} for p, c in ckpt.foreign], list(ckpt.dangerous), {}, error=message)
+    if fmt == "torch" and Path(path).is_file():
+        with open(path, "rb") as f:
+            head = f.read(4)
+        reader = read_zip if head == b"PK\x03\x04" else read_legacy
+        try:
+            return guarded(reader, path, allow_dangerous=True)
+        except UnsafeCheckpoint as again:
+            exc = again
+    return Checkpoint(root={}, format=fmt, path=str(path), dangerous=list(exc.globals))
+
+
+def tree_globals(root) -> list:
+    """(module, qualname) of every foreign record and reference in a tree (formats without pickle opcodes)."""
+    found: list = []
+
+    def visit(_path, node):
+        if (isinstance(node, Foreign) or is_reference(node)) and (node.module, node.qualname) not in found:
+            found.append((node.module, node.qualname))
+
+    tree.walk(root, visit)
+    return found
+
+
+def verdicts(ckpt, allow_globals=()) -> dict:
+    """{safe|unknown|dangerous: [dotted names]} for a checkpoint read by any format."""
+    names = list(ckpt.globals) or tree_globals(ckpt.root)
+    found = policy.classify(names, allow_globals)
+    for name in ckpt.dangerous:  # what the reader itself judged dangerous (a getattr on a module, DCP metadata)
+        if name not in found[policy.DANGEROUS]:
+            found[policy.DANGEROUS].append(name)
+        for bucket in (policy.SAFE, policy.UNKNOWN):
+            if name in found[bucket]:
+                found[bucket].remove(name)
+    return found
 
 
 def size_text(n: int) -> str:

@@ -310,15 +310,21 @@ class TorchDevice(str):
 class Foreign:
     """An inert record of an object whose class ckconv does not run.
 
-    ``module``/``name`` give the class (or function) the file asked for; ``args`` what it would have been called
-    with; ``state``, ``listitems`` and ``dictitems`` what pickle would have applied afterwards.
+    ``module``/``qualname`` give the class (or function) the file asked for; ``args`` (and ``kwargs``) what it would
+    have been called with; ``state``, ``listitems`` and ``dictitems`` what pickle would have applied afterwards.
+    How pickle would have made the object is kept so a writer can say it the same way: ``newobj`` is True for
+    ``cls.__new__(cls, *args)`` (NEWOBJ: no ``__init__``) and False for a call ``cls(*args)`` (REDUCE);
+    ``reconstructor`` is ``(base, base_state)`` for ``copyreg._reconstructor(cls, base, base_state)``.
+
+    The class itself (``foreign_class(module, qualname)``) is also a value: an inert *reference* to a global
+    (``_norm_layer = BatchNorm2d``, ``numpy.ndarray`` passed to ``_reconstruct``), never imported.
     """
 
     module = "?"
     qualname = "?"
 
     def __init__(self, *args, **kwargs):
-        pass
+        object.__setattr__(self, "newobj", False)  # reached only when pickle *called* the class (REDUCE)
 
     def __new__(cls, *args, **kwargs):
         self = object.__new__(cls)
@@ -327,6 +333,8 @@ class Foreign:
         object.__setattr__(self, "state", None)
         object.__setattr__(self, "listitems", [])
         object.__setattr__(self, "dictitems", [])
+        object.__setattr__(self, "newobj", True)
+        object.__setattr__(self, "reconstructor", None)
         return self
 
     @property
@@ -356,9 +364,29 @@ class Foreign:
     def __eq__(self, other):
         return (isinstance(other, Foreign) and self.class_name == other.class_name and self.args == other.args
                 and self.kwargs == other.kwargs and self.state == other.state
-                and self.listitems == other.listitems and self.dictitems == other.dictitems)
+                and self.listitems == other.listitems and self.dictitems == other.dictitems
+                and self.newobj == other.newobj and self.reconstructor == other.reconstructor)
 
     __hash__ = object.__hash__
+
+
+class GlobalRef:
+    """Marks objects that stand for a global by name (``module``, ``qualname``) when they appear as values:
+    ckconv's builders for the globals it implements (``collections.OrderedDict`` passed to ``defaultdict``)."""
+
+    __slots__ = ()
+    module: str
+    qualname: str
+
+
+def is_reference(value) -> bool:
+    """Whether ``value`` is an inert reference to a global (a foreign class, or a ckconv builder)."""
+    return isinstance(value, GlobalRef) or (isinstance(value, type) and issubclass(value, Foreign))
+
+
+def reference_name(value) -> tuple:
+    """(module, qualname) of a reference."""
+    return value.module, value.qualname
 
 
 _FOREIGN_CLASSES: dict = {}
@@ -383,4 +411,5 @@ class Checkpoint:
     notes: list = field(default_factory=list)  # things the user should know (lossy steps, fallbacks)
     foreign: list = field(default_factory=list)  # [(path, class name)] of inert foreign objects
     dangerous: list = field(default_factory=list)  # dangerous globals seen (inspect only; read refuses)
+    globals: list = field(default_factory=list)  # [(module, qualname)] every global the file names (verdicts)
 

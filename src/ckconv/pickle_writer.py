@@ -3,6 +3,10 @@
 Written by hand (not ``pickle.Pickler``) because the globals it names -- ``torch._utils._rebuild_tensor_v2``,
 ``torch.FloatStorage``, ``torch.Size`` -- must appear without importing torch, and the result must be readable by
 ``torch.load(weights_only=True)``.
+
+Every global that comes from the tree (a foreign record's class, a reference) passes :mod:`ckconv.policy` first:
+only allowlisted or user-allowed names, validated as dotted identifiers, are written; anything else makes
+:meth:`PickleWriter.dumps` refuse, naming them all, before a single byte reaches a file.
 """
 
 from __future__ import annotations
@@ -10,21 +14,51 @@ from __future__ import annotations
 import struct
 from collections import OrderedDict
 
-from . import dtypes
+from . import dtypes, policy
 from .errors import UnsupportedContent
-from .model import Foreign, TensorRef, TorchDevice, TorchDtype, TorchSize
+from .model import Foreign, TensorRef, TorchDevice, TorchDtype, TorchSize, is_reference
+
+
+def check_writable(root, allow=(), where="") -> None:
+    """Refuse, naming them, the globals of ``root`` that a pickle may not carry (see :mod:`ckconv.policy`); for
+    writers that pickle a tree piece by piece and must refuse before their first file."""
+    PickleWriter(lambda storage: "0", allow=allow, where=where).dumps(root)
 
 
 class PickleWriter:
-    def __init__(self, storage_key):
+    def __init__(self, storage_key, allow=(), where=""):
         self.out = bytearray(b"\x80\x02")
         self.memo: dict = {}
         self.storage_key = storage_key  # Storage -> record key (str)
+        self.allow = tuple(allow)  # user-allowed dotted names and prefix.* patterns
+        self.where = where
+        self.refused: list = []
 
     def dumps(self, root) -> bytes:
         self.save(root)
+        if self.refused:
+            raise policy.refuse_write(self.refused, self.where)
         self.out += b"."
         return bytes(self.out)
+
+    def tree_global(self, module, qualname, role):
+        """A global taken from the tree: written only when the policy allows it for ``role`` ("call"/"class")."""
+        if not policy.may_write(module, qualname, role, self.allow):
+            name = policy.dotted(module, qualname)
+            if name not in self.refused:
+                self.refused.append(name)
+            self.out += b"N"  # placeholder: dumps() refuses before these bytes are used
+            return
+        first, *rest = qualname.split(".")
+        if rest:  # protocol 2 cannot name Outer.inner in one GLOBAL: getattr(Outer, 'inner'), as pickle does
+            for _ in rest:
+                self.global_("builtins", "getattr")
+            self.global_(module, first)
+            for attr in rest:
+                self.save_str(attr)
+                self.out += b"\x86R"
+            return
+        self.global_(module, qualname)
 
     # -- primitives -------------------------------------------------------------------------------------------
     def put_memo(self, key):
@@ -33,6 +67,8 @@ class PickleWriter:
         self.out += b"q" + bytes([idx]) if idx < 256 else b"r" + struct.pack("<I", idx)
 
     def global_(self, module, name):
+        if not policy.valid_name(module, name):  # never reached by tree names (tree_global checks them first)
+            raise UnsupportedContent(f"refusing to write the invalid global name {policy.dotted(module, name)}")
         key = ("global", module, name)
         if key in self.memo:
             idx = self.memo[key]
@@ -133,6 +169,8 @@ class PickleWriter:
             self.out += b"R"
         elif isinstance(v, Foreign):
             self.save_foreign(v)
+        elif is_reference(v):
+            self.tree_global(v.module, v.qualname, "class")
         else:
             raise UnsupportedContent(f"cannot write a value of type {type(v).__name__} into a torch checkpoint")
 
@@ -180,9 +218,24 @@ class PickleWriter:
             self.out += b")R\x87R"
 
     def save_foreign(self, f: Foreign):
-        self.global_(f.module, f.qualname)
-        self.tuple_(tuple(f.args))
-        self.out += b"R"
+        if f.reconstructor is not None:  # copyreg._reconstructor(cls, base, state): no __init__
+            self.global_("copyreg", "_reconstructor")
+            self.tree_global(f.module, f.qualname, "class")
+            self.save(f.reconstructor[0])
+            self.save(f.reconstructor[1])
+            self.out += b"\x87R"
+        elif f.newobj:  # cls.__new__(cls, *args): no __init__; NEWOBJ refuses anything that is not a class
+            self.tree_global(f.module, f.qualname, "class")
+            self.tuple_(tuple(f.args))
+            if f.kwargs:
+                self.save(dict(f.kwargs))
+                self.out += b"\x92"
+            else:
+                self.out += b"\x81"
+        else:  # cls(*args) or fn(*args): called, so only allowlisted callables
+            self.tree_global(f.module, f.qualname, "call")
+            self.tuple_(tuple(f.args))
+            self.out += b"R"
         if f.listitems:
             self.out += b"("
             for item in f.listitems:

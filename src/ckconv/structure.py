@@ -14,8 +14,9 @@ import math
 from collections import OrderedDict
 
 from . import dtypes
-from .errors import CorruptCheckpoint
-from .model import Foreign, TensorRef, TorchDevice, TorchDtype, TorchSize, foreign_class
+from . import policy
+from .errors import CorruptCheckpoint, UnsafeCheckpoint
+from .model import Foreign, TensorRef, TorchDevice, TorchDtype, TorchSize, foreign_class, is_reference
 from .tree import MAX_DEPTH, format_path, walk
 
 KEY = "ckconv.structure"
@@ -98,8 +99,16 @@ def encode(root, raw_dtypes=frozenset(), namer=None):
             return {"$" + type(node).__name__: base64.b64encode(node).decode()}
         if type(node) is complex:
             return {"$complex": [node.real, node.imag]}
+        if is_reference(node):
+            return {"$class": f"{node.module}:{node.qualname}"}
         if isinstance(node, Foreign):
             out = {"$object": f"{node.module}:{node.qualname}", "args": [enc(a, path + ("args", i)) for i, a in enumerate(node.args)]}
+            if node.newobj:
+                out["new"] = True
+            if node.kwargs:
+                out["kwargs"] = [[enc(k, path), enc(v, path + ("kwargs", k))] for k, v in node.kwargs.items()]
+            if node.reconstructor is not None:
+                out["reconstructor"] = [enc(v, path + ("reconstructor", i)) for i, v in enumerate(node.reconstructor)]
             if node.state is not None:
                 out["state"] = enc(node.state, path + ("state",))
             if node.listitems:
@@ -116,12 +125,33 @@ def encode(root, raw_dtypes=frozenset(), namer=None):
     return structure, named, not plain
 
 
-def decode(structure, tensors: dict, where=""):
-    """Rebuild the tree from ``encode``'s JSON; ``tensors`` maps names to TensorRefs. Strict: any surprise is an error."""
+def decode(structure, tensors: dict, where="", seen_globals=None):
+    """Rebuild the tree from ``encode``'s JSON; ``tensors`` maps names to TensorRefs. Strict: any surprise is an error.
+
+    Class names (``$object``, ``$class``) are untrusted: a name that is not dotted identifiers, or a dangerous one,
+    is refused (:class:`UnsafeCheckpoint`); ``seen_globals`` (a list) receives the others, for verdicts."""
     used: set = set()
+    seen_globals = [] if seen_globals is None else seen_globals
 
     def bad(msg):
         return CorruptCheckpoint(f"{where}: invalid {KEY} metadata ({msg}); the file was altered or written by a newer ckconv")
+
+    def global_ref(val):
+        """A class name from the metadata: untrusted input, checked exactly like a pickle's GLOBAL opcode."""
+        if type(val) is not str or ":" not in val:
+            raise bad("bad object class")
+        module, qualname = val.split(":", 1)
+        if not policy.valid_name(module, qualname):
+            raise UnsafeCheckpoint(f"refusing to load {where}: its {KEY} metadata names {policy.dotted(module, qualname)}, "
+                                   "which is not a Python name (an opcode injection attempt); the file is hostile",
+                                   globals_=[policy.dotted(module, qualname)])
+        if policy.is_dangerous(module, qualname):
+            raise UnsafeCheckpoint(f"refusing to load {where}: its {KEY} metadata names {module}.{qualname}, which "
+                                   "would run code if a converter wrote it into a pickle; do not use this file unless "
+                                   "you trust its source", globals_=[f"{module}.{qualname}"])
+        if len(seen_globals) < 10_000 and (module, qualname) not in seen_globals:
+            seen_globals.append((module, qualname))
+        return foreign_class(module, qualname)
 
     def dec(node, depth):
         if depth > MAX_DEPTH:
@@ -222,11 +252,22 @@ def decode(structure, tensors: dict, where=""):
             if type(val) is not str:
                 raise bad("bad device")
             return TorchDevice(val)
+        if tag == "$class":
+            return global_ref(val)
         if tag == "$object":
-            if type(val) is not str or ":" not in val:
-                raise bad("bad object class")
-            module, qualname = val.split(":", 1)
-            obj = foreign_class(module, qualname)(*[dec(a, depth + 1) for a in _list(node.get("args", []), bad)])
+            cls = global_ref(val)
+            args = [dec(a, depth + 1) for a in _list(node.get("args", []), bad)]
+            kwargs = {}
+            for pair in _list(node.get("kwargs", []), bad):
+                if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not str:
+                    raise bad("bad kwargs")
+                kwargs[pair[0]] = dec(pair[1], depth + 1)
+            obj = cls.__new__(cls, *args, **kwargs) if node.get("new") is True else cls(*args, **kwargs)
+            if "reconstructor" in node:
+                rec = _list(node["reconstructor"], bad)
+                if len(rec) != 2:
+                    raise bad("bad reconstructor")
+                object.__setattr__(obj, "reconstructor", (dec(rec[0], depth + 1), dec(rec[1], depth + 1)))
             if "state" in node:
                 obj.__setstate__(dec(node["state"], depth + 1))
             for item in _list(node.get("listitems", []), bad):

@@ -15,25 +15,12 @@ from collections import OrderedDict
 
 from . import dtypes, tree
 from .errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsafeCheckpoint, UnsupportedContent
-from .model import Foreign, TensorRef, TorchDevice, TorchDtype, TorchSize, foreign_class
+from .model import Foreign, GlobalRef, TensorRef, TorchDevice, TorchDtype, TorchSize, foreign_class, is_reference
 from .pickle_scan import MAX_SAME_HASH, SAFE_INT_BITS, scan
+from .policy import dotted, is_dangerous, valid_name
 
 INT64_MAX = (1 << 63) - 1
 MAX_BUILT_TUPLE = 512  # elements of a tuple built by a ``builtins.tuple`` call (it may be hashed many times)
-
-DANGEROUS_MODULES = {
-    "os", "posix", "nt", "subprocess", "sys", "runpy", "importlib", "pickle", "_pickle", "marshal", "shutil",
-    "socket", "ctypes", "code", "codeop", "pty", "webbrowser", "types", "pdb", "bdb", "timeit", "commands",
-    "platform", "multiprocessing", "asyncio", "threading", "_thread", "signal", "tempfile", "glob", "pathlib",
-    "io", "_io", "urllib", "http", "ftplib", "smtplib", "telnetlib", "requests", "httplib", "pip", "setuptools",
-    "distutils", "venv", "zipimport", "pkgutil", "inspect", "gc", "operator", "functools", "numpy.testing",
-    "dill", "joblib", "cloudpickle", "torch.hub", "torch.serialization", "torch.jit", "torch.package",
-    "torch.utils.cpp_extension", "torch._dynamo", "torch._inductor", "torch.ops", "torch.classes", "cProfile",
-    "profile", "trace", "imp", "builtins", "__builtin__", "__builtins__", "exec", "site", "sysconfig", "compileall",
-    "py_compile", "ensurepip", "idlelib", "tkinter", "turtle", "xmlrpc", "asyncore", "sqlite3", "dbm", "shelve",
-}
-DANGEROUS_NAMES = {("numpy", "load"), ("numpy.lib.npyio", "load"), ("torch", "load"), ("torch", "save"),
-                   ("torch", "compile"), ("torch", "from_file"), ("numpy", "fromfile")}
 
 # Globals whose meaning ckconv implements itself (never calling the named object).
 SAFE_BUILTINS = {"set", "frozenset", "complex", "bytearray", "slice", "range", "bool", "int", "float", "str",
@@ -49,15 +36,6 @@ UNSUPPORTED_REBUILDS = {
     "_rebuild_meta_tensor_no_storage": "meta tensors carry no data: materialise them before saving",
     "_rebuild_device_tensor_from_numpy": "tensors saved as numpy arrays on a device are not supported",
 }
-
-
-def is_dangerous(module: str, name: str) -> bool:
-    if (module, name) in DANGEROUS_NAMES:
-        return True
-    if module in ("builtins", "__builtin__"):
-        return name not in SAFE_BUILTINS
-    top = module.split(".")
-    return any(".".join(top[:i]) in DANGEROUS_MODULES for i in range(1, len(top) + 1))
 
 
 def _no_state(self, state):
@@ -78,15 +56,17 @@ class StorageType:
         return f"<storage type {self.dtype}>"
 
 
-class Builder:
-    """A callable ckconv hands to the unpickler for a global; the file can call it, never modify it."""
+class Builder(GlobalRef):
+    """A callable ckconv hands to the unpickler for a global; the file can call it, never modify it. Left in the
+    tree as a value (``defaultdict(list)``), it is an inert reference to that global."""
 
-    __slots__ = ("fn", "name")
+    __slots__ = ("fn", "name", "module", "qualname")
     __setstate__ = _no_state
 
     def __init__(self, fn, name):
         self.fn = fn
         self.name = name
+        self.module, _, self.qualname = name.rpartition(".")
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
@@ -140,6 +120,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.where = where
         self.dangerous: list = []
         self.foreign: list = []
+        self.globals: list = []  # (module, qualname) of every global named, for verdicts
         self.hash_budget = tree.MAX_NODES  # steps the builders below may spend hashing keys and set members
         self.same_hash: dict = {}  # hash -> how many number keys had it (hash flooding)
         self.collidable = 0  # tuple and frozenset keys seen by the builders
@@ -154,18 +135,22 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if not isinstance(module, str) or not isinstance(name, str):
             raise CorruptCheckpoint(f"{self.where}: malformed pickle global")
-        full = f"{module}.{name}"
+        if module in ("builtins", "__builtin__") and name == "getattr":
+            return self._builder(self._getattr, "builtins.getattr")  # judged when called: reference or attack
+        full = dotted(module, name)
+        if (module, name) not in self.globals and len(self.globals) < 10_000:
+            self.globals.append((module, name))
         if is_dangerous(module, name):
             if full not in self.dangerous:
                 self.dangerous.append(full)
-            return foreign_class(module, name)
+            return foreign_class(module, name) if valid_name(module, name) else foreign_class("invalid", "name")
         if module == "collections" and name == "OrderedDict":
             return self._builder(self._ordered_dict, full)
+        if module in ("builtins", "__builtin__") and name == "object":
+            return foreign_class("builtins", "object")  # a base-class argument: kept as a reference
         if module in ("builtins", "__builtin__") and name in BUILTIN_BUILDERS:
             fn = BUILTIN_BUILDERS[name]
-            if isinstance(fn, type):
-                return fn
-            return self._builder(getattr(self, fn) if isinstance(fn, str) else fn, full)
+            return self._builder(getattr(self, fn) if isinstance(fn, str) else fn, f"builtins.{name}")
         if module == "_codecs" and name == "encode":
             return self._builder(_codecs_encode, full)
         if module == "copyreg" and name == "_reconstructor":
@@ -178,6 +163,23 @@ class RestrictedUnpickler(pickle.Unpickler):
         if full not in self.foreign:
             self.foreign.append(full)
         return foreign_class(module, name)
+
+    def _getattr(self, obj, name, *default):
+        """``getattr(Class, 'name')`` on an inert class record is a *reference* (how protocol 2 pickles a nested
+        qualname such as mmengine's ``HistoryBuffer.min``); on anything else (a module from ``__import__``, a
+        builtin) it is how payloads reach ``os.system``: recorded as dangerous, and nothing is looked up."""
+        if (isinstance(obj, type) and issubclass(obj, Foreign) and not default and type(name) is str
+                and name.isidentifier() and not name.startswith("__")
+                and valid_name(obj.module, f"{obj.qualname}.{name}")):
+            ref = foreign_class(obj.module, f"{obj.qualname}.{name}")
+            if (ref.module, ref.qualname) not in self.globals and len(self.globals) < 10_000:
+                self.globals.append((ref.module, ref.qualname))
+            if is_dangerous(ref.module, ref.qualname) and ref.class_name not in self.dangerous:
+                self.dangerous.append(dotted(ref.module, ref.qualname))
+            return ref
+        if "builtins.getattr" not in self.dangerous:
+            self.dangerous.append("builtins.getattr")
+        return foreign_class("builtins", "getattr")(obj, name, *default)
 
     def _torch_global(self, module, name):
         if module == "torch._utils":
@@ -415,8 +417,11 @@ BUILTIN_BUILDERS = {"set": "_set", "frozenset": "_frozenset", "complex": _comple
 
 
 def _reconstructor(cls, base, state=None):
-    if isinstance(cls, type) and issubclass(cls, Foreign):
-        return cls(state) if state is not None else cls()
+    """``copyreg._reconstructor(cls, base, state)`` (protocols 0 and 1): ``base.__new__(cls)``, no ``__init__``."""
+    if isinstance(cls, type) and issubclass(cls, Foreign) and is_reference(base):
+        obj = cls.__new__(cls)
+        object.__setattr__(obj, "reconstructor", (base, state))
+        return obj
     raise CorruptCheckpoint("malformed object record")
 
 
@@ -484,7 +489,7 @@ def unpickle(source, *, storage_loader=None, where="", allow_dangerous=False, un
     except MemoryError:
         raise LimitExceeded(f"{where}: the pickle asks for more memory than available") from None
     except Exception as exc:  # noqa: BLE001 - every malformed pickle ends here, whatever it raised
-        if up.dangerous and not allow_dangerous:
+        if up.dangerous:  # a payload that breaks the stand-ins (a getattr chain) is still named, inspect included
             raise refuse(where, up.dangerous) from None
         raise NotACheckpoint(f"{where}: not a readable checkpoint (malformed pickle: {type(exc).__name__}: "
                              f"{str(exc)[:160]})") from None
@@ -496,4 +501,4 @@ def unpickle(source, *, storage_loader=None, where="", allow_dangerous=False, un
 def refuse(where, globals_):
     return UnsafeCheckpoint(
         f"refusing to load {where}: it calls {', '.join(globals_)}; this file runs code when loaded, "
-        "do not use it unless you trust its source")
+        "do not use it unless you trust its source", globals_=globals_)

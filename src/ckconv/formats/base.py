@@ -14,6 +14,7 @@ from ..errors import CkconvError, LimitExceeded, NotACheckpoint
 class WriteOptions:
     max_shard_size: int | None = None  # bytes; safetensors-style formats shard when set
     progress: object = None  # callable(nbytes) called as tensor bytes are written, or None
+    allow_globals: tuple = ()  # user-allowed globals for pickles (``--allow-global``), see ckconv.policy
 
 
 class Format:

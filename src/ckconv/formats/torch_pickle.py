@@ -18,7 +18,7 @@ from ..fastcopy import SourceFiles
 from ..hookspecs import hookimpl
 from ..model import Checkpoint, Foreign, Storage
 from ..pickle_writer import PickleWriter
-from ..unpickler import PARAMETER, Builder, StorageType, short_repr, unpickle
+from ..unpickler import PARAMETER, StorageType, short_repr, unpickle
 from .base import Format, WriteOptions, guarded
 from .zipio import ZipRecords, ZipWriter
 
@@ -67,7 +67,7 @@ class TorchFormat(Format):
         write_zip(checkpoint.root, path, options)
 
 
-INTERNALS = (Builder, StorageType, Storage)
+INTERNALS = (StorageType, Storage)  # builders left as values are references to their globals
 
 
 def _finish(root, up, fmt, path) -> Checkpoint:
@@ -81,7 +81,8 @@ def _finish(root, up, fmt, path) -> Checkpoint:
                                     "value belongs; the file is malformed")
 
     tree.walk(root, visit)
-    return Checkpoint(root=root, format=fmt, path=str(path), foreign=foreign, dangerous=list(up.dangerous))
+    return Checkpoint(root=root, format=fmt, path=str(path), foreign=foreign, dangerous=list(up.dangerous),
+                      globals=list(up.globals))
 
 
 def _refuse_torchscript(path, names):
@@ -202,7 +203,8 @@ def write_zip(root, path, options: WriteOptions | None = None):
     def key_of(storage):
         return order.setdefault(id(storage), (str(len(order)), storage))[0]
 
-    pickled = PickleWriter(key_of).dumps(root)
+    allow = options.allow_globals if options else ()
+    pickled = PickleWriter(key_of, allow=allow, where="the torch checkpoint").dumps(root)
     progress = options.progress if options else None
     with open(path, "wb") as f, SourceFiles() as files:
         zw = ZipWriter(f)

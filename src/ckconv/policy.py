@@ -1,0 +1,221 @@
+"""Which globals a pickle may name: three verdicts for reading, one allowlist for writing.
+
+Reading never calls anything a file names (the unpickler answers every global with a builder of ckconv's own or an
+inert record), so reading needs no allowlist: it needs *verdicts* that tell the user what ``torch.load(...,
+weights_only=False)`` would do with the same file:
+
+* **safe** -- ckconv implements the global itself (tensor rebuilds, containers) or it is on the writing allowlist
+  below: known to be benign when called the way pickle calls it;
+* **dangerous** -- known to run commands, import code or touch files (``os.system``, ``builtins.eval``, ``runpy``,
+  and the gadgets red teams found: ``pydoc.pipepager``, ``logging.config.dictConfig``...), or a name that is not a
+  name (newlines, spaces: opcode injection) or a dotted path that walks through a dangerous module
+  (``argparse._os.system``);
+* **unknown** -- everything else: ckconv does not call it, but torch would.
+
+Writing is where a deny-list cannot win: what ckconv *writes* as a global in a pickle must be on :data:`CALLS`
+(called by REDUCE with the recorded arguments) or :data:`CLASSES` (instantiated without ``__init__`` by NEWOBJ or
+``copyreg._reconstructor``, then given its state by BUILD; also written as a plain reference), or allowed by the
+user as a whole dotted path or a ``prefix.*`` pattern (``--allow-global``, ``allow_globals=``). Every name is
+validated as dotted Python identifiers before anything is written, so a name can never inject opcodes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+from .errors import UnsafeCheckpoint, UsageError
+
+SAFE, UNKNOWN, DANGEROUS = "safe", "unknown", "dangerous"
+_RANK = {SAFE: 0, UNKNOWN: 1, DANGEROUS: 2}
+
+DANGEROUS_MODULES = frozenset({
+    "os", "posix", "nt", "subprocess", "sys", "runpy", "importlib", "pickle", "_pickle", "marshal", "shutil",
+    "socket", "ctypes", "code", "codeop", "pty", "webbrowser", "types", "pdb", "bdb", "timeit", "commands",
+    "platform", "multiprocessing", "asyncio", "threading", "_thread", "signal", "tempfile", "glob", "pathlib",
+    "io", "_io", "urllib", "http", "ftplib", "smtplib", "telnetlib", "requests", "httplib", "pip", "setuptools",
+    "distutils", "venv", "zipimport", "pkgutil", "inspect", "gc", "operator", "functools", "numpy.testing",
+    "dill", "joblib", "cloudpickle", "torch.hub", "torch.serialization", "torch.jit", "torch.package",
+    "torch.utils.cpp_extension", "torch._dynamo", "torch._inductor", "torch.ops", "torch.classes", "cProfile",
+    "profile", "trace", "imp", "builtins", "__builtin__", "__builtins__", "exec", "site", "sysconfig", "compileall",
+    "py_compile", "ensurepip", "idlelib", "tkinter", "turtle", "xmlrpc", "asyncore", "sqlite3", "dbm", "shelve",
+    "pydoc", "imaplib", "poplib", "nntplib", "_osx_support", "_aix_support", "logging.config", "codecs",
+    "torch.utils.collect_env", "torch.fx", "torch.utils.data.datapipes", "torch._export", "torch.export",
+    "torch.testing", "torch.utils.bottleneck", "torch.utils.benchmark", "numpy.distutils", "numpy.f2py",
+    "_posixsubprocess", "_winapi", "msvcrt", "winreg", "mailcap", "cgi", "cgitb", "zipfile", "tarfile", "lzma",
+    "bz2", "gzip", "fileinput", "linecache", "tokenize", "ast", "dis",  "_bootlocale",
+    "_sitebuiltins", "antigravity", "this", "doctest", "unittest", "lib2to3", "configparser",
+})
+DANGEROUS_NAMES = frozenset({
+    "numpy.load", "numpy.lib.npyio.load", "numpy.savetxt", "numpy.lib.npyio.savetxt", "numpy.save", "numpy.savez",
+    "numpy.loadtxt", "numpy.genfromtxt", "numpy.fromfile", "numpy.memmap", "numpy.lib.npyio.loadtxt",
+    "numpy.ctypeslib.load_library", "torch.load", "torch.save", "torch.compile", "torch.from_file",
+    "torch.storage._load_from_bytes",
+})
+# Module names that, met anywhere in a dotted path, mean the path walks into a dangerous module
+# (``argparse._os.system``: the C unpickler resolves attributes one by one).
+_DANGEROUS_COMPONENTS = frozenset(m for m in DANGEROUS_MODULES if "." not in m) | {"os", "sys", "subprocess"}
+
+# What ckconv's own unpickler answers with builders (never calling the named object): the read side of "safe".
+READ_IMPLEMENTED = frozenset({
+    "collections.OrderedDict", "_codecs.encode", "copyreg._reconstructor",
+    *(f"{m}.{n}" for m in ("builtins", "__builtin__") for n in (
+        "set", "frozenset", "complex", "bytearray", "slice", "range", "bool", "int", "float", "str", "tuple",
+        "list", "dict", "bytes", "object")),
+    "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3",
+    "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
+    "torch._tensor._rebuild_from_type_v2", "torch.nn.parameter.Parameter", "torch.storage.UntypedStorage",
+    "torch.storage._UntypedStorage", "torch.Size", "torch.device",
+})
+
+# Called by REDUCE with arguments from the file: each is a constructor of plain data, or numpy's own reconstruction
+# helpers (which build arrays, scalars and random states from bytes and never import or run anything else).
+CALLS = frozenset({
+    "collections.OrderedDict", "collections.defaultdict", "collections.Counter", "collections.deque",
+    "builtins.set", "builtins.frozenset", "builtins.complex", "builtins.bytearray", "builtins.bytes",
+    "builtins.slice", "builtins.range", "builtins.list", "builtins.tuple", "builtins.dict", "builtins.int",
+    "builtins.float", "builtins.str", "builtins.bool", "_codecs.encode", "copyreg._reconstructor",
+    "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3",
+    "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
+    "torch._tensor._rebuild_from_type_v2", "torch.Size", "torch.device",
+    "argparse.Namespace",
+    "datetime.datetime", "datetime.date", "datetime.time", "datetime.timedelta", "datetime.timezone",
+    "decimal.Decimal", "fractions.Fraction",
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype",
+    "numpy.random._pickle.__randomstate_ctor", "numpy.random._pickle.__bit_generator_ctor",
+    "numpy.random._pickle.__generator_ctor",
+})
+# Instantiated without running __init__ (NEWOBJ / copyreg._reconstructor), then BUILD calls the class's own
+# __setstate__ (torch's, numpy's, the data classes') or fills its __dict__; also written as plain references
+# (``_norm_layer = BatchNorm2d``). A pattern ``prefix.*`` matches every name under the prefix. NEWOBJ refuses
+# anything that is not a class, so a function under these prefixes is never called.
+CLASSES = frozenset({
+    "builtins.object", "argparse.Namespace", "collections.OrderedDict", "collections.defaultdict",
+    "collections.Counter", "collections.deque", "builtins.set", "builtins.frozenset", "builtins.list",
+    "builtins.dict", "builtins.tuple", "builtins.int", "builtins.float", "builtins.str", "builtins.bool",
+    "builtins.bytes", "builtins.complex", "builtins.bytearray", "builtins.type", "builtins.NoneType",
+    "numpy.ndarray", "numpy.dtype", "numpy.dtypes.*", "numpy.random.mtrand.RandomState",
+    "numpy.random._generator.Generator", "numpy.random._mt19937.MT19937", "numpy.random._pcg64.PCG64",
+    "numpy.random._pcg64.PCG64DXSM", "numpy.random._philox.Philox", "numpy.random._sfc64.SFC64",
+    *(f"numpy.{t}" for t in ("bool_", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                              "float16", "float32", "float64", "longdouble", "complex64", "complex128", "str_",
+                              "bytes_", "void", "datetime64", "timedelta64", "generic", "number", "integer",
+                              "floating")),
+    "torch.nn.modules.*", "torch.nn.parallel.data_parallel.DataParallel",
+    "torch.nn.parallel.distributed.DistributedDataParallel", "torch._dynamo.eval_frame.OptimizedModule",
+    "torch.nn.parameter.Parameter", "torch.nn.parameter.Buffer", "torchvision.models.*", "torchvision.ops.*",
+    "torch.optim.*", "torch.Size", "torch.device",
+    "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig", "omegaconf.base.ContainerMetadata",
+    "omegaconf.base.Metadata", "omegaconf.nodes.*",
+    "lightning.fabric.utilities.data.AttributeDict", "lightning.pytorch.utilities.parsing.AttributeDict",
+    "pytorch_lightning.utilities.parsing.AttributeDict", "lightning_fabric.utilities.data.AttributeDict",
+    "mmengine.logging.history_buffer.HistoryBuffer", "mmengine.config.config.ConfigDict",
+    "timm.utils.model_ema.ModelEmaV2", "timm.utils.model_ema.ModelEmaV3",
+})
+
+
+def valid_name(module, qualname) -> bool:
+    """Whether ``module``/``qualname`` are dotted Python identifiers (nothing else may reach a GLOBAL opcode)."""
+    if type(module) is not str or type(qualname) is not str or len(module) + len(qualname) > 500:
+        return False
+    return all(part.isidentifier() for part in module.split(".")) and all(
+        part.isidentifier() for part in qualname.split("."))
+
+
+def dotted(module, qualname) -> str:
+    """``module.qualname`` for messages, with anything unprintable escaped (names come from untrusted files)."""
+    text = f"{module}.{qualname}"
+    return text if text.isprintable() and len(text) <= 200 else ascii(text[:200])
+
+
+def is_dangerous(module, qualname) -> bool:
+    if not valid_name(module, qualname):
+        return True  # a name with newlines or spaces is an opcode injection, not a name
+    full = f"{module}.{qualname}"
+    if full in DANGEROUS_NAMES:
+        return True
+    if module in ("builtins", "__builtin__", "__builtins__"):
+        return f"builtins.{qualname}" not in READ_IMPLEMENTED or "." in qualname
+    parts = full.split(".")
+    if any(".".join(parts[:i]) in DANGEROUS_MODULES for i in range(1, len(parts) + 1)):
+        return True
+    # an attribute path through a module: argparse._os.system, numpy.testing._private.utils.runstring
+    return any(p.lstrip("_") in _DANGEROUS_COMPONENTS for p in qualname.split(".")[:-1]) or (
+        "." in qualname and qualname.split(".")[-1] in ("system", "popen", "exec", "eval", "execv", "spawn"))
+
+
+def _matches(full, patterns) -> bool:
+    for pat in patterns:
+        if pat == full or (pat.endswith(".*") and full.startswith(pat[:-1])) or (
+                "*" in pat[:-2] and fnmatch.fnmatchcase(full, pat)):
+            return True
+    return False
+
+
+def verdict(module, qualname, allow=()) -> str:
+    """safe / unknown / dangerous for one global, as ``torch.load(weights_only=False)`` would meet it."""
+    if is_dangerous(module, qualname):
+        return DANGEROUS
+    full = f"{module}.{qualname}"
+    if full in READ_IMPLEMENTED or full in CALLS or _matches(full, CLASSES) or _matches(full, allow):
+        return SAFE
+    if module == "torch" and (qualname.endswith("Storage") or qualname[:1].islower() and "." not in qualname):
+        return SAFE  # torch.FloatStorage, torch.float32 ...: answered by ckconv's own builders
+    return UNKNOWN
+
+
+def worst(verdicts) -> str:
+    out = SAFE
+    for v in verdicts:
+        if _RANK[v] > _RANK[out]:
+            out = v
+    return out
+
+
+def classify(names, allow=()) -> dict:
+    """{verdict: [dotted names]} for ``names`` (an iterable of (module, qualname)), in first-seen order."""
+    out: dict = {SAFE: [], UNKNOWN: [], DANGEROUS: []}
+    for module, qualname in names:
+        text = dotted(module, qualname)
+        bucket = out[verdict(module, qualname, allow)]
+        if text not in bucket:
+            bucket.append(text)
+    return out
+
+
+def check_patterns(patterns) -> tuple:
+    """Validate ``--allow-global`` values: a whole dotted path (``mmengine.logging.HistoryBuffer``) or a
+    ``prefix.*`` pattern (``mmengine.*``). Returns them as a tuple."""
+    out = []
+    for pat in patterns or ():
+        base = pat[:-2] if isinstance(pat, str) and pat.endswith(".*") else pat
+        if not isinstance(base, str) or not base or not all(p.isidentifier() for p in base.split(".")):
+            raise UsageError(f"invalid --allow-global {pat!r}: give a dotted name (mmengine.config.ConfigDict) or "
+                             "a prefix pattern (mmengine.*)")
+        out.append(pat)
+    return tuple(out)
+
+
+# --- writing ----------------------------------------------------------------------------------------------------
+
+def may_write(module, qualname, role, allow=()) -> bool:
+    """Whether ckconv may write ``module.qualname`` into a pickle as a ``role``: "call" (REDUCE with recorded
+    arguments) or "class" (NEWOBJ/_reconstructor + BUILD, or a plain reference)."""
+    if not valid_name(module, qualname) or is_dangerous(module, qualname):
+        return False
+    full = f"{module}.{qualname}"
+    if _matches(full, allow):
+        return True
+    if role == "call":
+        return full in CALLS
+    return full in CALLS or _matches(full, CLASSES)
+
+
+def refuse_write(names, where="") -> UnsafeCheckpoint:
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    first = names[0] if names else "x"
+    pattern = first.rsplit(".", 1)[0] + ".*" if "." in first else first
+    return UnsafeCheckpoint(
+        f"refusing to write {where or 'a pickle'}: it would name {shown}, which ckconv does not know to be benign "
+        f"(torch.load(weights_only=False) would call them); if you trust them pass --allow-global {first!r} "
+        f"(or {pattern!r}), or write safetensors or --model-only instead", globals_=list(names))

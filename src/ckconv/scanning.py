@@ -1,0 +1,146 @@
+"""``ckconv scan``: the CI gate. Every check a conversion runs, on files and folders, without writing anything.
+
+For each checkpoint found (a file, or a sharded / DCP folder as one unit) it reads the structure exactly as
+``convert`` would (opcode pre-scan, bounds, limits, sharded and DCP consistency), classifies every global it names
+(:mod:`ckconv.policy`), checks the memory budget of tensor views, and streams every tensor byte once so that each
+zip record's CRC is verified. Nothing is called, nothing is written.
+
+A folder that is not itself a checkpoint is walked recursively (a huggingface_hub cache included: its
+``snapshots/`` symlinks point into ``blobs/``, and each real file is scanned once). Files that are not checkpoints
+(``config.json``, a README) are skipped, unless their name says they should be one (``.pth``, ``.safetensors``...):
+those are reported broken. Special files (FIFOs, devices, sockets) are never opened.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import policy, tree
+from .errors import CkconvError, NotACheckpoint, UnsafeCheckpoint
+
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".pkl", ".distcp", ".npz")
+BROKEN = "broken"
+MAX_ENTRIES = 1_000_000  # directory entries visited in one scan
+
+
+@dataclass
+class ScanResult:
+    path: str
+    verdict: str  # safe / unknown / dangerous / broken / skipped
+    format: str = ""
+    tensors: int = 0
+    bytes: int = 0
+    globals: dict = field(default_factory=dict)  # {verdict: [dotted names]}
+    message: str = ""
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def scan_paths(paths, allow_globals=()) -> list:
+    """[ScanResult] for every checkpoint under ``paths`` (files or folders), in a stable order."""
+    allow = policy.check_patterns(allow_globals)
+    results: list = []
+    seen: set = set()
+    for p in paths:
+        _scan_path(Path(p), allow, results, seen, top=True)
+    return results
+
+
+def exit_code(results) -> int:
+    """0 when every checkpoint is safe (skipped files do not count), 1 otherwise."""
+    return 0 if all(r.verdict in (policy.SAFE, "skipped") for r in results) else 1
+
+
+def _scan_path(path: Path, allow, results, seen, top=False):
+    from .api import detect_format
+
+    try:
+        st = os.stat(path)  # follows symlinks: what the user (or a snapshot link) points at
+    except OSError as exc:
+        results.append(ScanResult(str(path), BROKEN, message=f"{path}: cannot read it ({exc.strerror})"))
+        return
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        verdict = BROKEN if top else "skipped"
+        results.append(ScanResult(str(path), verdict, message=f"{path}: not a regular file or folder; not read"))
+        return
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        return  # the same bytes reached twice (a snapshot symlink and its blob): scanned once
+    seen.add(key)
+    if stat.S_ISDIR(st.st_mode):
+        try:
+            fmt = detect_format(path)
+        except CkconvError:
+            fmt = None
+        if fmt is None:
+            try:
+                children = sorted(os.scandir(path), key=lambda e: e.name)
+            except OSError as exc:
+                results.append(ScanResult(str(path), BROKEN, message=f"{path}: cannot list it ({exc.strerror})"))
+                return
+            if len(seen) + len(children) > MAX_ENTRIES:
+                results.append(ScanResult(str(path), BROKEN, message=f"{path}: more than {MAX_ENTRIES} entries; "
+                                                                      "scan its subfolders one by one"))
+                return
+            for entry in children:
+                _scan_path(Path(entry.path), allow, results, seen)
+            return
+        results.append(scan_one(path, allow, fmt))
+        return
+    try:
+        fmt = detect_format(path)
+    except NotACheckpoint as exc:
+        claims = path.name.lower().endswith(CHECKPOINT_SUFFIXES) or top
+        results.append(ScanResult(str(path), BROKEN if claims else "skipped", message=str(exc)))
+        return
+    except CkconvError as exc:
+        results.append(ScanResult(str(path), BROKEN, message=str(exc)))
+        return
+    results.append(scan_one(path, allow, fmt))
+
+
+def scan_one(path: Path, allow=(), fmt=None) -> ScanResult:
+    """Read ``path`` as convert would, verify every byte's integrity, and judge its globals."""
+    from .api import read
+    from .inspection import verdicts
+
+    try:
+        ckpt = read(path, fmt)
+    except UnsafeCheckpoint as exc:
+        found = {policy.SAFE: [], policy.UNKNOWN: [], policy.DANGEROUS: list(exc.globals)}
+        return ScanResult(str(path), policy.DANGEROUS, fmt or "", globals=found, message=str(exc))
+    except CkconvError as exc:
+        return ScanResult(str(path), BROKEN, fmt or "", message=str(exc))
+    try:
+        count, nbytes = _verify(ckpt.root)
+    except CkconvError as exc:
+        return ScanResult(str(path), BROKEN, ckpt.format, message=str(exc))
+    found = verdicts(ckpt, allow)
+    verdict = policy.worst(v for v in found if found[v])
+    message = ""
+    if verdict == policy.UNKNOWN:
+        message = ("names globals ckconv does not know to be benign: " + ", ".join(found[policy.UNKNOWN][:8])
+                   + "; torch.load(weights_only=False) would call them (--allow-global if you trust them)")
+    elif verdict == policy.DANGEROUS:
+        message = "would call " + ", ".join(found[policy.DANGEROUS][:8]) + " under torch.load(weights_only=False)"
+    return ScanResult(str(path), verdict, ckpt.format, count, nbytes, found, message)
+
+
+def _verify(root):
+    """Stream every distinct storage once (CRCs are checked as the bytes pass); -> (tensors, bytes)."""
+    tree._check_view_budget(root)
+    refs = tree.tensors(root)
+    storages: dict = {}
+    for _, ref in refs:
+        storages.setdefault(id(ref.storage), ref.storage)
+    total = 0
+    for st in storages.values():
+        if st.nbytes <= 0:
+            continue
+        for block in st.chunks():
+            total += memoryview(block).nbytes
+    return len(refs), total
