@@ -85,14 +85,21 @@ def output_format(dst: Path, to: str | None, max_shard_size) -> str:
     return sharded
 
 
-def save(obj, path, *, format: str | None = None, max_shard_size=None, force=False, progress=None) -> str:
-    """Write ``obj`` (torch objects, or a Checkpoint from ``read``) atomically; returns the format name used."""
+def save(obj, path, *, format: str | None = None, max_shard_size=None, force=False, progress=None,
+         allow_globals=()) -> str:
+    """Write ``obj`` (torch objects, or a Checkpoint from ``read``) atomically; returns the format name used.
+
+    ``allow_globals``: dotted names or ``prefix.*`` patterns a pickle output may name beyond ckconv's allowlist
+    of known-benign globals (:mod:`ckconv.policy`); anything else is refused before a byte is written."""
+    from .policy import check_patterns
+
+    allow_globals = check_patterns(allow_globals)
     path = Path(path)
     ckpt = _as_checkpoint(obj)
     shard = parse_size(max_shard_size)
     name = output_format(path, format, shard)
     fmt = host().format(name)
-    options = WriteOptions(max_shard_size=shard, progress=progress)
+    options = WriteOptions(max_shard_size=shard, progress=progress, allow_globals=allow_globals)
     target = output_target(ckpt, path, format=name, max_shard_size=shard)
     with staged(target.path, directory=target.folder, force=force, protect=target.protect,
                 layout=target.layout) as tmp:
@@ -214,13 +221,19 @@ class ConversionResult:
 
 def convert(src, dst, *, to=None, model_only=False, dtype=None, max_shard_size=None, force=False,
             progress=None, arch=None, arch_options=None, map=None, only=(), drop=(), rename=(), section=None,
-            strict=False, freeze=(), distributed=False) -> ConversionResult:
+            strict=False, freeze=(), distributed=False, allow_globals=(), optimizer="remap", keep_layout=False,
+            dtype_optimizer=None) -> ConversionResult:
     """Convert ``src`` to ``dst`` losslessly (unless ``model_only`` or ``dtype`` ask otherwise).
 
     ``arch`` / ``map`` / ``rename`` / ``only`` / ``drop`` remap the model state_dict onto an architecture's names
     (see :func:`ckconv.match`); the other sections of a bundle are kept unless ``model_only``.
     ``freeze``: selectors (``features[:10]``; dotted names without ``arch``) whose parameters the written bundle
     lists under ``frozen``, for :func:`ckconv.load_bundle` to restore.
+    ``allow_globals``: globals a pickle output may name beyond ckconv's allowlist (see :func:`save`).
+    ``optimizer``: ``"remap"`` (optimizer state follows the remapped model; refused when it cannot be proven to fit)
+    or ``"drop"`` (left out). With ``arch`` a bundle is written as ``{'model', 'optimizer', ...}`` unless
+    ``keep_layout``. ``dtype`` casts the model (and EMA copies) only; ``dtype_optimizer`` casts optimizer state,
+    never its ``step`` counters (docs/bundles.md).
     ``distributed``: when this process is one rank of a torchrun job, write only this rank's share of the output
     (:func:`ckconv.formats.dcp.save_distributed`; every rank must call convert). The CLI sets it.
     """
@@ -239,11 +252,16 @@ def convert(src, dst, *, to=None, model_only=False, dtype=None, max_shard_size=N
 
         root, report, remap_notes = remap_checkpoint(
             ckpt, arch=arch, arch_options=arch_options, map=map, only=only, drop=drop, rename=rename,
-            section=section, strict=strict, model_only=model_only)
+            section=section, strict=strict, model_only=model_only, optimizer=optimizer, keep_layout=keep_layout)
         notes += remap_notes
     elif model_only:
         root, where = model_state_dict(root)
         notes.append(f"wrote only the model state_dict (found at {where})")
+    elif optimizer == "drop":
+        from .bundles import drop_optimizers
+
+        root, dropped = drop_optimizers(root)
+        notes.append(f"left out {dropped} optimizer state_dicts (--optimizer drop)")
     if freeze:
         from .bundles import record_freeze
 
@@ -251,10 +269,11 @@ def convert(src, dst, *, to=None, model_only=False, dtype=None, max_shard_size=N
         root, _, note = record_freeze(root, freeze, arch=target, arch_options=report.arch_options if target else None)
         notes.append(note)
     cast = 0
-    if dtype:
-        root, cast, skipped = cast_floating(root, dtype)
-        notes.append(f"cast {cast} floating tensors to {dtypes.CAST_NAMES[dtype]}; integer, bool and other tensors unchanged"
-                     + (f"; left {skipped} float8/complex tensors as they were" if skipped else ""))
+    if dtype or dtype_optimizer:
+        from .bundles import cast_notes
+
+        root, cast, cast_note = cast_notes(root, dtype, dtype_optimizer, model_only)
+        notes += cast_note
     if ckpt.foreign:
         notes.append(f"kept {len(ckpt.foreign)} foreign objects as inert records: "
                      + ", ".join(sorted({c for _, c in ckpt.foreign})))
@@ -270,7 +289,8 @@ def convert(src, dst, *, to=None, model_only=False, dtype=None, max_shard_size=N
 
         if world_from_env() is not None:
             saver = save_distributed
-    name = saver(out, dst, format=to, max_shard_size=max_shard_size, force=force, progress=progress)
+    extra = {"allow_globals": allow_globals} if allow_globals else {}
+    name = saver(out, dst, format=to, max_shard_size=max_shard_size, force=force, progress=progress, **extra)
     return ConversionResult(str(src), str(dst), ckpt.format, name, len(refs), total, model_only,
                             dtypes.CAST_NAMES.get(dtype) if dtype else None, cast, notes,
                             report.to_dict() if report is not None else None)
@@ -285,21 +305,29 @@ def _unique_tensors(root):
     return out
 
 
-def cast_floating(root, dtype):
-    """Cast float16/bfloat16/float32/float64 tensors to ``dtype`` (storage by storage, views kept)."""
+def cast_floating(root, dtype, *, within=None, exclude=(), keep_keys=()):
+    """Cast float16/bfloat16/float32/float64 tensors to ``dtype`` (storage by storage, views kept).
+
+    -> (new root, tensors cast, float8/complex tensors left). ``within``: key paths (tuples) of the subtrees to
+    cast (None: all of ``root``); ``exclude``: key paths left as they are; ``keep_keys``: dict keys whose values
+    are never cast (an optimizer's ``step`` counters).
+    """
     target = dtypes.CAST_NAMES.get(dtype)
     if target is None:
         raise UsageError(f"unknown --dtype {dtype!r}; use bf16, fp16 or fp32")
     new_storage: dict = {}
     counts = {"cast": 0, "skipped": 0}
     memo: dict = {}
+    exclude = {tuple(p) for p in exclude}
 
     def storage_for(st: Storage):
         if id(st) not in new_storage:
             new_storage[id(st)] = _CastStorage(st, target)
         return new_storage[id(st)]
 
-    def conv(node):
+    def conv(node, path):
+        if path in exclude:
+            return node
         if id(node) in memo:
             return memo[id(node)]
         if isinstance(node, TensorRef):
@@ -313,20 +341,33 @@ def cast_floating(root, dtype):
         elif isinstance(node, dict):
             out = type(node)() if type(node) is not dict else {}
             for k, v in node.items():
-                out[k] = conv(v)
+                out[k] = v if k in keep_keys else conv(v, path + (k,))
             if getattr(node, "__dict__", None):
                 out.__dict__.update(node.__dict__)
         elif type(node) is list:
-            out = [conv(v) for v in node]
+            out = [conv(v, path + (i,)) for i, v in enumerate(node)]
         elif type(node) is tuple:
-            out = tuple(conv(v) for v in node)
+            out = tuple(conv(v, path + (i,)) for i, v in enumerate(node))
         else:
             out = node
-        memo[id(node)] = out
+        if not exclude:  # with exclusions a node's cast depends on the path it is reached by
+            memo[id(node)] = out
         return out
 
+    def at(node, path, prefix=()):
+        if not path:
+            return conv(node, prefix)
+        key, rest = path[0], path[1:]
+        if isinstance(node, list):
+            return [at(v, rest, prefix + (i,)) if i == key else v for i, v in enumerate(node)]
+        from .unwrap import replace
+
+        return replace(node, (key,), at(node[key], rest, prefix + (key,)))
+
     tree.walk(root)
-    return conv(root), counts["cast"], counts["skipped"]
+    for path in [()] if within is None else within:
+        root = at(root, tuple(path))
+    return root, counts["cast"], counts["skipped"]
 
 
 class _CastStorage(Storage):

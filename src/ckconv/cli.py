@@ -117,7 +117,10 @@ class Progress:
 @click.argument("dst", type=click.Path(path_type=str))
 @click.option("--to", "to", help="Output format (default: from DST's extension). See `ckconv plugins`.")
 @click.option("--model-only", is_flag=True, help="Write only the model state_dict, as flat keys.")
-@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), help="Cast floating tensors (only).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]),
+              help="Cast the model's floating tensors (and EMA copies); optimizer state keeps its dtype.")
+@click.option("--dtype-optimizer", type=click.Choice(["bf16", "fp16", "fp32"]),
+              help="Cast the optimizer's floating state (moments) too; step counters are never cast.")
 @click.option("--max-shard-size", help="Shard the output into a folder, e.g. 5GB (decimal) or 2GiB.")
 @click.option("--force", is_flag=True, help="Overwrite DST if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -132,11 +135,20 @@ class Progress:
 @click.option("--rename", multiple=True, metavar="REGEX=REPL", help="Rename checkpoint keys first. Repeatable.")
 @click.option("--section", help="Where the state_dict is inside a bundle (e.g. state_dict_ema).")
 @click.option("--strict", is_flag=True, help="With --arch: refuse to write unless every target key is filled.")
+@click.option("--optimizer", "optimizer", type=click.Choice(["remap", "drop"]), default="remap", show_default=True,
+              help="With --arch: move optimizer state onto the new names (refused unless ckconv can prove which "
+                   "parameter each slot is), or drop it and write the model without it.")
+@click.option("--keep-layout", is_flag=True,
+              help="With --arch: keep the source's layout (Lightning, mmengine, ...) instead of writing "
+                   "{'model', 'optimizer', ...}.")
 @click.option("--freeze", multiple=True, metavar="SELECTOR",
               help="Record these parameters as frozen in the bundle, e.g. 'features[:10]' (with --arch; dotted "
                    "names without). Repeatable. ckconv.load_bundle restores the freeze.")
-def convert(src, dst, to, model_only, dtype, max_shard_size, force, as_json, arch, arch_options, map_file, only,
-            drop, rename, section, strict, freeze):
+@click.option("--allow-global", "allow_globals", multiple=True, metavar="NAME",
+              help="Let a .pth output name this global beyond ckconv's allowlist: a dotted name or 'prefix.*' "
+                   "(mmengine.*). Only for files you trust. Repeatable.")
+def convert(src, dst, to, model_only, dtype, dtype_optimizer, max_shard_size, force, as_json, arch, arch_options,
+            map_file, only, drop, rename, section, strict, optimizer, keep_layout, freeze, allow_globals):
     """Convert SRC to DST, keeping everything (model, optimizer, scalars) unless told otherwise."""
     from .api import convert as do_convert
     from .inspection import size_text
@@ -147,7 +159,9 @@ def convert(src, dst, to, model_only, dtype, max_shard_size, force, as_json, arc
         remap = dict(arch=arch, arch_options=list(arch_options), map=map_file, only=list(only), drop=list(drop),
                      rename=list(rename), section=section, strict=strict)
     result = do_convert(src, dst, to=to, model_only=model_only, dtype=dtype, max_shard_size=max_shard_size,
-                        force=force, progress=progress, freeze=list(freeze), distributed=True, **remap)
+                        force=force, progress=progress, freeze=list(freeze), distributed=True,
+                        allow_globals=list(allow_globals), optimizer=optimizer, keep_layout=keep_layout,
+                        dtype_optimizer=dtype_optimizer, **remap)
     progress.finish()
     from .formats.dcp import world_from_env  # under torchrun, only rank 0 reports
 
@@ -341,22 +355,60 @@ def _show_report(report):
 @cli.command()
 @click.argument("src", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print the inspection as JSON.")
-def inspect(src, as_json):
-    """Show what SRC holds (reads headers and pickles, not tensor data; never runs code)."""
+@click.option("--allow-global", "allow_globals", multiple=True, metavar="NAME",
+              help="Count this global (dotted name or 'prefix.*') as safe. Repeatable.")
+def inspect(src, as_json, allow_globals):
+    """Show what SRC holds (reads headers and pickles, not tensor data; never runs code).
+
+    Exit 1 when the file is dangerous (it would run code under torch.load) or unreadable; the report is printed
+    first. Globals ckconv does not know (verdict unknown) are a warning on stderr.
+    """
     from .inspection import inspect as do_inspect
     from .inspection import size_text
+    from .policy import check_patterns
 
-    info = do_inspect(src)
+    info = do_inspect(src, allow_globals=check_patterns(allow_globals))
+    try:
+        _show_inspection(info, as_json, size_text)
+    finally:
+        if info.verdict == "unknown" and not as_json:
+            click.echo(f"warning: {src}: names globals ckconv does not know to be benign: "
+                       f"{printable(', '.join(info.globals['unknown'][:8]))}; torch.load(weights_only=False) would "
+                       "call them", err=True)
+    if info.verdict == "dangerous":
+        sys.exit(1)
+
+
+def printable(text) -> str:
+    """Names from files, escaped for a terminal: control characters and escape sequences shown, not obeyed."""
+    text = key_text(text)  # an int past Python's 4,300-digit str() limit is shown by its size
+    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _show_inspection(info, as_json, size_text):
     if as_json:
         _json(info.to_dict())
         return
-    click.echo(f"{info.path}: {info.format} checkpoint")
+    click.echo(f"{printable(info.path)}: {info.format} checkpoint")
     if info.dangerous:
         click.echo(f"DANGEROUS: loading this file with torch.load(weights_only=False) would call "
-                   f"{', '.join(info.dangerous)}; ckconv refuses to convert it")
+                   f"{printable(', '.join(info.dangerous))}; ckconv refuses to convert it")
     elif info.error:
-        click.echo(f"DANGEROUS: {info.error}")
-    click.echo("sections: " + ", ".join(f"{k} ({', '.join(map(str, v))})" for k, v in info.sections.items()))
+        click.echo(f"DANGEROUS: {printable(info.error)}")
+    click.echo(f"verdict: {info.verdict}" + (f" (unknown globals: {printable(', '.join(info.globals['unknown'][:8]))})"
+                                             if info.globals.get("unknown") else ""))
+    kinds = {m["path"]: m["class"] for m in info.modules}
+
+    def label(key):  # "model (pickled module torchvision.models.resnet.ResNet)"
+        key = printable(key)
+        if key not in kinds:
+            return key
+        return ("" if key == "<root>" else f"{key}: ") + f"pickled module {kinds[key]}"
+
+    click.echo("sections: " + ", ".join(f"{k} ({', '.join(map(label, v))})" for k, v in info.sections.items()))
+    for m in info.modules:
+        if m["error"]:
+            click.echo(f"pickled module: {m['error']}")
     click.echo(f"tensors: {info.tensor_count}, {size_text(info.bytes)}; dtypes: "
                + ", ".join(f"{k} x{v}" for k, v in sorted(info.dtypes.items())))
     for item in info.foreign:
@@ -371,7 +423,7 @@ def inspect(src, as_json):
                    f"{opt['with_state']}/{opt['params']} parameters have state; names from {opt['how']}"
                    + ("; covers a subset of the model's parameters" if opt["subset"] else ""))
     if info.tensors:
-        click.echo(_table([(t.name, t.dtype, "x".join(map(str, t.shape)) or "scalar") for t in info.tensors],
+        click.echo(_table([(printable(t.name), t.dtype, "x".join(map(str, t.shape)) or "scalar") for t in info.tensors],
                           ["name", "dtype", "shape"]))
 
 
@@ -408,6 +460,37 @@ def diff(a, b, atol, rtol, strict, tensors_only, as_json):
     else:
         click.echo(render(report))
     sys.exit(0 if report.equal else 1)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str, exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--allow-global", "allow_globals", multiple=True, metavar="NAME",
+              help="Count this global (dotted name or 'prefix.*') as safe. Repeatable.")
+@click.option("-v", "--verbose", is_flag=True, help="Also list files that were skipped (not checkpoints).")
+def scan(paths, as_json, allow_globals, verbose):
+    """Check checkpoints for code and damage without writing anything: a CI gate.
+
+    Files and folders (recursively; a huggingface_hub cache too). One line per checkpoint: SAFE, UNKNOWN (names
+    globals ckconv does not know), DANGEROUS (would run code under torch.load) or BROKEN (fails a check convert
+    runs: CRC, bounds, limits, sharded/DCP consistency). Exit 0 only when every checkpoint is safe.
+    """
+    from .scanning import exit_code, scan_paths
+
+    results = scan_paths(paths, allow_globals)
+    if as_json:
+        _json({"results": [r.to_dict() for r in results], "exit_code": exit_code(results)})
+    else:
+        for r in results:
+            if r.verdict == "skipped" and not verbose:
+                continue
+            detail = r.message if r.verdict != "safe" else f"{r.format}, {r.tensors} tensors"
+            detail = detail[len(r.path) + 2:] if detail.startswith(f"{r.path}: ") else detail
+            click.echo(f"{r.verdict.upper():<9} {printable(r.path)}: {printable(detail)}")
+        counts = {v: sum(r.verdict == v for r in results) for v in ("safe", "unknown", "dangerous", "broken")}
+        click.echo(f"scanned {sum(counts.values())} checkpoints: "
+                   + ", ".join(f"{n} {v}" for v, n in counts.items()), err=True)
+    sys.exit(exit_code(results))
 
 
 @cli.command()

@@ -35,7 +35,7 @@ import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
-from .. import dtypes, errors, structure, tree
+from .. import dtypes, errors, policy, structure, tree
 from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsupportedContent, WriteFailed
 from ..hookspecs import hookimpl
 from ..model import CHUNK, Checkpoint, Foreign, Storage, TensorRef, contiguous_strides
@@ -88,8 +88,11 @@ class DcpFormat(Format):
         return FolderLayout(index=(METADATA_NAME,), earlier=earlier_output)
 
     def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
+        from ..pickle_writer import check_writable
+
+        check_writable(checkpoint.root, options.allow_globals, "the DCP checkpoint")  # before any file
         plan = plan_write(checkpoint.root, world=1)
-        locations = write_rank_file(path, 0, plan.blobs_for(0), options.progress)
+        locations = write_rank_file(path, 0, plan.blobs_for(0), options.progress, allow=options.allow_globals)
         write_metadata(path, plan, locations)
 
 
@@ -127,6 +130,13 @@ class MetadataUnpickler(RestrictedUnpickler):
                 return _path_builder
             if module == "torch.serialization" and name == "_get_layout":
                 return _layout_builder
+            # torch reads .metadata with a plain pickle.load: any global beyond DCP's own records and benign
+            # data would run when torch loads this checkpoint, wherever it hides (planner_data, storage_meta...).
+            if not (module.startswith("torch.distributed.checkpoint.") and policy.valid_name(module, name)
+                    or policy.verdict(module, name) == policy.SAFE):
+                full = policy.dotted(module, name)
+                if full not in self.dangerous:
+                    self.dangerous.append(full)
         return super().find_class(module, name)
 
 
@@ -915,7 +925,7 @@ def gather_bytes(ref):
     return b"".join(bytes(c) for c in ref.chunks())
 
 
-def write_blob(f, blob: Blob, progress, files):
+def write_blob(f, blob: Blob, progress, files, allow=()):
     """Append one torch.save archive (a tensor, contiguous, or a non-tensor leaf) at the file's position."""
     from ..pickle_writer import PickleWriter
 
@@ -930,7 +940,7 @@ def write_blob(f, blob: Blob, progress, files):
     def key_of(storage):
         return order.setdefault(id(storage), (str(len(order)), storage))[0]
 
-    pickled = PickleWriter(key_of).dumps(root)
+    pickled = PickleWriter(key_of, allow=allow, where="the DCP checkpoint").dumps(root)
     zw = ZipWriter(rel)
     zw.add("archive/data.pkl", [pickled], len(pickled))
     zw.add("archive/.format_version", [b"1"], 1)
@@ -945,7 +955,7 @@ def write_blob(f, blob: Blob, progress, files):
     zw.close()
 
 
-def write_rank_file(folder, rank, blobs, progress=None) -> dict:
+def write_rank_file(folder, rank, blobs, progress=None, allow=()) -> dict:
     """Write ``__<rank>_0.distcp`` (non-tensors first, as torch does); -> blob index -> (name, offset, length)."""
     from ..fastcopy import SourceFiles
 
@@ -955,7 +965,7 @@ def write_rank_file(folder, rank, blobs, progress=None) -> dict:
     with open(Path(folder) / name, "wb") as f, SourceFiles() as files:
         for blob in ordered:
             start = f.tell()
-            write_blob(f, blob, progress, files)
+            write_blob(f, blob, progress, files, allow)
             f.seek(0, 2)
             locations[blob.index] = (name, start, f.tell() - start)
         f.flush()
