@@ -94,19 +94,30 @@ def _lone_single(folder: Path):
 
 
 def _is_torch_index(index_path: Path) -> bool:
-    """Decided by the bytes of the first shard that can be opened safely; by the index name when none can
-    (then reading reports what is wrong with the shards)."""
+    """Decided by the bytes of the first shard that can be opened safely: torch.save or safetensors. By the index
+    name when no shard can be opened or the first is neither (then reading says what is wrong with the shards)."""
+    by_name = index_path.name.endswith(TORCH_INDEX_SUFFIXES)
     try:
         wmap, _ = load_index(index_path)
     except CkconvError:
-        return index_path.name.endswith(TORCH_INDEX_SUFFIXES)
+        return by_name
     for fname in dict.fromkeys(wmap.values()):
         try:
             shard = _shard_path(index_path.parent, fname, index_path)
         except CkconvError:
             continue
-        return _is_torch_file(shard)
-    return index_path.name.endswith(TORCH_INDEX_SUFFIXES)
+        if _is_torch_file(shard):
+            return True
+        return by_name and not _is_safetensors_file(shard)
+    return by_name
+
+
+def _is_safetensors_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return _SAFETENSORS.sniff(path, f.read(512))
+    except OSError:
+        return False
 
 
 def _is_torch_file(path: Path) -> bool:
