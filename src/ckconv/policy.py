@@ -157,7 +157,7 @@ def verdict(module, qualname, allow=()) -> str:
     if is_dangerous(module, qualname):
         return DANGEROUS
     full = f"{module}.{qualname}"
-    if full in READ_IMPLEMENTED or full in CALLS or _matches(full, CLASSES) or _matches(full, allow):
+    if full in READ_IMPLEMENTED or may_write(module, qualname, "class", allow):
         return SAFE
     if module == "torch" and (qualname.endswith("Storage") or qualname[:1].islower() and "." not in qualname):
         return SAFE  # torch.FloatStorage, torch.float32 ...: answered by ckconv's own builders
@@ -208,7 +208,12 @@ def may_write(module, qualname, role, allow=()) -> bool:
         return True
     if role == "call":
         return full in CALLS
-    return full in CALLS or _matches(full, CLASSES)
+    if full in CALLS or _matches(full, CLASSES):
+        return True
+    # a public attribute of an allowed class, as a reference (mmengine's ``HistoryBuffer.min``): written as
+    # getattr(Class, 'min'), which looks the name up and calls nothing
+    parent, _, attr = qualname.rpartition(".")
+    return bool(parent) and not attr.startswith("_") and may_write(module, parent, "class", allow)
 
 
 def refuse_write(names, where="") -> UnsafeCheckpoint:

@@ -89,6 +89,10 @@ def _scan_path(path: Path, allow, results, seen, top=False):
             for entry in children:
                 _scan_path(Path(entry.path), allow, results, seen)
             return
+        members = _member_keys(path)
+        if members and members <= seen:
+            return  # every file of this folder was already scanned (a snapshot of blobs seen before)
+        seen.update(members)
         results.append(scan_one(path, allow, fmt))
         return
     try:
@@ -101,6 +105,22 @@ def _scan_path(path: Path, allow, results, seen, top=False):
         results.append(ScanResult(str(path), BROKEN, message=str(exc)))
         return
     results.append(scan_one(path, allow, fmt))
+
+
+def _member_keys(folder: Path) -> set:
+    """(device, inode) of the regular files directly in a checkpoint folder (links followed)."""
+    keys = set()
+    try:
+        for entry in os.scandir(folder):
+            try:
+                st = os.stat(entry.path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                keys.add((st.st_dev, st.st_ino))
+    except OSError:
+        pass
+    return keys
 
 
 def scan_one(path: Path, allow=(), fmt=None) -> ScanResult:

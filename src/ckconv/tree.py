@@ -6,7 +6,7 @@ import itertools
 import os
 from collections import OrderedDict
 
-from . import dtypes
+from . import dtypes, numpy_values
 from .errors import LimitExceeded, UnsupportedContent
 from .model import Foreign, Storage, TensorRef, TorchDevice, TorchDtype, TorchSize
 
@@ -239,6 +239,9 @@ def materialize(root, budget=None):
                 out = tuple(out)
         elif isinstance(node, (set, frozenset)):
             out = type(node)(convert(v) for v in node)
+        elif isinstance(node, Foreign):  # numpy arrays, scalars, dtypes: real numpy objects, built from bytes
+            out = numpy_values.value(node)
+            out = node if out is numpy_values.NOT_NUMPY else out
         else:
             out = node
         memo[id(node)] = out
@@ -324,6 +327,10 @@ def from_torch(obj):
             out = type(node)(convert(v) for v in node)
         elif node is None or isinstance(node, (bool, int, float, complex, str, bytes, Foreign)):
             out = node
+        elif isinstance(node, type) or type(node).__name__ in ("function", "builtin_function_or_method"):
+            from .model import foreign_class  # a class or function as a value: an inert reference by name
+
+            out = foreign_class(node.__module__, node.__qualname__)
         else:
             out = _reduce_foreign(node, convert)
         memo[id(node)] = out
