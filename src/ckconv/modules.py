@@ -226,8 +226,8 @@ def _refuse_code(record, cls, state, name, where):
             why = f"has state_dict hooks ({', '.join(sorted({class_name(h) for h in hooks}))})"
     if why:
         raise ModuleStateError(
-            f"{where}: submodule {name} ({cls}) {why}, which only running its code can produce; ckconv never "
-            "runs code from a file: load the model with torch where you trust it and save model.state_dict()")
+            f"{where}: cannot derive the state_dict without running code: submodule {name} ({cls}) {why}; ckconv "
+            "never runs code from a file: load the model with torch where you trust it and save model.state_dict()")
 
 
 def _values(table):
