@@ -30,6 +30,7 @@ class Resolution:
     how: str  # "param_names", "parameter order (shapes agree)", "shapes (unique)", "shapes (ambiguous ...)", ...
     subset: bool = False  # the optimizer covers only some of the model's parameters
     problem: str | None = None  # why the slots have no proven names: ambiguous fit, or state that does not fit
+    ambiguous: bool = False  # the problem is only that several fits exist (each slot fits some parameter)
 
 
 def model_parameters(model_sd: dict) -> list:
@@ -149,7 +150,7 @@ def _by_shapes(osd, params, subset) -> Resolution:
     reason = ("fits the model's parameters in more than one way" if fit["kind"] == "ambiguous"
               else "has too many possible fits to prove one")
     return Resolution({}, "shapes (ambiguous: several parameter subsets fit)", subset,
-                      f"{where} {reason}: {what} could be {listed}")
+                      f"{where} {reason}: {what} could be {listed}", ambiguous=True)
 
 
 def _greedy(slots, shapes, free, reverse):
@@ -265,14 +266,16 @@ def _search(seq, slots, shapes, free, lo, hi):
 # --- optimizer state for a remapped model ------------------------------------------------------------------
 
 def remap_optimizer(osd, slot_names: dict, mapping: dict, target_params: list, target_shapes: dict | None = None,
-                    source_shapes: dict | None = None):
+                    source_shapes: dict | None = None, restart: dict | None = None):
     """Re-key an optimizer state_dict for a remapped model.
 
     ``slot_names``: source slot index -> source parameter name (from :func:`resolve`);
     ``mapping``: source parameter name -> target parameter name (renames; absent = dropped);
     ``target_params``: target parameter names in ``model.parameters()`` order;
     ``target_shapes`` / ``source_shapes``: parameter name -> shape, to reshape per-parameter state along with a
-    reshaped weight (and to refuse state that would not fit).
+    reshaped weight (and to refuse state that would not fit);
+    ``restart``: source name -> target name for parameters replaced by one of another shape (a new head): the
+    target takes the source's place in its group, without state.
 
     Returns ``(new_osd, report)``. Each group keeps its hyper-parameters and holds its parameters in the target's
     ``parameters()`` order, numbered as torch numbers them (group by group), so building the optimizer on the
@@ -282,7 +285,8 @@ def remap_optimizer(osd, slot_names: dict, mapping: dict, target_params: list, t
     out of it. Raises :class:`UsageError` when some state would not fit its new parameter.
     """
     order = {name: i for i, name in enumerate(target_params)}
-    fed_by_source = set(mapping.values())
+    restart = restart or {}
+    fed_by_source = set(mapping.values()) | set(restart.values())
     state = osd["state"]
     groups, placed, dropped = [], set(), []
     for group in osd["param_groups"]:
@@ -290,6 +294,10 @@ def remap_optimizer(osd, slot_names: dict, mapping: dict, target_params: list, t
         for slot in group["params"]:
             source = slot_names.get(slot)
             target = mapping.get(source)
+            if target is None and restart.get(source) in order and restart[source] not in placed:
+                members.append((order[restart[source]], None))
+                placed.add(restart[source])
+                continue
             if target is None or target not in order:
                 dropped.append(source if source is not None else slot)
                 continue
@@ -320,7 +328,9 @@ def remap_optimizer(osd, slot_names: dict, mapping: dict, target_params: list, t
         new_osd[key] = value
     new_osd["state"] = new_state
     new_osd["param_groups"] = new_groups
-    return new_osd, {"moved": len(new_state), "dropped": dropped, "new_without_state": fresh}
+    restarted = [t for t in restart.values() if t in placed]
+    return new_osd, {"moved": len(new_state), "dropped": dropped, "new_without_state": fresh,
+                     "restarted": restarted}
 
 
 def fit_state(slot_state, source, target, source_shape, target_shape):

@@ -283,6 +283,7 @@ def remap_optimizers(root, report: MatchReport, options=None, *, frozen=()):
     shapes = {m.target: tuple(m.shape) for m in report.matched}
     source_sd = report.source_tensors or {}
     source_shapes = {n: tuple(ref.shape) for n, ref in source_sd.items()}
+    restart = {m["source"]: m["target"] for m in report.mismatched}  # a new head keeps its group, without state
     if report.architecture:
         spec = architectures.spec(report.arch, options or report.arch_options or None)
         target_params = [t.name for t in spec.tensors if t.kind == "parameter"]
@@ -294,7 +295,7 @@ def remap_optimizers(root, report: MatchReport, options=None, *, frozen=()):
     for path, osd in found:
         res = resolve(osd, source_sd, frozen)
         if res.problem is not None:
-            if in_place:  # every parameter keeps its place and shape: the slots still point where they did
+            if in_place and res.ambiguous:  # each parameter keeps its place and shape: slots point where they did
                 notes.append(f"optimizer at {path}: kept unchanged (the parameters keep their order and shapes; "
                              f"{res.problem})")
                 continue
@@ -302,7 +303,7 @@ def remap_optimizers(root, report: MatchReport, options=None, *, frozen=()):
                              f"{report.arch}'s parameters: pass --optimizer drop to write the model without it, or "
                              "save the optimizer with param_names (torch >= 2.6, built from named_parameters())")
         try:
-            new_osd, info = remap_optimizer(osd, res.names, mapping, target_params, shapes, source_shapes)
+            new_osd, info = remap_optimizer(osd, res.names, mapping, target_params, shapes, source_shapes, restart)
         except UsageError as exc:
             raise UsageError(f"optimizer at {path}: {exc}") from None
         keys = tuple(int(p) if p.isdigit() else p for p in path.split("."))
@@ -311,7 +312,9 @@ def remap_optimizers(root, report: MatchReport, options=None, *, frozen=()):
         notes.append(f"optimizer at {path}: state of {info['moved']} parameters follows the renames (slot names "
                      f"from {res.how}; {groups} param group{'s' if groups != 1 else ''}); {len(info['dropped'])} "
                      f"dropped, {len(info['new_without_state'])} new parameters start without state"
-                     + (" in the last group" if info["new_without_state"] and groups > 1 else ""))
+                     + (" in the last group" if info["new_without_state"] and groups > 1 else "")
+                     + (f", {len(info['restarted'])} with new shapes start without state in their source's group"
+                        if info["restarted"] else ""))
     return root, notes
 
 
