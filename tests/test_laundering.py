@@ -143,6 +143,7 @@ warnings.simplefilter("ignore")
 import torch
 for cwd, path in zip(sys.argv[1::2], sys.argv[2::2]):
     os.chdir(cwd)
+    os.environ["TORCH_HOME"] = os.path.join(cwd, "torch_home")  # torch.hub downloads land here, never in ~
     try:
         if os.path.isdir(path):
             from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -156,7 +157,10 @@ for cwd, path in zip(sys.argv[1::2], sys.argv[2::2]):
 
 
 def torch_load_each(items) -> str:
-    """Load every (cwd, path) with torch (DCP folders as torch's dcp_to_torch_save does), each in its own cwd."""
+    """Load every (cwd, path) with torch (DCP folders as torch's dcp_to_torch_save does), each in its own cwd,
+    beside the file the hub case's URL names (it runs only if a laundered call downloads and loads it)."""
+    for cwd, _ in items:
+        (Path(cwd) / GEN.REMOTE_PAYLOAD).write_bytes(GEN.remote_payload_bytes())
     args = [str(a) for cwd, path in items for a in (cwd, path)]
     proc = subprocess.run([sys.executable, "-c", LOADER, *args], capture_output=True, text=True, timeout=600)
     return proc.stdout + proc.stderr
@@ -318,7 +322,7 @@ def test_corpus_lists_every_laundering_case():
         expected = MANIFEST[name]
         assert (expected is None) == (LAUNDERING[name]["verdict"] == "unknown"), name
     kinds = {n.split("_")[0] for n in CASES}
-    assert {"st", "p4", "gadget", "unknown", "dcp", "escape"} <= kinds
+    assert {"st", "p4", "gadget", "unknown", "dcp", "escape", "generator"} <= kinds
     assert len(DANGEROUS) >= 20 and len(UNKNOWN) >= 2
 
 
