@@ -119,6 +119,18 @@ def test_match_and_inspect_show_the_pickled_module(resnet_file):
                              "error": None}]
 
 
+def test_the_module_survives_safetensors_and_is_still_found(tmp_path, resnet_file):
+    """Plain convert keeps the record (lossless); the model is found the same way in every format."""
+    model, path = resnet_file
+    ckconv.convert(path, tmp_path / "whole.safetensors")
+    ckconv.convert(tmp_path / "whole.safetensors", tmp_path / "back.pth")
+    assert_same_state_dict(derived(tmp_path / "whole.safetensors"), model)
+    assert ckconv.inspect(tmp_path / "whole.safetensors").modules[0]["class"] == "torchvision.models.resnet.ResNet"
+    back = torch.load(tmp_path / "back.pth", weights_only=False)  # our own output: a real ResNet again
+    assert type(back) is torchvision.models.ResNet
+    same_outputs(model, back)
+
+
 def test_module_nested_in_a_bundle(tmp_path):
     model = seeded("resnet18").train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
