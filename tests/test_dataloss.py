@@ -361,7 +361,7 @@ def test_staged_file_never_replaces_a_folder(tmp_path):
     assert snapshot(tmp_path) == before
 
 
-def test_staged_folder_contract_for_other_writers(tmp_path):
+def test_staged_folder_contract_for_other_writers(tmp_path, monkeypatch):
     """The helper a multi-file writer (sharded torch .bin) uses: index last, earlier files replaced, rest kept."""
     out = tmp_path / "out"
     out.mkdir()
@@ -381,14 +381,12 @@ def test_staged_folder_contract_for_other_writers(tmp_path):
     with pytest.raises(OutputExists, match="already exists and holds old.idx and 2 more files"):
         with atomic.staged_folder(out, force=False, layout=layout):
             pytest.fail("the block ran although the refusal was known")
-    os.rename = rename
-    try:
-        with atomic.staged_folder(out, force=True, layout=layout) as tmp:
-            assert tmp.parent == out and tmp.name.startswith(".ckconv-tmp-")
-            (tmp / "old.idx").write_text("part-1")
-            (tmp / "part-1").write_text("new 1")
-    finally:
-        os.rename = real_rename
+    monkeypatch.setattr(atomic.os, "rename", rename)
+    with atomic.staged_folder(out, force=True, layout=layout) as tmp:
+        assert tmp.parent == out and tmp.name.startswith(".ckconv-tmp-")
+        (tmp / "old.idx").write_text("part-1")
+        (tmp / "part-1").write_text("new 1")
+    monkeypatch.undo()
     assert order == ["part-1", "old.idx"]
     assert sorted(os.listdir(out)) == ["keep.txt", "old.idx", "part-1"]
     assert (out / "part-1").read_text() == "new 1" and (out / "keep.txt").read_text() == "mine"
