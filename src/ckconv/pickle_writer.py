@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 from collections import OrderedDict
+from contextlib import contextmanager
 
 from . import dtypes, policy
 from .errors import UnsupportedContent
@@ -33,6 +34,7 @@ class PickleWriter:
         self.allow = tuple(allow)  # user-allowed dotted names and prefix.* patterns
         self.where = where
         self.refused: list = []
+        self.arg_depth = 0  # > 0 while writing a call's arguments: references there must be harmless to call
 
     def dumps(self, root) -> bytes:
         self.save(root)
@@ -170,9 +172,18 @@ class PickleWriter:
         elif isinstance(v, Foreign):
             self.save_foreign(v)
         elif is_reference(v):
-            self.tree_global(v.module, v.qualname, "class")
+            self.tree_global(v.module, v.qualname, "arg" if self.arg_depth else "class")
         else:
             raise UnsupportedContent(f"cannot write a value of type {type(v).__name__} into a torch checkpoint")
+
+    @contextmanager
+    def arguments(self):
+        """Writing a call's arguments: every reference in them, however deep, must be harmless to call."""
+        self.arg_depth += 1
+        try:
+            yield
+        finally:
+            self.arg_depth -= 1
 
     def setitems(self, d):
         items = list(d.items())
@@ -221,20 +232,21 @@ class PickleWriter:
         if f.reconstructor is not None:  # copyreg._reconstructor(cls, base, state): no __init__
             self.global_("copyreg", "_reconstructor")
             self.tree_global(f.module, f.qualname, "class")
-            self.save(f.reconstructor[0])
-            self.save(f.reconstructor[1])
+            with self.arguments():
+                self.save(f.reconstructor[0])
+                self.save(f.reconstructor[1])
             self.out += b"\x87R"
         elif f.newobj:  # cls.__new__(cls, *args): no __init__; NEWOBJ refuses anything that is not a class
             self.tree_global(f.module, f.qualname, "class")
-            self.tuple_(tuple(f.args))
-            if f.kwargs:
-                self.save(dict(f.kwargs))
-                self.out += b"\x92"
-            else:
-                self.out += b"\x81"
+            with self.arguments():
+                self.tuple_(tuple(f.args))
+                if f.kwargs:
+                    self.save(dict(f.kwargs))
+            self.out += b"\x92" if f.kwargs else b"\x81"
         else:  # cls(*args) or fn(*args): called, so only allowlisted callables
             self.tree_global(f.module, f.qualname, "call")
-            self.tuple_(tuple(f.args))
+            with self.arguments():
+                self.tuple_(tuple(f.args))
             self.out += b"R"
         if f.listitems:
             self.out += b"("

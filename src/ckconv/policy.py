@@ -21,8 +21,6 @@ validated as dotted Python identifiers before anything is written, so a name can
 
 from __future__ import annotations
 
-import fnmatch
-
 from .errors import UnsafeCheckpoint, UsageError
 
 SAFE, UNKNOWN, DANGEROUS = "safe", "unknown", "dangerous"
@@ -57,8 +55,7 @@ _DANGEROUS_COMPONENTS = frozenset(m for m in DANGEROUS_MODULES if "." not in m) 
 
 # What ckconv's own unpickler answers with builders (never calling the named object): the read side of "safe".
 READ_IMPLEMENTED = frozenset({
-    "collections.OrderedDict", "_codecs.encode", "copyreg._reconstructor",
-    *(f"{m}.{n}" for m in ("builtins", "__builtin__") for n in (
+    "collections.OrderedDict", "_codecs.encode", *(f"{m}.{n}" for m in ("builtins", "__builtin__") for n in (
         "set", "frozenset", "complex", "bytearray", "slice", "range", "bool", "int", "float", "str", "tuple",
         "list", "dict", "bytes", "object")),
     "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3",
@@ -68,15 +65,15 @@ READ_IMPLEMENTED = frozenset({
 })
 
 # Called by REDUCE with arguments from the file: each is a constructor of plain data, or numpy's own reconstruction
-# helpers (which build arrays, scalars and random states from bytes and never import or run anything else).
+# helpers (which build arrays, scalars and random states from bytes and never import or run anything else). None of
+# them calls an argument, except through ARG_REFERENCES below. ckconv's own tensor rebuilds, ``torch.Size`` and
+# ``copyreg._reconstructor`` are not here: the writer emits them itself, from its own values, never from a record
+# (``_rebuild_from_type_v2(func, ...)`` calls ``func``; ``_reconstructor`` calls its ``base``).
 CALLS = frozenset({
     "collections.OrderedDict", "collections.defaultdict", "collections.Counter", "collections.deque",
     "builtins.set", "builtins.frozenset", "builtins.complex", "builtins.bytearray", "builtins.bytes",
     "builtins.slice", "builtins.range", "builtins.list", "builtins.tuple", "builtins.dict", "builtins.int",
     "builtins.float", "builtins.str", "builtins.bool", "_codecs.encode", "copyreg._reconstructor",
-    "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3",
-    "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
-    "torch._tensor._rebuild_from_type_v2", "torch.Size", "torch.device",
     "argparse.Namespace",
     "datetime.datetime", "datetime.date", "datetime.time", "datetime.timedelta", "datetime.timezone",
     "decimal.Decimal", "fractions.Fraction",
@@ -84,6 +81,15 @@ CALLS = frozenset({
     "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype",
     "numpy.random._pickle.__randomstate_ctor", "numpy.random._pickle.__bit_generator_ctor",
     "numpy.random._pickle.__generator_ctor",
+})
+# The only references that may appear *inside the arguments* of a call (or as ``_reconstructor``'s base): some
+# allowed calls call what they are given (``defaultdict(factory)`` on a missing key, numpy's generator
+# constructors call their ``bit_generator_ctor``), so a reference there must be harmless to call with anything.
+ARG_REFERENCES = frozenset({
+    *(f"builtins.{n}" for n in ("object", "list", "dict", "set", "frozenset", "tuple", "int", "float", "str",
+                                "bytes", "bool", "complex", "bytearray")),
+    "collections.OrderedDict", "collections.Counter", "collections.deque", "collections.defaultdict",
+    "numpy.ndarray", "numpy.dtype", "numpy.random._pickle.__bit_generator_ctor",
 })
 # Instantiated without running __init__ (NEWOBJ / copyreg._reconstructor), then BUILD calls the class's own
 # __setstate__ (torch's, numpy's, the data classes') or fills its __dict__; also written as plain references
@@ -144,10 +150,17 @@ def is_dangerous(module, qualname) -> bool:
         "." in qualname and qualname.split(".")[-1] in ("system", "popen", "exec", "eval", "execv", "spawn"))
 
 
-def _matches(full, patterns) -> bool:
+def _matches(module, qualname, patterns, classes_only=False) -> bool:
+    """Whether a name is one of ``patterns``: an exact dotted name, or ``prefix.*``, which covers the names
+    defined at the top of modules under the prefix and nothing else: a dotted qualname walks attributes
+    (``torch.nn.modules.module.torch._logging...`` reaches any module torch imports), so patterns never match one.
+    ``classes_only``: the pattern also needs a class-style name (``Conv2d``, not a re-exported function)."""
+    full = f"{module}.{qualname}"
     for pat in patterns:
-        if pat == full or (pat.endswith(".*") and full.startswith(pat[:-1])) or (
-                "*" in pat[:-2] and fnmatch.fnmatchcase(full, pat)):
+        if pat == full:
+            return True
+        if (pat.endswith(".*") and "." not in qualname and (module + ".").startswith(pat[:-1])
+                and (not classes_only or qualname[:1].isupper())):
             return True
     return False
 
@@ -199,21 +212,30 @@ def check_patterns(patterns) -> tuple:
 # --- writing ----------------------------------------------------------------------------------------------------
 
 def may_write(module, qualname, role, allow=()) -> bool:
-    """Whether ckconv may write ``module.qualname`` into a pickle as a ``role``: "call" (REDUCE with recorded
-    arguments) or "class" (NEWOBJ/_reconstructor + BUILD, or a plain reference)."""
+    """Whether ckconv may write ``module.qualname`` into a pickle as a ``role``:
+
+    * "call": called by REDUCE with recorded arguments -- exact :data:`CALLS` entries or the user's allowance;
+    * "class": the class of a NEWOBJ/_reconstructor record (no ``__init__``), or a reference kept in an object's
+      state -- :data:`CALLS`, :data:`CLASSES` (patterns for class names only), a public attribute of an exact
+      entry (``HistoryBuffer.min``), or the user's allowance;
+    * "arg": a reference inside a call's arguments -- :data:`ARG_REFERENCES` or the user's allowance.
+    Dangerous names and invalid names are never allowed, whatever the user says."""
     if not valid_name(module, qualname) or is_dangerous(module, qualname):
         return False
     full = f"{module}.{qualname}"
-    if _matches(full, allow):
+    if _matches(module, qualname, allow):
         return True
     if role == "call":
         return full in CALLS
-    if full in CALLS or _matches(full, CLASSES):
+    if role == "arg":
+        return full in ARG_REFERENCES
+    if full in CALLS or _matches(module, qualname, CLASSES, classes_only=True):
         return True
-    # a public attribute of an allowed class, as a reference (mmengine's ``HistoryBuffer.min``): written as
+    # a public attribute of an exactly-named class, as a reference (mmengine's ``HistoryBuffer.min``): written as
     # getattr(Class, 'min'), which looks the name up and calls nothing
     parent, _, attr = qualname.rpartition(".")
-    return bool(parent) and not attr.startswith("_") and may_write(module, parent, "class", allow)
+    return (bool(parent) and "." not in parent and not attr.startswith("_")
+            and (f"{module}.{parent}" in CLASSES or f"{module}.{parent}" in allow))
 
 
 def refuse_write(names, where="") -> UnsafeCheckpoint:
