@@ -113,6 +113,8 @@ def test_match_and_inspect_show_the_pickled_module(resnet_file):
     assert shown.exit_code == 0 and "coverage: 100.0% of 122 target keys" in shown.stdout
     text = invoke("inspect", path).stdout
     assert "sections: model (pickled module torchvision.models.resnet.ResNet)" in text
+    (line,) = [t for t in text.splitlines() if t.startswith("foreign object:")]  # submodules counted, not listed
+    assert line.startswith("foreign object: <root> is a torchvision.models.resnet.ResNet") and "more records" in line
     info = ckconv.inspect(path)
     assert info.sections == {"model": ["<root>"]}
     assert info.modules == [{"path": "<root>", "class": "torchvision.models.resnet.ResNet", "tensors": 122,

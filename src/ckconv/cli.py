@@ -411,8 +411,17 @@ def _show_inspection(info, as_json, size_text):
             click.echo(f"pickled module: {m['error']}")
     click.echo(f"tensors: {info.tensor_count}, {size_text(info.bytes)}; dtypes: "
                + ", ".join(f"{k} x{v}" for k, v in sorted(info.dtypes.items())))
+
+    def owner(path):  # records inside a pickled module (its submodules...) are counted on the module's line
+        return next((q for q in kinds if path != q and (q == "<root>" or path.startswith(q + "."))), None)
+
+    inside: dict = {}
     for item in info.foreign:
-        click.echo(f"foreign object: {item['path']} is a {item['class']} (kept as an inert record)")
+        inside[owner(item["path"])] = inside.get(owner(item["path"]), 0) + 1
+    for item in info.foreign:
+        if owner(item["path"]) is None:
+            more = f"; {inside[item['path']]} more records inside it" if inside.get(item["path"]) else ""
+            click.echo(f"foreign object: {item['path']} is a {item['class']} (kept as an inert record{more})")
     bundle = info.bundle or {}
     if bundle.get("layout") not in (None, "state_dict", "unknown"):
         click.echo(f"layout: {bundle['layout']}" + (f", model at {bundle['model']}" if bundle.get("model") else ""))
