@@ -67,14 +67,13 @@ def assert_close_weights(a: dict, b: dict, atol=0.0):
 
 @pytest.fixture(scope="session")
 def timm_vgg11(tmp_path_factory):
-    """timm vgg11 trained 2 steps with create_optimizer_v2 (SGD momentum, weight decay: 2 groups), converted."""
+    """timm vgg11 trained a step with create_optimizer_v2 (SGD momentum, weight decay: 2 groups), converted."""
     tmp = tmp_path_factory.mktemp("vgg")
     torch.manual_seed(0)
     model = timm.create_model("vgg11", pretrained=False, num_classes=4)
     opt = create_optimizer_v2(model, "momentum", lr=1e-3, weight_decay=0.05)
     x = torch.randn(1, 3, 32, 32)
-    for _ in range(2):
-        step(model, opt, x)
+    step(model, opt, x)  # one step: every slot has its momentum buffer (vgg11 is big: keep it short)
     torch.save({"epoch": 2, "arch": "vgg11", "state_dict": model.state_dict(), "optimizer": opt.state_dict(),
                 "version": 2, "metric": 0.5}, tmp / "src.pth")
     run = invoke("convert", tmp / "src.pth", tmp / "out.pth", "--arch", "vgg11", "--arch-option", "num_classes=4",
@@ -150,29 +149,39 @@ def test_timm_resnet18_adamw_groups_resume_on_torchvision(tmp_path, timm_resnet1
     assert_close_weights(model.state_dict(), resumed.state_dict())
 
 
-def test_ambiguous_groups_are_refused_and_optimizer_drop_writes_the_model(tmp_path, timm_resnet18):
+@pytest.fixture(scope="session")
+def stem_frozen_run(timm_resnet18, tmp_path_factory):
+    """timm resnet18 with conv1/bn1 frozen, one AdamW step; saved plainly and with save_bundle (records frozen)."""
+    tmp = tmp_path_factory.mktemp("stem")
+    model = _timm_resnet(timm_resnet18, ("conv1", "bn1"))
+    opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    step(model, opt, torch.randn(2, 3, 32, 32))
+    torch.save({"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1}, tmp / "src.pth")
+    save_bundle(tmp / "frozen.pth", model=model, optimizer=opt)  # records frozen: [conv1.weight, ...]
+    return model, opt, tmp
+
+
+def test_ambiguous_groups_are_refused_and_optimizer_drop_writes_the_model(tmp_path, stem_frozen_run):
     """Stem frozen: the no-decay group holds 8 of the model's ten [64] norm parameters; shapes cannot tell which.
 
     Onto the same names, shapes and order the slots would still fit as they were; a new head (10 classes) means
     the fc slots must be found, and they cannot be proven.
     """
-    model = _timm_resnet(timm_resnet18, ("conv1", "bn1"))
-    opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
-    step(model, opt, torch.randn(2, 3, 32, 32))
-    torch.save({"state_dict": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 1}, tmp_path / "src.pth")
-    same = ckconv.convert(tmp_path / "src.pth", tmp_path / "same.pth", arch="resnet18", arch_options=["num_classes=4"])
+    model, opt, src = stem_frozen_run
+    src = src / "src.pth"
+    same = ckconv.convert(src, tmp_path / "same.pth", arch="resnet18", arch_options=["num_classes=4"])
     assert any("kept unchanged (the parameters keep their order and shapes" in n for n in same.notes), same.notes
     assert_deep_equal(torch.load(tmp_path / "same.pth", weights_only=True)["optimizer"], opt.state_dict())
 
     out = tmp_path / "out.pth"
-    run = invoke("convert", tmp_path / "src.pth", out, "--arch", "resnet18", "--arch-option", "num_classes=10")
+    run = invoke("convert", src, out, "--arch", "resnet18", "--arch-option", "num_classes=10")
     assert run.exit_code == 1 and not out.exists()
     (line,) = run.output.strip().splitlines()
     assert "param group 0 (39 parameters, lr=0.001, weight_decay=0.0)" in line
     assert "fits the model's parameters in more than one way" in line
     assert "could be layer1.1.bn1.bias, layer1.1.bn2.weight" in line and "--optimizer drop" in line
 
-    run = invoke("convert", tmp_path / "src.pth", out, "--arch", "resnet18", "--arch-option", "num_classes=10",
+    run = invoke("convert", src, out, "--arch", "resnet18", "--arch-option", "num_classes=10",
                  "--optimizer", "drop")
     assert run.exit_code == 0, run.output
     assert "left out 1 optimizer state_dict (--optimizer drop)" in run.output
@@ -189,16 +198,15 @@ def _resnet_frozen_stem(num_classes):
     return resumed
 
 
-def test_recorded_freeze_or_param_names_settle_an_ambiguous_fit(tmp_path, timm_resnet18):
+def test_recorded_freeze_or_param_names_settle_an_ambiguous_fit(tmp_path, stem_frozen_run):
     """The same stem-frozen run resolves when the bundle records the freeze, or the optimizer has param_names;
     the new 10-class head keeps its place in its group (no-decay bias, decay weight) without state."""
     x = torch.randn(2, 3, 32, 32)
-    model = _timm_resnet(timm_resnet18, ("conv1", "bn1"))
-    opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
-    step(model, opt, x)
-    save_bundle(tmp_path / "frozen.pth", model=model, optimizer=opt)  # records frozen: [conv1.weight, ...]
+    model, opt, src = stem_frozen_run
+    model = copy.deepcopy(model)  # the param_names optimizer below steps it on
+    opt_state = {name: copy.deepcopy(opt.state[p]) for name, p in stem_frozen_run[0].named_parameters()}
     options = ["num_classes=10"]
-    result = ckconv.convert(tmp_path / "frozen.pth", tmp_path / "a.pth", arch="resnet18", arch_options=options)
+    result = ckconv.convert(src / "frozen.pth", tmp_path / "a.pth", arch="resnet18", arch_options=options)
     assert any("with the recorded freeze" in n and "2 with new shapes" in n for n in result.notes), result.notes
 
     named = torch.optim.AdamW(
@@ -211,17 +219,18 @@ def test_recorded_freeze_or_param_names_settle_an_ambiguous_fit(tmp_path, timm_r
     assert any("slot names from param_names" in n for n in result.notes), result.notes
 
     head = {"fc.weight", "fc.bias"}
-    for out, source_opt in ((tmp_path / "a.pth", opt), (tmp_path / "b.pth", named)):
+    named_state = {name: named.state[p] for name, p in model.named_parameters()}
+    for out, source_state in ((tmp_path / "a.pth", opt_state), (tmp_path / "b.pth", named_state)):
         resumed = _resnet_frozen_stem(10)
         opt2 = create_optimizer_v2(resumed, "adamw", lr=1e-3, weight_decay=0.05)
         bundle = load_bundle(out, resumed, opt2, strict=False)
-        assert bundle["frozen"] == ["conv1.weight", "bn1.weight", "bn1.bias"] if out.name == "a.pth" else True
-        source = dict(model.named_parameters())
+        if out.name == "a.pth":
+            assert bundle["frozen"] == ["conv1.weight", "bn1.weight", "bn1.bias"]
         for name, p in resumed.named_parameters():
             if name in head:
                 assert opt2.state.get(p, {}) == {}
             elif p.requires_grad:
-                assert_deep_equal(source_opt.state[source[name]], opt2.state[p], name)
+                assert_deep_equal(source_state[name], opt2.state[p], name)
         step(resumed, opt2, x)  # and it trains
 
 

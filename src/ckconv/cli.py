@@ -136,8 +136,8 @@ class Progress:
 @click.option("--section", help="Where the state_dict is inside a bundle (e.g. state_dict_ema).")
 @click.option("--strict", is_flag=True, help="With --arch: refuse to write unless every target key is filled.")
 @click.option("--optimizer", "optimizer", type=click.Choice(["remap", "drop"]), default="remap", show_default=True,
-              help="With --arch: move optimizer state onto the new names (refused unless ckconv can prove which "
-                   "parameter each slot is), or drop it and write the model without it.")
+              help="Optimizer state: follow the remap (refused unless ckconv can prove which parameter each slot "
+                   "is), or drop it and write the rest without it.")
 @click.option("--keep-layout", is_flag=True,
               help="With --arch: keep the source's layout (Lightning, mmengine, ...) instead of writing "
                    "{'model', 'optimizer', ...}.")
@@ -147,6 +147,9 @@ class Progress:
 @click.option("--allow-global", "allow_globals", multiple=True, metavar="NAME",
               help="Let a .pth output name this global beyond ckconv's allowlist: a dotted name or 'prefix.*' "
                    "(mmengine.*). Only for files you trust. Repeatable.")
+@click.option("--plain", is_flag=True,
+              help="Write what torch.load(weights_only=True) loads: pickled modules become state_dicts, numpy "
+                   "arrays tensors, records dicts, class references names. Every change is listed.")
 def convert(src, dst, to, model_only, dtype, dtype_optimizer, max_shard_size, force, as_json, arch, arch_options,
             map_file, only, drop, rename, section, strict, optimizer, keep_layout, freeze, allow_globals):
     """Convert SRC to DST, keeping everything (model, optimizer, scalars) unless told otherwise."""
