@@ -367,8 +367,13 @@ def test_records_that_contain_themselves_or_explode_are_refused(monkeypatch):
     for _ in range(40):  # 2**40 keys if walked naively
         node = record({"a": node, "b": node})
     monkeypatch.setattr(tree, "MAX_NODES", 10_000)
-    with pytest.raises(LimitExceeded, match="more than 10000 tensors"):
+    with pytest.raises(LimitExceeded, match="more than 10000 submodules and tensors"):
         modules.state_dict(node)
+    empty = record({})
+    for _ in range(40):  # no tensors at all: the walk itself is what explodes
+        empty = record({"a": empty, "b": empty})
+    with pytest.raises(LimitExceeded, match="more than 10000 submodules"):
+        modules.state_dict(empty)
 
 
 def test_version_and_custom_state_tables_match_installed_torch():

@@ -179,6 +179,7 @@ def _walk(record, prefix, out, active, budget, where):
                             "recurse forever")
     if len(active) >= tree.MAX_DEPTH:
         raise LimitExceeded(f"{where}: pickled modules nest more than {tree.MAX_DEPTH} levels (at {name})")
+    _charge(budget, where)
     state = _module_dict(record)
     _refuse_code(record, cls, state, name, where)
     local = {"version": VERSIONS.get(cls, 1)}
@@ -187,10 +188,7 @@ def _walk(record, prefix, out, active, budget, where):
     skipped = skipped if isinstance(skipped, (set, frozenset, list, tuple)) else ()
     for kind, table in (("parameter", state["_parameters"]), ("buffer", state["_buffers"])):
         for key, value in table.items():
-            budget[0] -= 1
-            if budget[0] < 0:
-                raise LimitExceeded(f"{where}: pickled module holds more than {tree.MAX_NODES} tensors (shared "
-                                    "submodules can multiply them); raise CKCONV_MAX_NODES if you trust this file")
+            _charge(budget, where)
             if value is None or kind == "buffer" and key in skipped:
                 continue
             if not isinstance(key, str) or not isinstance(value, TensorRef):
@@ -211,6 +209,13 @@ def _walk(record, prefix, out, active, budget, where):
             raise ModuleStateError(f"{where}: submodule {prefix}{_key(key)} of pickled module {cls} is "
                                    f"{_describe(child)}, not a module record; ckconv cannot derive this state_dict")
         _walk(child, f"{prefix}{key}.", out, active + (id(record),), budget, where)
+
+
+def _charge(budget, where):
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise LimitExceeded(f"{where}: pickled module holds more than {tree.MAX_NODES} submodules and tensors "
+                            "(shared submodules multiply them); raise CKCONV_MAX_NODES if you trust this file")
 
 
 def _refuse_code(record, cls, state, name, where):
