@@ -419,3 +419,12 @@ def test_json_inspect_lists_modules(tmp_path):
     assert data["sections"]["model"] == ["generator"]
     assert data["modules"] == [{"path": "generator", "class": "torch.nn.modules.linear.Linear", "tensors": 2,
                                 "error": None}]
+
+
+def test_model_only_and_match_take_the_same_state_dict(tmp_path):
+    """One rule (issue 15): for {'net': small, 'params': large} --model-only used to take net, --arch params."""
+    small, large = nn.Linear(2, 2), nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    torch.save({"net": small.state_dict(), "params": large.state_dict(), "epoch": 1}, tmp_path / "two.pth")
+    ckconv.convert(tmp_path / "two.pth", tmp_path / "model.pth", model_only=True)
+    assert_same_state_dict(torch.load(tmp_path / "model.pth", weights_only=True), large)
+    assert ckconv.match(tmp_path / "two.pth", large).section == "params"
