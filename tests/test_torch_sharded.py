@@ -409,3 +409,18 @@ def test_earlier_output_names_only_plain_bin_shards(tmp_path):
                                                       "pytorch_model-00002-of-00002.bin"]
     (tmp_path / INDEX).write_text("not json")
     assert torch_sharded.earlier_output(tmp_path) == []
+
+
+def test_writing_into_a_model_folder_keeps_its_other_files(tmp_path):
+    torch.save({f"w{i}": torch.randn(64, 64) for i in range(6)}, tmp_path / "src.pth")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert invoke("convert", tmp_path / "src.pth", folder, "--to", "torch", "--max-shard-size", "40KB").exit_code == 0
+    assert files(folder) == ["config.json"] + [f"pytorch_model-0000{i}-of-00003.bin" for i in (1, 2, 3)] + [INDEX]
+    result = invoke("convert", tmp_path / "src.pth", folder, "--to", "torch", "--max-shard-size", "5GB")
+    assert result.exit_code == 1 and "--force" in result.stderr and len(files(folder)) == 5
+    result = invoke("convert", tmp_path / "src.pth", folder, "--to", "torch", "--max-shard-size", "5GB", "--force")
+    assert result.exit_code == 0, result.output
+    assert files(folder) == ["config.json", "pytorch_model.bin"]  # the earlier shards and index replaced
+    assert invoke("diff", folder, tmp_path / "src.pth").exit_code == 0
