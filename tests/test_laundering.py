@@ -3,8 +3,9 @@
 A safetensors file whose ``ckconv.structure`` holds ``{"$object": "os:system", ...}``, a protocol-4 ``STACK_GLOBAL``
 whose strings carry newlines (opcode injection once written as a text ``GLOBAL``), dotted paths the C unpickler
 resolves (``argparse._os.system``), gadgets that are on no deny-list, and DCP ``.metadata`` whose ``planner_data``
-is a payload. The corpus is ``fixtures/hostile/make_hostile.py``'s ``LAUNDERING`` cases; every payload creates a
-canary file ``CKCONV_PWNED`` in the current folder when something runs it.
+is a payload, calls that call their argument, allowlisted constructors given terabyte sizes. The corpus is
+``fixtures/hostile/make_hostile.py``'s ``LAUNDERING`` cases; every payload creates a canary file ``CKCONV_PWNED`` in
+the current folder when something runs it, or (the allocation bombs) exhausts a 1 GiB address-space cap.
 
 For every case and every output format: ckconv refuses (exit 1, one ``Error:`` line naming the global, nothing at
 the destination) or writes an output that names only benign globals and that ``torch.load(weights_only=False)``, in
@@ -138,32 +139,47 @@ def foreign_globals(path: Path) -> list:
 # --- loading with torch, in a subprocess ------------------------------------------------------------------------
 
 LOADER = r"""
-import os, sys, warnings
+import os, resource, sys, warnings
 warnings.simplefilter("ignore")
 import torch
-for cwd, path in zip(sys.argv[1::2], sys.argv[2::2]):
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+# 1 GiB of address space beyond what importing torch took: an output that needs more is a memory bomb (it fails
+# here with MemoryError instead of taking the machine down).
+vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+for index, (cwd, path) in enumerate(zip(sys.argv[1::2], sys.argv[2::2])):
     os.chdir(cwd)
     os.environ["TORCH_HOME"] = os.path.join(cwd, "torch_home")  # torch.hub downloads land here, never in ~
     try:
         if os.path.isdir(path):
-            from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
             dcp_to_torch_save(path, os.path.join(cwd, "as_torch_save.pt"))
         else:
             torch.load(path, weights_only=False)
-        print("loaded", path)
+        print("RESULT", index, "loaded", flush=True)
     except BaseException as exc:
-        print("failed", path, type(exc).__name__, str(exc)[:200].replace(chr(10), " "))
+        kind = type(exc).__name__
+        if "MemoryError" in str(exc) or "returned NULL" in str(exc):  # wrapped by DCP's CheckpointException
+            kind = "MemoryError"
+        print("RESULT", index, kind, path, str(exc)[:200].replace(chr(10), " "), flush=True)
 """
+MEMORY_ERRORS = ("MemoryError", "SystemError")  # deque(...) reports exhaustion as "returned NULL" SystemError
 
 
-def torch_load_each(items) -> str:
+def torch_load_each(items):
     """Load every (cwd, path) with torch (DCP folders as torch's dcp_to_torch_save does), each in its own cwd,
-    beside the file the hub case's URL names (it runs only if a laundered call downloads and loads it)."""
+    beside the file the hub case's URL names (it runs only if a laundered call downloads and loads it), under an
+    address-space cap. -> ([outcome per item: "loaded" or the exception's type name], log)."""
     for cwd, _ in items:
         (Path(cwd) / GEN.REMOTE_PAYLOAD).write_bytes(GEN.remote_payload_bytes())
     args = [str(a) for cwd, path in items for a in (cwd, path)]
     proc = subprocess.run([sys.executable, "-c", LOADER, *args], capture_output=True, text=True, timeout=600)
-    return proc.stdout + proc.stderr
+    outcomes = ["no result"] * len(items)
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0] == "RESULT":
+            outcomes[int(parts[1])] = parts[2]
+    return outcomes, proc.stdout + proc.stderr
 
 
 def canaries(root: Path) -> list:
@@ -253,9 +269,12 @@ def test_conversions_never_arm_the_payload(name, tmp_path, monkeypatch):
         cwd = tmp_path / "load" / str(len(loads))
         cwd.mkdir(parents=True)
         loads.append((cwd, dst))
-    log = torch_load_each(loads) if loads else ""
+    outcomes, log = torch_load_each(loads) if loads else ([], "")
     if canaries(tmp_path):
         problems.append(f"torch.load of ckconv's output ran the payload: {canaries(tmp_path)}\n{log[-1500:]}")
+    for (cwd, dst), result in zip(loads, outcomes):
+        if result in MEMORY_ERRORS or result == "no result":
+            problems.append(f"torch.load of {dst.relative_to(tmp_path)} exhausted 1 GiB of memory ({result})")
     assert not problems, "\n".join(problems)
 
 
@@ -302,14 +321,19 @@ def torch_runs(tmp_path_factory):
                 continue
             items.append((cwd, path))
             keys.append((name, kind, cwd))
-    log = torch_load_each(items)
-    return {(name, kind): (cwd / CANARY).exists() for name, kind, cwd in keys}, log
+    outcomes, log = torch_load_each(items)
+    ran = {}
+    for (name, kind, cwd), result in zip(keys, outcomes):
+        memory = LAUNDERING[name]["effect"] == "memory"
+        ran[(name, kind)] = result in MEMORY_ERRORS if memory else (cwd / CANARY).exists()
+    return ran, log
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_positive_control_the_payload_runs_under_torch(name, torch_runs):
+    """The armed twin creates the canary (or exhausts the memory cap, for the allocation bombs)."""
     ran, log = torch_runs
-    assert ran[(name, "armed")], f"the armed twin of {name} did not create the canary:\n{log[-2000:]}"
+    assert ran[(name, "armed")], f"the armed twin of {name} did not run its payload:\n{log[-2000:]}"
     if (name, "source") in ran:
         # True: torch.load of the source itself runs it; False: only a laundering writer arms it (newline names).
         assert ran[(name, "source")] is LAUNDERING[name]["runs_under_torch"], (name, log[-2000:])
@@ -322,7 +346,7 @@ def test_corpus_lists_every_laundering_case():
         expected = MANIFEST[name]
         assert (expected is None) == (LAUNDERING[name]["verdict"] == "unknown"), name
     kinds = {n.split("_")[0] for n in CASES}
-    assert {"st", "p4", "gadget", "unknown", "dcp", "escape", "generator"} <= kinds
+    assert {"st", "p4", "gadget", "unknown", "dcp", "escape", "generator", "deque"} <= kinds
     assert len(DANGEROUS) >= 20 and len(UNKNOWN) >= 2
 
 
