@@ -48,3 +48,17 @@ class PluginError(CkconvError):
 
 class UsageError(CkconvError):
     """The request itself is inconsistent (unknown format, bad option value)."""
+
+
+def did_you_mean(name, choices) -> str:
+    """``"; did you mean vgg16?"`` for a near miss among ``choices`` (a swapped pair of letters first), else ``""``."""
+    import difflib
+
+    name = str(name).lower()
+    ratio = {c: difflib.SequenceMatcher(None, name, c.lower()).ratio() for c in {str(c) for c in choices}}
+    close = sorted((c for c, r in ratio.items() if r >= 0.6), key=lambda c: (-ratio[c], c))
+    swapped = [c for c in close if sorted(c.lower()) == sorted(name)]
+    close = swapped[:1] or [c for c in close if ratio[c] >= ratio[close[0]] - 0.05][:3]
+    if not close:
+        return ""
+    return "; did you mean " + (", ".join(close[:-1]) + " or " if len(close) > 1 else "") + close[-1] + "?"

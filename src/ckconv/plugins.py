@@ -18,7 +18,7 @@ from importlib import metadata
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, UsageError
+from .errors import PluginError, UsageError, did_you_mean
 
 BUILTIN_PLUGINS = (
     "ckconv.formats.torch_pickle",
@@ -52,7 +52,8 @@ class Host:
 
     def format(self, name):
         if name not in self.formats:
-            raise UsageError(f"unknown format {name!r}; known formats: {', '.join(sorted(self.formats))}")
+            raise UsageError(f"unknown format {name!r}{did_you_mean(name, self.formats)}; known formats: "
+                             f"{', '.join(sorted(self.formats))}")
         return self.formats[name]
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from . import modules
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 from .model import TensorRef
 from .tree import is_flat_state_dict
 
@@ -47,8 +47,8 @@ def unwrap(root, section: str | None = None):
                 raise error
         if not found and failed:
             raise failed[0][1]
-        raise UsageError(f"no state_dict at {section!r}; this checkpoint has them at "
-                         + ", ".join(_where(p) for p, _ in found[:8]))
+        raise UsageError(f"no state_dict at {section!r}{did_you_mean(section, [_where(p) for p, _ in found])}; "
+                         "this checkpoint has them at " + ", ".join(_where(p) for p, _ in found[:8]))
     if failed:
         raise failed[0][1]
     if not found:
