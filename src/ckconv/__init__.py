@@ -3,7 +3,19 @@
 The public API is imported lazily so that ``import ckconv`` (and ``ckconv --help``) never imports torch.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .hookspecs import hookimpl
+
+if TYPE_CHECKING:  # what type checkers and editors see; at run time each name is imported on first use
+    from .api import convert, detect_format, load, parse_size, read, save
+    from .bundles import describe, load_bundle, save_bundle
+    from .diffing import diff
+    from .errors import CkconvError
+    from .inspection import inspect
+    from .matching import MatchReport, match
+    from .remap import load_into
+    from .selectors import freeze
 
 __version__ = "0.1.0"
 
@@ -16,7 +28,7 @@ _API = {
 }
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name in _API:
         import importlib
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Iterable
 
 from . import dtypes, tree
 from .atomic import FolderLayout, identities, staged
@@ -14,9 +15,11 @@ from .model import Checkpoint, Storage, TensorRef
 from .plugins import host
 
 SNIFF_BYTES = 512
+PathLike = str | os.PathLike
+Progress = Callable[[int], None]  # called with each count of bytes written; an optional start(total) first
 
 
-def detect_format(path) -> str:
+def detect_format(path: PathLike) -> str:
     """The name of the format plugin that recognises ``path`` by its bytes (never by its extension)."""
     path = Path(path)
     if not path.exists():
@@ -41,7 +44,7 @@ def detect_format(path) -> str:
                          "ckconv reads torch.save files and safetensors, see `ckconv plugins`")
 
 
-def read(path, format: str | None = None) -> Checkpoint:
+def read(path: PathLike, format: str | None = None) -> Checkpoint:
     """Describe a checkpoint without loading tensor data. Never runs code from the file."""
     path = Path(path)
     name = format or detect_format(path)
@@ -50,7 +53,7 @@ def read(path, format: str | None = None) -> Checkpoint:
     return ckpt
 
 
-def load(path, format: str | None = None):
+def load(path: PathLike, format: str | None = None) -> Any:
     """Read a checkpoint into real torch objects (tensors on the CPU; shared storages stay shared)."""
     return tree.materialize(read(path, format).root)
 
@@ -85,8 +88,8 @@ def output_format(dst: Path, to: str | None, max_shard_size) -> str:
     return sharded
 
 
-def save(obj, path, *, format: str | None = None, max_shard_size=None, force=False, progress=None,
-         allow_globals=()) -> str:
+def save(obj: Any, path: PathLike, *, format: str | None = None, max_shard_size: int | str | None = None,
+         force: bool = False, progress: Progress | None = None, allow_globals: Iterable[str] = ()) -> str:
     """Write ``obj`` (torch objects, or a Checkpoint from ``read``) atomically; returns the format name used.
 
     ``allow_globals``: dotted names or ``prefix.*`` patterns a pickle output may name beyond ckconv's allowlist
@@ -179,7 +182,7 @@ def _source_files(ckpt: Checkpoint) -> set:
     return paths
 
 
-def parse_size(value) -> int | None:
+def parse_size(value: int | str | None) -> int | None:
     """``5GB`` -> 5_000_000_000 (decimal units, as huggingface_hub); ``2GiB`` binary; plain ints are bytes."""
     if value is None or isinstance(value, int):
         return value
@@ -219,10 +222,13 @@ class ConversionResult:
         return asdict(self)
 
 
-def convert(src, dst, *, to=None, model_only=False, dtype=None, max_shard_size=None, force=False,
-            progress=None, arch=None, arch_options=None, map=None, only=(), drop=(), rename=(), section=None,
-            strict=False, freeze=(), distributed=False, allow_globals=(), optimizer="remap", keep_layout=False,
-            dtype_optimizer=None) -> ConversionResult:
+def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: bool = False,
+            dtype: str | None = None, max_shard_size: int | str | None = None, force: bool = False,
+            progress: Progress | None = None, arch: str | None = None, arch_options: dict | list | None = None,
+            map: PathLike | None = None, only: Iterable[str] = (), drop: Iterable[str] = (),
+            rename: Iterable[str] = (), section: str | None = None, strict: bool = False,
+            freeze: Iterable[str] = (), distributed: bool = False, allow_globals: Iterable[str] = (),
+            optimizer: str = "remap", keep_layout: bool = False, dtype_optimizer: str | None = None) -> ConversionResult:
     """Convert ``src`` to ``dst`` losslessly (unless ``model_only`` or ``dtype`` ask otherwise).
 
     ``arch`` / ``map`` / ``rename`` / ``only`` / ``drop`` remap the model state_dict onto an architecture's names
