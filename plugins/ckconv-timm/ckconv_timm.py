@@ -28,6 +28,7 @@ class TimmSource(ArchitectureSource):
     name = "timm"
     description = "every model in timm.list_models(), built with pretrained=False"
     auto_exclude = ("*",)  # `--arch auto` would build 1,300+ models; name timm models explicitly (timm:resnet50)
+    distribution = "timm"  # cached specs and names are keyed by timm's installed version, read without importing it
 
     @property
     def version(self):

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import dtypes, tree
-from .atomic import FolderLayout, identities, staged
+from .atomic import FolderLayout, check_destination, identities, staged
 from .errors import NotACheckpoint, OutputExists, UsageError
 from .formats.base import WriteOptions
 from .model import Checkpoint, Storage, TensorRef
@@ -250,6 +250,9 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
         raise UsageError("--freeze records the frozen parameters in a bundle, but --model-only writes a bare "
                          "state_dict; drop one of the two")
     ckpt = read(src)
+    early = output_target(ckpt, dst, format=to, max_shard_size=max_shard_size)
+    if not early.folder:  # refuse an existing DST or a missing folder before any matching or casting
+        check_destination(early.path, force, early.protect)
     notes = list(ckpt.notes)
     root = ckpt.root
     report = None

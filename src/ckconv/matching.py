@@ -399,19 +399,21 @@ def match(ckpt, arch, *, arch_options=None, rename=(), section=None, only=(), dr
     from .plugins import host
     from .selectors import filter_keys
 
+    auto = isinstance(arch, str) and (arch == "auto" or arch.startswith("auto:"))
+    if isinstance(arch, str) and not auto:
+        architectures.resolve(arch)  # a typo is told before the checkpoint is read
     _, flat, where, path, label = source_tensors(ckpt, section)
     source = [(k, v.shape, v.dtype) for k, v in flat.items()]
     options = architectures.parse_options(arch_options)
     ranking = []
-    if isinstance(arch, str) and (arch == "auto" or arch.startswith("auto:")):
-        ranking = rank(source, arch[5:], options, rename, progress)
+    if auto:
+        ranking = rank(source, arch[5:], options, rename, progress, top=5)
         arch = pick(ranking)
     spec, model = target_spec(arch, options)
     targets = spec.tensors
     if only or drop:
-        if model is None:
-            model = architectures.build(spec.arch, options)
-        keep = set(filter_keys([t.name for t in targets], only=only, drop=drop, model=model))
+        tree = model if model is not None else spec.module_tree()  # selectors count modules: no torch needed
+        keep = set(filter_keys([t.name for t in targets], only=only, drop=drop, model=tree))
         targets = [t for t in targets if t.name in keep]
     report = MatchReport(spec.arch, label, where, 0, 0, arch_options=options, candidates=ranking[:5],
                          source_tensors=flat, section_path=path)
@@ -419,11 +421,13 @@ def match(ckpt, arch, *, arch_options=None, rename=(), section=None, only=(), dr
                       structural=structural, allow_reshape=allow_reshape, report=report)
 
 
-def rank(source, patterns="", arch_options=None, rename=(), progress=None) -> list:
+def rank(source, patterns="", arch_options=None, rename=(), progress=None, top=None) -> list:
     """Score every registered architecture (or those matching ``patterns``) by how well ``source`` fills it.
 
     -> [{arch, coverage, used, score}] best first; ``score`` is the harmonic mean of the share of target keys
-    filled and the share of checkpoint keys used. Architectures that fail to build are skipped.
+    filled and the share of checkpoint keys used. Architectures that fail to build are skipped. With ``top``
+    only the best ``top`` are sure to be listed (ties included): an architecture whose element counts alone
+    prove it cannot score that high is left out without being matched.
     """
     from . import architectures
     from .plugins import host
@@ -436,21 +440,41 @@ def rank(source, patterns="", arch_options=None, rename=(), progress=None) -> li
                                               for p in wanted)]
     if not names:
         raise UsageError(f"no registered architecture matches {patterns!r}")
+    source = list(source)
     rules = host().key_rules
-    out = []
+    specs = []
     for i, name in enumerate(names):
         if progress is not None:
             progress(i, len(names), name)
         try:
-            spec = architectures.spec(name, arch_options)
+            specs.append((name, architectures.spec(name, arch_options)))
         except Exception:  # noqa: BLE001 - one model that cannot be built must not stop the ranking
             continue
+    src_numels = Counter(alignment.numel(shape) for _, shape, _ in source)
+    bounded = sorted(((_score_bound(src_numels, len(source), spec.tensors), name, spec) for name, spec in specs),
+                     key=lambda b: -b[0])
+    out = []
+    for bound, name, spec in bounded:
+        if top and len(out) >= top and bound < sorted(c["score"] for c in out)[-top] - 1e-6:
+            break  # sorted by bound: no architecture left can reach the top
         r = match_keys(source, spec.tensors, arch=name, rules=rules, renames=rename, structural=False)
         score = 2 * r.coverage * r.used / (r.coverage + r.used) if r.coverage + r.used else 0.0
         out.append({"arch": name, "coverage": round(r.coverage, 6), "used": round(r.used, 6),
                     "score": round(score, 6)})
     out.sort(key=lambda c: (-c["score"], -c["coverage"], c["arch"]))
     return out
+
+
+def _score_bound(src_numels: Counter, n_source, targets) -> float:
+    """The best score matching could give: a pair (reshaped or not) always holds equal element counts, and
+    ``num_batches_tracked`` targets may be filled."""
+    if not targets or not n_source:
+        return 0.0
+    tgt_numels = Counter(alignment.numel(t.shape) for t in targets)
+    pairs = sum(min(n, src_numels.get(k, 0)) for k, n in tgt_numels.items())
+    fills = sum(1 for t in targets if t.name.rpartition(".")[2] == NBT)
+    coverage, used = min(1.0, (pairs + fills) / len(targets)), pairs / n_source
+    return 2 * coverage * used / (coverage + used) if coverage + used else 0.0
 
 
 def pick(ranking) -> str:
