@@ -265,7 +265,7 @@ def test_arch_remapping_with_dcp_in_and_out(tmp_path):
     out = ckconv.load(tmp_path / "out")
     assert out["epoch"] == 2
     fresh = torchvision.models.squeezenet1_0()
-    fresh.load_state_dict(out["state_dict"])
+    fresh.load_state_dict(out["model"])  # --arch writes the torch layout {'model': ...} (issue 13)
     assert_deep_equal(dict(fresh.state_dict()), dict(model.state_dict()))
 
 

@@ -67,12 +67,12 @@ def test_lightning_bundle_keeps_other_sections(tmp_path):
             "loops": {"fit_loop": {"epoch_progress": {"current": 4}}}, "optimizer_states": [], "lr_schedulers": []}
     torch.save(ckpt, tmp_path / "lit.ckpt")
     result = ckconv.convert(tmp_path / "lit.ckpt", tmp_path / "out.pth", arch="mobilenet_v3_small")
-    out = ckconv.load(tmp_path / "out.pth")
-    assert [k for k in out if k != "state_dict"] == [k for k in ckpt if k != "state_dict"]
+    out = ckconv.load(tmp_path / "out.pth")  # --arch writes the torch layout; empty optimizer lists go (issue 13)
+    assert list(out) == ["model", "epoch", "global_step", "pytorch-lightning_version", "loops"]
     assert out["epoch"] == 4 and out["loops"] == ckpt["loops"]
-    assert list(out["state_dict"]) == list(net.state_dict())
+    assert list(out["model"]) == list(net.state_dict())
     target = fresh("mobilenet_v3_small")
-    target.load_state_dict(out["state_dict"])
+    target.load_state_dict(out["model"])
     same_outputs(net, target)
     assert {m["how"] for m in result.match["matched"]} == {"prefix"}
     assert result.match["matched"][0]["steps"] == ["prefix 'net.' -> ''"]

@@ -125,7 +125,7 @@ def test_save_map_then_convert_with_it(tmp_path, wrapped):
     bundle = ckconv.load(out)
     assert bundle["epoch"] == 9 and "optimizer" in bundle  # other sections kept
     target = fresh("resnet18")
-    target.load_state_dict(bundle["state_dict"], strict=True)
+    target.load_state_dict(bundle["model"], strict=True)  # the map names an architecture: torch layout (issue 13)
     same_outputs(model("resnet18"), target)
 
 
