@@ -11,6 +11,7 @@ from . import dtypes, tree
 from .atomic import FolderLayout, check_destination, identities, staged
 from .errors import NotACheckpoint, OutputExists, UsageError
 from .formats.base import WriteOptions
+from .formats.files import regular_file
 from .model import Checkpoint, Storage, TensorRef
 from .plugins import host
 
@@ -25,7 +26,8 @@ def detect_format(path: PathLike) -> str:
     if not path.exists():
         raise NotACheckpoint(f"{path}: no such file or folder")
     head = b""
-    if path.is_file():
+    if not path.is_dir():
+        regular_file(path)  # a FIFO would block open() forever, a link to /dev/zero read without end
         try:
             with open(path, "rb") as f:
                 head = f.read(SNIFF_BYTES)
@@ -47,6 +49,8 @@ def detect_format(path: PathLike) -> str:
 def read(path: PathLike, format: str | None = None) -> Checkpoint:
     """Describe a checkpoint without loading tensor data. Never runs code from the file."""
     path = Path(path)
+    if format and not path.is_dir():
+        regular_file(path)
     name = format or detect_format(path)
     ckpt = host().format(name).read(path)
     ckpt.format = ckpt.format or name

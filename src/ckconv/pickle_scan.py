@@ -27,6 +27,9 @@ GETS = frozenset(("GET", "BINGET", "LONG_BINGET"))
 OBJECT_HASH_COST = 512  # bound on hashing anything a builder returns (ckconv's builders cap what they build)
 MAX_SAME_HASH = 64  # dict keys sharing one hash: n of them cost n**2 / 2 comparisons (hash flooding)
 SAFE_INT_BITS = 60  # ints below 2**61 - 1 hash to themselves: distinct ones never collide
+# classes ckconv only ever keeps as inert records (identity hash: one step), never builds: a DCP .metadata holds
+# one MetadataIndex dict key per chunk, tens of thousands in a large sharded save
+RECORDED_ONLY = ("torch.distributed.checkpoint.",)
 BUILDS_HASHABLE = frozenset((("builtins", "tuple"), ("__builtin__", "tuple"), ("builtins", "frozenset"),
                              ("__builtin__", "frozenset"), ("torch", "Size")))
 
@@ -175,8 +178,9 @@ def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
 
     def result_of(items):
         depth, weight, _ = measure(items)
-        return too_big(_Value(depth, weight + 1, OBJECT_HASH_COST, mutable=True,
-                              collidable=bool(items) and items[0].fn in BUILDS_HASHABLE))
+        fn = items[0].fn if items else None
+        hcost = 1 if fn is not None and fn[0].startswith(RECORDED_ONLY) else OBJECT_HASH_COST
+        return too_big(_Value(depth, weight + 1, hcost, mutable=True, collidable=fn in BUILDS_HASHABLE))
 
     pos = 0
     append = stack.append

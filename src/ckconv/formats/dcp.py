@@ -25,6 +25,7 @@ only its share of the output, coordinating with ``torch.distributed`` object col
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import pickle
 import re
@@ -41,6 +42,7 @@ from ..hookspecs import hookimpl
 from ..model import CHUNK, Checkpoint, Foreign, Storage, TensorRef, contiguous_strides
 from ..unpickler import RestrictedUnpickler, unpickle
 from .base import Format, WriteOptions
+from .files import inside_folder, read_sized, regular_file
 from .torch_pickle import storage_loader
 from .zipio import ZipWriter, record_bytes
 
@@ -51,6 +53,7 @@ STRUCTURE_ATTR = "ckconv_structure"
 MAX_METADATA = int(os.environ.get("CKCONV_MAX_DCP_METADATA", 1 << 30))
 MAX_ENTRIES = int(os.environ.get("CKCONV_MAX_TENSORS", 1_000_000))
 MAX_BLOB_PICKLE = 1 << 31
+MAX_CORNERS = 1 << 21  # chunk corners checked per tensor (chunks x 2**split dimensions): 8 dims of 8,000 chunks
 DATA_PKL = re.compile(r"^([^/]+)/data\.pkl$")
 
 
@@ -190,12 +193,12 @@ def _ints(value, where, what):
 def load_metadata(folder: Path) -> DcpMetadata:
     mpath = folder / METADATA_NAME
     where = str(mpath)
-    size = mpath.stat().st_size
+    inside_folder(folder, mpath, where)
+    size = regular_file(mpath, where)
     if size > MAX_METADATA:
         raise LimitExceeded(f"{where}: {size} bytes of metadata, over the limit of {MAX_METADATA} "
                             "(CKCONV_MAX_DCP_METADATA)")
-    with open(mpath, "rb") as f:
-        data = f.read()
+    data = read_sized(mpath, size, where)
     obj, _ = unpickle(data, where=where, unpickler_class=MetadataUnpickler)  # opcode pre-scan, then restricted
     return interpret_metadata(obj, folder, where)
 
@@ -230,7 +233,7 @@ def interpret_metadata(obj, folder: Path, where: str) -> DcpMetadata:
             p = planner.get(fqn)
             if p is None:
                 continue
-            if (not isinstance(p, (tuple, list)) or not p
+            if (not isinstance(p, (tuple, list)) or not p or len(p) > tree.MAX_DEPTH
                     or not all(type(c) is str or (type(c) is int and 0 <= c < tree.MAX_NODES) for c in p)):
                 raise CorruptCheckpoint(f"{where}: planner_data path of {fqn!r:.80} is malformed")
             paths[fqn] = tuple(p)
@@ -275,6 +278,7 @@ def interpret_metadata(obj, folder: Path, where: str) -> DcpMetadata:
                 what = "value" if key[1] is None else f"chunk at {list(key[1])}"
                 raise CorruptCheckpoint(f"{where}: the {what} of {fqn!r:.80} has no storage entry; "
                                         "a .distcp file or part of the metadata is missing")
+    check_ranges(entries, locations, where)
 
     storage_meta = md.get("storage_meta")
     save_id = ""
@@ -286,6 +290,43 @@ def interpret_metadata(obj, folder: Path, where: str) -> DcpMetadata:
     if text is not None and not isinstance(text, str):
         raise CorruptCheckpoint(f"{where}: {STRUCTURE_ATTR} must be a string")
     return DcpMetadata(entries, paths, locations, version if isinstance(version, str) else "", save_id, text)
+
+
+def check_ranges(entries, locations, where):
+    """No two stored items may share bytes of a file: a range read for many entries multiplies the work (the DCP
+    twin of overlapping zip records). The one exception is a tie ckconv writes: the same tensor layout (dtype,
+    shape, chunks) under several names, stored once, which reading turns back into one shared storage."""
+    layout_of = {}
+    ranges = []
+    identity: dict = {}  # file name -> (device, inode): two names (links) of one file are one file
+    for fqn, entry in entries.items():
+        if isinstance(entry, BytesEntry):
+            keys = [(fqn, None)]
+        else:
+            keys = [(fqn, offs) for offs, _ in entry.chunks]
+            layout = (entry.dtype, entry.shape, tuple((o, s, locations[(fqn, o)]) for o, s in entry.chunks))
+            layout_of.update((key, layout) for key in keys)
+        for key in keys:
+            file, off, length = locations[key]
+            if file not in identity:
+                st = os.stat(file)
+                identity[file] = (st.st_dev, st.st_ino)
+            if length:
+                ranges.append((identity[file], off, off + length, key))
+    ranges.sort(key=lambda r: r[:3])
+    prev, reach = None, 0
+    for r in ranges:
+        if prev is not None and r[0] == prev[0]:
+            if r[1:3] == prev[1:3] and r[3][1] == prev[3][1] and r[3][0] != prev[3][0] and r[3] in layout_of \
+                    and layout_of[r[3]] == layout_of[prev[3]]:
+                continue  # a tie: several names for one stored tensor
+            if r[1] < reach:
+                raise CorruptCheckpoint(f"{where}: {r[3][0]!r:.80} and {prev[3][0]!r:.80} are stored at overlapping "
+                                        f"bytes of {locations[r[3]][0]} ({r[1]}..{r[2]} and {prev[1]}..{prev[2]}); "
+                                        "the metadata was altered")
+        else:
+            reach = 0
+        prev, reach = r, max(reach, r[2])
 
 
 def _tensor_entry(fqn, st, where):
@@ -328,41 +369,36 @@ def _tensor_entry(fqn, st, where):
 
 
 def check_tiling(boxes, shape, what):
-    """The chunks must cover the tensor exactly once: no gap, no overlap."""
+    """The chunks must cover the tensor exactly once: no gap, no overlap. O(chunks x 2**split dimensions).
+
+    A box's indicator is a signed sum over its corners of "everything above and to the right of this point", and
+    that representation is unique: the chunks tile the tensor exactly when, at every corner point, the chunks'
+    signed corner counts add up to the tensor's own. Dimensions that no chunk splits drop out.
+    """
     boxes = [b for b in boxes if _prod(b[1])]
     numel = _prod(shape)
-    if sum(_prod(sz) for _, sz in boxes) != numel:
-        raise CorruptCheckpoint(f"{what}: its chunks hold {sum(_prod(sz) for _, sz in boxes)} elements, the tensor "
-                                f"has {numel}; chunks overlap or are missing")
+    held = sum(_prod(sz) for _, sz in boxes)
+    if held != numel:
+        raise CorruptCheckpoint(f"{what}: its chunks hold {held} elements, the tensor has {numel}; chunks overlap "
+                                "or are missing")
     if len(boxes) <= 1:
         return
-    # Grid check: cut every dimension at every chunk boundary; each cell must belong to exactly one chunk.
-    cuts = [sorted({0, n} | {o[d] for o, _ in boxes} | {o[d] + s[d] for o, s in boxes}) for d, n in enumerate(shape)]
-    cells = _prod(len(c) - 1 for c in cuts)
-    if cells <= 4 * len(boxes) + 1_000_000:
-        owner: set = set()
-        for offs, sz in boxes:
-            ranges = [range(c.index(o), c.index(o + s)) for c, o, s in zip(cuts, offs, sz)]
-            for cell in _product(ranges):
-                if cell in owner:
-                    raise CorruptCheckpoint(f"{what}: two chunks overlap")
-                owner.add(cell)
-        return
-    ordered = sorted(boxes)  # sweep along dimension 0
-    active: list = []
-    for offs, sz in ordered:
-        active = [b for b in active if b[0][0] + b[1][0] > offs[0]]
-        for o2, s2 in active:
-            if all(a < c + t and c < a + s for a, s, c, t in zip(offs, sz, o2, s2)):
-                raise CorruptCheckpoint(f"{what}: two chunks overlap")
-        active.append((offs, sz))
+    split = [d for d, n in enumerate(shape) if any(o[d] or s[d] != n for o, s in boxes)]
+    if len(boxes) << len(split) > MAX_CORNERS:
+        raise LimitExceeded(f"{what}: {len(boxes)} chunks splitting {len(split)} dimensions are too many to check "
+                            f"(over {MAX_CORNERS} corners)")
+    count: dict = {}
 
+    def add(offs, sz, sign):
+        for corner in itertools.product(*[((offs[d], 1), (offs[d] + sz[d], -1)) for d in split]):
+            point = tuple(c for c, _ in corner)
+            count[point] = count.get(point, 0) + sign * _prod(f for _, f in corner)
 
-def _product(ranges):
-    out = [()]
-    for r in ranges:
-        out = [p + (i,) for p in out for i in r]
-    return out
+    for offs, sz in boxes:
+        add(offs, sz, 1)
+    add((0,) * len(shape), shape, -1)
+    if any(count.values()):
+        raise CorruptCheckpoint(f"{what}: two chunks overlap")
 
 
 def _safe_file(folder: Path, rel, where) -> str:
@@ -374,12 +410,10 @@ def _safe_file(folder: Path, rel, where) -> str:
         raise CorruptCheckpoint(f"{where}: storage file {rel!r:.80} points outside the checkpoint folder; "
                                 "refusing to read it")
     path = folder / rel
-    real_folder = os.path.realpath(folder)
-    if os.path.commonpath([real_folder, os.path.realpath(path)]) != real_folder:
-        raise CorruptCheckpoint(f"{where}: storage file {rel!r:.80} links outside the checkpoint folder; "
-                                "refusing to read it")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise CorruptCheckpoint(f"{where}: storage file {rel} is missing from the checkpoint folder")
+    inside_folder(folder, path, f"{where}: storage file {rel!r:.80}")
+    regular_file(path, f"{where}: storage file {rel!r:.80}")
     return str(path)
 
 
@@ -661,6 +695,7 @@ def read_dcp(path) -> Checkpoint:
 def _unflatten(meta: DcpMetadata, values, where):
     """DCP's own nesting: ``set_element`` along each ``planner_data`` path, in metadata order."""
     root: dict = {}
+    room = tree.MAX_NODES  # containers and list slots the paths may create, all entries together
     for fqn in meta.entries:
         path = meta.planner_data.get(fqn) if meta.planner_data is not None else None
         if path is None:
@@ -668,24 +703,42 @@ def _unflatten(meta: DcpMetadata, values, where):
                 raise CorruptCheckpoint(f"{where}: {fqn!r:.80} is stored twice")
             root[fqn] = values[fqn]
             continue
-        _set_element(root, path, values[fqn], f"{where}: planner_data path of {fqn!r:.80}")
+        room = _set_element(root, path, values[fqn], f"{where}: planner_data path of {fqn!r:.80}", room)
     return root
 
 
-def _set_element(root, path, value, what):
+def _set_element(root, path, value, what, room):
+    """DCP's ``set_element``; ``room`` is how many containers and list slots it may still create (checked before
+    a list is extended: one entry's path could otherwise ask for millions of slots). Returns what is left."""
+
+    def spend(n):
+        nonlocal room
+        room -= n
+        if room < 0:
+            raise LimitExceeded(f"{what} and the paths before it build more than {tree.MAX_NODES} containers "
+                                "and list slots (CKCONV_MAX_NODES); the metadata is hostile")
+
+    def grow(items, index):
+        if index >= len(items):
+            spend(index + 1 - len(items))
+            items.extend([None] * (index + 1 - len(items)))
+
     cur = root
     for prev, key in zip(path, path[1:]):
-        fresh = {} if type(key) is str else []
         if isinstance(cur, dict):
             if type(prev) is not str:
                 raise CorruptCheckpoint(f"{what} indexes a mapping with a number")
-            cur = cur.setdefault(prev, fresh)
+            if prev not in cur:
+                spend(1)
+                cur[prev] = {} if type(key) is str else []
+            cur = cur[prev]
         else:
             if type(prev) is not int:
                 raise CorruptCheckpoint(f"{what} indexes a list with a name")
-            cur.extend([None] * (prev + 1 - len(cur)))
+            grow(cur, prev)
             if cur[prev] is None:
-                cur[prev] = fresh
+                spend(1)
+                cur[prev] = {} if type(key) is str else []
             cur = cur[prev]
         if not isinstance(cur, (dict, list)):
             raise CorruptCheckpoint(f"{what} runs through a stored value")
@@ -697,10 +750,11 @@ def _set_element(root, path, value, what):
     else:
         if type(key) is not int:
             raise CorruptCheckpoint(f"{what} indexes a list with a name")
-        cur.extend([None] * (key + 1 - len(cur)))
+        grow(cur, key)
         if cur[key] is not None:
             raise CorruptCheckpoint(f"{what} collides with another entry")
         cur[key] = value
+    return room
 
 
 def _rebuild(skeleton, values, where):

@@ -23,6 +23,7 @@ from ..model import Checkpoint, Storage, TensorRef
 from ..tree import foreign_objects
 from ..unpickler import short_repr
 from .base import Format, WriteOptions, guarded
+from .files import inside_folder, read_capped, regular_file
 
 MAX_HEADER = 100_000_000  # the Rust implementation's cap
 MAX_TENSORS = int(os.environ.get("CKCONV_MAX_TENSORS", 1_000_000))
@@ -49,7 +50,10 @@ class SafetensorsFormat(Format):
         return guarded(self._read, path)
 
     def _read(self, path: Path) -> Checkpoint:
-        if path.is_dir() or path.name.endswith(".index.json"):
+        if path.is_dir():
+            return read_sharded(path)
+        regular_file(path)  # a FIFO or a device never reaches open()
+        if path.name.endswith(".index.json"):
             return read_sharded(path)
         tensors, metadata = read_file(path)
         root = _assemble(tensors, metadata.get(structure.KEY), str(path))
@@ -224,14 +228,16 @@ def _index_path(path: Path) -> Path:
 
 def read_sharded(path: Path) -> Checkpoint:
     index_path = _index_path(path)
+    if index_path != path:  # found in the folder: a regular file that does not link out of it
+        inside_folder(path, index_path)
+        regular_file(index_path)
     if index_path.name == SINGLE_NAME:
         tensors, metadata = read_file(index_path)
         root = _assemble(tensors, metadata.get(structure.KEY), str(index_path))
         return Checkpoint(root=root, format="safetensors", path=str(path), metadata=metadata, foreign=foreign_objects(root))
-    if index_path.stat().st_size > MAX_HEADER:
-        raise CorruptCheckpoint(f"{index_path}: index file is implausibly large")
+    raw = read_capped(index_path, MAX_HEADER, f"{index_path}: index file")
     try:
-        index = json.loads(index_path.read_text("utf-8"), object_pairs_hook=_no_duplicates)
+        index = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except CorruptCheckpoint as exc:
         raise CorruptCheckpoint(f"{index_path}: index has a {exc}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -246,8 +252,10 @@ def read_sharded(path: Path) -> Checkpoint:
                 or Path(fname).name != fname or ".." in fname.split("/")):
             raise CorruptCheckpoint(
                 f"{index_path}: weight_map entry {fname!r:.80} points outside the folder; refusing to read it")
-        if not (folder / fname).is_file():
+        if not os.path.lexists(folder / fname):
             raise CorruptCheckpoint(f"{index_path}: shard {fname} is missing from the folder")
+        inside_folder(folder, folder / fname, f"{index_path}: shard {fname}")
+        regular_file(folder / fname, f"{index_path}: shard {fname}")
     by_shard: dict = {}
     for fname in dict.fromkeys(wmap.values()):
         tensors, _ = read_file(folder / fname)
