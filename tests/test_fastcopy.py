@@ -137,3 +137,25 @@ def test_storage_read_is_exact_and_checks_the_crc(tmp_path):
     _tamper_largest_record(tmp_path / "src.pth")
     with pytest.raises(CorruptCheckpoint, match="CRC mismatch"):
         ckconv.read(tmp_path / "src.pth").root["t"].storage.read()
+
+
+@pytest.mark.parametrize("backend", ["isal", "zlib-ng", "zlib"])
+def test_every_crc32_backend_gives_zlibs_crc_and_catches_tampering(tmp_path, monkeypatch, backend):
+    monkeypatch.setenv("CKCONV_CRC32", backend)
+    name, crc32 = fastcopy._pick_crc32()
+    if name != backend:
+        pytest.skip(f"{backend} is not installed")  # zlib always is; isal is a dependency where it has wheels
+    monkeypatch.setattr(fastcopy, "_crc32", crc32)
+    data = os.urandom(3 * fastcopy.PIPELINE_MIN + 12_345)  # the pipelined path, a ragged last block
+    (tmp_path / "src").write_bytes(data)
+    src, dst = os.open(tmp_path / "src", os.O_RDONLY), os.open(tmp_path / "dst", os.O_RDWR | os.O_CREAT)
+    try:
+        assert fastcopy.copy_with_crc(src, 5, dst, 0, len(data) - 5) == zlib.crc32(data[5:])
+    finally:
+        os.close(src)
+        os.close(dst)
+    torch.save(checkpoint(), tmp_path / "ckpt.pth")
+    _tamper_largest_record(tmp_path / "ckpt.pth")
+    with pytest.raises(CorruptCheckpoint, match="CRC mismatch"):
+        ckconv.convert(tmp_path / "ckpt.pth", tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()

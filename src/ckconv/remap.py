@@ -220,7 +220,7 @@ def remap_checkpoint(ckpt, *, arch=None, arch_options=None, map=None, only=(), d
         options = options or architectures.parse_options(data["arch_options"])
         report = report_from_map(data, ckpt, arch=arch, arch_options=options, section=section)
         if only or drop:
-            _restrict(report, only, drop, architectures.build(arch, options) if arch else None)
+            _restrict(report, only, drop, architectures.spec(arch, options).module_tree() if arch else None)
     elif arch is not None:
         report = match(ckpt, arch, arch_options=options, rename=rename, section=section, only=only, drop=drop,
                        structural=structural)
