@@ -326,6 +326,9 @@ def _convert_several(sources, folder, options, as_json):
             exc.args = (text + f" (stopped: {len(results)} of {len(sources)} converted"
                         + (f"; not attempted: {', '.join(rest)})" if rest else ")"),)
             raise
+        except KeyboardInterrupt:
+            _fail(f"interrupted while converting {src}; nothing of it was written ({len(results)} of "
+                  f"{len(sources)} converted before it)")
         progress.finish()
         results.append(result)
         if not as_json:
