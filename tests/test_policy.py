@@ -296,3 +296,41 @@ class _Reduce:
 
     def __reduce__(self):
         return self.fn, self.args
+
+
+def test_omegaconf_and_lightning_configs_roundtrip_with_their_back_references(tmp_path):
+    from lightning.fabric.utilities.data import AttributeDict
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"model": {"depth": 3, "act": "relu", "ref": "${model.act}"}, "lrs": [0.1, 0.01]})
+    src = tmp_path / "cfg.pth"
+    torch.save({"cfg": cfg, "hparams": AttributeDict(width=8), "w": torch.ones(2)}, src)
+    inspected = invoke("inspect", src)
+    assert inspected.exit_code == 0 and "verdict: safe" in inspected.stdout, inspected.output
+    st, back, direct = tmp_path / "cfg.safetensors", tmp_path / "back.pth", tmp_path / "direct.pth"
+    for a, b in ((src, st), (st, back), (src, direct)):
+        result = invoke("convert", a, b)
+        assert result.exit_code == 0, result.output
+    out = run_python(f"""
+import torch
+a = torch.load({str(src)!r}, weights_only=False)
+for p in ({str(back)!r}, {str(direct)!r}):
+    b = torch.load(p, weights_only=False)
+    assert b["cfg"] == a["cfg"] and b["cfg"].model.ref == "relu"  # interpolation walks the parent links
+    assert b["cfg"].model._get_parent() is b["cfg"]
+    assert type(b["hparams"]).__name__ == "AttributeDict" and b["hparams"] == a["hparams"]
+print("ok")
+""", tmp_path)
+    assert out.strip() == "ok"
+
+
+@pytest.mark.parametrize("structure", [
+    {"x": {"$ref": 0}}, {"x": {"$object": "argparse:Namespace", "id": 0, "args": [], "state": {"me": {"$ref": 1}}}},
+    {"x": [{"$object": "argparse:Namespace", "id": 0, "args": []}, {"$object": "argparse:Namespace", "id": 0}]},
+])
+def test_structure_references_must_point_back(tmp_path, structure):
+    path = tmp_path / "ref.safetensors"
+    save_file({"w": torch.ones(1)}, path, metadata={"format": "pt", "ckconv.structure": json.dumps(
+        {"w": {"$tensor": "w"}, **structure})})
+    result = invoke("convert", path, tmp_path / "o.pth")
+    assert result.exit_code == 1 and "ckconv.structure" in result.stderr and not (tmp_path / "o.pth").exists()

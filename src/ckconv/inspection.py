@@ -89,12 +89,16 @@ def _read_dangerous(path, fmt, exc) -> Checkpoint:
 
 
 def tree_globals(root) -> list:
-    """(module, qualname) of every foreign record and reference in a tree (formats without pickle opcodes)."""
+    """(module, qualname, role) of every foreign record and reference in a tree (formats without pickle opcodes):
+    role "call" for a record pickle would call, "class" for one made without __init__ and for references."""
     found: list = []
 
     def visit(_path, node):
-        if (isinstance(node, Foreign) or is_reference(node)) and (node.module, node.qualname) not in found:
-            found.append((node.module, node.qualname))
+        if isinstance(node, Foreign) or is_reference(node):
+            call = isinstance(node, Foreign) and not node.newobj and node.reconstructor is None
+            item = (node.module, node.qualname, "call" if call else "class")
+            if item not in found and len(found) < 10_000:
+                found.append(item)
 
     tree.walk(root, visit)
     return found
@@ -102,8 +106,18 @@ def tree_globals(root) -> list:
 
 def verdicts(ckpt, allow_globals=()) -> dict:
     """{safe|unknown|dangerous: [dotted names]} for a checkpoint read by any format."""
-    names = list(ckpt.globals) or tree_globals(ckpt.root)
-    found = policy.classify(names, allow_globals)
+    if ckpt.globals:  # pickle opcodes, answered by ckconv's unpickler
+        found = policy.classify(ckpt.globals, allow_globals)
+    else:  # records described by a format's metadata (safetensors structure, DCP): judged as ckconv would write them
+        found = {policy.SAFE: [], policy.UNKNOWN: [], policy.DANGEROUS: []}
+        for module, qualname, role in tree_globals(ckpt.root):
+            if policy.is_dangerous(module, qualname):
+                v = policy.DANGEROUS
+            else:
+                v = policy.SAFE if policy.may_write(module, qualname, role, allow_globals) else policy.UNKNOWN
+            name = policy.dotted(module, qualname)
+            if name not in found[v]:
+                found[v].append(name)
     for name in ckpt.dangerous:  # what the reader itself judged dangerous (a getattr on a module, DCP metadata)
         if name not in found[policy.DANGEROUS]:
             found[policy.DANGEROUS].append(name)

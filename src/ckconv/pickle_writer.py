@@ -170,7 +170,12 @@ class PickleWriter:
             self.tuple_((list(v),))
             self.out += b"R"
         elif isinstance(v, Foreign):
-            self.save_foreign(v)
+            key = ("object", id(v))
+            if key in self.memo:  # shared, or a back-reference from inside its own state: pickle's memo
+                idx = self.memo[key]
+                self.out += b"h" + bytes([idx]) if idx < 256 else b"j" + struct.pack("<I", idx)
+            else:
+                self.save_foreign(v)
         elif is_reference(v):
             self.tree_global(v.module, v.qualname, "arg" if self.arg_depth else "class")
         else:
@@ -243,11 +248,17 @@ class PickleWriter:
                 if f.kwargs:
                     self.save(dict(f.kwargs))
             self.out += b"\x92" if f.kwargs else b"\x81"
-        else:  # cls(*args) or fn(*args): called, so only allowlisted callables
+        else:  # cls(*args) or fn(*args): called, so only allowlisted callables, with arguments that cannot expand
+            problem = policy.call_args_problem(f.class_name, f.args)
+            if problem is not None and policy.may_write(f.module, f.qualname, "call", self.allow) and not \
+                    policy._matches(f.module, f.qualname, self.allow):
+                if problem not in self.refused:
+                    self.refused.append(problem)
             self.tree_global(f.module, f.qualname, "call")
             with self.arguments():
                 self.tuple_(tuple(f.args))
             self.out += b"R"
+        self.put_memo(("object", id(f)))  # before its state, as pickle does: the state may refer back to it
         if f.listitems:
             self.out += b"("
             for item in f.listitems:

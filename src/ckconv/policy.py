@@ -53,35 +53,70 @@ DANGEROUS_NAMES = frozenset({
 # (``argparse._os.system``: the C unpickler resolves attributes one by one).
 _DANGEROUS_COMPONENTS = frozenset(m for m in DANGEROUS_MODULES if "." not in m) | {"os", "sys", "subprocess"}
 
-# What ckconv's own unpickler answers with builders (never calling the named object): the read side of "safe".
+# What ckconv's own unpickler answers with builders that check their arguments (never calling the named object):
+# the read side of "safe", for pickles only (a safetensors ``$object`` record of these names is not checked by a
+# builder, so there they count like any other name).
 READ_IMPLEMENTED = frozenset({
-    "collections.OrderedDict", "_codecs.encode", *(f"{m}.{n}" for m in ("builtins", "__builtin__") for n in (
-        "set", "frozenset", "complex", "bytearray", "slice", "range", "bool", "int", "float", "str", "tuple",
-        "list", "dict", "bytes", "object")),
+    "collections.OrderedDict", "_codecs.encode", "copyreg._reconstructor",
+    *(f"{m}.{n}" for m in ("builtins", "__builtin__") for n in (
+        "set", "frozenset", "complex", "bytearray", "bool", "int", "float", "str", "tuple", "list", "dict", "bytes",
+        "object")),
     "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3",
     "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
     "torch._tensor._rebuild_from_type_v2", "torch.nn.parameter.Parameter", "torch.storage.UntypedStorage",
     "torch.storage._UntypedStorage", "torch.Size", "torch.device",
 })
+BENIGN_BUILTINS = frozenset(n.split(".", 1)[1] for n in READ_IMPLEMENTED if n.startswith("builtins.")) | {
+    "range", "slice"}  # builtins that run nothing when called (anything else in builtins is dangerous)
 
-# Called by REDUCE with arguments from the file: each is a constructor of plain data, or numpy's own reconstruction
-# helpers (which build arrays, scalars and random states from bytes and never import or run anything else). None of
-# them calls an argument, except through ARG_REFERENCES below. ckconv's own tensor rebuilds, ``torch.Size`` and
-# ``copyreg._reconstructor`` are not here: the writer emits them itself, from its own values, never from a record
-# (``_rebuild_from_type_v2(func, ...)`` calls ``func``; ``_reconstructor`` calls its ``base``).
+# Called by REDUCE with arguments from the file: constructors of plain data, and numpy's own reconstruction helpers
+# (which build arrays, scalars and random states from bytes and never import or run anything else). Loading what
+# ckconv writes must cost what its bytes say, so nothing here expands a small argument (``builtins.bytes(10**10)``,
+# ``deque(range(10**12))``, ``Fraction('1e99999999')``), and :func:`call_args_problem` checks the arguments.
+# builtins are absent: ckconv reads them into native values and writes those with plain opcodes. ckconv's tensor
+# rebuilds, ``torch.Size`` and ``copyreg._reconstructor`` are absent too: the writer emits them from its own
+# values, never from a record (``_rebuild_from_type_v2(func, ...)`` calls ``func``; ``_reconstructor`` its base).
 CALLS = frozenset({
     "collections.OrderedDict", "collections.defaultdict", "collections.Counter", "collections.deque",
-    "builtins.set", "builtins.frozenset", "builtins.complex", "builtins.bytearray", "builtins.bytes",
-    "builtins.slice", "builtins.range", "builtins.list", "builtins.tuple", "builtins.dict", "builtins.int",
-    "builtins.float", "builtins.str", "builtins.bool", "_codecs.encode", "copyreg._reconstructor",
-    "argparse.Namespace",
+    "_codecs.encode", "argparse.Namespace",
     "datetime.datetime", "datetime.date", "datetime.time", "datetime.timedelta", "datetime.timezone",
-    "decimal.Decimal", "fractions.Fraction",
+    "decimal.Decimal",
     "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
     "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype",
     "numpy.random._pickle.__randomstate_ctor", "numpy.random._pickle.__bit_generator_ctor",
     "numpy.random._pickle.__generator_ctor",
 })
+# Records that may be passed *as an argument* to a call (one level deep): anything else could be a lazy iterable
+# or an object whose methods the callee runs.
+CALL_INSTANCE_ARGS = {
+    "numpy.core.multiarray.scalar": ("numpy.dtype",), "numpy._core.multiarray.scalar": ("numpy.dtype",),
+    "numpy.random._pickle.__generator_ctor": ("numpy.random.",), "datetime.datetime": ("datetime.timezone",),
+    "datetime.time": ("datetime.timezone",), "datetime.timezone": ("datetime.timedelta",),
+}
+MAX_CALL_INT = 1 << 32  # integers passed to a call (deque maxlen, timedelta days...): no allocation by argument
+
+
+def call_args_problem(full, args):
+    """Why ckconv will not write the call ``full(*args)``, or None (see :data:`CALLS`)."""
+    from .model import Foreign  # here, not at the top: policy sits below the model
+
+    allowed = CALL_INSTANCE_ARGS.get(full, ())
+    items = list(args)
+    for a in args:
+        if type(a) in (list, tuple):
+            items.extend(a)
+    for a in items:
+        if isinstance(a, Foreign) and not a.class_name.startswith(allowed or ("\0",)):
+            return f"passes a {a.class_name} record to {full}"
+        if type(a) is int and abs(a) > MAX_CALL_INT:
+            return f"passes {a.bit_length()}-bit integer to {full}"
+    if full.endswith("multiarray._reconstruct") and (len(args) != 3 or args[1] != (0,)):
+        return f"{full} with arguments numpy never writes"
+    if full == "numpy.dtype" and not (args and type(args[0]) is str and len(args[0]) <= 12):
+        return f"{full} with arguments numpy never writes"
+    return None
+
+
 # The only references that may appear *inside the arguments* of a call (or as ``_reconstructor``'s base): some
 # allowed calls call what they are given (``defaultdict(factory)`` on a missing key, numpy's generator
 # constructors call their ``bit_generator_ctor``), so a reference there must be harmless to call with anything.
@@ -111,6 +146,7 @@ CLASSES = frozenset({
     "torch.nn.parallel.distributed.DistributedDataParallel", "torch._dynamo.eval_frame.OptimizedModule",
     "torch.nn.parameter.Parameter", "torch.nn.parameter.Buffer", "torchvision.models.*", "torchvision.ops.*",
     "torch.optim.*", "torch.Size", "torch.device",
+    "typing.Any", "typing.Dict", "typing.List", "typing.Tuple", "typing.Optional", "typing.Union",
     "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig", "omegaconf.base.ContainerMetadata",
     "omegaconf.base.Metadata", "omegaconf.nodes.*",
     "lightning.fabric.utilities.data.AttributeDict", "lightning.pytorch.utilities.parsing.AttributeDict",
@@ -141,7 +177,7 @@ def is_dangerous(module, qualname) -> bool:
     if full in DANGEROUS_NAMES:
         return True
     if module in ("builtins", "__builtin__", "__builtins__"):
-        return f"builtins.{qualname}" not in READ_IMPLEMENTED or "." in qualname
+        return qualname not in BENIGN_BUILTINS
     parts = full.split(".")
     if any(".".join(parts[:i]) in DANGEROUS_MODULES for i in range(1, len(parts) + 1)):
         return True
@@ -165,14 +201,15 @@ def _matches(module, qualname, patterns, classes_only=False) -> bool:
     return False
 
 
-def verdict(module, qualname, allow=()) -> str:
-    """safe / unknown / dangerous for one global, as ``torch.load(weights_only=False)`` would meet it."""
+def verdict(module, qualname, allow=(), pickled=True) -> str:
+    """safe / unknown / dangerous for one global, as ``torch.load(weights_only=False)`` would meet it.
+    ``pickled``: the name comes from pickle opcodes ckconv's unpickler answered (its builders check arguments)."""
     if is_dangerous(module, qualname):
         return DANGEROUS
     full = f"{module}.{qualname}"
-    if full in READ_IMPLEMENTED or may_write(module, qualname, "class", allow):
+    if pickled and full in READ_IMPLEMENTED or may_write(module, qualname, "class", allow):
         return SAFE
-    if module == "torch" and (qualname.endswith("Storage") or qualname[:1].islower() and "." not in qualname):
+    if pickled and module == "torch" and (qualname.endswith("Storage") or qualname[:1].islower() and "." not in qualname):
         return SAFE  # torch.FloatStorage, torch.float32 ...: answered by ckconv's own builders
     return UNKNOWN
 
@@ -185,12 +222,12 @@ def worst(verdicts) -> str:
     return out
 
 
-def classify(names, allow=()) -> dict:
+def classify(names, allow=(), pickled=True) -> dict:
     """{verdict: [dotted names]} for ``names`` (an iterable of (module, qualname)), in first-seen order."""
     out: dict = {SAFE: [], UNKNOWN: [], DANGEROUS: []}
     for module, qualname in names:
         text = dotted(module, qualname)
-        bucket = out[verdict(module, qualname, allow)]
+        bucket = out[verdict(module, qualname, allow, pickled)]
         if text not in bucket:
             bucket.append(text)
     return out

@@ -37,6 +37,7 @@ def encode(root, raw_dtypes=frozenset(), namer=None):
     """
     walk(root)  # refuse cycles and bombs before recursing
     names: dict = {}  # view key -> name
+    objects: dict = {}  # id of a foreign record -> its number, for "$ref"
     used: set = set()
     named: list = []
 
@@ -102,7 +103,11 @@ def encode(root, raw_dtypes=frozenset(), namer=None):
         if is_reference(node):
             return {"$class": f"{node.module}:{node.qualname}"}
         if isinstance(node, Foreign):
-            out = {"$object": f"{node.module}:{node.qualname}", "args": [enc(a, path + ("args", i)) for i, a in enumerate(node.args)]}
+            if id(node) in objects:  # shared, or reached again inside its own state (a back-reference)
+                return {"$ref": objects[id(node)]}
+            objects[id(node)] = len(objects)
+            out = {"$object": f"{node.module}:{node.qualname}", "id": objects[id(node)]}
+            out["args"] = [enc(a, path + ("args", i)) for i, a in enumerate(node.args)]
             if node.newobj:
                 out["new"] = True
             if node.kwargs:
@@ -131,6 +136,7 @@ def decode(structure, tensors: dict, where="", seen_globals=None):
     Class names (``$object``, ``$class``) are untrusted: a name that is not dotted identifiers, or a dangerous one,
     is refused (:class:`UnsafeCheckpoint`); ``seen_globals`` (a list) receives the others, for verdicts."""
     used: set = set()
+    objects: dict = {}  # "id" -> foreign record, for "$ref"
     seen_globals = [] if seen_globals is None else seen_globals
 
     def bad(msg):
@@ -254,6 +260,10 @@ def decode(structure, tensors: dict, where="", seen_globals=None):
             return TorchDevice(val)
         if tag == "$class":
             return global_ref(val)
+        if tag == "$ref":
+            if type(val) is not int or val not in objects:
+                raise bad("$ref to an object not defined before it")
+            return objects[val]
         if tag == "$object":
             cls = global_ref(val)
             args = [dec(a, depth + 1) for a in _list(node.get("args", []), bad)]
@@ -263,6 +273,10 @@ def decode(structure, tensors: dict, where="", seen_globals=None):
                     raise bad("bad kwargs")
                 kwargs[pair[0]] = dec(pair[1], depth + 1)
             obj = cls.__new__(cls, *args, **kwargs) if node.get("new") is True else cls(*args, **kwargs)
+            if "id" in node:
+                if type(node["id"]) is not int or node["id"] in objects:
+                    raise bad("bad object id")
+                objects[node["id"]] = obj  # before its state, which may refer back to it
             if "reconstructor" in node:
                 rec = _list(node["reconstructor"], bad)
                 if len(rec) != 2:

@@ -105,7 +105,7 @@ _END = object()
 
 
 def walk(root, visit=None):
-    """Visit every node depth-first as ``visit(path, node)``; refuse cycles, depth and size bombs.
+    """Visit every node depth-first as ``visit(path, node)``; refuse container cycles, depth and size bombs.
 
     Returns the number of nodes visited. Runs iteratively, so hostile nesting cannot overflow the C stack, and
     holds only the current branch: memory is O(depth) beyond what ``visit`` keeps. ``path`` is a
@@ -127,10 +127,13 @@ def walk(root, visit=None):
         if visit is not None:
             visit(path, node)
         if isinstance(node, CONTAINERS) or isinstance(node, Foreign):
-            if id(node) in on_path:
+            if id(node) not in on_path:
+                on_path.add(id(node))
+                frames.append((id(node), path, _iter_children(node)))
+            elif not isinstance(node, Foreign):
                 raise LimitExceeded(f"self-referencing structure at {format_path(path)}: a container contains itself")
-            on_path.add(id(node))
-            frames.append((id(node), path, _iter_children(node)))
+            # an object reached again inside its own state (omegaconf's ``_parent``, a module's back-reference) is
+            # a back-reference, as in pickle's memo: visited, not descended into; writers keep it shared
         while frames:
             parent_id, parent, pairs = frames[-1]
             pair = next(pairs, _END)

@@ -8,6 +8,7 @@ collected and the load is refused naming them; ``inspect`` reports them instead.
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import os
 import pickle
@@ -135,6 +136,12 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if not isinstance(module, str) or not isinstance(name, str):
             raise CorruptCheckpoint(f"{self.where}: malformed pickle global")
+        # Python 2 names, as pickle's own find_class maps them for protocols < 3 (``__builtin__.long`` is how
+        # protocol 2 writes the class ``int``; ``copy_reg`` is ``copyreg``)
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         if module in ("builtins", "__builtin__") and name == "getattr":
             return self._builder(self._getattr, "builtins.getattr")  # judged when called: reference or attack
         full = dotted(module, name)
