@@ -221,6 +221,7 @@ class ConversionResult:
     cast: int = 0  # tensors cast by --dtype
     notes: list = field(default_factory=list)
     match: dict | None = None  # the MatchReport (as a dict) when keys were remapped (--arch, --map, --rename, ...)
+    changes: list = field(default_factory=list)  # what --plain rewrote, one line each
 
     def to_dict(self):
         return asdict(self)
@@ -232,7 +233,8 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
             map: PathLike | None = None, only: Iterable[str] = (), drop: Iterable[str] = (),
             rename: Iterable[str] = (), section: str | None = None, strict: bool = False,
             freeze: Iterable[str] = (), distributed: bool = False, allow_globals: Iterable[str] = (),
-            optimizer: str = "remap", keep_layout: bool = False, dtype_optimizer: str | None = None) -> ConversionResult:
+            optimizer: str = "remap", keep_layout: bool = False, dtype_optimizer: str | None = None,
+            plain: bool = False) -> ConversionResult:
     """Convert ``src`` to ``dst`` losslessly (unless ``model_only`` or ``dtype`` ask otherwise).
 
     ``arch`` / ``map`` / ``rename`` / ``only`` / ``drop`` remap the model state_dict onto an architecture's names
@@ -244,6 +246,9 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
     or ``"drop"`` (left out). With ``arch`` a bundle is written as ``{'model', 'optimizer', ...}`` unless
     ``keep_layout``. ``dtype`` casts the model (and EMA copies) only; ``dtype_optimizer`` casts optimizer state,
     never its ``step`` counters (docs/bundles.md).
+    ``plain``: rewrite what only ``torch.load(weights_only=False)`` can load (pickled modules, numpy values,
+    records, class references) into what ``weights_only=True`` loads (:mod:`ckconv.plain`); the result lists each
+    change in ``changes``.
     ``distributed``: when this process is one rank of a torchrun job, write only this rank's share of the output
     (:func:`ckconv.formats.dcp.save_distributed`; every rank must call convert). The CLI sets it.
     """
@@ -275,6 +280,13 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
 
         root, dropped = drop_optimizers(root)
         notes.append(f"left out {dropped} optimizer state_dicts (--optimizer drop)")
+    changes: list = []
+    if plain:
+        from .plain import plain as make_plain
+
+        root, changes = make_plain(root)
+        notes.append(f"--plain: {len(changes)} values rewritten for torch.load(weights_only=True)" if changes else
+                     "--plain: nothing to rewrite; the checkpoint already loads with weights_only=True")
     if freeze:
         from .bundles import record_freeze
 
@@ -287,7 +299,7 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
 
         root, cast, cast_note = cast_notes(root, dtype, dtype_optimizer, model_only)
         notes += cast_note
-    if ckpt.foreign:
+    if ckpt.foreign and not plain:
         notes.append(f"kept {len(ckpt.foreign)} foreign objects as inert records: "
                      + ", ".join(sorted({c for _, c in ckpt.foreign})))
     out = Checkpoint(root=root, format=ckpt.format, path=str(src))
@@ -306,7 +318,7 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
     name = saver(out, dst, format=to, max_shard_size=max_shard_size, force=force, progress=progress, **extra)
     return ConversionResult(str(src), str(dst), ckpt.format, name, len(refs), total, model_only,
                             dtypes.CAST_NAMES.get(dtype) if dtype else None, cast, notes,
-                            report.to_dict() if report is not None else None)
+                            report.to_dict() if report is not None else None, changes)
 
 
 def _unique_tensors(root):
