@@ -534,3 +534,17 @@ def test_state_that_cannot_follow_a_reshape_is_refused():
     reshaped = fit_state({k: v for k, v in state.items() if k != "exp_avg_sq_row"}, "pre_logits.fc1.weight",
                          "classifier.0.weight", (8, 2, 7, 7), (8, 98))
     assert reshaped["exp_avg"].shape == (8, 98) and reshaped["step"].shape == ()
+
+
+def test_group_fits_are_used_only_when_unique():
+    from ckconv.optimizer_slots import _fit
+
+    s, t = (5,), (3, 3)
+    # group 1 fits one way only; once it holds positions 1 and 2, group 0 has one place left
+    assert _fit([[s], [t, s]], [s, t, s])["solution"] == [[0], [1, 2]]
+    assert _fit([[(4,), (2,)], [t, (3,)]], [(4,), t, (3,), (2,)])["solution"] == [[0, 3], [1, 2]]
+    amb = _fit([[s, t], [s]], [s, s, t])  # either s may belong to group 0
+    assert amb["solution"] is None and amb["kind"] == "ambiguous" and amb["candidates"] == [0, 1]
+    assert _fit([[s], [s]], [s])["kind"] == "no fit"
+    assert _fit([[None, None]], [s, t])["solution"] == [[0, 1]]  # no state, but every parameter is covered
+    assert _fit([[None]], [s, t])["kind"] == "ambiguous"
