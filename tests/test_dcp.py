@@ -574,6 +574,6 @@ def test_inspect_names_code_in_a_dcp_folder_without_running_it(tmp_path):
 
     folder = write_chunked_dcp(tmp_path / "ck", {"w": torch.ones(2)}, {}, extra={"evil": _Boom()})
     run = CliRunner().invoke(cli, ["inspect", str(folder)])
-    assert run.exit_code == 0, run.output
-    assert "DANGEROUS" in run.output and "system" in run.output
+    assert run.exit_code == 1, run.output  # dangerous: the report is printed, and a CI gate sees the status
+    assert "DANGEROUS" in run.stdout and "system" in run.stdout
     assert not (Path("/tmp") / "pwned").exists()

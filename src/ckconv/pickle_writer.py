@@ -234,7 +234,7 @@ class PickleWriter:
             self.out += b")R\x87R"
 
     def save_foreign(self, f: Foreign):
-        if f.reconstructor is not None:  # copyreg._reconstructor(cls, base, state): no __init__
+        if f.reconstructor is not None:  # copyreg._reconstructor(cls, base, state): calls base (an ARG_REFERENCE)
             self.global_("copyreg", "_reconstructor")
             self.tree_global(f.module, f.qualname, "class")
             with self.arguments():

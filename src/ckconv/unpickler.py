@@ -424,7 +424,8 @@ BUILTIN_BUILDERS = {"set": "_set", "frozenset": "_frozenset", "complex": _comple
 
 
 def _reconstructor(cls, base, state=None):
-    """``copyreg._reconstructor(cls, base, state)`` (protocols 0 and 1): ``base.__new__(cls)``, no ``__init__``."""
+    """``copyreg._reconstructor(cls, base, state)`` (protocols 0 and 1). Real pickle runs ``base.__new__(cls,
+    state)`` and, unless ``base`` is ``object``, ``base.__init__(obj, state)``; here only a record is made."""
     if isinstance(cls, type) and issubclass(cls, Foreign) and is_reference(base):
         obj = cls.__new__(cls)
         object.__setattr__(obj, "reconstructor", (base, state))
