@@ -132,7 +132,10 @@ def resolve(arch: str) -> tuple:
         if ns not in known:
             raise UsageError(f"unknown architecture namespace {ns!r}{_did_you_mean(ns, known)}; known: "
                              f"{', '.join(sorted(known)) or 'none'}")
-        names = _list(known[ns])
+        try:
+            names = _list(known[ns])
+        except Exception:  # noqa: BLE001 - a plugin that cannot list its models may still build this one
+            names = ()
         if names and model not in names:
             raise UsageError(f"unknown architecture {arch!r}{_did_you_mean(model, names, ns + ':')}; "
                              "`ckconv match CKPT --arch auto` ranks them all")

@@ -4,13 +4,13 @@ Every copy names explicit offsets on both sides, so the file positions of the de
 
 * No checksum wanted (a safetensors or legacy source going to safetensors): the kernel copies the range
   (``os.copy_file_range``, else ``os.sendfile``, else a bounded buffer).
-* A CRC-32 wanted (to verify a zip record of the source, or to write a zip record): the kernel copies block i
-  while a helper thread runs ``zlib.crc32`` over block i-1, which is already in the page cache. ``zlib.crc32`` and
-  the copy both release the GIL, so on two cores the CRC costs little wall time, and the file is read from disk
-  once. Small ranges use one thread and a reused buffer.
+* A CRC-32 wanted (to verify a zip record of the source, or to write a zip record): the kernel copies the range
+  while a helper thread runs the CRC-32 over the same range. The two passes never wait for each other (only at the
+  end), both release the GIL, and whichever reaches a page first brings it into the page cache, so the file is
+  read from disk once. Small ranges use one thread and a reused buffer. The CRC-32 is ISA-L's (``isal``) or
+  zlib-ng's when installed, zlib's otherwise.
 
-Measured on the 2-core benchmark machine (vgg16, 528 MiB, warm page cache): kernel copy 0.22 s, CRC pass 0.23 s,
-read+crc32+write in Python 0.55 s, pipelined copy+crc32 about 0.3 s. See bench/README.md.
+Measured on the 2-core benchmark machine: see bench/README.md and bench/RESULTS.md ("where the time goes").
 """
 
 from __future__ import annotations
@@ -155,37 +155,33 @@ def copy_with_crc(src_fd, src_off, dst_fd, dst_off, length, crc=0, progress=None
     progress = progress or _no_progress
     if length < PIPELINE_MIN:
         return _buffered_copy_with_crc(src_fd, src_off, dst_fd, dst_off, length, crc, progress)
-    # Pipeline: the kernel copies block i while the helper thread checksums block i-1 (now in the page cache).
+    # Two independent passes at once: the kernel copies the range while a helper thread checksums it. Neither waits
+    # for the other until the end (the slower one sets the pace); whichever reaches a page first brings it into the
+    # page cache, so the file is read from disk once.
     state = {"crc": crc, "error": None}
-    buf = bytearray(BUF)
+    stop = threading.Event()  # the copy failed (or Ctrl-C): the checksum is not wanted any more
 
-    def checksum(off, n):
+    def checksum():
         try:
-            state["crc"] = crc_range(src_fd, off, n, state["crc"], buf)
+            value, off, end = crc, src_off, src_off + length
+            buf = bytearray(BUF)
+            while off < end and not stop.is_set():
+                n = min(PIPELINE_MIN, end - off)
+                value = crc_range(src_fd, off, n, value, buf)
+                off += n
+            state["crc"] = value
         except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
             state["error"] = exc
 
-    helper = None
-    end = src_off + length
+    helper = threading.Thread(target=checksum, daemon=True)
+    helper.start()
     try:
-        while src_off < end:
-            n = min(BLOCK, end - src_off)
-            done = 0
-            while done < n:
-                done += _kernel_block(src_fd, src_off + done, dst_fd, dst_off + done, n - done)
-            start_writeback(dst_fd, dst_off, n)
-            if helper is not None:
-                helper.join()
-                if state["error"] is not None:
-                    raise state["error"]
-            helper = threading.Thread(target=checksum, args=(src_off, n), daemon=True)
-            helper.start()
-            src_off += n
-            dst_off += n
-            progress(n)
+        kernel_copy(src_fd, src_off, dst_fd, dst_off, length, progress)
+    except BaseException:
+        stop.set()
+        raise
     finally:
-        if helper is not None:
-            helper.join()
+        helper.join()
     if state["error"] is not None:
         raise state["error"]
     return state["crc"]
