@@ -254,7 +254,10 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
     """
     from .sections import model_state_dict
 
+    from .policy import check_patterns
+
     src, dst = Path(src), Path(dst)
+    allow_globals = check_patterns(allow_globals)  # a bad pattern is a usage error before anything is read
     if freeze and model_only:
         raise UsageError("--freeze records the frozen parameters in a bundle, but --model-only writes a bare "
                          "state_dict; drop one of the two")
@@ -314,8 +317,8 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
 
         if world_from_env() is not None:
             saver = save_distributed
-    extra = {"allow_globals": allow_globals} if allow_globals else {}
-    name = saver(out, dst, format=to, max_shard_size=max_shard_size, force=force, progress=progress, **extra)
+    name = saver(out, dst, format=to, max_shard_size=max_shard_size, force=force, progress=progress,
+                 allow_globals=allow_globals)
     return ConversionResult(str(src), str(dst), ckpt.format, name, len(refs), total, model_only,
                             dtypes.CAST_NAMES.get(dtype) if dtype else None, cast, notes,
                             report.to_dict() if report is not None else None, changes)

@@ -24,6 +24,8 @@ class Format:
     * ``extensions`` -- suffixes that pick this format for an output path (reading always sniffs bytes);
     * ``shardable`` -- True when ``write`` honours ``options.max_shard_size``; ckconv refuses ``--max-shard-size``
       for any other format, unless a format declares ``shards_for = "<its name>"`` to write it sharded;
+    * ``writes_pickles`` -- True when ``write`` emits pickles: ckconv then checks the whole tree against its writing
+      allowlist (:mod:`ckconv.policy`) before any rank writes a byte;
     * ``sniff(path, head)`` -- True when the file/folder at ``path`` is in this format; ``head`` is its first
       64 bytes (``b""`` for folders). Must not trust extensions;
     * ``read(path)`` -> :class:`ckconv.model.Checkpoint`; must never execute code from the file;
@@ -39,6 +41,7 @@ class Format:
     description = ""
     extensions: tuple = ()
     shardable = False
+    writes_pickles = False
 
     def sniff(self, path: Path, head: bytes) -> bool:
         raise NotImplementedError

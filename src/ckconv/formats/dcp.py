@@ -66,6 +66,7 @@ def _prod(values):
 
 class DcpFormat(Format):
     name = "dcp"
+    writes_pickles = True
     description = "torch.distributed.checkpoint folders (.metadata + __N_M.distcp shards)"
     extensions = ()
 
@@ -1186,7 +1187,8 @@ def _attempt(work, tmp, rank):
         return _failure(exc, rank)
 
 
-def save_distributed(obj, path, *, format=None, max_shard_size=None, force=False, progress=None) -> str:
+def save_distributed(obj, path, *, format=None, max_shard_size=None, force=False, progress=None,
+                     allow_globals=()) -> str:
     """``ckconv.save`` run by every rank of a torchrun job, each writing its share; returns the format name.
 
     * ``dcp``: each rank writes ``__<rank>_0.distcp`` holding its share of the items (non-tensors round-robin,
@@ -1208,7 +1210,11 @@ def save_distributed(obj, path, *, format=None, max_shard_size=None, force=False
     target = output_target(ckpt, path, format=format, max_shard_size=shard)  # same answer on every rank
     path, fmt, name = target.path, target.format, target.format.name
     stage = {"protect": target.protect, "layout": target.layout}
-    options = WriteOptions(max_shard_size=shard, progress=progress)
+    options = WriteOptions(max_shard_size=shard, progress=progress, allow_globals=tuple(allow_globals))
+    if getattr(fmt, "writes_pickles", False):  # every rank refuses the same globals before writing
+        from ..pickle_writer import check_writable
+
+        check_writable(ckpt.root, options.allow_globals, f"the {fmt.name} checkpoint")
     group = Group()
     if name == "dcp":
         plan = plan_write(ckpt.root, group.world)
@@ -1217,7 +1223,8 @@ def save_distributed(obj, path, *, format=None, max_shard_size=None, force=False
             write_metadata(tmp, plan, {k: v for r in results for k, v in r.items()})
 
         run_collective(group, path, directory=True, force=force, finish=finish, **stage,
-                       work=lambda tmp: write_rank_file(tmp, group.rank, plan.blobs_for(group.rank), progress))
+                       work=lambda tmp: write_rank_file(tmp, group.rank, plan.blobs_for(group.rank), progress,
+                                                        allow=options.allow_globals))
     elif name == "safetensors":
         _safetensors_distributed(ckpt, path, options, force, group, stage)
     else:

@@ -36,6 +36,7 @@ class TorchFormat(Format):
     name = "torch"
     description = "torch.save checkpoints: zip (torch >= 1.6) and legacy pickles (.pth .pt .bin .ckpt)"
     extensions = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".tar")
+    writes_pickles = True
 
     def sniff(self, path: Path, head: bytes) -> bool:
         if path.is_dir():

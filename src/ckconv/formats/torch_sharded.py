@@ -51,6 +51,7 @@ class TorchShardedFormat(Format):
     description = "sharded torch.save folders (pytorch_model.bin.index.json + .bin shards)"
     extensions = ()
     shardable = True  # honours --max-shard-size
+    writes_pickles = True
     shards_for = "torch"  # `--to torch --max-shard-size` writes this format
 
     def sniff(self, path: Path, head: bytes) -> bool:
