@@ -108,6 +108,10 @@ def save(obj: Any, path: PathLike, *, format: str | None = None, max_shard_size:
     fmt = host().format(name)
     options = WriteOptions(max_shard_size=shard, progress=progress, allow_globals=allow_globals)
     target = output_target(ckpt, path, format=name, max_shard_size=shard)
+    if getattr(fmt, "writes_pickles", False):  # refuse unknown globals before anything is staged
+        from .pickle_writer import check_writable
+
+        check_writable(ckpt.root, allow_globals, f"the {name} checkpoint")
     with staged(target.path, directory=target.folder, force=force, protect=target.protect,
                 layout=target.layout) as tmp:
         fmt.write(ckpt, tmp, options)
