@@ -140,6 +140,22 @@ print(f"{time.perf_counter() - t0:.6f} {len(report.matched)}")
 
 CKCONV_IMPORTS = "import ckconv.cli, ckconv.api; from ckconv.plugins import host; host()"
 
+# The byte-moving core of a .pth -> .safetensors conversion, without ckconv's start-up or parsing: copy the file's
+# bytes (argv[1]) to argv[2] with ckconv's fastcopy, with or without the CRC-32 pass, then fsync (as ckconv does).
+COPY_CORE = r"""
+import os, sys
+from ckconv import fastcopy
+src, dst, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+n = os.path.getsize(src)
+s = os.open(src, os.O_RDONLY)
+d = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+if mode == "crc":
+    fastcopy.copy_with_crc(s, 0, d, 0, n)
+else:
+    fastcopy.kernel_copy(s, 0, d, 0, n)
+os.fsync(d)
+"""
+
 
 # --- running and measuring ----------------------------------------------------------------------------------
 
@@ -178,6 +194,7 @@ class Series:
 
 def child_env():
     env = dict(os.environ)
+    env.setdefault("CKCONV_CACHE_DIR", str(BENCH / "work" / "spec-cache"))  # never the user's ~/.cache
     env.pop("PYTHONDONTWRITEBYTECODE", None)  # let the children cache bytecode, as on a user's machine
     env.pop("CKCONV_DEBUG", None)
     return env
@@ -186,7 +203,7 @@ def child_env():
 TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
 
 
-def measure(cmd, *, env=None) -> Sample:
+def measure(cmd, *, env=None, ok=(0,)) -> Sample:
     """Run ``cmd`` once: wall time from spawn to exit, CPU time (wait4) and peak RSS of that child alone.
 
     The peak RSS comes from /usr/bin/time, which forks the command from its own small process: a child spawned
@@ -200,7 +217,7 @@ def measure(cmd, *, env=None) -> Sample:
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
+        if proc.returncode not in ok:
             err.seek(0)
             raise RuntimeError(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{err.read().decode()[-2000:]}")
         kib = usage.ru_maxrss
@@ -210,8 +227,9 @@ def measure(cmd, *, env=None) -> Sample:
     return Sample(wall, usage.ru_utime + usage.ru_stime, kib * 1024)
 
 
-def run_python(code, *args, check=True):
-    proc = subprocess.run([PY, "-c", code, *map(str, args)], env=child_env(), capture_output=True, text=True)
+def run_python(code, *args, check=True, env=None, prefix=()):
+    proc = subprocess.run([*prefix, PY, "-c", code, *map(str, args)], env=env or child_env(), capture_output=True,
+                          text=True)
     if check and proc.returncode != 0:
         raise RuntimeError(f"child script failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
     return proc
@@ -239,7 +257,7 @@ def warm(path: Path):
             pass
 
 
-def alternate(contenders, reps, log):
+def alternate(contenders, reps, log, ok=(0,)):
     """contenders: [(Series, make_cmd() -> (cmd, output path or None))]. Rotates the order every repetition."""
     n = len(contenders)
     for rep in range(reps):
@@ -249,7 +267,7 @@ def alternate(contenders, reps, log):
             if out is not None:
                 remove(out)
             settle()
-            sample = measure(cmd)
+            sample = measure(cmd, ok=ok)
             series.samples.append(sample)
             log(f"    {series.label:<34} {sample.wall:7.2f} s  cpu {sample.cpu:6.2f} s  rss {sample.rss / MIB:7.1f} MiB")
             if out is not None:
@@ -264,8 +282,11 @@ class Bench:
         self.work = Path(args.work).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
         self.made: list[Path] = []
-        self.results: dict = {"convert": [], "other": [], "cli": [], "targets": [], "notes": []}
+        self.results: dict = {"convert": [], "other": [], "cli": [], "match": [], "breakdown": [], "targets": [],
+                              "notes": []}
         self.t0 = time.time()
+        probe = run_python("from ckconv.fastcopy import crc32_backend; print(crc32_backend())", check=False)
+        self.crc = probe.stdout.strip() or "zlib"
 
     def log(self, msg):
         print(msg, flush=True)
@@ -284,6 +305,8 @@ class Bench:
         return path
 
     def cleanup(self):
+        for tree in getattr(self, "worktrees", []):
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
         if self.args.keep:
             return
         for path in self.made:
@@ -330,6 +353,12 @@ class Bench:
             (cps, lambda: (["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(src), str(self.work / "out_cps")],
                            self.work / "out_cps")),
         ]
+        ckz = None
+        if group == "convert" and self.crc != "zlib":  # the same conversion with zlib's CRC-32, side by side
+            ckz = Series("ckconv convert, zlib CRC-32")
+            contenders.insert(1, (ckz, lambda: (["env", "CKCONV_CRC32=zlib", CKCONV, "convert", str(src),
+                                                 str(self.work / f"out_ckz{out_suffix}"), *ck_args],
+                                                self.work / f"out_ckz{out_suffix}")))
         nv = None
         if naive is not None:
             code, extra, why_not = naive
@@ -348,7 +377,7 @@ class Bench:
                 if not series.samples:
                     series.note = "failed"
         row = {"case": title, "size": size_label or f"{src.stat().st_size / MIB:,.0f} MiB",
-               "bytes": src.stat().st_size, "ck": ck, "naive": nv, "cp": cp, "cps": cps}
+               "bytes": src.stat().st_size, "ck": ck, "naive": nv, "cp": cp, "cps": cps, "ckz": ckz}
         self.results[group].append(row)
         return row
 
@@ -361,6 +390,98 @@ class Bench:
             imported = "TORCH_IMPORTED=1" in proc.stderr
         self.results["cli"].append({"label": label, "series": s, "torch": imported})
         return s
+
+    def breakdown(self, src: Path, reps):
+        """Where ckconv's time above `cp + sync` goes, for one .pth: its byte-moving core alone (fastcopy, no start-up,
+        no parsing), without and with the CRC-32 pass, beside the whole command."""
+        self.log(f"where the time goes: {src.name}")
+        warm(src)
+        rows = [("cp + sync FILE", lambda: (["sh", "-c", 'cp "$1" "$2" && sync "$2"', "sh", str(src),
+                                             str(self.work / "out_cps")], self.work / "out_cps")),
+                ("python: fastcopy kernel copy + fsync (no CRC)",
+                 lambda: ([PY, "-c", COPY_CORE, str(src), str(self.work / "out_core"), "copy"], self.work / "out_core")),
+                (f"python: fastcopy copy + CRC-32 ({self.crc}) + fsync",
+                 lambda: ([PY, "-c", COPY_CORE, str(src), str(self.work / "out_core"), "crc"], self.work / "out_core")),
+                ("python: fastcopy copy + CRC-32 (zlib) + fsync",
+                 lambda: (["env", "CKCONV_CRC32=zlib", PY, "-c", COPY_CORE, str(src), str(self.work / "out_core"),
+                           "crc"], self.work / "out_core")),
+                ("ckconv convert (everything)", lambda: ([CKCONV, "convert", str(src), str(self.work / "out_ck.safetensors")],
+                                                         self.work / "out_ck.safetensors"))]
+        if self.crc == "zlib":
+            rows.pop(3)
+        series = [(Series(label), make) for label, make in rows]
+        alternate(series, reps, self.log)
+        self.results["breakdown"] = [s for s, _ in series]
+
+    def match_case(self, label, args, reps, *, cache, ok=(0,), target=None, before=None, fresh_cache=False):
+        """A `ckconv match`/`convert --arch` row: CKCONV_CACHE_DIR=cache (a new empty one per run with fresh_cache);
+        ``before``: run the code of an earlier commit instead (PYTHONPATH=its src)."""
+        s = Series(label)
+        runner = [PY, "-m", "ckconv"] if before else [CKCONV]
+        extra = [f"PYTHONPATH={before}"] if before else []
+
+        def make():
+            where = cache / f"fresh-{len(s.samples)}" if fresh_cache else cache
+            return ["env", f"CKCONV_CACHE_DIR={where}", *extra, *runner, *map(str, args)], (where if fresh_cache else None)
+
+        alternate([(s, make)], reps, self.log, ok=ok)
+        env = dict(child_env(), CKCONV_CACHE_DIR=str(cache / "probe" if fresh_cache else cache))
+        if before:
+            env["PYTHONPATH"] = str(before)
+        imported = "TORCH_IMPORTED=1" in run_python(TORCH_CHECK, *args, check=False, env=env).stderr
+        if fresh_cache:
+            remove(cache / "probe")
+        self.results["match"].append({"label": label, "series": s, "torch": imported, "target": target})
+        return s
+
+    def before_tree(self, rev):
+        """A checkout of ``rev`` (BENCH_BEFORE) under the work dir, to time the code before a change side by side."""
+        tree = self.work / f"before-{rev}"
+        if not tree.exists():
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(tree), rev], check=True,
+                           capture_output=True)
+        self.worktrees = getattr(self, "worktrees", []) + [tree]
+        return tree / "src"
+
+    def match_section(self, vgg: Path, reps):
+        self.log("matching with the spec cache")
+        cache = self.work / "spec-cache"
+        remove(cache)
+        existing = self.work / "out_taken.safetensors"
+        existing.write_bytes(b"a file the user already has")
+        self.made += [cache, existing]
+        quick = max(3, reps)
+        self.match_case("match vgg16.pth --arch vgg16, first run (empty cache)", ["match", vgg, "--arch", "vgg16"],
+                        quick, cache=cache, fresh_cache=True)
+        measure(["env", f"CKCONV_CACHE_DIR={cache}", CKCONV, "match", vgg, "--arch", "vgg16"])  # warm
+        self.match_case("match vgg16.pth --arch vgg16, cached", ["match", vgg, "--arch", "vgg16"], reps, cache=cache,
+                        target=("<= 1.5 s, no import torch", 1.5, True))
+        self.log("  building every architecture's spec once (untimed)")
+        measure(["env", f"CKCONV_CACHE_DIR={cache}", CKCONV, "match", vgg, "--arch", "auto"])
+        self.match_case("match vgg16.pth --arch auto, cached", ["match", vgg, "--arch", "auto"], quick, cache=cache,
+                        target=("<= 2 s, no import torch", 2.0, True))
+        # the typo is checked against every namespace's names: the first one lists the plugins' too (timm: untimed)
+        measure(["env", f"CKCONV_CACHE_DIR={cache}", CKCONV, "match", vgg, "--arch", "vgg61"], ok=(1,))
+        self.match_case("match vgg16.pth --arch vgg61 (a typo), cached", ["match", vgg, "--arch", "vgg61"], reps,
+                        cache=cache, ok=(1,), target=("< 0.5 s, no import torch", 0.5, True))
+        self.match_case("convert vgg16.pth onto an existing DST --arch vgg16 (refused), empty cache",
+                        ["convert", vgg, existing, "--arch", "vgg16"], reps, cache=cache, ok=(1,), fresh_cache=True,
+                        target=("refused before any matching: no import torch", None, True))
+        self.match_case("convert vgg16.pth out.safetensors --arch vgg16, cached",
+                        ["convert", vgg, self.work / "out_arch.safetensors", "--arch", "vgg16", "--force"], quick,
+                        cache=cache)
+        rev = self.args.before
+        if rev:
+            src = self.before_tree(rev)
+            old = self.work / "spec-cache-before"
+            remove(old)
+            self.made.append(old)
+            measure(["env", f"CKCONV_CACHE_DIR={old}", f"PYTHONPATH={src}", PY, "-m", "ckconv", "match", vgg, "--arch",
+                     "auto"], ok=(0, 1))  # warms the old code's own cache
+            for label, args, ok in (("match vgg16.pth --arch vgg16", ["match", vgg, "--arch", "vgg16"], (0,)),
+                                    ("match vgg16.pth --arch auto", ["match", vgg, "--arch", "auto"], (0,)),
+                                    ("match vgg16.pth --arch vgg61 (a typo)", ["match", vgg, "--arch", "vgg61"], (1,))):
+                self.match_case(f"{label}, cached, before ({rev})", args, 3, cache=old, ok=ok, before=src)
 
     def run(self):
         a = self.args
@@ -396,6 +517,9 @@ class Bench:
                     remove(src)
                     self.made.remove(src)
 
+        if "convert" in only:
+            self.breakdown(vgg, a.reps)
+
         if "other" in only:
             st = self.work / "vgg16.safetensors"
             remove(st)
@@ -428,8 +552,7 @@ class Bench:
             self.torchvision = tv
             has_match = subprocess.run([CKCONV, "match", "--help"], capture_output=True, env=child_env()).returncode == 0
             if has_match:
-                self.cli_case("ckconv match vgg16.pth --arch vgg16", ["match", str(vgg), "--arch", "vgg16"], reps,
-                              torch_check=False)
+                self.match_section(vgg, reps)
             else:
                 self.results["notes"].append("TODO: `ckconv match` does not exist yet; its row is empty")
             self.has_match = has_match
@@ -501,14 +624,18 @@ class Bench:
             for r in rows:
                 ck, nv, cp, cps = r["ck"], r["naive"], r["cp"], r["cps"]
                 lines.append(f"| {r['case']} | ckconv convert | {cells(ck, (ck.rss or 0) - imp_rss)} |")
+                if r.get("ckz") is not None:
+                    ckz = r["ckz"]
+                    lines.append(f"| | ckconv convert, zlib CRC-32 | {cells(ckz, (ckz.rss or 0) - imp_rss)} |")
                 if nv is not None:
                     lines.append(f"| | naive torch script | {cells(nv, (nv.rss - torch_rss) if nv.samples else 0)} |")
                 lines.append(f"| | cp | {cells(cp, 0)} |")
                 lines.append(f"| | cp + sync FILE | {cells(cps, 0)} |")
             lines.append("")
             lines.append("| case | ckconv / naive (<= 0.6) | (ckconv - import torch) / cp (<= 1.5) | ckconv / cp | "
-                         "ckconv / (cp + sync) | ckconv extra RSS MiB (<= 64) | ckconv MB/s |")
-            lines.append("|---|---:|---:|---:|---:|---:|---:|")
+                         "ckconv / (cp + sync) (<= 1.4) | zlib CRC: ckconv / (cp + sync) | ckconv extra RSS MiB (<= 64) | "
+                         "ckconv MB/s |")
+            lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
             for r in rows:
                 ck, nv, cp, cps = r["ck"], r["naive"], r["cp"], r["cps"]
                 if not (ck.samples and cp.samples and cps.samples):
@@ -516,8 +643,10 @@ class Bench:
                 extra = (ck.rss - imp_rss) / MIB
                 rn = ratio(ck.wall, nv.wall) if nv is not None and nv.samples else "-"
                 issue = f"{(ck.wall - torch_wall) / cp.wall:.2f}"
+                ckz = r.get("ckz")
+                zr = ratio(ckz.wall, cps.wall) if ckz is not None and ckz.samples else "-"
                 lines.append(f"| {r['case']} | {rn} | {issue} | {ratio(ck.wall, cp.wall)} | {ratio(ck.wall, cps.wall)} | "
-                             f"{extra:+.0f} | {r['bytes'] / 1e6 / ck.wall:,.0f} |")
+                             f"{zr} | {extra:+.0f} | {r['bytes'] / 1e6 / ck.wall:,.0f} |")
                 if nv is not None and nv.samples:
                     targets.append((f"{r['case']}: ckconv / naive", "<= 0.6", f"{ck.wall / nv.wall:.2f}",
                                     ck.wall / nv.wall <= 0.6))
@@ -525,8 +654,8 @@ class Bench:
                                 (ck.wall - torch_wall) / cp.wall <= 1.5))
                 targets.append((f"{r['case']}: ckconv / cp (strict: ckconv has no import torch to subtract)",
                                 "<= 1.5", ratio(ck.wall, cp.wall), ck.wall / cp.wall <= 1.5))
-                targets.append((f"{r['case']}: ckconv / (cp + sync) (both durable; informational)", "-",
-                                ratio(ck.wall, cps.wall), None))
+                targets.append((f"{r['case']}: ckconv / (cp + sync) (both durable; issue 16)", "<= 1.4",
+                                ratio(ck.wall, cps.wall), ck.wall / cps.wall <= 1.4 if group == "convert" else None))
                 targets.append((f"{r['case']}: extra peak RSS", "<= 64 MiB", f"{extra:+.0f} MiB", extra <= 64))
                 if group == "convert":
                     flat.append(extra)
@@ -552,7 +681,8 @@ class Bench:
                 lines.append("| ckconv match vgg16.pth --arch vgg16 | TODO | | | | |")
             lines.append("")
             tv = getattr(self, "torchvision", None)
-            match = next((c["series"] for c in self.results["cli"] if c["label"].startswith("ckconv match")), None)
+            match = next((c["series"] for c in self.results["match"] if c["label"] == "match vgg16.pth --arch vgg16, cached"),
+                         None)
             if match is not None and tv is not None:
                 d = match.wall - tv.wall
                 targets.append(("ckconv match --arch vgg16 - import torch, torchvision", "<= 0.5 s", f"{d:+.2f} s",
@@ -573,7 +703,33 @@ class Bench:
         else:
             targets.append(("matching 10k keys against 10k keys", "<= 1 s", "TODO (not run)", None))
 
-        lines.append("### Targets (issue 6)\n")
+        bd = self.results.get("breakdown")
+        if bd:
+            floor = bd[0].wall
+            lines.append("### Where the time goes (vgg16 .pth -> .safetensors)\n")
+            lines.append("| step | median wall s | range s | CPU s | / (cp + sync) |")
+            lines.append("|---|---:|---:|---:|---:|")
+            for s in bd:
+                lines.append(f"| {s.label} | {s.wall:.2f} | {s.spread} | {s.cpu:.2f} | {ratio(s.wall, floor)} |")
+            startup = base["imports"].wall
+            lines.append(f"| start-up (python + ckconv imports, plugins loaded; from Baselines) | {startup:.2f} | | "
+                         f"{base['imports'].cpu:.2f} | |")
+            lines.append("")
+        if self.results.get("match"):
+            lines.append(f"### Matching with the spec cache (CRC-32 here: {self.crc})\n")
+            lines.append("| command | median wall s | range s | CPU s | peak RSS MiB | imports torch | target |")
+            lines.append("|---|---:|---:|---:|---:|---|---|")
+            for c in self.results["match"]:
+                sr, goal = c["series"], c["target"]
+                lines.append(f"| ckconv {c['label']} | {sr.wall:.2f} | {sr.spread} | {sr.cpu:.2f} | {sr.rss / MIB:,.0f} | "
+                             f"{'yes' if c['torch'] else 'no'} | {goal[0] if goal else ''} |")
+                if goal:
+                    ok = (goal[1] is None or sr.wall <= goal[1]) and not (goal[2] and c["torch"])
+                    targets.append((f"ckconv {c['label']}", goal[0], f"{sr.wall:.2f} s"
+                                    + (", imports torch" if c["torch"] else ""), ok))
+            lines.append("")
+
+        lines.append("### Targets (issues 6 and 16)\n")
         lines.append("| target | goal | measured | met |")
         lines.append("|---|---|---|---|")
         for name, goal, got, ok in targets:
@@ -629,6 +785,8 @@ def machine():
         "safetensors": version("safetensors"),
         "huggingface_hub": version("huggingface_hub"),
         "cp": cp_version,
+        "CRC-32": run_python("from ckconv.fastcopy import crc32_backend; print(crc32_backend())",
+                             check=False).stdout.strip() + f" (isal {version('isal')})",
     }
 
 
@@ -644,6 +802,9 @@ def parse_args(argv=None):
     p.add_argument("--only", default=os.environ.get("BENCH_ONLY", "convert,other,cli"),
                    help="sections to run: convert, other, cli (env BENCH_ONLY)")
     p.add_argument("--shard", default="200MB", help="--max-shard-size for the sharded case (default 200MB)")
+    p.add_argument("--before", default=os.environ.get("BENCH_BEFORE", ""),
+                   help="a git revision whose `ckconv match` is timed beside today's (a worktree in the work dir; "
+                        "env BENCH_BEFORE)")
     p.add_argument("--keep", action="store_true", default=os.environ.get("BENCH_KEEP", "") not in ("", "0"),
                    help="keep (and reuse) the inputs in the work dir (env BENCH_KEEP=1)")
     p.add_argument("--work", default=str(BENCH / "work"), help="work dir (default bench/work, gitignored)")
