@@ -222,6 +222,14 @@ def test_a_dcp_storage_file_linked_outside_the_folder_is_refused(tmp_path):
     assert not (tmp_path / "out.pth").exists()
 
 
+def test_a_dcp_metadata_linked_outside_the_folder_is_refused(tmp_path):
+    folder = dcp_folder(tmp_path / "ck", {"a": torch.ones(3)})
+    (folder / ".metadata").rename(tmp_path / "elsewhere.metadata")
+    (folder / ".metadata").symlink_to(tmp_path / "elsewhere.metadata")
+    result = invoke("inspect", folder)
+    assert result.exit_code == 1 and "links outside the checkpoint folder" in result.output, result.output
+
+
 # --- walks cost O(nodes) memory -------------------------------------------------------------------------------
 
 def test_a_wide_tree_190_levels_deep_is_walked_in_bounded_memory(tmp_path):
