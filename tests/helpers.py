@@ -22,7 +22,7 @@ def assert_deep_equal(a, b, path="<root>", check_tied=True):
     elif isinstance(a, dict):
         assert list(a.keys()) == list(b.keys()), f"{path}: keys differ: {list(a)[:5]} vs {list(b)[:5]}"
         for k in a:
-            assert_deep_equal(a[k], b[k], f"{path}.{k}", check_tied)
+            assert_deep_equal(a[k], b[k], f"{path}.{_text(k)}", check_tied)
         if isinstance(a, OrderedDict):
             assert_deep_equal(getattr(a, "__dict__", {}), getattr(b, "__dict__", {}), f"{path}.@attrs", check_tied)
     elif isinstance(a, (list, tuple)):
@@ -32,7 +32,15 @@ def assert_deep_equal(a, b, path="<root>", check_tied=True):
     elif isinstance(a, float) and math.isnan(a):
         assert math.isnan(b), f"{path}: nan != {b}"
     else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
+        assert a == b, f"{path}: {_text(a, repr)} != {_text(b, repr)}"
+
+
+def _text(value, show=str):
+    """``show(value)``, or an int too long for ``str`` (Python's 4,300-digit limit) by its size and ends."""
+    if isinstance(value, int) and value.bit_length() > 13_000:
+        digits = format(abs(value), "x")
+        return f"<{value.bit_length()}-bit int {'-' if value < 0 else ''}0x{digits[:8]}...{digits[-8:]}>"
+    return show(value)
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

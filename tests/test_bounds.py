@@ -449,12 +449,11 @@ def test_tied_tensors_written_by_ckconv_still_share_one_range(tmp_path):
 BIG = 2 ** 20000
 
 
-def assert_same_flat(a: dict, b: dict):
-    """helpers.assert_deep_equal names paths with str(key), which a 20,000-bit key cannot pass through."""
-    assert type(a) is type(b) and list(a) == list(b)
-    for k in a:
-        assert type(a[k]) is type(b[k])
-        assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
+def test_deep_equal_names_huge_int_keys_and_values_by_size():
+    assert_deep_equal({BIG: [1, BIG]}, {BIG: [1, BIG]})
+    with pytest.raises(AssertionError, match=r"<root>\.<20001-bit int 0x10000000\.\.\.00000000>\[1\]: "
+                                             r"<20001-bit int .*> != <20001-bit int .*00000001>"):
+        assert_deep_equal({BIG: [1, BIG]}, {BIG: [1, BIG + 1]})
 
 
 def test_huge_ints_survive_every_format_and_inspect_diff_show_them(tmp_path):
@@ -463,9 +462,9 @@ def test_huge_ints_survive_every_format_and_inspect_diff_show_them(tmp_path):
     for dst, extra in (("big.safetensors", []), ("dcp", ["--to", "dcp"]), ("sharded", ["--max-shard-size", "1MB"])):
         result = invoke("convert", tmp_path / "big.pth", tmp_path / dst, *extra)
         assert result.exit_code == 0, result.output
-        assert_same_flat(ckconv.load(tmp_path / dst), state)
+        assert_deep_equal(ckconv.load(tmp_path / dst), state)
         assert invoke("convert", tmp_path / dst, tmp_path / f"back-{dst}.pth").exit_code == 0
-        assert_same_flat(torch.load(tmp_path / f"back-{dst}.pth", weights_only=False), state)
+        assert_deep_equal(torch.load(tmp_path / f"back-{dst}.pth", weights_only=False), state)
         diff = invoke("diff", tmp_path / "big.pth", tmp_path / dst)
         assert diff.exit_code == 0, diff.output
     text = json.loads(ckconv.read(tmp_path / "big.safetensors").metadata["ckconv.structure"])
