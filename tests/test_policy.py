@@ -334,3 +334,17 @@ def test_structure_references_must_point_back(tmp_path, structure):
         {"w": {"$tensor": "w"}, **structure})})
     result = invoke("convert", path, tmp_path / "o.pth")
     assert result.exit_code == 1 and "ckconv.structure" in result.stderr and not (tmp_path / "o.pth").exists()
+
+
+@pytest.mark.parametrize("record", [
+    {"$object": "numpy:ndarray", "new": True, "args": [{"$tuple": [1 << 40]}]},
+    {"$object": "collections:deque", "args": [{"$object": "argparse:Namespace", "new": True, "args": []}]},
+    {"$object": "numpy._core.multiarray:_reconstruct", "args": [{"$class": "numpy:ndarray"},
+                                                                  {"$tuple": [1 << 30, 1 << 30]}, {"$bytes": "Yg=="}]},
+])
+def test_allowed_names_with_expanding_arguments_are_not_written(tmp_path, record):
+    path = tmp_path / "bomb.safetensors"
+    save_file({"w": torch.ones(1)}, path, metadata={"format": "pt", "ckconv.structure": json.dumps(
+        {"w": {"$tensor": "w"}, "x": record})})
+    result = invoke("convert", path, tmp_path / "o.pth")
+    assert result.exit_code == 1 and "refusing to write" in result.stderr and not (tmp_path / "o.pth").exists()

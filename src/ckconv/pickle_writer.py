@@ -181,6 +181,15 @@ class PickleWriter:
         else:
             raise UnsupportedContent(f"cannot write a value of type {type(v).__name__} into a torch checkpoint")
 
+    def check_args(self, f: Foreign, role):
+        """Arguments an allowlisted callable must not get (records, huge numbers: see policy.call_args_problem);
+        a global the user allowed by name is the user's to judge."""
+        if f.args and policy.may_write(f.module, f.qualname, role) and not policy.allowed_by_user(
+                f.module, f.qualname, self.allow):
+            problem = policy.call_args_problem(f.class_name, f.args)
+            if problem is not None and problem not in self.refused:
+                self.refused.append(problem)
+
     @contextmanager
     def arguments(self):
         """Writing a call's arguments: every reference in them, however deep, must be harmless to call."""
@@ -242,6 +251,7 @@ class PickleWriter:
                 self.save(f.reconstructor[1])
             self.out += b"\x87R"
         elif f.newobj:  # cls.__new__(cls, *args): no __init__; NEWOBJ refuses anything that is not a class
+            self.check_args(f, "class")
             self.tree_global(f.module, f.qualname, "class")
             with self.arguments():
                 self.tuple_(tuple(f.args))
@@ -249,11 +259,7 @@ class PickleWriter:
                     self.save(dict(f.kwargs))
             self.out += b"\x92" if f.kwargs else b"\x81"
         else:  # cls(*args) or fn(*args): called, so only allowlisted callables, with arguments that cannot expand
-            problem = policy.call_args_problem(f.class_name, f.args)
-            if problem is not None and policy.may_write(f.module, f.qualname, "call", self.allow) and not \
-                    policy._matches(f.module, f.qualname, self.allow):
-                if problem not in self.refused:
-                    self.refused.append(problem)
+            self.check_args(f, "call")
             self.tree_global(f.module, f.qualname, "call")
             with self.arguments():
                 self.tuple_(tuple(f.args))

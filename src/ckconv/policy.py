@@ -275,6 +275,10 @@ def may_write(module, qualname, role, allow=()) -> bool:
             and (f"{module}.{parent}" in CLASSES or f"{module}.{parent}" in allow))
 
 
+def allowed_by_user(module, qualname, allow) -> bool:
+    return valid_name(module, qualname) and not is_dangerous(module, qualname) and _matches(module, qualname, allow)
+
+
 def refuse_write(names, where="") -> UnsafeCheckpoint:
     shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
     first = names[0] if names else "x"
