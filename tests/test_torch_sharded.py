@@ -345,13 +345,13 @@ HOSTILE_FOLDERS = {
     "weight_map_not_str": (lambda f: _index(f, {"w": 3}), "weight_map of tensor name -> shard file name"),
     "json_object_bomb": (lambda f: (f / INDEX).write_text(
         '{"weight_map": {}, "metadata": {"x": [' + ",".join(["{}"] * 20_000) + "]}}"), "JSON objects"),
-    "symlink_leaves_folder": (_symlinked(_outside), "links outside the folder"),
-    "symlink_to_dev_zero": (_symlinked(lambda f: "/dev/zero"), "links outside the folder"),
+    "symlink_leaves_folder": (_symlinked(_outside), "links outside the checkpoint folder"),
+    "symlink_to_dev_zero": (_symlinked(lambda f: "/dev/zero"), "links outside the checkpoint folder"),
     "dangling_symlink": (_symlinked(lambda f: f / "gone.bin"), "missing from the folder"),
-    "fifo_shard": (_fifo, "is not a regular file"),
-    "fifo_behind_link": (_fifo_behind_link, "is not a regular file"),
+    "fifo_shard": (_fifo, "is a FIFO (named pipe), not a regular file"),
+    "fifo_behind_link": (_fifo_behind_link, "is a FIFO (named pipe), not a regular file"),
     "folder_as_shard": (lambda f: ((f / "pytorch_model-00001-of-00001.bin").mkdir(),
-                                   _index(f, {"w": "pytorch_model-00001-of-00001.bin"})), "is not a regular file"),
+                                   _index(f, {"w": "pytorch_model-00001-of-00001.bin"})), "is a folder, not a regular file"),
     "safetensors_shard_after_a_torch_one": (
         lambda f: (_shard(f, "pytorch_model-00001-of-00002.bin"),
                    shutil.copy(HOSTILE / "sharded_unmapped_tensor" / "model-00001-of-00001.safetensors",
@@ -374,6 +374,38 @@ HOSTILE_FOLDERS = {
     "png_shard": (_fixture_shard("png_named.pth"), "is not a torch.save file"),
     "empty_shard": (_fixture_shard("empty.pth"), "is not a torch.save file"),
 }
+
+
+def test_a_huggingface_hub_cache_snapshot_of_bin_shards_is_read(resnet, tmp_path):
+    """The hub's cache: ``snapshots/<rev>/<file> -> ../../blobs/<hash>``, index and shards alike. Links into the
+    same repo's blobs/ are what the hub writes; a blob that leads anywhere else is still refused."""
+    repo = tmp_path / "hub" / "models--org--resnet"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    for i, f in enumerate(sorted((resnet / "hub").iterdir())):
+        shutil.copy(f, repo / "blobs" / f"blob{i}")
+        (snapshot / f.name).symlink_to(Path("..") / ".." / "blobs" / f"blob{i}")
+    for path in (snapshot, snapshot / INDEX):
+        assert api.detect_format(path) == "torch-sharded"
+        assert_deep_equal(dict(torch.load(resnet / "ref.pth", weights_only=True)), ckconv.load(path))
+    assert invoke("diff", snapshot, resnet / "ref.pth").exit_code == 0
+    shard = sorted(snapshot.glob("pytorch_model-*.bin"))[0]
+    blob = (snapshot / os.readlink(shard)).resolve()
+    os.replace(blob, tmp_path / "elsewhere.bin")
+    blob.symlink_to(tmp_path / "elsewhere.bin")
+    result = invoke("convert", snapshot, tmp_path / "out.safetensors")
+    assert result.exit_code == 1 and "links outside the checkpoint folder" in result.stderr, result.output
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_an_index_linked_out_of_its_folder_is_refused(tmp_path):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    _index(tmp_path, {"w": _shard(folder)})
+    (folder / INDEX).symlink_to(tmp_path / INDEX)
+    result = invoke("convert", folder, tmp_path / "out.safetensors")
+    assert result.exit_code == 1 and "index file links outside the checkpoint folder" in result.stderr, result.output
 
 
 @pytest.mark.parametrize("case, as_index", [(c, i) for c in sorted(HOSTILE_FOLDERS) for i in (False, True)

@@ -31,6 +31,7 @@ from ..hookspecs import hookimpl
 from ..model import Checkpoint, TensorRef
 from ..unpickler import short_repr
 from .base import Format, WriteOptions, guarded
+from .files import inside_folder, read_capped, regular_file
 from .safetensors_format import (MAX_HEADER, MAX_TENSORS, SHARD_NAME, SafetensorsFormat, _assemble,
                                  _no_duplicates, _write_json)
 from .torch_pickle import TorchFormat, write_zip
@@ -134,8 +135,7 @@ def _is_torch_file(path: Path) -> bool:
 
 def load_index(index_path: Path):
     """-> (weight_map, metadata) of an index file, refused unless it has exactly the expected shape."""
-    if index_path.stat().st_size > MAX_HEADER:
-        raise CorruptCheckpoint(f"{index_path}: index file is implausibly large")
+    raw = read_capped(index_path, MAX_HEADER, f"{index_path}: index file")  # never a FIFO, never /dev/zero
     objects = 0
 
     def hook(pairs):
@@ -147,7 +147,7 @@ def load_index(index_path: Path):
         return _no_duplicates(pairs)
 
     try:
-        index = json.loads(index_path.read_text("utf-8"), object_pairs_hook=hook)
+        index = json.loads(raw.decode("utf-8"), object_pairs_hook=hook)
     except CorruptCheckpoint as exc:
         raise CorruptCheckpoint(f"{index_path}: index has a {exc}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -171,16 +171,10 @@ def _shard_path(folder: Path, fname: str, where) -> Path:
     path = folder / fname
     if not os.path.lexists(path):
         raise CorruptCheckpoint(f"{where}: shard {fname} is missing from the folder")
-    real = os.path.realpath(folder)
-    if os.path.commonpath([real, os.path.realpath(path)]) != real:
-        raise CorruptCheckpoint(f"{where}: shard {fname} links outside the folder; refusing to read it")
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        raise CorruptCheckpoint(f"{where}: shard {fname} is missing from the folder (a dangling link)") from None
-    if not stat.S_ISREG(mode):
-        raise CorruptCheckpoint(f"{where}: shard {fname} is not a regular file (a folder, FIFO or device); "
-                                "refusing to read it")
+    if not os.path.exists(path):
+        raise CorruptCheckpoint(f"{where}: shard {fname} is missing from the folder (a dangling link)")
+    inside_folder(folder, path, f"{where}: shard {fname}")  # the huggingface_hub cache's blobs/ excepted
+    regular_file(path, f"{where}: shard {fname}")
     return path
 
 
@@ -189,6 +183,7 @@ def _index_of(path: Path) -> Path:
         return path
     found = _torch_indexes(path)
     if len(found) == 1:
+        inside_folder(path, found[0], f"{found[0]}: index file")  # found in the folder: it must lie inside it
         return found[0]
     if found:
         raise NotACheckpoint(f"{path}: folder holds {len(found)} torch index files ({found[0].name}, "
