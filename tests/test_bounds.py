@@ -508,3 +508,28 @@ def test_io_helpers_refuse_a_growing_file(tmp_path):
     path.write_bytes(b"x" * 11)
     with pytest.raises(LimitExceeded):
         read_capped(path, 10)
+
+
+# --- user-given side files: regular files of bounded size --------------------------------------------------------
+
+def test_a_fifo_given_as_the_map_is_refused_without_opening_it(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "src.pth")
+    run = run_measured(tmp_path, "convert", tmp_path / "src.pth", tmp_path / "out.pth", "--map",
+                       fifo(tmp_path / "map.json"), timeout=MAX_SECONDS)
+    assert_refused(run, "map ", "FIFO")
+    assert not (tmp_path / "out.pth").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_a_torch_index_read_as_a_fifo_or_dev_zero_is_refused(tmp_path):
+    """``load_index`` itself (reached from sniffing and from an earlier output's index): never open() a FIFO."""
+    fifo(tmp_path / "a.bin.index.json")
+    (tmp_path / "b.bin.index.json").symlink_to("/dev/zero")
+    probe = ("import sys\nfrom pathlib import Path\nfrom ckconv.errors import CkconvError\n"
+             "from ckconv.formats.torch_sharded import load_index\n"
+             "for name in sys.argv[1:]:\n"
+             "    try:\n        load_index(Path(name))\n    except CkconvError as exc:\n        print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", probe, tmp_path / "a.bin.index.json", tmp_path / "b.bin.index.json"],
+                          capture_output=True, text=True, timeout=MAX_SECONDS)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert "FIFO" in done.stdout and "character device" in done.stdout, done.stdout

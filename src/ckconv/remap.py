@@ -6,11 +6,13 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import CkconvError, UsageError
+from .formats.files import read_capped
 from .matching import Match, MatchReport, match
 from .model import Storage, TensorRef, gather
 
 MAP_VERSION = 1
+MAX_MAP_BYTES = 64 * 2**20  # a map of 100,000 tensors is a few MB
 
 
 # --- remapped state_dicts ----------------------------------------------------------------------------------
@@ -100,11 +102,13 @@ def save_map(report: MatchReport, path):
 
 def load_map(path) -> dict:
     """Read a map file written by ``--save-map``, or a plain JSON object ``{target: source}``."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    try:  # a regular file of bounded size: a FIFO would block, /dev/zero behind a link never end
+        data = json.loads(read_capped(path, MAX_MAP_BYTES, f"map {path}").decode("utf-8"))
+    except CkconvError as exc:
+        raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"cannot read map {path}: {exc.strerror}") from None
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise UsageError(f"map {path} is not valid JSON: {exc}") from None
     if isinstance(data, dict) and "ckconv_map" not in data and all(isinstance(v, str) for v in data.values()):
         data = {"map": [{"target": t, "source": s} for t, s in data.items()]}
