@@ -22,7 +22,7 @@ from torch import nn
 import ckconv
 from ckconv import modules, tree
 from ckconv.cli import cli
-from ckconv.errors import LimitExceeded
+from ckconv.errors import LimitExceeded, UnsafeCheckpoint
 from ckconv.formats.torch_pickle import guarded, read_zip
 from ckconv.model import foreign_class
 from ckconv.unwrap import unwrap
@@ -269,8 +269,9 @@ def test_distributed_data_parallel(tmp_path):
 def test_torch_compile_optimized_module(tmp_path):
     """torch.compile's wrapper pickles as OptimizedModule(orig_mod, dynamo_ctx): keys get ``_orig_mod.``.
 
-    ckconv refuses to *convert* such a file (it names torch._dynamo callables, issue 12's safety policy); the
-    record is still read inertly for inspect, and the state_dict derived from it matches.
+    The dynamo records around the model are *unknown* (torch would run its dynamo machinery loading them, and a
+    getattr on one of them): the tensors come out (--model-only, --plain, safetensors); a .pth copy of the whole
+    wrapper needs --allow-global.
     """
     python("""
         import torch
@@ -289,6 +290,16 @@ def test_torch_compile_optimized_module(tmp_path):
     info = ckconv.inspect(tmp_path / "compiled.pth")
     assert info.modules[0]["class"] == "torch._dynamo.eval_frame.OptimizedModule"
     assert info.sections == {"model": ["<root>"]}
+    assert info.verdict == "unknown" and "torch._dynamo.eval_frame.OptimizeContext" in info.globals["unknown"]
+    ckconv.convert(tmp_path / "compiled.pth", tmp_path / "model.pth", model_only=True)
+    assert_same_state_dict(torch.load(tmp_path / "model.pth", weights_only=True), expected)
+    ckconv.convert(tmp_path / "compiled.pth", tmp_path / "plain.pth", plain=True)
+    assert_same_state_dict(torch.load(tmp_path / "plain.pth", weights_only=True), expected)
+    ckconv.convert(tmp_path / "compiled.pth", tmp_path / "c.safetensors")
+    assert ckconv.inspect(tmp_path / "c.safetensors").verdict == "unknown"
+    with pytest.raises(UnsafeCheckpoint, match="OptimizedModule"):
+        ckconv.convert(tmp_path / "compiled.pth", tmp_path / "whole.pth")
+    assert not (tmp_path / "whole.pth").exists()
 
 
 def test_spectral_norm_metadata(tmp_path):

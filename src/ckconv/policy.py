@@ -49,6 +49,17 @@ DANGEROUS_NAMES = frozenset({
     "numpy.ctypeslib.load_library", "torch.load", "torch.save", "torch.compile", "torch.from_file",
     "torch.storage._load_from_bytes",
 })
+# What ``torch.save(torch.compile(model))`` pickles around the model: dynamo's wrapper and its callback objects,
+# plus ``getattr`` on one of them (a bound method). torch runs its own dynamo machinery when it loads them, so they
+# are *unknown*, not safe; but they are not an attacker's gadget, so reading them is allowed: the model's tensors
+# come out (``--model-only``, ``--arch``, ``--plain``, safetensors), and a pickle output needs --allow-global.
+COMPILE_RECORDS = frozenset({
+    "torch._dynamo.eval_frame.OptimizedModule", "torch._dynamo.eval_frame.OptimizeContext",
+    "torch._dynamo.convert_frame.CatchErrorsWrapper", "torch._dynamo.convert_frame.ConvertFrame",
+    "torch._dynamo.convert_frame.ConvertFrameAssert", "torch._dynamo.convert_frame.ConvertFrameBox",
+    "torch._dynamo.repro.after_dynamo.WrapBackendDebug", "torch._dynamo.hooks.Hooks",
+    "torch._TorchCompileInductorWrapper", "contextlib.nullcontext",
+})
 # Module names that, met anywhere in a dotted path, mean the path walks into a dangerous module
 # (``argparse._os.system``: the C unpickler resolves attributes one by one).
 _DANGEROUS_COMPONENTS = frozenset(m for m in DANGEROUS_MODULES if "." not in m) | {"os", "sys", "subprocess"}
@@ -176,6 +187,8 @@ def is_dangerous(module, qualname) -> bool:
     full = f"{module}.{qualname}"
     if full in DANGEROUS_NAMES:
         return True
+    if full in COMPILE_RECORDS:
+        return False
     if module in ("builtins", "__builtin__", "__builtins__"):
         return qualname not in BENIGN_BUILTINS
     parts = full.split(".")

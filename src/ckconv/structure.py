@@ -265,6 +265,12 @@ def decode(structure, tensors: dict, where="", seen_globals=None):
                 raise bad("$ref to an object not defined before it")
             return objects[val]
         if tag == "$object":
+            if val == "builtins:getattr":  # only as the unpickler allows it: a method of torch.compile's wrapper
+                args = [dec(a, depth + 1) for a in _list(node.get("args", []), bad)]
+                if not (len(args) == 2 and isinstance(args[0], Foreign) and args[0].class_name in policy.COMPILE_RECORDS
+                        and type(args[1]) is str and args[1].isidentifier() and not args[1].startswith("__")):
+                    global_ref(val)  # refused as dangerous
+                return foreign_class("builtins", "getattr")(*args)
             cls = global_ref(val)
             args = [dec(a, depth + 1) for a in _list(node.get("args", []), bad)]
             kwargs = {}

@@ -18,7 +18,7 @@ from . import dtypes, tree
 from .errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsafeCheckpoint, UnsupportedContent
 from .model import Foreign, GlobalRef, TensorRef, TorchDevice, TorchDtype, TorchSize, foreign_class, is_reference
 from .pickle_scan import MAX_SAME_HASH, SAFE_INT_BITS, scan
-from .policy import dotted, is_dangerous, valid_name
+from .policy import COMPILE_RECORDS, dotted, is_dangerous, valid_name
 
 INT64_MAX = (1 << 63) - 1
 MAX_BUILT_TUPLE = 512  # elements of a tuple built by a ``builtins.tuple`` call (it may be hashed many times)
@@ -184,6 +184,9 @@ class RestrictedUnpickler(pickle.Unpickler):
             if is_dangerous(ref.module, ref.qualname) and ref.class_name not in self.dangerous:
                 self.dangerous.append(dotted(ref.module, ref.qualname))
             return ref
+        if (isinstance(obj, Foreign) and obj.class_name in COMPILE_RECORDS and not default and type(name) is str
+                and name.isidentifier() and not name.startswith("__")):
+            return foreign_class("builtins", "getattr")(obj, name)  # a bound method of torch.compile's wrapper
         if "builtins.getattr" not in self.dangerous:
             self.dangerous.append("builtins.getattr")
         return foreign_class("builtins", "getattr")(obj, name, *default)
