@@ -348,3 +348,41 @@ def test_allowed_names_with_expanding_arguments_are_not_written(tmp_path, record
         {"w": {"$tensor": "w"}, "x": record})})
     result = invoke("convert", path, tmp_path / "o.pth")
     assert result.exit_code == 1 and "refusing to write" in result.stderr and not (tmp_path / "o.pth").exists()
+
+
+def test_scan_an_accelerate_output_folder_reads_every_file_once(tmp_path):
+    """accelerate's save_state: model.safetensors beside optimizer.bin and random_states_0.pkl (numpy and Python
+    RNG states): the folder reads as a safetensors checkpoint, and the files beside it are scanned too."""
+    from accelerate import Accelerator
+
+    out = tmp_path / "acc"
+    run_python(f"""
+import torch
+from accelerate import Accelerator
+acc = Accelerator(cpu=True)
+m = torch.nn.Linear(3, 2); opt = torch.optim.SGD(m.parameters(), lr=0.1)
+m, opt = acc.prepare(m, opt)
+acc.save_state({str(out)!r})
+""", tmp_path)
+    del Accelerator
+    result = invoke("scan", "--json", out)
+    assert result.exit_code == 0, result.output
+    found = {Path(r["path"]).name: r["verdict"] for r in json.loads(result.stdout)["results"]}
+    assert found == {"acc": "safe", "optimizer.bin": "safe", "random_states_0.pkl": "safe"}, found
+    states = out / "random_states_0.pkl"
+    st, back = tmp_path / "rs.safetensors", tmp_path / "rs.pth"
+    assert invoke("convert", states, st).exit_code == 0 and invoke("convert", st, back).exit_code == 0
+    assert invoke("convert", states, tmp_path / "plain.pth", "--plain").exit_code == 0
+    run_python(f"""
+import torch, numpy as np, random
+a = torch.load({str(states)!r}, weights_only=False)
+b = torch.load({str(back)!r}, weights_only=False)
+assert a.keys() == b.keys() and a["random_state"] == b["random_state"]
+assert a["numpy_random_seed"][0] == b["numpy_random_seed"][0]
+assert np.array_equal(a["numpy_random_seed"][1], b["numpy_random_seed"][1])
+assert torch.equal(a["torch_manual_seed"], b["torch_manual_seed"])
+p = torch.load({str(tmp_path / 'plain.pth')!r}, weights_only=True)
+np.random.set_state((p["numpy_random_seed"][0], p["numpy_random_seed"][1].numpy(), *p["numpy_random_seed"][2:]))
+assert np.array_equal(np.random.get_state()[1], a["numpy_random_seed"][1])
+print("ok")
+""", tmp_path)

@@ -71,44 +71,42 @@ def _scan_path(path: Path, allow, results, seen, top=False):
     if key in seen:
         return  # the same bytes reached twice (a snapshot symlink and its blob): scanned once
     seen.add(key)
-    if stat.S_ISDIR(st.st_mode):
-        try:
-            fmt = detect_format(path)
-        except CkconvError:
-            fmt = None
-        if fmt is None:
-            try:
-                children = sorted(os.scandir(path), key=lambda e: e.name)
-            except OSError as exc:
-                results.append(ScanResult(str(path), BROKEN, message=f"{path}: cannot list it ({exc.strerror})"))
-                return
-            if len(seen) + len(children) > MAX_ENTRIES:
-                results.append(ScanResult(str(path), BROKEN, message=f"{path}: more than {MAX_ENTRIES} entries; "
-                                                                      "scan its subfolders one by one"))
-                return
-            for entry in children:
-                _scan_path(Path(entry.path), allow, results, seen)
-            return
-        members = _member_keys(path)
-        if members and members <= seen:
-            return  # every file of this folder was already scanned (a snapshot of blobs seen before)
-        seen.update(members)
-        results.append(scan_one(path, allow, fmt))
-        return
     try:
         fmt = detect_format(path)
     except NotACheckpoint as exc:
-        claims = path.name.lower().endswith(CHECKPOINT_SUFFIXES) or top
-        results.append(ScanResult(str(path), BROKEN if claims else "skipped", message=str(exc)))
-        return
+        fmt = None
+        if stat.S_ISREG(st.st_mode):
+            claims = path.name.lower().endswith(CHECKPOINT_SUFFIXES) or top
+            results.append(ScanResult(str(path), BROKEN if claims else "skipped", message=str(exc)))
+            return
     except CkconvError as exc:
         results.append(ScanResult(str(path), BROKEN, message=str(exc)))
         return
-    results.append(scan_one(path, allow, fmt))
+    if fmt is not None:
+        result, used = scan_one(path, allow, fmt, used_files=True)
+        used.discard(key)
+        if not (used and used <= seen):  # else: every file it reads was scanned already (snapshot links)
+            results.append(result)
+        seen.update(used)
+        if stat.S_ISREG(st.st_mode):
+            return
+    # a folder: everything in it not read as part of a checkpoint above (a model folder's optimizer.bin beside
+    # its model.safetensors, an accelerate output, subfolders) is scanned on its own
+    try:
+        children = sorted(os.scandir(path), key=lambda e: e.name)
+    except OSError as exc:
+        results.append(ScanResult(str(path), BROKEN, message=f"{path}: cannot list it ({exc.strerror})"))
+        return
+    if len(seen) + len(children) > MAX_ENTRIES:
+        results.append(ScanResult(str(path), BROKEN, message=f"{path}: more than {MAX_ENTRIES} entries; "
+                                                              "scan its subfolders one by one"))
+        return
+    for entry in children:
+        _scan_path(Path(entry.path), allow, results, seen)
 
 
 def _member_keys(folder: Path) -> set:
-    """(device, inode) of the regular files directly in a checkpoint folder (links followed)."""
+    """(device, inode) of the regular files directly in a folder (links followed)."""
     keys = set()
     try:
         for entry in os.scandir(folder):
@@ -123,22 +121,54 @@ def _member_keys(folder: Path) -> set:
     return keys
 
 
-def scan_one(path: Path, allow=(), fmt=None) -> ScanResult:
-    """Read ``path`` as convert would, verify every byte's integrity, and judge its globals."""
+def _files_read(path: Path, ckpt) -> set:
+    """(device, inode) of the files a checkpoint was read from: its own path (or index), every storage's file."""
+    names = {str(path)} if path.is_file() else set()
+    for _, ref in tree.tensors(ckpt.root):
+        st = ref.storage
+        if getattr(st, "path", None):
+            names.add(str(st.path))
+        for piece in getattr(st, "pieces", ()) or ():
+            if getattr(piece, "path", None):
+                names.add(str(piece.path))
+    if path.is_dir():  # the index files of a folder layout were read too
+        for entry in os.scandir(path):
+            if entry.name.endswith(".index.json") or entry.name == ".metadata":
+                names.add(entry.path)
+    keys = set()
+    for name in names:
+        try:
+            st = os.stat(name)
+        except OSError:
+            continue
+        keys.add((st.st_dev, st.st_ino))
+    return keys
+
+
+def scan_one(path: Path, allow=(), fmt=None, used_files=False):
+    """Read ``path`` as convert would, verify every byte's integrity, and judge its globals -> ScanResult
+    (with ``used_files``: and the (device, inode) set of the files it read)."""
+    result, used = _scan_one(path, allow, fmt)
+    return (result, used) if used_files else result
+
+
+def _scan_one(path: Path, allow, fmt):
     from .api import read
     from .inspection import verdicts
 
+    failed = _member_keys(path) if path.is_dir() else set()  # a folder that fails is one finding, not many
     try:
         ckpt = read(path, fmt)
     except UnsafeCheckpoint as exc:
         found = {policy.SAFE: [], policy.UNKNOWN: [], policy.DANGEROUS: list(exc.globals)}
-        return ScanResult(str(path), policy.DANGEROUS, fmt or "", globals=found, message=str(exc))
+        return ScanResult(str(path), policy.DANGEROUS, fmt or "", globals=found, message=str(exc)), failed
     except CkconvError as exc:
-        return ScanResult(str(path), BROKEN, fmt or "", message=str(exc))
+        return ScanResult(str(path), BROKEN, fmt or "", message=str(exc)), failed
+    used = _files_read(path, ckpt)
     try:
         count, nbytes = _verify(ckpt.root)
     except CkconvError as exc:
-        return ScanResult(str(path), BROKEN, ckpt.format, message=str(exc))
+        return ScanResult(str(path), BROKEN, ckpt.format, message=str(exc)), used
     found = verdicts(ckpt, allow)
     verdict = policy.worst(v for v in found if found[v])
     message = ""
@@ -147,7 +177,7 @@ def scan_one(path: Path, allow=(), fmt=None) -> ScanResult:
                    + "; torch.load(weights_only=False) would call them (--allow-global if you trust them)")
     elif verdict == policy.DANGEROUS:
         message = "would call " + ", ".join(found[policy.DANGEROUS][:8]) + " under torch.load(weights_only=False)"
-    return ScanResult(str(path), verdict, ckpt.format, count, nbytes, found, message)
+    return ScanResult(str(path), verdict, ckpt.format, count, nbytes, found, message), used
 
 
 def _verify(root):
