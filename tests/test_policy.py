@@ -386,3 +386,15 @@ np.random.set_state((p["numpy_random_seed"][0], p["numpy_random_seed"][1].numpy(
 assert np.array_equal(np.random.get_state()[1], a["numpy_random_seed"][1])
 print("ok")
 """, tmp_path)
+
+
+def test_inspect_shows_numpy_values_and_references_at_a_glance(tmp_path):
+    torch.save({"w": torch.ones(1), "arr": np.zeros((2, 3), np.float32), "lr": np.float64(0.5),
+                "norm": torch.nn.BatchNorm2d}, tmp_path / "x.pth")
+    result = invoke("inspect", tmp_path / "x.pth")
+    assert result.exit_code == 0
+    assert "numpy: arr is a numpy float32 array [2, 3]" in result.stdout
+    assert "numpy: lr is a numpy float64 scalar 0.5" in result.stdout
+    assert "reference: norm is a reference to torch.nn.modules.batchnorm.BatchNorm2d" in result.stdout
+    values = json.loads(invoke("inspect", "--json", tmp_path / "x.pth").stdout)["values"]
+    assert [v["path"] for v in values] == ["arr", "lr", "norm"]

@@ -666,10 +666,16 @@ def _show_inspection(info, as_json, size_text, tensors=True):
         return next((q for q in kinds if path != q and (q == "<root>" or path.startswith(q + "."))), None)
 
     inside: dict = {}
+    glance = {v["path"]: v for v in info.values}
     for item in info.foreign:
         inside[owner(item["path"])] = inside.get(owner(item["path"]), 0) + 1
+    for v in info.values:
+        if owner(v["path"]) is None:
+            what = "a numpy " + v["text"] if v["kind"] == "numpy" else f"a reference to {v['text']} (never imported)"
+            click.echo(f"{v['kind']}: {printable(v['path'])} is {printable(what)}")
     for item in info.foreign:
-        if owner(item["path"]) is None:
+        if owner(item["path"]) is None and item["path"] not in glance and not any(
+                item["path"].startswith(p + ".") for p in glance):
             more = f"; {inside[item['path']]} more records inside it" if inside.get(item["path"]) else ""
             click.echo(f"foreign object: {item['path']} is a {item['class']} (kept as an inert record{more})")
     bundle = info.bundle or {}

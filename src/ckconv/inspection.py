@@ -36,6 +36,7 @@ class Inspection:
     bundle: dict = field(default_factory=dict)  # layout, model section, optimizers (kind, hyper-parameters, names)
     error: str | None = None
     modules: list = field(default_factory=list)  # pickled nn.Modules: [{path, class, tensors, error}]
+    values: list = field(default_factory=list)  # [{path, kind, text}]: numpy values and class references, at a glance
     verdict: str = "safe"  # safe / unknown / dangerous (ckconv.policy)
     globals: dict = field(default_factory=dict)  # {verdict: [dotted names]}
 
@@ -69,6 +70,7 @@ def inspect(path, allow_globals=()) -> Inspection:
                       dict(Counter(i.dtype for i in infos)), infos,
                       [{"path": p, "class": c} for p, c in ckpt.foreign], found[policy.DANGEROUS], meta,
                       describe(ckpt.root).to_dict(), error=error, modules=modules.describe(ckpt.root),
+                      values=glance(ckpt.root),
                       verdict=policy.worst(v for v in found if found[v]), globals=found)
 
 
@@ -86,6 +88,42 @@ def _read_dangerous(path, fmt, exc) -> Checkpoint:
         except UnsafeCheckpoint as again:
             exc = again
     return Checkpoint(root={}, format=fmt, path=str(path), dangerous=list(exc.globals))
+
+
+def glance(root, limit=1000) -> list:
+    """[{path, kind, text}] for the numpy values and class references in a tree (never looking inside a numpy
+    value's own records), the first ``limit`` of them."""
+    from . import numpy_values
+
+    found: list = []
+
+    def visit(path, node):
+        if len(found) >= limit:
+            return
+        where = tree.format_path(path)
+        if is_reference(node):
+            kind, text = "reference", f"{node.module}.{node.qualname}"
+        elif isinstance(node, Foreign):
+            value = numpy_values.value(node)
+            if value is numpy_values.NOT_NUMPY:
+                return
+            import numpy as np  # value() built a numpy object, so numpy is imported already
+
+            kind = "numpy"
+            if isinstance(value, np.ndarray):
+                text = f"{value.dtype} array {list(value.shape)}"
+            elif isinstance(value, np.dtype):
+                text = f"dtype {value}"
+            else:
+                text = f"{value.dtype} scalar {value.item()!r:.40}"
+        else:
+            return
+        if found and where.startswith(found[-1]["path"] + ".") and found[-1]["kind"] == "numpy":
+            return  # a record inside the last numpy value (its dtype, the ndarray class)
+        found.append({"path": where, "kind": kind, "text": text})
+
+    tree.walk(root, visit)
+    return found
 
 
 def tree_globals(root) -> list:
