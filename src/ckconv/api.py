@@ -306,9 +306,11 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
 
         root, cast, cast_note = cast_notes(root, dtype, dtype_optimizer, model_only)
         notes += cast_note
-    if ckpt.foreign and not plain:
-        notes.append(f"kept {len(ckpt.foreign)} foreign objects as inert records: "
-                     + ", ".join(sorted({c for _, c in ckpt.foreign})))
+    kept = tree.foreign_objects(root) if ckpt.foreign else []  # what the output holds, not the source
+    if kept:
+        classes = sorted({c for _, c in kept})
+        notes.append(f"kept {len(kept)} foreign objects as inert records: " + ", ".join(classes[:12])
+                     + (f" and {len(classes) - 12} more classes" if len(classes) > 12 else ""))
     out = Checkpoint(root=root, format=ckpt.format, path=str(src))
     refs = _unique_tensors(root)
     total = sum(r.nbytes for r in refs)
