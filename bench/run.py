@@ -859,6 +859,8 @@ def main(argv=None):
         f"| load average | {load_before[0]:.2f} at start, {load_after[0]:.2f} at end (shared machine) |",
         "",
         "Medians of alternating runs, warm page cache, each output deleted and `sync` run between runs (untimed).",
+        "The machine is shared with other jobs (see the load average): runs are kept short (3 repetitions, 1 at 4 GiB), "
+        "so read single ranges with care; CPU seconds are steadier than wall seconds.",
         "`extra RSS` = peak RSS minus the baseline of its kind: for ckconv, a Python process that imported ckconv's "
         "CLI, API and plugins; for the naive script, `import torch`.",
         "",
