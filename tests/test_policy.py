@@ -398,3 +398,22 @@ def test_inspect_shows_numpy_values_and_references_at_a_glance(tmp_path):
     assert "reference: norm is a reference to torch.nn.modules.batchnorm.BatchNorm2d" in result.stdout
     values = json.loads(invoke("inspect", "--json", tmp_path / "x.pth").stdout)["values"]
     assert [v["path"] for v in values] == ["arr", "lr", "norm"]
+
+
+def test_sharding_matches_huggingface_hub_with_an_oversized_tensor(tmp_path):
+    from huggingface_hub import save_torch_state_dict
+
+    g = torch.Generator().manual_seed(0)
+    sd = {"a": torch.randn(100, generator=g), "big": torch.randn(3000, generator=g),
+          "c": torch.randn(200, generator=g), "d": torch.randn(600, generator=g)}
+    (tmp_path / "hub").mkdir()
+    save_torch_state_dict(sd, tmp_path / "hub", max_shard_size=4000)
+    save_file(sd, tmp_path / "sd.safetensors")
+    result = invoke("convert", tmp_path / "sd.safetensors", tmp_path / "ours", "--max-shard-size", "4000")
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.stderr and "exceeds --max-shard-size" in result.stderr
+    ours = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())
+    hub = json.loads((tmp_path / "hub" / "model.safetensors.index.json").read_text())
+    assert ours["weight_map"] == hub["weight_map"]
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == sorted(p.name for p in (tmp_path / "hub").iterdir())
+    assert ckconv.diff(tmp_path / "ours", tmp_path / "hub").equal

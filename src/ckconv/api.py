@@ -306,6 +306,11 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
 
         root, cast, cast_note = cast_notes(root, dtype, dtype_optimizer, model_only)
         notes += cast_note
+    shard = parse_size(max_shard_size)
+    over = [r for r in _unique_tensors(root) if shard is not None and r.nbytes > shard]
+    if over:
+        notes.append(f"the checkpoint's largest tensor ({max(r.nbytes for r in over)} bytes) exceeds --max-shard-size: "
+                     f"{len(over)} tensor(s) over the limit each get a shard of their own, as huggingface_hub does")
     kept = tree.foreign_objects(root) if ckpt.foreign else []  # what the output holds, not the source
     if kept:
         classes = sorted({c for _, c in kept})

@@ -280,14 +280,20 @@ def read_sharded(path: Path) -> Checkpoint:
 # --- writing -------------------------------------------------------------------------------------------------
 
 def plan_shards(named, max_size):
-    """Greedy, in order: a shard closes when the next tensor would push it past ``max_size``."""
+    """huggingface_hub's plan (``split_state_dict_into_shards_factory``), so the same state_dict and limit give the
+    same file names and weight_map: in order, a shard closes when the next tensor would push it past ``max_size``;
+    a tensor over ``max_size`` gets a shard of its own, placed where it is met, and the open shard stays open."""
     shards, current, size = [], [], 0
     for name, ref in named:
-        if current and size + ref.nbytes > max_size:
+        n = ref.nbytes
+        if n > max_size:
+            shards.append([(name, ref)])
+            continue
+        if current and size + n > max_size:
             shards.append(current)
             current, size = [], 0
         current.append((name, ref))
-        size += ref.nbytes
+        size += n
     if current or not shards:
         shards.append(current)
     return shards
