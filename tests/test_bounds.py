@@ -533,3 +533,94 @@ def test_a_torch_index_read_as_a_fifo_or_dev_zero_is_refused(tmp_path):
                           capture_output=True, text=True, timeout=MAX_SECONDS)
     assert done.returncode == 0, done.stderr[-500:]
     assert "FIFO" in done.stdout and "character device" in done.stdout, done.stdout
+
+
+# --- diff and inspect: O(nodes) work, names only for what is reported --------------------------------------------
+
+def wide(n, last=None, leaf=None, depth=190):
+    value = [leaf] * n
+    if last is not None:
+        value[-1] = last
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_diff_of_a_wide_tree_190_levels_deep_is_bounded(tmp_path):
+    """1.5 M Nones in 190 nested lists, one changed: a dotted name per node was minutes and gigabytes."""
+    torch.save(wide(1_500_000), tmp_path / "a.pth")
+    torch.save(wide(1_500_000, last=1), tmp_path / "b.pth")
+    run = run_measured(tmp_path, "diff", tmp_path / "a.pth", tmp_path / "b.pth")
+    assert run.rc == 1, run.stderr[-500:]
+    assert f"differs: {'0.' * 190}1499999: None vs 1" in run.stdout
+    assert run.stdout.splitlines()[-1] == "different (0 tensors, 1500000 values compared; 1 value differ)"
+    assert run.rss_mb < MAX_RSS_MB and run.seconds < MAX_SECONDS, run
+
+
+def test_a_tensor_referenced_many_times_deep_down_is_compared_once_and_listed_within_caps(tmp_path):
+    torch.save(wide(150_000, leaf=torch.arange(4.0), depth=100), tmp_path / "a.pth")
+    torch.save(wide(150_000, leaf=torch.arange(4.0), depth=100), tmp_path / "b.pth")
+    env = dict(os.environ, CKCONV_DIFF_MAX_LISTED="1000", CKCONV_INSPECT_MAX_ROWS="1000")
+    run = run_measured(tmp_path, "diff", tmp_path / "a.pth", tmp_path / "b.pth", "--json", env=env)
+    assert run.rc == 0, run.stderr[-500:]
+    report = json.loads(run.stdout)
+    assert report["equal"] and report["tensors_compared"] == 150_000 and len(report["tensors"]) == 1000
+    assert report["omitted"] == {"tensors": 149_000}
+    assert run.rss_mb < MAX_RSS_MB and run.seconds < MAX_SECONDS, run
+    run = run_measured(tmp_path, "inspect", tmp_path / "a.pth", "--json", env=env)
+    assert run.rc == 0, run.stderr[-500:]
+    info = json.loads(run.stdout)
+    assert info["tensor_count"] == 150_000 and info["bytes"] == 16 and info["dtypes"] == {"float32": 150_000}
+    assert len(info["tensors"]) == 1000 and info["tensors_omitted"] == 149_000
+    assert info["tensors"][0]["name"] == "0." * 100 + "0"
+    assert run.rss_mb < MAX_RSS_MB and run.seconds < MAX_SECONDS, run
+
+
+def test_inspect_table_says_how_many_rows_it_left_out(tmp_path, monkeypatch):
+    from ckconv import inspection
+
+    monkeypatch.setattr(inspection, "MAX_TENSOR_ROWS", 3)
+    t = torch.ones(2)
+    torch.save({"a": t, "b": t, "c": [t, t, torch.zeros(1)]}, tmp_path / "x.pth")
+    result = invoke("inspect", tmp_path / "x.pth")
+    assert result.exit_code == 0, result.output
+    assert "tensors: 5, 12 B" in result.output and "c.0" in result.output and "c.1" not in result.output
+    assert "... and 2 more tensor references (the first 3 listed)" in result.output
+
+
+def test_diff_lists_are_capped_and_counted(tmp_path, monkeypatch):
+    from ckconv import diffing
+
+    monkeypatch.setattr(diffing, "MAX_LISTED", 5)
+    torch.save({"w": torch.ones(1), "x": list(range(20)), "y": {f"k{i}": i for i in range(8)}}, tmp_path / "a.pth")
+    torch.save({"w": torch.ones(1), "x": [-i for i in range(20)]}, tmp_path / "b.pth")
+    report = diffing.diff(tmp_path / "a.pth", tmp_path / "b.pth")
+    assert not report.equal and len(report.values_differ) == 5 and report.omitted["values_differ"] == 14
+    assert report.only_in_a == ["y.k0", "y.k1", "y.k2", "y.k3", "y.k4"] and report.omitted["only_in_a"] == 3
+    assert report.to_dict()["values_differing"] == 19 and report.values_compared == 20
+    text = diffing.render(report)
+    assert "19 values differ" in text.splitlines()[-1] and "8 only in A" in text.splitlines()[-1]
+
+
+def test_diff_still_matches_differently_held_parts_by_dotted_name(tmp_path):
+    t = torch.arange(3.0)
+    cases = [({"a.b": t, "c": 1}, {"a": {"b": t}, "c": 1}), ({"m": [t, 5]}, {"m": {"0": t, "1": 5}}),
+             ({"x": {"a.b": {"c": t}}}, {"x": {"a": {"b.c": t}}})]
+    for a, b in cases:
+        report = ckconv.diff(a, b)
+        assert report.equal and report.tensors_compared == 1 and report.notes, (a, report)
+        assert not ckconv.diff(a, b, strict=True).equal
+    report = ckconv.diff({"a.b": t}, {"a": {"b": t + 1}})
+    assert [d.name for d in report.tensors_differ] == ["a.b"]
+
+
+def test_a_name_that_repeats_a_long_key_at_every_level_is_shortened():
+    key = "k" * 100_000
+    node: object = torch.ones(1)
+    for _ in range(50):
+        node = {key: node}
+    name = tree.short_path((key,) * 50)
+    assert len(name) < tree.MAX_NAME_CHARS + 100 and "...<5000049 characters>..." in name
+    assert tree.short_path(("a", 1, "b")) == "a.1.b" and tree.short_path(()) == "<root>"
+    report = ckconv.diff(node, {key: {}})
+    assert len(report.only_in_a) == 1 and len(report.only_in_a[0]) < tree.MAX_NAME_CHARS + 100

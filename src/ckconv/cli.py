@@ -690,6 +690,8 @@ def _show_inspection(info, as_json, size_text, tensors=True):
     if info.tensors and tensors:
         click.echo(_table([(printable(t.name), t.dtype, "x".join(map(str, t.shape)) or "scalar") for t in info.tensors],
                           ["name", "dtype", "shape"]))
+        if info.tensors_omitted:
+            click.echo(f"... and {info.tensors_omitted} more tensor references (the first {len(info.tensors)} listed)")
 
 
 def tensor_groups(info) -> list:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -9,8 +10,11 @@ from pathlib import Path
 from . import modules, policy, tree
 from .bundles import describe
 from .errors import UnsafeCheckpoint
-from .model import Checkpoint, Foreign, is_reference
+from .model import Checkpoint, Foreign, TensorRef, is_reference
 from .sections import sections
+
+
+MAX_TENSOR_ROWS = int(os.environ.get("CKCONV_INSPECT_MAX_ROWS", 100_000))  # table rows; counts cover every tensor
 
 
 @dataclass
@@ -39,6 +43,7 @@ class Inspection:
     values: list = field(default_factory=list)  # [{path, kind, text}]: numpy values and class references, at a glance
     verdict: str = "safe"  # safe / unknown / dangerous (ckconv.policy)
     globals: dict = field(default_factory=dict)  # {verdict: [dotted names]}
+    tensors_omitted: int = 0  # references past the first MAX_TENSOR_ROWS, counted in tensor_count but not listed
 
     def to_dict(self):
         return asdict(self)
@@ -57,21 +62,41 @@ def inspect(path, allow_globals=()) -> Inspection:
     except UnsafeCheckpoint as exc:
         error = str(exc)
         ckpt = _read_dangerous(path, fmt, exc)
-    refs = tree.tensors(ckpt.root)
-    seen, infos, total = set(), [], 0
-    for p, ref in refs:
-        infos.append(TensorInfo(tree.format_path(p), ref.dtype, list(ref.shape), ref.nbytes))
-        if ref.view_key() not in seen:
-            seen.add(ref.view_key())
-            total += ref.nbytes
+    count, total, kinds, infos = _tensor_rows(ckpt.root)
     meta = {k: (v if len(v) < 200 else v[:200] + "...") for k, v in ckpt.metadata.items()}
     found = verdicts(ckpt, allow_globals)
-    return Inspection(str(path), ckpt.format or fmt, sections(ckpt.root), len(infos), total,
-                      dict(Counter(i.dtype for i in infos)), infos,
+    return Inspection(str(path), ckpt.format or fmt, sections(ckpt.root), count, total, kinds, infos,
                       [{"path": p, "class": c} for p, c in ckpt.foreign], found[policy.DANGEROUS], meta,
                       describe(ckpt.root).to_dict(), error=error, modules=modules.describe(ckpt.root),
                       values=glance(ckpt.root),
-                      verdict=policy.worst(v for v in found if found[v]), globals=found)
+                      verdict=policy.worst(v for v in found if found[v]), globals=found,
+                      tensors_omitted=count - len(infos))
+
+
+def _tensor_rows(root, limit=None):
+    """(references, bytes of distinct tensors, {dtype: references}, [TensorInfo]) in file order: one row per
+    reference, tied names included, the first ``limit`` (:data:`MAX_TENSOR_ROWS`) of them; the counts cover all.
+    A tensor referenced millions of times deep in a tree costs a row each only up to the cap."""
+    limit = MAX_TENSOR_ROWS if limit is None else limit
+    seen: set = set()
+    infos: list = []
+    kinds: Counter = Counter()
+    count = total = 0
+
+    def visit(p, ref):
+        nonlocal count, total
+        if not isinstance(ref, TensorRef):
+            return
+        count += 1
+        kinds[ref.dtype] += 1
+        if len(infos) < limit:
+            infos.append(TensorInfo(tree.short_path(p), ref.dtype, list(ref.shape), ref.nbytes))
+        if ref.view_key() not in seen:
+            seen.add(ref.view_key())
+            total += ref.nbytes
+
+    tree.walk(root, visit)
+    return count, total, dict(kinds), infos
 
 
 def _read_dangerous(path, fmt, exc) -> Checkpoint:
@@ -100,7 +125,6 @@ def glance(root, limit=1000) -> list:
     def visit(path, node):
         if len(found) >= limit:
             return
-        where = tree.format_path(path)
         if is_reference(node):
             kind, text = "reference", f"{node.module}.{node.qualname}"
         elif isinstance(node, Foreign):
@@ -118,6 +142,7 @@ def glance(root, limit=1000) -> list:
                 text = f"{value.dtype} scalar {value.item()!r:.40}"
         else:
             return
+        where = tree.short_path(path)  # named only when shown: a wide tree's other nodes cost no name
         if found and where.startswith(found[-1]["path"] + ".") and found[-1]["kind"] == "numpy":
             return  # a record inside the last numpy value (its dtype, the ndarray class)
         found.append({"path": where, "kind": kind, "text": text})

@@ -151,6 +151,31 @@ def format_path(path) -> str:
     return ".".join(key_text(p) for p in path) if path else "<root>"
 
 
+MAX_NAME_CHARS = 65_536
+
+
+def short_path(path, limit=MAX_NAME_CHARS) -> str:
+    """:func:`format_path` for a report, at most about ``limit`` characters: a path that repeats a long key at every
+    level (one string, shared through the pickle memo) is shortened in the middle instead of built whole."""
+    texts = [key_text(k) for k in path]
+    total = sum(map(len, texts)) + len(texts) - 1
+    if total <= limit:
+        return ".".join(texts) if texts else "<root>"
+
+    def joined(parts, room):
+        out, n = [], 0
+        for t in parts:
+            out.append(t[:room - n])
+            n += len(out[-1]) + 1
+            if n >= room:
+                break
+        return ".".join(out)[:room]
+
+    half = limit // 2
+    return (joined(texts, half) + f"...<{total} characters>..."
+            + joined([t[::-1] for t in reversed(texts)], half)[::-1])
+
+
 def key_text(key) -> str:
     """A path component as text; an int too long for ``str`` (Python's 4,300-digit limit) is shown by size."""
     if type(key) is int and key.bit_length() > MAX_INT_TEXT_BITS:
