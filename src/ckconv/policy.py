@@ -123,6 +123,9 @@ def call_args_problem(full, args):
             return f"passes {a.bit_length()}-bit integer to {full}"
     if full.endswith("multiarray._reconstruct") and (len(args) != 3 or args[1] != (0,)):
         return f"{full} with arguments numpy never writes"
+    if full == "_codecs.encode" and not (len(args) == 2 and type(args[0]) is str
+                                        and args[1] in ("latin1", "latin-1", "utf-8", "utf8")):
+        return f"{full} with a codec pickle never uses"  # a codec name imports an encodings module
     if full == "numpy.dtype" and not (args and type(args[0]) is str and len(args[0]) <= 12):
         return f"{full} with arguments numpy never writes"
     return None
