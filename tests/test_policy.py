@@ -417,3 +417,57 @@ def test_sharding_matches_huggingface_hub_with_an_oversized_tensor(tmp_path):
     assert ours["weight_map"] == hub["weight_map"]
     assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == sorted(p.name for p in (tmp_path / "hub").iterdir())
     assert ckconv.diff(tmp_path / "ours", tmp_path / "hub").equal
+
+
+def _lstm_record(num_layers, all_weights):
+    import copyreg
+
+    class Fake:
+        def __reduce_ex__(self, protocol):
+            return (copyreg._reconstructor, (torch.nn.modules.rnn.LSTM, object, None),
+                    dict(training=False, _parameters={}, _buffers={}, _modules={}, num_layers=num_layers,
+                         bidirectional=False, bias=True, proj_size=0, _all_weights=all_weights, mode="LSTM",
+                         input_size=1, hidden_size=1))
+    return Fake()
+
+
+@pytest.mark.parametrize("source", [
+    "rnn_loop",  # RNNBase.__setstate__ loops num_layers times when _all_weights are not names
+    "newobj_args",  # a re-exported class made with tensor arguments (PackedSequence's __new__ allocates)
+    "bytes_len",  # bytes.__new__(bytes, 2**32)
+])
+def test_records_that_make_torch_work_beyond_their_size_are_not_written(tmp_path, source):
+    src = tmp_path / "src.pkl"
+    if source == "rnn_loop":
+        src.write_bytes(pickle.dumps({"lstm": _lstm_record(10**9, [[0]])}, protocol=2))
+    else:
+        record = ({"$object": "torch.nn.modules.rnn:PackedSequence", "new": True,
+                   "args": [{"$tensor": "w"}, {"$tensor": "w"}]} if source == "newobj_args" else
+                  {"$object": "builtins:bytes", "new": True, "args": [1 << 32]})
+        src = tmp_path / "src.safetensors"
+        save_file({"w": torch.ones(1)}, src, metadata={"format": "pt", "ckconv.structure": json.dumps(
+            {"w": {"$tensor": "w"}, "x": record})})
+    result = invoke("convert", src, tmp_path / "o.pth")
+    assert result.exit_code == 1 and "refusing to write" in result.stderr, result.output
+    assert "--allow-global 'passes" not in result.stderr and not (tmp_path / "o.pth").exists()
+    inspected = invoke("inspect", src)
+    assert "verdict: unknown" in inspected.stdout, inspected.output
+    assert invoke("scan", src).exit_code == 1
+
+
+def test_real_rnn_modules_still_roundtrip(tmp_path):
+    torch.manual_seed(0)
+    torch.save({"lstm": torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True)}, tmp_path / "rnn.pth")
+    assert "verdict: safe" in invoke("inspect", tmp_path / "rnn.pth").stdout
+    assert invoke("convert", tmp_path / "rnn.pth", tmp_path / "back.pth").exit_code == 0
+    assert invoke("convert", tmp_path / "rnn.pth", tmp_path / "rnn.safetensors").exit_code == 0
+    assert invoke("convert", tmp_path / "rnn.safetensors", tmp_path / "back2.pth").exit_code == 0
+    run_python(f"""
+import torch
+a = torch.load({str(tmp_path / 'rnn.pth')!r}, weights_only=False)["lstm"]
+x = torch.randn(5, 1, 3, generator=torch.Generator().manual_seed(1))
+for p in ({str(tmp_path / 'back.pth')!r}, {str(tmp_path / 'back2.pth')!r}):
+    b = torch.load(p, weights_only=False)["lstm"]
+    assert torch.equal(a(x)[0], b(x)[0])
+print("ok")
+""", tmp_path)

@@ -25,7 +25,7 @@ def _safetensors(path, structure):
 
 CASES = {
     # bytes.__new__(bytes, n) allocates n zero bytes at load time: past MAX_CALL_INT it is refused
-    "bytes-alloc": ({"$object": "builtins:bytes", "new": True, "args": [2**32 + 1]}, "33-bit integer"),
+    "bytes-alloc": ({"$object": "builtins:bytes", "new": True, "args": [2**32 + 1]}, "builtins.bytes made with arguments"),
     # a dotted path from an allowed module to torch.load
     "getattr-chain": ({"$object": "torch.nn.modules.module:torch.load", "args": []}, "torch.nn.modules.module.torch.load"),
     # an allowed call given a record it would iterate

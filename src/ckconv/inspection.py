@@ -189,6 +189,11 @@ def verdicts(ckpt, allow_globals=()) -> dict:
         for bucket in (policy.SAFE, policy.UNKNOWN):
             if name in found[bucket]:
                 found[bucket].remove(name)
+    from .pickle_writer import write_problems  # records torch would rebuild with work their size does not bound
+
+    for problem in write_problems(ckpt.root, allow_globals):
+        if problem not in found[policy.UNKNOWN]:
+            found[policy.UNKNOWN].append(problem)
     return found
 
 

@@ -20,6 +20,13 @@ from .errors import UnsupportedContent
 from .model import Foreign, TensorRef, TorchDevice, TorchDtype, TorchSize, is_reference
 
 
+def write_problems(root, allow=()) -> list:
+    """What keeps ``root`` out of a pickle although its globals are allowed (arguments, state): for verdicts."""
+    writer = PickleWriter(lambda storage: "0", allow=allow)
+    writer.save(root)
+    return list(writer.problems)
+
+
 def check_writable(root, allow=(), where="") -> None:
     """Refuse, naming them, the globals of ``root`` that a pickle may not carry (see :mod:`ckconv.policy`); for
     writers that pickle a tree piece by piece and must refuse before their first file."""
@@ -33,13 +40,16 @@ class PickleWriter:
         self.storage_key = storage_key  # Storage -> record key (str)
         self.allow = tuple(allow)  # user-allowed dotted names and prefix.* patterns
         self.where = where
-        self.refused: list = []
+        self.refused: list = []  # global names the policy does not allow
+        self.problems: list = []  # allowed globals given what they must not be (arguments, state)
         self.arg_depth = 0  # > 0 while writing a call's arguments: references there must be harmless to call
 
     def dumps(self, root) -> bytes:
         self.save(root)
         if self.refused:
             raise policy.refuse_write(self.refused, self.where)
+        if self.problems:
+            raise policy.refuse_records(self.problems, self.where)
         self.out += b"."
         return bytes(self.out)
 
@@ -182,13 +192,22 @@ class PickleWriter:
             raise UnsupportedContent(f"cannot write a value of type {type(v).__name__} into a torch checkpoint")
 
     def check_args(self, f: Foreign, role):
-        """Arguments an allowlisted callable must not get (records, huge numbers: see policy.call_args_problem);
-        a global the user allowed by name is the user's to judge."""
-        if f.args and policy.may_write(f.module, f.qualname, role) and not policy.allowed_by_user(
-                f.module, f.qualname, self.allow):
+        """What an allowlisted global must not be given (policy.call_args_problem / policy.state_problem): a
+        NEWOBJ with arguments (torch.save never writes one for the classes allowed), records or huge numbers as a
+        call's arguments, state that makes a class's own __setstate__ loop. A global the user allowed by name is
+        the user's to judge."""
+        if not policy.may_write(f.module, f.qualname, role) or policy.allowed_by_user(f.module, f.qualname,
+                                                                                    self.allow):
+            return
+        if role == "class" and (f.args or f.kwargs):
+            problem = f"{f.class_name} made with arguments (NEWOBJ), which torch.save never writes for it"
+        elif f.args:
             problem = policy.call_args_problem(f.class_name, f.args)
-            if problem is not None and problem not in self.refused:
-                self.refused.append(problem)
+        else:
+            problem = None
+        problem = problem or policy.state_problem(f.class_name, f.state)
+        if problem is not None and problem not in self.problems:
+            self.problems.append(problem)
 
     @contextmanager
     def arguments(self):
@@ -244,6 +263,7 @@ class PickleWriter:
 
     def save_foreign(self, f: Foreign):
         if f.reconstructor is not None:  # copyreg._reconstructor(cls, base, state): calls base (an ARG_REFERENCE)
+            self.check_args(f, "class")
             self.global_("copyreg", "_reconstructor")
             self.tree_global(f.module, f.qualname, "class")
             with self.arguments():

@@ -104,7 +104,7 @@ CALL_INSTANCE_ARGS = {
     "numpy.random._pickle.__generator_ctor": ("numpy.random.",), "datetime.datetime": ("datetime.timezone",),
     "datetime.time": ("datetime.timezone",), "datetime.timezone": ("datetime.timedelta",),
 }
-MAX_CALL_INT = 1 << 32  # integers passed to a call (deque maxlen, timedelta days...): no allocation by argument
+MAX_CALL_INT = (1 << 32) - 1  # integers passed to a call (deque maxlen, timedelta days...): no allocation by argument
 
 
 def call_args_problem(full, args):
@@ -119,7 +119,7 @@ def call_args_problem(full, args):
     for a in items:
         if isinstance(a, Foreign) and not a.class_name.startswith(allowed or ("\0",)):
             return f"passes a {a.class_name} record to {full}"
-        if type(a) is int and abs(a) > MAX_CALL_INT:
+        if type(a) is int and abs(a) >= MAX_CALL_INT:
             return f"passes {a.bit_length()}-bit integer to {full}"
     if full.endswith("multiarray._reconstruct") and (len(args) != 3 or args[1] != (0,)):
         return f"{full} with arguments numpy never writes"
@@ -289,6 +289,31 @@ def may_write(module, qualname, role, allow=()) -> bool:
     parent, _, attr = qualname.rpartition(".")
     return (bool(parent) and "." not in parent and not attr.startswith("_")
             and (f"{module}.{parent}" in CLASSES or f"{module}.{parent}" in allow))
+
+
+RNN_CLASSES = frozenset(f"torch.nn.modules.rnn.{n}" for n in ("RNNBase", "RNN", "LSTM", "GRU"))
+
+
+def state_problem(full, state):
+    """Why ckconv will not write ``state`` as the BUILD state of an allowlisted class, or None. torch's own
+    ``__setstate__`` is trusted with what torch writes: an RNN whose ``_all_weights`` are not names makes
+    ``RNNBase.__setstate__`` loop ``num_layers`` times (a 300-byte file, an endless load)."""
+    if full in RNN_CLASSES and isinstance(state, dict):
+        names = state.get("_all_weights")
+        layers = state.get("num_layers", 1)
+        if not (isinstance(names, list) and names and all(isinstance(w, list) and w and all(type(n) is str for n in w)
+                                                          for w in names)) or not (type(layers) is int and
+                                                                                   0 <= layers <= len(names)):
+            return f"{full} state that torch never writes (_all_weights must name its {layers!r:.20} layers)"
+    return None
+
+
+def refuse_records(problems, where="") -> UnsafeCheckpoint:
+    shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+    return UnsafeCheckpoint(
+        f"refusing to write {where or 'a pickle'}: {shown}; loading such a record makes torch do work the file's "
+        "size does not bound, so ckconv does not carry it into a pickle (write safetensors or --model-only, or "
+        "--allow-global the class by name if you trust the file)")
 
 
 def allowed_by_user(module, qualname, allow) -> bool:
