@@ -179,22 +179,6 @@ def _meta(node):
     return (getattr(node, "__dict__", None) or None) if isinstance(node, dict) else None
 
 
-def _entries(node):
-    """(key, child) pairs of a container, without its ``@attrs``: an iterator, never a copy."""
-    if isinstance(node, dict):
-        return iter(node.items())
-    if isinstance(node, (list, tuple, set, frozenset)):
-        return enumerate(node)
-    out = [("args", node.args)]
-    if node.state is not None:
-        out.append(("state", node.state))
-    if node.listitems:
-        out.append(("items", node.listitems))
-    if node.dictitems:
-        out.append(("dictitems", node.dictitems))
-    return iter(out)
-
-
 def _keyed(node) -> bool:
     return isinstance(node, dict) or isinstance(node, Foreign)
 
@@ -364,12 +348,12 @@ class _Lockstep:
 
     def _by_key(self, path, a, b):
         tangled = ([], [])
-        lookup_a = a if isinstance(a, dict) else dict(_entries(a))
-        lookup_b = b if isinstance(b, dict) else dict(_entries(b))
-        rest_b = [(k, y) for k, y in _entries(b) if k not in lookup_a]
+        lookup_a = a if isinstance(a, dict) else dict(tree.entries(a))
+        lookup_b = b if isinstance(b, dict) else dict(tree.entries(b))
+        rest_b = [(k, y) for k, y in tree.entries(b) if k not in lookup_a]
         heads_b = {_head(k) for k, _ in rest_b}
         heads = set()
-        for k, x in _entries(a):
+        for k, x in tree.entries(a):
             if k in lookup_b:
                 task = self._pair(path, k, x, lookup_b[k], tangled)
                 if task is not None:
@@ -391,11 +375,11 @@ class _Lockstep:
         """A dict or record against a sequence: no key pairs, but ``0`` and ``"0"`` spell one name."""
         small, big = (0, 1) if _width(a) <= _width(b) else (1, 0)
         nodes = (a, b)
-        kept = list(_entries(nodes[small]))
+        kept = list(tree.entries(nodes[small]))
         heads = {_head(k) for k, _ in kept}
         tangled = ([], [])
         matched = set()
-        for k, x in _entries(nodes[big]):
+        for k, x in tree.entries(nodes[big]):
             h = _head(k)
             if h in heads:
                 tangled[big].append((k, x))
@@ -447,7 +431,7 @@ class _Lockstep:
                 fid = id(n) if isinstance(n, Foreign) else None
                 if fid is not None:
                     open_ids.add(fid)
-                frames.append((fid, p, g, False, _entries(n)))
+                frames.append((fid, p, g, False, tree.entries(n)))
                 meta = _meta(n)
                 if meta:
                     frames.append((None, tree.TreePath(p, ATTRS), g, True, iter(meta.items())))
@@ -594,20 +578,20 @@ def _child_pairs(q, x, y):
     if ma or mb:
         yield tree.TreePath(q, ATTRS), ma or _MISSING, mb or _MISSING
     if _keyed(x) and _keyed(y):
-        la = x if isinstance(x, dict) else dict(_entries(x))
-        lb = y if isinstance(y, dict) else dict(_entries(y))
-        for k, v in _entries(x):
+        la = x if isinstance(x, dict) else dict(tree.entries(x))
+        lb = y if isinstance(y, dict) else dict(tree.entries(y))
+        for k, v in tree.entries(x):
             yield tree.TreePath(q, k), v, lb.get(k, _MISSING)
-        for k, v in _entries(y):
+        for k, v in tree.entries(y):
             if k not in la:
                 yield tree.TreePath(q, k), _MISSING, v
     elif not (_keyed(x) or _keyed(y)):
         for i, (u, v) in enumerate(itertools.zip_longest(x, y, fillvalue=_MISSING)):
             yield tree.TreePath(q, i), u, v
     else:
-        for k, v in _entries(x):
+        for k, v in tree.entries(x):
             yield tree.TreePath(q, k), v, _MISSING
-        for k, v in _entries(y):
+        for k, v in tree.entries(y):
             yield tree.TreePath(q, k), _MISSING, v
 
 

@@ -27,6 +27,12 @@ def _iter_children(node):
         meta = getattr(node, "__dict__", None)
         if meta:  # an OrderedDict's attributes (torch's ``_metadata``) come first, as a child named "@attrs"
             return itertools.chain((("@attrs", meta),), node.items())
+    return entries(node)
+
+
+def entries(node):
+    """(key, child) pairs of a container or foreign object, without an OrderedDict's ``@attrs``: an iterator."""
+    if isinstance(node, dict):
         return iter(node.items())
     if isinstance(node, (list, tuple, set, frozenset)):
         return enumerate(node)

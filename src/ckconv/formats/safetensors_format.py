@@ -226,6 +226,38 @@ def _index_path(path: Path) -> Path:
     return path
 
 
+MAX_INDEX_OBJECTS = 10_000  # JSON objects in an index: root, metadata, weight_map and a few for user metadata
+
+
+def load_index(index_path: Path):
+    """-> (weight_map, metadata) of an index file (sharded safetensors and sharded torch alike), refused unless it has exactly the expected shape."""
+    raw = read_capped(index_path, MAX_HEADER, f"{index_path}: index file")  # never a FIFO, never /dev/zero
+    objects = 0
+
+    def hook(pairs):
+        nonlocal objects
+        objects += 1
+        if objects > MAX_INDEX_OBJECTS:
+            raise LimitExceeded(f"{index_path}: index holds more than {MAX_INDEX_OBJECTS} JSON objects; "
+                                "an index maps names to shard files")
+        return _no_duplicates(pairs)
+
+    try:
+        index = json.loads(raw.decode("utf-8"), object_pairs_hook=hook)
+    except CorruptCheckpoint as exc:
+        raise CorruptCheckpoint(f"{index_path}: index has a {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptCheckpoint(f"{index_path}: index is not valid JSON ({str(exc)[:120]})") from None
+    wmap = index.get("weight_map") if isinstance(index, dict) else None
+    meta = index.get("metadata", {}) if isinstance(index, dict) else None
+    if not isinstance(wmap, dict) or not isinstance(meta, dict) or not all(isinstance(v, str) for v in wmap.values()):
+        raise CorruptCheckpoint(f"{index_path}: index needs a weight_map of tensor name -> shard file name")
+    if len(wmap) > MAX_TENSORS:
+        raise LimitExceeded(f"{index_path}: index maps {len(wmap)} tensors, over the limit of {MAX_TENSORS} "
+                            "(CKCONV_MAX_TENSORS)")
+    return wmap, meta
+
+
 def read_sharded(path: Path) -> Checkpoint:
     index_path = _index_path(path)
     if index_path != path:  # found in the folder: a regular file that does not link out of it
@@ -235,17 +267,7 @@ def read_sharded(path: Path) -> Checkpoint:
         tensors, metadata = read_file(index_path)
         root = _assemble(tensors, metadata.get(structure.KEY), str(index_path))
         return Checkpoint(root=root, format="safetensors", path=str(path), metadata=metadata, foreign=foreign_objects(root))
-    raw = read_capped(index_path, MAX_HEADER, f"{index_path}: index file")
-    try:
-        index = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except CorruptCheckpoint as exc:
-        raise CorruptCheckpoint(f"{index_path}: index has a {exc}") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CorruptCheckpoint(f"{index_path}: index is not valid JSON ({exc})") from None
-    wmap = index.get("weight_map") if isinstance(index, dict) else None
-    meta = index.get("metadata", {}) if isinstance(index, dict) else None
-    if not isinstance(wmap, dict) or not isinstance(meta, dict) or not all(isinstance(v, str) for v in wmap.values()):
-        raise CorruptCheckpoint(f"{index_path}: index needs a weight_map of tensor name -> shard file name")
+    wmap, meta = load_index(index_path)
     folder = index_path.parent
     for fname in set(wmap.values()):
         if (not SHARD_NAME.match(fname) or fname in (".", "..") or os.path.isabs(fname)

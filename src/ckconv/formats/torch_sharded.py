@@ -32,14 +32,13 @@ from ..model import Checkpoint, TensorRef
 from ..unpickler import short_repr
 from .base import Format, WriteOptions, guarded
 from .files import inside_folder, read_capped, regular_file
-from .safetensors_format import (MAX_HEADER, MAX_TENSORS, SHARD_NAME, SafetensorsFormat, _assemble,
+from .safetensors_format import (MAX_HEADER, MAX_TENSORS, SHARD_NAME, SafetensorsFormat, _assemble, load_index,
                                  _no_duplicates, _write_json)
 from .torch_pickle import TorchFormat, write_zip
 
 INDEX_NAME = "pytorch_model.bin.index.json"
 SINGLE_NAME = "pytorch_model.bin"
 DEFAULT_SHARD_SIZE = 5 * 10**9  # huggingface_hub's MAX_SHARD_SIZE, transformers' default
-MAX_INDEX_OBJECTS = 10_000  # JSON objects in an index: root, metadata, weight_map and a few for user metadata
 TORCH_INDEX_SUFFIXES = (".bin.index.json", ".pt.index.json", ".pth.index.json")
 SHARD_NUMBER = re.compile(r"-(\d{1,9})-of-\d{1,9}\.[A-Za-z0-9]+$")
 
@@ -133,33 +132,6 @@ def _is_torch_file(path: Path) -> bool:
 
 # --- reading -------------------------------------------------------------------------------------------------
 
-def load_index(index_path: Path):
-    """-> (weight_map, metadata) of an index file, refused unless it has exactly the expected shape."""
-    raw = read_capped(index_path, MAX_HEADER, f"{index_path}: index file")  # never a FIFO, never /dev/zero
-    objects = 0
-
-    def hook(pairs):
-        nonlocal objects
-        objects += 1
-        if objects > MAX_INDEX_OBJECTS:
-            raise LimitExceeded(f"{index_path}: index holds more than {MAX_INDEX_OBJECTS} JSON objects; "
-                                "an index maps names to shard files")
-        return _no_duplicates(pairs)
-
-    try:
-        index = json.loads(raw.decode("utf-8"), object_pairs_hook=hook)
-    except CorruptCheckpoint as exc:
-        raise CorruptCheckpoint(f"{index_path}: index has a {exc}") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CorruptCheckpoint(f"{index_path}: index is not valid JSON ({str(exc)[:120]})") from None
-    wmap = index.get("weight_map") if isinstance(index, dict) else None
-    meta = index.get("metadata", {}) if isinstance(index, dict) else None
-    if not isinstance(wmap, dict) or not isinstance(meta, dict) or not all(isinstance(v, str) for v in wmap.values()):
-        raise CorruptCheckpoint(f"{index_path}: index needs a weight_map of tensor name -> shard file name")
-    if len(wmap) > MAX_TENSORS:
-        raise LimitExceeded(f"{index_path}: index maps {len(wmap)} tensors, over the limit of {MAX_TENSORS} "
-                            "(CKCONV_MAX_TENSORS)")
-    return wmap, meta
 
 
 def _shard_path(folder: Path, fname: str, where) -> Path:
