@@ -24,10 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ckconv.architectures import TensorSpec  # noqa: E402
-from ckconv.matching import match_keys  # noqa: E402
+from ckconv.matching.engine import match_keys  # noqa: E402
 from ckconv.model import Storage, TensorRef  # noqa: E402
 from ckconv.rules import KeyRule  # noqa: E402
-from ckconv.unwrap import unwrap  # noqa: E402
+from ckconv.contents.unwrap import unwrap  # noqa: E402
 
 LIMIT_S = 1.0
 STORAGE = Storage("0", "float32", 0, buffer=b"")

@@ -126,7 +126,7 @@ sys.stderr.write("\nTORCH_IMPORTED=%d\n" % ("torch" in sys.modules))
 MATCH_10K = r"""
 import sys, time
 from ckconv.architectures import TensorSpec
-from ckconv.matching import match_keys
+from ckconv.matching.engine import match_keys
 n, kinds = 10_000, ["conv", "bn", "fc", "proj"]
 target = [TensorSpec(f"blocks.{i // 4}.{kinds[i % 4]}.weight", (i % 97 + 1, 8), "float32", "parameter",
                      f"blocks.{i // 4}") for i in range(n)]
@@ -285,7 +285,7 @@ class Bench:
         self.results: dict = {"convert": [], "other": [], "cli": [], "match": [], "breakdown": [], "targets": [],
                               "notes": []}
         self.t0 = time.time()
-        probe = run_python("from ckconv.fastcopy import crc32_backend; print(crc32_backend())", check=False)
+        probe = run_python("from ckconv.storage.fastcopy import crc32_backend; print(crc32_backend())", check=False)
         self.crc = probe.stdout.strip() or "zlib"
 
     def log(self, msg):
@@ -557,7 +557,7 @@ class Bench:
                 self.results["notes"].append("TODO: `ckconv match` does not exist yet; its row is empty")
             self.has_match = has_match
             self.results["match10k"] = []
-            probe = run_python("import ckconv.matching", check=False)
+            probe = run_python("import ckconv.matching.engine", check=False)
             if probe.returncode == 0:
                 self.log("matching 10k x 10k keys")
                 labels = {"wrapped": "wrapped: 'module.' + every target key",
@@ -571,7 +571,7 @@ class Bench:
                     self.log(f"    {label:<50} median {statistics.median(times):.3f} s, {matched} matched")
                     self.results["match10k"].append((label, times, matched))
             else:
-                self.results["notes"].append("TODO: ckconv.matching is missing; 10k-key matching not measured")
+                self.results["notes"].append("TODO: ckconv.matching.engine is missing; 10k-key matching not measured")
 
     # --- reporting ------------------------------------------------------------------------------------------
 
@@ -785,7 +785,7 @@ def machine():
         "safetensors": version("safetensors"),
         "huggingface_hub": version("huggingface_hub"),
         "cp": cp_version,
-        "CRC-32": run_python("from ckconv.fastcopy import crc32_backend; print(crc32_backend())",
+        "CRC-32": run_python("from ckconv.storage.fastcopy import crc32_backend; print(crc32_backend())",
                              check=False).stdout.strip() + f" (isal {version('isal')})",
     }
 

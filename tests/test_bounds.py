@@ -500,7 +500,7 @@ def test_a_malformed_int_tag_is_refused(tmp_path, bad):
 
 
 def test_io_helpers_refuse_a_growing_file(tmp_path):
-    from ckconv.formats.files import read_capped
+    from ckconv.storage.files import read_capped
 
     path = tmp_path / "index.json"
     path.write_bytes(b"{}")
@@ -577,7 +577,7 @@ def test_a_tensor_referenced_many_times_deep_down_is_compared_once_and_listed_wi
 
 
 def test_inspect_table_says_how_many_rows_it_left_out(tmp_path, monkeypatch):
-    from ckconv import inspection
+    from ckconv.reports import inspection
 
     monkeypatch.setattr(inspection, "MAX_TENSOR_ROWS", 3)
     t = torch.ones(2)
@@ -589,7 +589,7 @@ def test_inspect_table_says_how_many_rows_it_left_out(tmp_path, monkeypatch):
 
 
 def test_diff_lists_are_capped_and_counted(tmp_path, monkeypatch):
-    from ckconv import diffing
+    from ckconv.reports import diffing
 
     monkeypatch.setattr(diffing, "MAX_LISTED", 5)
     torch.save({"w": torch.ones(1), "x": list(range(20)), "y": {f"k{i}": i for i in range(8)}}, tmp_path / "a.pth")

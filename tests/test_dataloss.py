@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 import ckconv
-from ckconv import atomic
+from ckconv.storage import atomic
 from ckconv.cli import cli
 from ckconv.errors import OutputExists, UsageError, WriteFailed
 from ckconv.formats import safetensors_format as sf

@@ -391,7 +391,7 @@ def test_wrong_inputs_are_clear(tmp_path):
 MEMORY_CHILD = textwrap.dedent("""
     import json, resource, sys
     import numpy  # noqa: F401  (assembles chunked tensors)
-    import ckconv.api, ckconv.bundles, ckconv.fastcopy, ckconv.formats.dcp, ckconv.plugins, ckconv.sections
+    import ckconv.api, ckconv.bundles, ckconv.storage.fastcopy, ckconv.formats.dcp, ckconv.plugins, ckconv.contents.sections
     ckconv.plugins.host()
 
     def vm(key):

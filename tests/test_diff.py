@@ -14,7 +14,7 @@ import torchvision
 from click.testing import CliRunner
 
 import ckconv
-from ckconv import tensorvalues
+from ckconv.reports import tensorvalues
 from ckconv.cli import cli
 
 
@@ -265,7 +265,7 @@ def test_memory_stays_flat_and_torch_stays_out(tmp_path):
     probe = (
         "import resource, sys\n"
         "from ckconv.cli import cli\n"
-        "import ckconv.diffing, numpy\n"
+        "import ckconv.reports.diffing, numpy\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "try:\n"
         "    cli([sys.argv[1], sys.argv[2], sys.argv[3], '--rtol', '0.004', '--json'], standalone_mode=False)\n"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ckconv
-from ckconv import fastcopy
+from ckconv.storage import fastcopy
 from ckconv.errors import CorruptCheckpoint
 from ckconv.formats.torch_pickle import read_zip
 from helpers import assert_deep_equal

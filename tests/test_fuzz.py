@@ -24,7 +24,7 @@ from ckconv.errors import CkconvError
 from ckconv.formats import safetensors_format as sf
 from ckconv.formats.torch_pickle import read_legacy, read_zip
 from ckconv.model import Storage
-from ckconv.unpickler import StorageType, unpickle
+from ckconv.pickling.unpickler import StorageType, unpickle
 
 EXAMPLES = int(os.environ.get("CKCONV_FUZZ_EXAMPLES", 60))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None,

@@ -207,7 +207,7 @@ def test_build_cannot_redirect_a_storage_to_another_file(tmp_path):
 
 
 def test_build_cannot_tamper_with_ckconv_functions():
-    from ckconv import unpickler
+    from ckconv.pickling import unpickler
 
     before = unpickler._rebuild_parameter.__defaults__
     with pytest.raises(CkconvError, match="modify"):

@@ -14,7 +14,7 @@ from torch import nn
 
 import ckconv
 from ckconv import architectures
-from ckconv.matching import IncompleteMatch
+from ckconv.matching.engine import IncompleteMatch
 from matchcases import (ConvHead, as_conv, caffe_squeezenet, differs, fresh, image, legacy_densenet, model,
                         one_thread, same_outputs, spec_cache, state)  # noqa: F401 - fixtures
 
@@ -217,7 +217,7 @@ def test_caffe_vgg_with_7x7_fc6_aligns_and_reshapes():
     assert by_target["classifier.0.weight"].source == "fc6.weight"
     assert by_target["classifier.0.weight"].reshape == (4096, 512, 7, 7)
     assert by_target["features.18.weight"].source == "conv5_2.weight"
-    from ckconv.remap import remap_tensors
+    from ckconv.matching.remap import remap_tensors
 
     with torch.device("meta"):
         target = architectures.build("vgg11", device="meta")
@@ -226,7 +226,7 @@ def test_caffe_vgg_with_7x7_fc6_aligns_and_reshapes():
 
 
 def test_reshape_refused_when_dims_disagree():
-    from ckconv.alignment import reshape_ok
+    from ckconv.matching.alignment import reshape_ok
 
     assert reshape_ok((4096, 512, 7, 7), (4096, 25088))
     assert reshape_ok((10, 20), (10, 20, 1, 1))
@@ -259,7 +259,7 @@ def test_map_roundtrip_and_selectors(tmp_path, resnet18):
     sd = {f"module.{k}": v for k, v in state("resnet18").items()}
     src = _saved(tmp_path, {"state_dict": sd, "epoch": 1})
     report = ckconv.match(src, "resnet18")
-    from ckconv.remap import save_map
+    from ckconv.matching.remap import save_map
 
     save_map(report, tmp_path / "map.json")
     out = tmp_path / "mapped.safetensors"

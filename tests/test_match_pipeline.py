@@ -7,13 +7,13 @@ import json
 import pytest
 
 from ckconv import architectures
-from ckconv.alignment import align, group
+from ckconv.matching.alignment import align, group
 from ckconv.architectures import TensorSpec
 from ckconv.errors import UsageError
-from ckconv.matching import MatchReport, match_keys, pick
+from ckconv.matching.engine import MatchReport, match_keys, pick
 from ckconv.model import Storage, TensorRef
 from ckconv.rules import KeyRule, parse_rename, rename
-from ckconv.unwrap import candidates, replace, unwrap
+from ckconv.contents.unwrap import candidates, replace, unwrap
 
 
 def spec(*items):

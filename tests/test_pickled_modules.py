@@ -20,12 +20,13 @@ from click.testing import CliRunner
 from torch import nn
 
 import ckconv
-from ckconv import modules, tree
+from ckconv.contents import modules
+from ckconv import tree
 from ckconv.cli import cli
 from ckconv.errors import LimitExceeded, UnsafeCheckpoint
 from ckconv.formats.torch_pickle import guarded, read_zip
 from ckconv.model import foreign_class
-from ckconv.unwrap import unwrap
+from ckconv.contents.unwrap import unwrap
 
 from helpers import assert_deep_equal, run_cli
 
@@ -203,7 +204,7 @@ def test_user_class_is_never_imported(tmp_path):
     assert out.returncode == 0, out.stderr
     done = python("""
         import sys, ckconv
-        from ckconv.unwrap import unwrap
+        from ckconv.contents.unwrap import unwrap
         flat, where, _ = unwrap(ckconv.read("whole.pth").root)
         print(ckconv.inspect("whole.pth").modules[0]["class"], "usermodels_x" in sys.modules)
         """, tmp_path, PYTHONPATH=str(tmp_path))

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import ckconv
-from ckconv import policy
+from ckconv.pickling import policy
 from ckconv.cli import cli
 from ckconv.errors import UnsafeCheckpoint
 
@@ -238,7 +238,7 @@ def test_stack_global_with_newlines_never_reaches_an_output(tmp_path):
 
 def test_written_pickles_name_only_valid_globals(tmp_path):
     from ckconv.model import foreign_class
-    from ckconv.pickle_writer import PickleWriter
+    from ckconv.pickling.writer import PickleWriter
 
     bad = foreign_class("collections", "OrderedDict\ncposix\nsystem")
     for value in (bad(), bad, {"k": [bad.__new__(bad)]}):

@@ -522,7 +522,7 @@ def test_param_names_that_disagree_with_the_state_are_refused(tmp_path):
 
 def test_state_that_cannot_follow_a_reshape_is_refused():
     """A factored second moment (Adafactor-like rows) on timm's 7x7 conv cannot become the Linear's state."""
-    from ckconv.optimizer_slots import fit_state
+    from ckconv.contents.optimizer_slots import fit_state
     from ckconv.tree import from_torch
 
     state = from_torch({"step": torch.tensor(1.0), "exp_avg": torch.zeros(8, 2, 7, 7),
@@ -537,7 +537,7 @@ def test_state_that_cannot_follow_a_reshape_is_refused():
 
 
 def test_group_fits_are_used_only_when_unique():
-    from ckconv.optimizer_slots import _fit
+    from ckconv.contents.optimizer_slots import _fit
 
     s, t = (5,), (3, 3)
     # group 1 fits one way only; once it holds positions 1 and 2, group 0 has one place left

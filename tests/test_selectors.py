@@ -10,7 +10,7 @@ from torch import nn
 
 from ckconv import freeze
 from ckconv.errors import UsageError
-from ckconv.selectors import filter_keys, parse, select
+from ckconv.matching.selectors import filter_keys, parse, select
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import ckconv
 from ckconv import architectures, spec_cache
 from ckconv.cli import cli
 from ckconv.errors import UsageError
-from ckconv.selectors import filter_keys
+from ckconv.matching.selectors import filter_keys
 
 # Runs the CLI and reports on stderr, at exit, which heavy modules the process imported.
 CLI_WATCHING_IMPORTS = (

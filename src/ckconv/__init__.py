@@ -10,21 +10,22 @@ from .hookspecs import hookimpl
 if TYPE_CHECKING:  # what type checkers and editors see; at run time each name is imported on first use
     from .api import convert, detect_format, load, parse_size, read, save
     from .bundles import describe, load_bundle, save_bundle
-    from .diffing import diff
+    from .reports.diffing import diff
     from .errors import CkconvError
-    from .inspection import inspect
-    from .matching import MatchReport, match
-    from .remap import load_into
-    from .selectors import freeze
+    from .reports.inspection import inspect
+    from .matching.engine import MatchReport, match
+    from .matching.remap import load_into
+    from .matching.selectors import freeze
 
 __version__ = "0.1.0"
 
 _API = {
     "read": "api", "load": "api", "save": "api", "convert": "api", "parse_size": "api", "detect_format": "api",
-    "inspect": "inspection", "diff": "diffing",
+    "inspect": "reports.inspection", "diff": "reports.diffing",
     "CkconvError": "errors",
     "save_bundle": "bundles", "load_bundle": "bundles", "describe": "bundles",
-    "match": "matching", "MatchReport": "matching", "load_into": "remap", "freeze": "selectors",
+    "match": "matching.engine", "MatchReport": "matching.engine", "load_into": "matching.remap",
+    "freeze": "matching.selectors",
 }
 
 

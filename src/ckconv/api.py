@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import dtypes, tree
-from .atomic import FolderLayout, check_destination, identities, staged
+from .storage.atomic import FolderLayout, check_destination, identities, staged
 from .errors import NotACheckpoint, OutputExists, UsageError
 from .formats.base import WriteOptions
-from .formats.files import regular_file
+from .storage.files import regular_file
 from .model import Checkpoint, Storage, TensorRef
 from .plugins import host
 
@@ -97,8 +97,8 @@ def save(obj: Any, path: PathLike, *, format: str | None = None, max_shard_size:
     """Write ``obj`` (torch objects, or a Checkpoint from ``read``) atomically; returns the format name used.
 
     ``allow_globals``: dotted names or ``prefix.*`` patterns a pickle output may name beyond ckconv's allowlist
-    of known-benign globals (:mod:`ckconv.policy`); anything else is refused before a byte is written."""
-    from .policy import check_patterns
+    of known-benign globals (:mod:`ckconv.pickling.policy`); anything else is refused before a byte is written."""
+    from .pickling.policy import check_patterns
 
     allow_globals = check_patterns(allow_globals)
     path = Path(path)
@@ -109,7 +109,7 @@ def save(obj: Any, path: PathLike, *, format: str | None = None, max_shard_size:
     options = WriteOptions(max_shard_size=shard, progress=progress, allow_globals=allow_globals)
     target = output_target(ckpt, path, format=name, max_shard_size=shard)
     if getattr(fmt, "writes_pickles", False):  # refuse unknown globals before anything is staged
-        from .pickle_writer import check_writable
+        from .pickling.writer import check_writable
 
         check_writable(ckpt.root, allow_globals, f"the {name} checkpoint")
     with staged(target.path, directory=target.folder, force=force, protect=target.protect,
@@ -124,14 +124,14 @@ class OutputTarget:
     format: object  # the Format plugin
     folder: bool  # a multi-file output (sharded safetensors, dcp)
     protect: frozenset  # (device, inode) of the source's files: never overwritten or removed, even with force
-    layout: FolderLayout | None  # for folder outputs: the files of the format's layout (ckconv.atomic)
+    layout: FolderLayout | None  # for folder outputs: the files of the format's layout (ckconv.storage.atomic)
 
 
 def output_target(obj, path, *, format: str | None = None, max_shard_size=None) -> OutputTarget:
     """Where ``save`` writes ``obj`` for ``path``, refusing what could only lose data; touches nothing.
 
     A folder output (``max_shard_size``, dcp) goes into ``path``, new or existing (only its own layout's files
-    are replaced there: :func:`ckconv.atomic.staged_folder`); a name with a file extension is refused for it
+    are replaced there: :func:`ckconv.storage.atomic.staged_folder`); a name with a file extension is refused for it
     (``out.safetensors`` -> use ``out``). A single-file output whose ``path`` is an existing folder takes ``cp``
     semantics: ``path/<source stem><ext>``.
     """
@@ -251,14 +251,14 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
     ``keep_layout``. ``dtype`` casts the model (and EMA copies) only; ``dtype_optimizer`` casts optimizer state,
     never its ``step`` counters (docs/bundles.md).
     ``plain``: rewrite what only ``torch.load(weights_only=False)`` can load (pickled modules, numpy values,
-    records, class references) into what ``weights_only=True`` loads (:mod:`ckconv.plain`); the result lists each
+    records, class references) into what ``weights_only=True`` loads (:mod:`ckconv.contents.plain`); the result lists each
     change in ``changes``.
     ``distributed``: when this process is one rank of a torchrun job, write only this rank's share of the output
     (:func:`ckconv.formats.dcp.save_distributed`; every rank must call convert). The CLI sets it.
     """
-    from .sections import model_state_dict
+    from .contents.sections import model_state_dict
 
-    from .policy import check_patterns
+    from .pickling.policy import check_patterns
 
     src, dst = Path(src), Path(dst)
     allow_globals = check_patterns(allow_globals)  # a bad pattern is a usage error before anything is read
@@ -273,7 +273,7 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
     root = ckpt.root
     report = None
     if arch is not None or map is not None or rename or only or drop or section is not None:
-        from .remap import remap_checkpoint
+        from .matching.remap import remap_checkpoint
 
         root, report, remap_notes = remap_checkpoint(
             ckpt, arch=arch, arch_options=arch_options, map=map, only=only, drop=drop, rename=rename,
@@ -289,7 +289,7 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
         notes.append(f"left out {dropped} optimizer state_dicts (--optimizer drop)")
     changes: list = []
     if plain:
-        from .plain import plain as make_plain
+        from .contents.plain import plain as make_plain
 
         root, changes = make_plain(root)
         notes.append(f"--plain: {len(changes)} values rewritten for torch.load(weights_only=True)" if changes else
@@ -399,7 +399,7 @@ def cast_floating(root, dtype, *, within=None, exclude=(), keep_keys=()):
         key, rest = path[0], path[1:]
         if isinstance(node, list):
             return [at(v, rest, prefix + (i,)) if i == key else v for i, v in enumerate(node)]
-        from .unwrap import replace
+        from .contents.unwrap import replace
 
         return replace(node, (key,), at(node[key], rest, prefix + (key,)))
 

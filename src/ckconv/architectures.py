@@ -337,7 +337,7 @@ class ArchSpec:
 
 
 class ModuleTree:
-    """Just enough of an ``nn.Module`` for :mod:`ckconv.selectors`: children in order, tensors by leaf name."""
+    """Just enough of an ``nn.Module`` for :mod:`ckconv.matching.selectors`: children in order, tensors by leaf name."""
 
     def __init__(self, type_name=""):
         self.type_name = type_name

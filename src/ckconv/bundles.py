@@ -1,7 +1,7 @@
 """Training bundles: which part is the model, which the optimizer, and which parameter each optimizer slot is.
 
 Layouts (torch, Lightning, mmengine, fvcore, timm, free-form) are recognised by their keys; slot names come from
-:mod:`ckconv.optimizer_slots` (``param_names``, or a fit of each param group by state shapes that is proven
+:mod:`ckconv.contents.optimizer_slots` (``param_names``, or a fit of each param group by state shapes that is proven
 unique). With ``--arch`` a bundle is written in the torch layout, ``{'model': sd, 'optimizer': osd, ...}``
 (:func:`standard_layout`), whatever layout it was read in.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from .errors import UsageError
-from .optimizer_slots import BUFFER_SUFFIXES, model_parameters, remap_optimizer, resolve  # noqa: F401 - re-exported
+from .contents.optimizer_slots import BUFFER_SUFFIXES, model_parameters, remap_optimizer, resolve  # noqa: F401 - re-exported
 from .tree import is_flat_state_dict
 
 LAYOUTS = [  # (name, keys that identify it)
@@ -82,7 +82,7 @@ def optimizer_kind(osd) -> str:
 
 
 def resolve_names(osd, model_sd: dict | None, frozen=()):
-    """-> (slot index -> name, how, subset); names stay empty unless proven (see :func:`ckconv.optimizer_slots.resolve`)."""
+    """-> (slot index -> name, how, subset); names stay empty unless proven (see :func:`ckconv.contents.optimizer_slots.resolve`)."""
     res = resolve(osd, model_sd, frozen)
     return res.names, res.how, res.subset
 
@@ -107,7 +107,7 @@ def frozen_names(root) -> list:
 
 def describe(root) -> BundleInfo:
     """Name the sections of a checkpoint and describe each optimizer found in it."""
-    from .sections import model_state_dict
+    from .contents.sections import model_state_dict
 
     if not isinstance(root, dict):
         return BundleInfo("unknown", None, [], [], None, {})
@@ -236,7 +236,7 @@ def standard_layout(root, model_key, layout):
 
 def model_paths(root) -> list:
     """Key paths of the model state_dict (the one ``match`` would take) and of EMA copies beside it."""
-    from .unwrap import EMA_KEYS, unwrap
+    from .contents.unwrap import EMA_KEYS, unwrap
 
     try:
         _, _, path = unwrap(root)
@@ -256,7 +256,7 @@ def cast_notes(root, dtype, dtype_optimizer, model_only=False):
     """
     from .api import cast_floating
     from .dtypes import CAST_NAMES
-    from .optimizer_slots import INTEGER_STATE
+    from .contents.optimizer_slots import INTEGER_STATE
 
     opt = [] if model_only else optimizer_paths(root)
     total, notes = 0, []
@@ -313,7 +313,7 @@ def load_bundle(path, model=None, optimizer=None, scheduler=None, strict=True):
     ``schedulers`` lists.
     """
     from .api import load
-    from .sections import MODEL_KEYS, OPTIMIZER_KEYS
+    from .contents.sections import MODEL_KEYS, OPTIMIZER_KEYS
 
     bundle = load(path)
     if model is not None:
@@ -348,9 +348,9 @@ def record_freeze(root, selectors, *, arch=None, arch_options=None):
     With ``arch`` the selectors resolve against that architecture's module tree (``features[:10]``); without one
     only dotted names work (``features.0``). A bare state_dict becomes ``{'model': sd, 'frozen': [...]}``.
     """
-    from .sections import model_state_dict
-    from .selectors import _names, freeze, under
-    from .unwrap import replace
+    from .contents.sections import model_state_dict
+    from .matching.selectors import _names, freeze, under
+    from .contents.unwrap import replace
 
     selectors = [selectors] if isinstance(selectors, str) else list(selectors)
     sd, where = model_state_dict(root)

@@ -375,7 +375,7 @@ def _is_warning(note) -> bool:
 
 
 def _report_conversion(result):
-    from .inspection import size_text
+    from .reports.inspection import size_text
 
     click.echo(f"Converted {result.source} ({result.source_format}) -> {result.destination} "
                f"({result.destination_format}): {result.tensors} tensors, {size_text(result.bytes)}")
@@ -436,7 +436,7 @@ def match(ckpt, arch, arch_options, rename, selectors, section, no_structural, s
     if ckpt is None:
         _show_spec(arch, arch_options, selectors, as_json)
         return
-    from .matching import match as do_match
+    from .matching.engine import match as do_match
 
     progress = _RankingProgress() if sys.stderr.isatty() and not as_json and _RUN["verbosity"] >= 0 else None
     report = do_match(ckpt, arch, arch_options=list(arch_options), rename=list(rename), section=section,
@@ -444,7 +444,7 @@ def match(ckpt, arch, arch_options, rename, selectors, section, no_structural, s
     if progress is not None:
         progress.finish()
     if save_map:
-        from .remap import save_map as write_map
+        from .matching.remap import save_map as write_map
 
         write_map(report, save_map)
     if as_json:
@@ -492,7 +492,7 @@ def _show_spec(arch, arch_options, selectors, as_json):
     tensors = spec.tensors
     modules = []
     if selectors:
-        from .selectors import select, under
+        from .matching.selectors import select, under
 
         model = architectures.build(spec.arch, list(arch_options))
         for sel in selectors:
@@ -539,7 +539,7 @@ def _module_repr(sel, picked):
 
 
 def _is_slice(sel):
-    from .selectors import parse
+    from .matching.selectors import parse
 
     steps = parse(sel)
     return bool(steps) and steps[-1][0] == "slice"
@@ -609,9 +609,9 @@ def inspect(src, as_json, allow_globals, summary):
     Exit 1 when the file is dangerous (it would run code under torch.load) or unreadable; the report is printed
     first. Globals ckconv does not know (verdict unknown) are a warning on stderr.
     """
-    from .inspection import inspect as do_inspect
-    from .inspection import size_text
-    from .policy import check_patterns
+    from .reports.inspection import inspect as do_inspect
+    from .reports.inspection import size_text
+    from .pickling.policy import check_patterns
 
     info = do_inspect(src, allow_globals=check_patterns(allow_globals))
     try:
@@ -757,8 +757,8 @@ def diff(a, b, atol, rtol, strict, tensors_only, as_json):
     Tensors and non-tensor values (epoch, lr) decide; how they are held (dict vs OrderedDict, _metadata) is
     reported as notes, which fail only with --strict.
     """
-    from .diffing import diff as do_diff
-    from .diffing import render
+    from .reports.diffing import diff as do_diff
+    from .reports.diffing import render
 
     report = do_diff(a, b, atol=atol, rtol=rtol, strict=strict, tensors_only=tensors_only)
     if as_json:
@@ -781,7 +781,7 @@ def scan(paths, as_json, allow_globals, loud):
     globals ckconv does not know), DANGEROUS (would run code under torch.load) or BROKEN (fails a check convert
     runs: CRC, bounds, limits, sharded/DCP consistency). Exit 0 only when every checkpoint is safe.
     """
-    from .scanning import exit_code, scan_paths
+    from .reports.scanning import exit_code, scan_paths
 
     results = scan_paths(paths, allow_globals)
     if as_json:

@@ -118,10 +118,10 @@ class Storage:
         Python objects when they are a byte range of a file: the kernel copies them. A zip source's CRC is checked
         in the same pass as the copy, and for a whole record that CRC is also the one a zip writer needs, so it is
         computed once. A safetensors (or legacy) source has no CRC to check: without ``want_crc`` it is a pure
-        kernel copy. ``files`` (a :class:`ckconv.fastcopy.SourceFiles`) keeps source descriptors open between
+        kernel copy. ``files`` (a :class:`ckconv.storage.fastcopy.SourceFiles`) keeps source descriptors open between
         calls. Storages that override :meth:`chunks` (plugins, casts) are written from their chunks.
         """
-        from . import fastcopy
+        from .storage import fastcopy
 
         if length is None:
             length = self.nbytes - start
@@ -246,7 +246,7 @@ def check_budget(ref: TensorRef, budget=None):
 
 def _copy_chunks(chunks, fd, dst_offset, length, want_crc, progress, label):
     """Write an iterable of bytes-like blocks at ``dst_offset``; returns their CRC-32 when ``want_crc``."""
-    from .fastcopy import write_at
+    from .storage.fastcopy import write_at
 
     crc = 0 if want_crc else None
     written = 0

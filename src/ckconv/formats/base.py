@@ -14,7 +14,7 @@ from ..errors import CkconvError, LimitExceeded, NotACheckpoint
 class WriteOptions:
     max_shard_size: int | None = None  # bytes; safetensors-style formats shard when set
     progress: object = None  # callable(nbytes) called as tensor bytes are written, or None
-    allow_globals: tuple = ()  # user-allowed globals for pickles (``--allow-global``), see ckconv.policy
+    allow_globals: tuple = ()  # user-allowed globals for pickles (``--allow-global``), see ckconv.pickling.policy
 
 
 class Format:
@@ -25,14 +25,14 @@ class Format:
     * ``shardable`` -- True when ``write`` honours ``options.max_shard_size``; ckconv refuses ``--max-shard-size``
       for any other format, unless a format declares ``shards_for = "<its name>"`` to write it sharded;
     * ``writes_pickles`` -- True when ``write`` emits pickles: ckconv then checks the whole tree against its writing
-      allowlist (:mod:`ckconv.policy`) before any rank writes a byte;
+      allowlist (:mod:`ckconv.pickling.policy`) before any rank writes a byte;
     * ``sniff(path, head)`` -- True when the file/folder at ``path`` is in this format; ``head`` is its first
       64 bytes (``b""`` for folders). Must not trust extensions;
     * ``read(path)`` -> :class:`ckconv.model.Checkpoint`; must never execute code from the file;
     * ``write(checkpoint, path, options)`` -- write to ``path``, a temporary location ckconv renames into place
       afterwards, so a plugin never needs its own atomicity; ``writes_directory(options)`` says whether ``path``
       should be a folder (an empty one, holding only plain files when ``write`` returns);
-    * optional ``folder_layout(options)`` -> :class:`ckconv.atomic.FolderLayout`: for a folder output written into
+    * optional ``folder_layout(options)`` -> :class:`ckconv.storage.atomic.FolderLayout`: for a folder output written into
       an existing folder, its index file names (moved in last) and the files an earlier output left there
       (replaced with ``--force``); without it only the names ``write`` writes are replaced, in name order.
     """

@@ -36,15 +36,16 @@ import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
-from .. import dtypes, errors, policy, structure, tree
+from .. import dtypes, errors, tree
+from ..pickling import policy, structure
 from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsupportedContent, WriteFailed
 from ..hookspecs import hookimpl
 from ..model import CHUNK, Checkpoint, Foreign, Storage, TensorRef, contiguous_strides
-from ..unpickler import RestrictedUnpickler, unpickle
+from ..pickling.unpickler import RestrictedUnpickler, unpickle
 from .base import Format, WriteOptions
-from .files import inside_folder, read_sized, regular_file
+from ..storage.files import inside_folder, read_sized, regular_file
 from .torch_pickle import storage_loader
-from .zipio import ZipWriter, record_bytes
+from ..storage.zipio import ZipWriter, record_bytes
 
 METADATA_NAME = ".metadata"
 SUFFIX = ".distcp"
@@ -87,12 +88,12 @@ class DcpFormat(Format):
         return True
 
     def folder_layout(self, options: WriteOptions):
-        from ..atomic import FolderLayout
+        from ..storage.atomic import FolderLayout
 
         return FolderLayout(index=(METADATA_NAME,), earlier=earlier_output)
 
     def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
-        from ..pickle_writer import check_writable
+        from ..pickling.writer import check_writable
 
         check_writable(checkpoint.root, options.allow_globals, "the DCP checkpoint")  # before any file
         plan = plan_write(checkpoint.root, world=1)
@@ -458,7 +459,7 @@ class _Window(io.RawIOBase):
 def zip_records(path, start, length, where) -> dict:
     """Name -> (absolute data offset, size, crc) of the torch.save archive at [start, start + length) of ``path``.
 
-    The same checks as :class:`ckconv.formats.zipio.ZipRecords`, on a window of a larger file.
+    The same checks as :class:`ckconv.storage.zipio.ZipRecords`, on a window of a larger file.
     """
     records = {}
     with open(path, "rb") as f:
@@ -982,7 +983,7 @@ def gather_bytes(ref):
 
 def write_blob(f, blob: Blob, progress, files, allow=()):
     """Append one torch.save archive (a tensor, contiguous, or a non-tensor leaf) at the file's position."""
-    from ..pickle_writer import PickleWriter
+    from ..pickling.writer import PickleWriter
 
     rel = _Relative(f)
     order: dict = {}
@@ -1012,7 +1013,7 @@ def write_blob(f, blob: Blob, progress, files, allow=()):
 
 def write_rank_file(folder, rank, blobs, progress=None, allow=()) -> dict:
     """Write ``__<rank>_0.distcp`` (non-tensors first, as torch does); -> blob index -> (name, offset, length)."""
-    from ..fastcopy import SourceFiles
+    from ..storage.fastcopy import SourceFiles
 
     name = f"__{rank}_0{SUFFIX}"
     locations = {}
@@ -1145,12 +1146,12 @@ def _raise(status):
 
 def run_collective(group: Group, path: Path, *, directory: bool, force: bool, work, setup=None, finish=None,
                    protect=frozenset(), layout=None):
-    """Rank 0 stages the output (ckconv.atomic.staged: a folder output into a new or existing folder, replacing
+    """Rank 0 stages the output (ckconv.storage.atomic.staged: a folder output into a new or existing folder, replacing
     only ``layout``'s files, never a ``protect``-ed source file) and tells every rank the temporary path; every
     rank runs ``work(tmp)``; when all succeeded rank 0 runs ``finish(tmp, results)`` and moves the output into
     place. A failure on any rank fails every rank with the same message, and the destination is as it was.
     """
-    from ..atomic import staged
+    from ..storage.atomic import staged
 
     if group.rank == 0:
         try:
@@ -1212,7 +1213,7 @@ def save_distributed(obj, path, *, format=None, max_shard_size=None, force=False
     stage = {"protect": target.protect, "layout": target.layout}
     options = WriteOptions(max_shard_size=shard, progress=progress, allow_globals=tuple(allow_globals))
     if getattr(fmt, "writes_pickles", False):  # every rank refuses the same globals before writing
-        from ..pickle_writer import check_writable
+        from ..pickling.writer import check_writable
 
         check_writable(ckpt.root, options.allow_globals, f"the {fmt.name} checkpoint")
     group = Group()
@@ -1236,9 +1237,8 @@ def save_distributed(obj, path, *, format=None, max_shard_size=None, force=False
 def _safetensors_distributed(ckpt, path, options, force, group, stage):
     # The same plan as SafetensorsFormat.write (tests check the outputs are byte-identical).
     from ..bundles import optimizer_namer
-    from ..fastcopy import SourceFiles
-    from .safetensors_format import (INDEX_NAME, RAW_DTYPES, SINGLE_NAME, _metadata, _write_json, header_bytes,
-                                     plan_shards, write_file)
+    from ..storage.fastcopy import SourceFiles
+    from .safetensors_format import INDEX_NAME, RAW_DTYPES, SINGLE_NAME, _metadata, _write_json, header_bytes, plan_shards, write_file
 
     root = ckpt.root
     encoded, named, needs_structure = structure.encode(root, raw_dtypes=RAW_DTYPES, namer=optimizer_namer(root))

@@ -14,16 +14,17 @@ import stat
 import struct
 from pathlib import Path
 
-from .. import dtypes, structure
-from ..atomic import FolderLayout
+from .. import dtypes
+from ..pickling import structure
+from ..storage.atomic import FolderLayout
 from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint
 from ..bundles import optimizer_namer
 from ..hookspecs import hookimpl
 from ..model import Checkpoint, Storage, TensorRef
 from ..tree import foreign_objects
-from ..unpickler import short_repr
+from ..pickling.unpickler import short_repr
 from .base import Format, WriteOptions, guarded
-from .files import inside_folder, read_capped, regular_file
+from ..storage.files import inside_folder, read_capped, regular_file
 
 MAX_HEADER = 100_000_000  # the Rust implementation's cap
 MAX_TENSORS = int(os.environ.get("CKCONV_MAX_TENSORS", 1_000_000))
@@ -335,8 +336,8 @@ def header_bytes(named, metadata) -> bytes:
 
 
 def write_file(path, named, metadata, progress=None):
-    """Header, then each tensor's bytes copied straight from its source file (see ckconv.fastcopy)."""
-    from ..fastcopy import SourceFiles, write_at
+    """Header, then each tensor's bytes copied straight from its source file (see ckconv.storage.fastcopy)."""
+    from ..storage.fastcopy import SourceFiles, write_at
 
     header = header_bytes(named, metadata)
     with open(path, "wb", buffering=0) as f, SourceFiles() as files:

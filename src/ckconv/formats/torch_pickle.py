@@ -14,13 +14,13 @@ from pathlib import Path
 
 from .. import dtypes, tree
 from ..errors import CorruptCheckpoint, NotACheckpoint, UnsupportedContent
-from ..fastcopy import SourceFiles
+from ..storage.fastcopy import SourceFiles
 from ..hookspecs import hookimpl
 from ..model import Checkpoint, Foreign, Storage
-from ..pickle_writer import PickleWriter
-from ..unpickler import PARAMETER, StorageType, short_repr, unpickle
+from ..pickling.writer import PickleWriter
+from ..pickling.unpickler import PARAMETER, StorageType, short_repr, unpickle
 from .base import Format, WriteOptions, guarded
-from .zipio import ZipRecords, ZipWriter
+from ..storage.zipio import ZipRecords, ZipWriter
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001

@@ -23,17 +23,17 @@ import stat
 from collections import OrderedDict
 from pathlib import Path
 
-from .. import structure, tree
-from ..atomic import FolderLayout
+from ..pickling import structure
+from .. import tree
+from ..storage.atomic import FolderLayout
 from ..bundles import optimizer_namer
 from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint
 from ..hookspecs import hookimpl
 from ..model import Checkpoint, TensorRef
-from ..unpickler import short_repr
+from ..pickling.unpickler import short_repr
 from .base import Format, WriteOptions, guarded
-from .files import inside_folder, read_capped, regular_file
-from .safetensors_format import (MAX_HEADER, MAX_TENSORS, SHARD_NAME, SafetensorsFormat, _assemble, load_index,
-                                 _no_duplicates, _write_json)
+from ..storage.files import inside_folder, read_capped, regular_file
+from .safetensors_format import MAX_HEADER, MAX_TENSORS, SHARD_NAME, SafetensorsFormat, _assemble, load_index, _no_duplicates, _write_json
 from .torch_pickle import TorchFormat, write_zip
 
 INDEX_NAME = "pytorch_model.bin.index.json"

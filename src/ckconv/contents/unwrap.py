@@ -3,7 +3,7 @@
 One rule, used by ``--model-only``, ``--arch``, ``match``, ``load_into``, ``--freeze`` and ``inspect``. Layouts
 handled: a bare state_dict; ``state_dict`` / ``model`` / ``model_state`` / ``net`` / ``module`` / ... keys (plain
 torch, Lightning, mmengine, fvcore/detectron2, timm); a pickled ``nn.Module`` (``torch.save(model)``, also inside a
-bundle), whose state_dict :mod:`ckconv.modules` derives without importing its class; EMA copies (``ema``,
+bundle), whose state_dict :mod:`ckconv.contents.modules` derives without importing its class; EMA copies (``ema``,
 ``state_dict_ema``, ``model_ema``), chosen only when asked for or when they are all there is; nested dicts of
 tensors, flattened with dotted names. Optimizer and scheduler sections are never taken for the model. Among
 several candidates: a model key (or the root) before any other key before an EMA key, then the one with more
@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from . import modules
-from .errors import UsageError, did_you_mean
-from .model import TensorRef
-from .tree import is_flat_state_dict
+from ..errors import UsageError, did_you_mean
+from ..model import TensorRef
+from ..tree import is_flat_state_dict
 
 MODEL_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "net", "module", "network", "weights",
               "params", "state_dict_ema", "ema", "model_ema")

@@ -13,11 +13,11 @@ import json
 import math
 from collections import OrderedDict
 
-from . import dtypes
+from .. import dtypes
 from . import policy
-from .errors import CorruptCheckpoint, UnsafeCheckpoint
-from .model import Foreign, TensorRef, TorchDevice, TorchDtype, TorchSize, foreign_class, is_reference
-from .tree import MAX_DEPTH, format_path, walk
+from ..errors import CorruptCheckpoint, UnsafeCheckpoint
+from ..model import Foreign, TensorRef, TorchDevice, TorchDtype, TorchSize, foreign_class, is_reference
+from ..tree import MAX_DEPTH, format_path, walk
 
 KEY = "ckconv.structure"
 BIG_INT_BITS = 13_000  # longer ints (about 3,900 digits) are written as {"$int": hex}: JSON's int->str limit is 4,300

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from . import tree
-from .errors import LimitExceeded, UnsupportedContent
-from .model import Foreign, TensorRef
+from .. import tree
+from ..errors import LimitExceeded, UnsupportedContent
+from ..model import Foreign, TensorRef
 
 OPTIMIZED_MODULE = "torch._dynamo.eval_frame.OptimizedModule"  # torch.compile's wrapper: __reduce__ (mod, ctx)
 SPECTRAL_NORM_HOOK = "torch.nn.utils.spectral_norm.SpectralNormStateDictHook"

@@ -14,8 +14,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from . import alignment
-from .errors import UsageError
-from .rules import parse_renames, rename, rules_for
+from ..errors import UsageError
+from ..rules import parse_renames, rename, rules_for
 
 NBT = "num_batches_tracked"
 WRAPPERS = ("module", "_orig_mod")  # DataParallel/DDP and torch.compile
@@ -362,12 +362,12 @@ def match_keys(source, target, *, arch="", rules=(), renames=(), structural=True
 
 def source_tensors(ckpt, section=None):
     """-> (root tree, {name: TensorRef}, where, path, label) for a path, a Checkpoint or torch objects."""
-    from . import tree
-    from .model import Checkpoint
-    from .unwrap import unwrap
+    from .. import tree
+    from ..model import Checkpoint
+    from ..contents.unwrap import unwrap
 
     if isinstance(ckpt, (str, os.PathLike)):
-        from .api import read
+        from ..api import read
 
         root, label = read(ckpt).root, str(ckpt)
     elif isinstance(ckpt, Checkpoint):
@@ -380,7 +380,7 @@ def source_tensors(ckpt, section=None):
 
 def target_spec(arch, arch_options=None):
     """-> (ArchSpec, model or None) for an architecture name or an ``nn.Module``."""
-    from . import architectures
+    from .. import architectures
 
     if hasattr(arch, "state_dict") and hasattr(arch, "named_modules"):
         return architectures.spec_of_model(arch, type(arch).__name__), arch
@@ -395,8 +395,8 @@ def match(ckpt, arch, *, arch_options=None, rename=(), section=None, only=(), dr
     registered architecture, or an ``nn.Module``. ``rename``: ``'REGEX=REPLACEMENT'`` strings applied first.
     ``only``/``drop``: selectors limiting the target keys. Reads no tensor data.
     """
-    from . import architectures
-    from .plugins import host
+    from .. import architectures
+    from ..plugins import host
     from .selectors import filter_keys
 
     auto = isinstance(arch, str) and (arch == "auto" or arch.startswith("auto:"))
@@ -429,8 +429,8 @@ def rank(source, patterns="", arch_options=None, rename=(), progress=None, top=N
     only the best ``top`` are sure to be listed (ties included): an architecture whose element counts alone
     prove it cannot score that high is left out without being matched.
     """
-    from . import architectures
-    from .plugins import host
+    from .. import architectures
+    from ..plugins import host
 
     wanted = [p.strip() for p in str(patterns or "").split(",") if p.strip()]
     names = architectures.all_architectures(auto=True)

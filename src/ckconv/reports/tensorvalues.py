@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import dtypes
+from .. import dtypes
 
 BLOCK_ELEMENTS = 1 << 18  # elements decoded at a time: 4 MiB of complex128 per side, a few temporaries
 

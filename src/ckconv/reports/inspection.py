@@ -7,11 +7,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import modules, policy, tree
-from .bundles import describe
-from .errors import UnsafeCheckpoint
-from .model import Checkpoint, Foreign, TensorRef, is_reference
-from .sections import sections
+from ..contents import modules
+from ..pickling import policy
+from .. import tree
+from ..bundles import describe
+from ..errors import UnsafeCheckpoint
+from ..model import Checkpoint, Foreign, TensorRef, is_reference
+from ..contents.sections import sections
 
 
 MAX_TENSOR_ROWS = int(os.environ.get("CKCONV_INSPECT_MAX_ROWS", 100_000))  # table rows; counts cover every tensor
@@ -41,7 +43,7 @@ class Inspection:
     error: str | None = None
     modules: list = field(default_factory=list)  # pickled nn.Modules: [{path, class, tensors, error}]
     values: list = field(default_factory=list)  # [{path, kind, text}]: numpy values and class references, at a glance
-    verdict: str = "safe"  # safe / unknown / dangerous (ckconv.policy)
+    verdict: str = "safe"  # safe / unknown / dangerous (ckconv.pickling.policy)
     globals: dict = field(default_factory=dict)  # {verdict: [dotted names]}
     tensors_omitted: int = 0  # references past the first MAX_TENSOR_ROWS, counted in tensor_count but not listed
 
@@ -50,9 +52,9 @@ class Inspection:
 
 
 def inspect(path, allow_globals=()) -> Inspection:
-    """What ``path`` holds, with a safety verdict (:mod:`ckconv.policy`): a dangerous file is still described
+    """What ``path`` holds, with a safety verdict (:mod:`ckconv.pickling.policy`): a dangerous file is still described
     (read with every global inert), and ``verdict``/``globals`` say what ``torch.load`` would call."""
-    from .api import detect_format, read
+    from ..api import detect_format, read
 
     path = Path(path)
     fmt = detect_format(path)
@@ -102,7 +104,7 @@ def _tensor_rows(root, limit=None):
 def _read_dangerous(path, fmt, exc) -> Checkpoint:
     """Re-read a refused torch file with dangerous globals recorded instead of refused (everything stays inert);
     where even that cannot build the tree (a payload that breaks the stand-ins), only the names are reported."""
-    from .formats.torch_pickle import guarded, read_legacy, read_zip
+    from ..formats.torch_pickle import guarded, read_legacy, read_zip
 
     if fmt == "torch" and Path(path).is_file():
         with open(path, "rb") as f:
@@ -118,7 +120,7 @@ def _read_dangerous(path, fmt, exc) -> Checkpoint:
 def glance(root, limit=1000) -> list:
     """[{path, kind, text}] for the numpy values and class references in a tree (never looking inside a numpy
     value's own records), the first ``limit`` of them."""
-    from . import numpy_values
+    from .. import numpy_values
 
     found: list = []
 
@@ -189,7 +191,7 @@ def verdicts(ckpt, allow_globals=()) -> dict:
         for bucket in (policy.SAFE, policy.UNKNOWN):
             if name in found[bucket]:
                 found[bucket].remove(name)
-    from .pickle_writer import write_problems  # records torch would rebuild with work their size does not bound
+    from ..pickling.writer import write_problems  # records torch would rebuild with work their size does not bound
 
     for problem in write_problems(ckpt.root, allow_globals):
         if problem not in found[policy.UNKNOWN]:

@@ -14,10 +14,10 @@ import os
 import pickle
 from collections import OrderedDict
 
-from . import dtypes, tree
-from .errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsafeCheckpoint, UnsupportedContent
-from .model import Foreign, GlobalRef, TensorRef, TorchDevice, TorchDtype, TorchSize, foreign_class, is_reference
-from .pickle_scan import MAX_SAME_HASH, SAFE_INT_BITS, scan
+from .. import dtypes, tree
+from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsafeCheckpoint, UnsupportedContent
+from ..model import Foreign, GlobalRef, TensorRef, TorchDevice, TorchDtype, TorchSize, foreign_class, is_reference
+from .scan import MAX_SAME_HASH, SAFE_INT_BITS, scan
 from .policy import COMPILE_RECORDS, dotted, is_dangerous, valid_name
 
 INT64_MAX = (1 << 63) - 1
@@ -238,7 +238,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def _rebuild_tensor(self, storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                         dtype=None, metadata=None):
-        from .model import Storage
+        from ..model import Storage
 
         if not isinstance(storage, Storage):
             raise CorruptCheckpoint(f"{self.where}: tensor without a storage")
@@ -469,7 +469,7 @@ class _BoundedFile:
 def unpickle(source, *, storage_loader=None, where="", allow_dangerous=False, unpickler_class=None):
     """Run the restricted unpickler on bytes or a file; returns (object, unpickler) so callers see what it saw.
 
-    The opcodes are scanned first (:func:`ckconv.pickle_scan.scan`), so nothing that would crash or stall the C
+    The opcodes are scanned first (:func:`ckconv.pickling.scan.scan`), so nothing that would crash or stall the C
     unpickler reaches it; a file source is read from its current position and left just after the pickle.
     ``unpickler_class`` is a :class:`RestrictedUnpickler` subclass with extra builders (DCP metadata).
     """

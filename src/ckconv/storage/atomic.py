@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
-from .errors import OutputExists, WriteFailed
+from ..errors import OutputExists, WriteFailed
 
 NEVER_SOURCE = "ckconv never overwrites or removes its source, even with --force"
 

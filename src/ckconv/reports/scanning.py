@@ -2,7 +2,7 @@
 
 For each checkpoint found (a file, or a sharded / DCP folder as one unit) it reads the structure exactly as
 ``convert`` would (opcode pre-scan, bounds, limits, sharded and DCP consistency), classifies every global it names
-(:mod:`ckconv.policy`), checks the memory budget of tensor views, and streams every tensor byte once so that each
+(:mod:`ckconv.pickling.policy`), checks the memory budget of tensor views, and streams every tensor byte once so that each
 zip record's CRC is verified. Nothing is called, nothing is written.
 
 A folder that is not itself a checkpoint is walked recursively (a huggingface_hub cache included: its
@@ -18,8 +18,9 @@ import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import policy, tree
-from .errors import CkconvError, NotACheckpoint, UnsafeCheckpoint
+from ..pickling import policy
+from .. import tree
+from ..errors import CkconvError, NotACheckpoint, UnsafeCheckpoint
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".pkl", ".distcp", ".npz")
 BROKEN = "broken"
@@ -56,7 +57,7 @@ def exit_code(results) -> int:
 
 
 def _scan_path(path: Path, allow, results, seen, top=False):
-    from .api import detect_format
+    from ..api import detect_format
 
     try:
         st = os.stat(path)  # follows symlinks: what the user (or a snapshot link) points at
@@ -153,7 +154,7 @@ def scan_one(path: Path, allow=(), fmt=None, used_files=False):
 
 
 def _scan_one(path: Path, allow, fmt):
-    from .api import read
+    from ..api import read
     from .inspection import verdicts
 
     failed = _member_keys(path) if path.is_dir() else set()  # a folder that fails is one finding, not many

@@ -6,10 +6,10 @@ import json
 from collections import OrderedDict
 from pathlib import Path
 
-from .errors import CkconvError, UsageError
-from .formats.files import read_capped
-from .matching import Match, MatchReport, match
-from .model import Storage, TensorRef, gather
+from ..errors import CkconvError, UsageError
+from ..storage.files import read_capped
+from .engine import Match, MatchReport, match
+from ..model import Storage, TensorRef, gather
 
 MAP_VERSION = 1
 MAX_MAP_BYTES = 64 * 2**20  # a map of 100,000 tensors is a few MB
@@ -63,7 +63,7 @@ def load_into(model, ckpt, *, rename=(), section=None, only=(), drop=(), strict=
     """
     import torch
 
-    from . import tree
+    from .. import tree
 
     report = match(ckpt, model, rename=rename, section=section, only=only, drop=drop, structural=structural,
                    allow_reshape=allow_reshape)
@@ -93,7 +93,7 @@ def map_dict(report: MatchReport) -> dict:
 
 
 def save_map(report: MatchReport, path):
-    from .atomic import staged
+    from ..storage.atomic import staged
 
     text = json.dumps(map_dict(report), indent=2, default=repr) + "\n"
     with staged(Path(path), directory=False, force=True) as tmp:
@@ -124,7 +124,7 @@ def load_map(path) -> dict:
 
 def report_from_map(data, ckpt, *, arch=None, arch_options=None, section=None) -> MatchReport:
     """A MatchReport that follows a map file; checked against the checkpoint (and ``arch``'s spec if given)."""
-    from .matching import source_tensors, target_spec
+    from .engine import source_tensors, target_spec
 
     section = section if section is not None else (data.get("section") if data.get("section") != "<root>" else "")
     _, flat, where, path, label = source_tensors(ckpt, section or None)
@@ -169,9 +169,9 @@ def _numel(shape):
 
 def identity_report(ckpt, *, rename=(), section=None) -> MatchReport:
     """No architecture: every checkpoint key maps to itself after ``rename``."""
-    from .matching import source_tensors
-    from .rules import parse_renames
-    from .rules import rename as apply_renames
+    from .engine import source_tensors
+    from ..rules import parse_renames
+    from ..rules import rename as apply_renames
 
     rules = parse_renames(rename)
     _, flat, where, path, label = source_tensors(ckpt, section)
@@ -209,9 +209,9 @@ def remap_checkpoint(ckpt, *, arch=None, arch_options=None, map=None, only=(), d
     Optimizer state follows the renames (``optimizer="remap"``) or is left out (``"drop"``). With an architecture
     a bundle is written in the torch layout ``{'model': sd, 'optimizer': osd, ...}`` unless ``keep_layout``.
     """
-    from . import architectures
-    from .bundles import drop_optimizers, frozen_names, layout_of, standard_layout
-    from .unwrap import replace
+    from .. import architectures
+    from ..bundles import drop_optimizers, frozen_names, layout_of, standard_layout
+    from ..contents.unwrap import replace
 
     if optimizer not in ("remap", "drop"):
         raise UsageError(f"unknown --optimizer {optimizer!r}; use remap or drop")
@@ -274,9 +274,9 @@ def remap_optimizers(root, report: MatchReport, options=None, *, frozen=()):
     Refuses (:class:`UsageError`) an optimizer whose slots cannot be proven to belong to particular parameters,
     or whose state would not fit its new parameter: such state is never written.
     """
-    from . import architectures
-    from .bundles import _find_optimizers
-    from .optimizer_slots import model_parameters, remap_optimizer, resolve
+    from .. import architectures
+    from ..bundles import _find_optimizers
+    from ..contents.optimizer_slots import model_parameters, remap_optimizer, resolve
 
     if not isinstance(root, dict):
         return root, []
@@ -328,7 +328,7 @@ def _replace_path(root, keys, new):
     head, rest = keys[0], keys[1:]
     if isinstance(root, list):
         return [(_replace_path(v, rest, new) if i == head else v) for i, v in enumerate(root)]
-    from .unwrap import replace
+    from ..contents.unwrap import replace
 
     return replace(root, (head,), _replace_path(root[head], rest, new))
 

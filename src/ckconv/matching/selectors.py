@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import UsageError
+from ..errors import UsageError
 
 _TOKEN = re.compile(r"""
     (?P<name>[A-Za-z_][A-Za-z0-9_]*|[0-9]+)

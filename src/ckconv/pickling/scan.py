@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pickletools
 
-from .errors import LimitExceeded, NotACheckpoint
+from ..errors import LimitExceeded, NotACheckpoint
 
 NUMBERS = frozenset(("INT", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT"))
 LEAVES = frozenset((

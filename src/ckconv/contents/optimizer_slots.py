@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .errors import UsageError
-from .model import Storage, TensorRef, gather
+from ..errors import UsageError
+from ..model import Storage, TensorRef, gather
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 # per-parameter state of torch's optimizers: always the parameter's shape

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from . import modules
-from .model import TensorRef
-from .tree import is_flat_state_dict
+from ..model import TensorRef
+from ..tree import is_flat_state_dict
 from .unwrap import MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS, model_state_dict
 
 __all__ = ["MODEL_KEYS", "OPTIMIZER_KEYS", "SCHEDULER_KEYS", "model_state_dict", "section_of", "sections"]

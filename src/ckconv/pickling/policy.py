@@ -21,7 +21,7 @@ validated as dotted Python identifiers before anything is written, so a name can
 
 from __future__ import annotations
 
-from .errors import UnsafeCheckpoint, UsageError
+from ..errors import UnsafeCheckpoint, UsageError
 
 SAFE, UNKNOWN, DANGEROUS = "safe", "unknown", "dangerous"
 _RANK = {SAFE: 0, UNKNOWN: 1, DANGEROUS: 2}
@@ -109,7 +109,7 @@ MAX_CALL_INT = (1 << 32) - 1  # integers passed to a call (deque maxlen, timedel
 
 def call_args_problem(full, args):
     """Why ckconv will not write the call ``full(*args)``, or None (see :data:`CALLS`)."""
-    from .model import Foreign  # here, not at the top: policy sits below the model
+    from ..model import Foreign  # here, not at the top: policy sits below the model
 
     allowed = CALL_INSTANCE_ARGS.get(full, ())
     items = list(args)

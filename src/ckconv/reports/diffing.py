@@ -6,7 +6,7 @@ exactly, tolerance never applies to them). How the values are held -- container 
 vs list), key order, the ``_metadata`` attribute torch's state_dicts carry (``@attrs``), parameter flags, dtypes
 under a tolerance -- is reported as notes, which make checkpoints differ only with ``strict``.
 
-Tensor bytes are streamed in blocks of :data:`ckconv.tensorvalues.BLOCK_ELEMENTS` elements, never materialised.
+Tensor bytes are streamed in blocks of :data:`ckconv.reports.tensorvalues.BLOCK_ELEMENTS` elements, never materialised.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from . import dtypes, tensorvalues, tree
-from .errors import LimitExceeded, UsageError
-from .model import Checkpoint, Foreign, TensorRef
+from .. import dtypes, tree
+from . import tensorvalues
+from ..errors import LimitExceeded, UsageError
+from ..model import Checkpoint, Foreign, TensorRef
 
 ATTRS = "@attrs"  # the path component tree.walk gives a dict's attributes (OrderedDict._metadata)
 
@@ -148,7 +149,7 @@ def _label(source) -> str:
 def _checkpoint(source) -> Checkpoint:
     if isinstance(source, Checkpoint):
         return source
-    from .api import _as_checkpoint, read  # api sits above this module's readers; imported when diff runs
+    from ..api import _as_checkpoint, read  # api sits above this module's readers; imported when diff runs
 
     return read(source) if isinstance(source, (str, os.PathLike)) else _as_checkpoint(source)
 

@@ -4,7 +4,7 @@ What people are told to load with ``weights_only=False`` usually needs it for da
 scalars, ``argparse.Namespace`` / Lightning's ``AttributeDict`` / omegaconf configs, a whole pickled model, class
 references. :func:`plain` rewrites each into what ``weights_only`` accepts, and lists every change:
 
-* a pickled ``nn.Module`` -> its state_dict (the same OrderedDict ``model.state_dict()`` gives, ``ckconv.modules``);
+* a pickled ``nn.Module`` -> its state_dict (the same OrderedDict ``model.state_dict()`` gives, ``ckconv.contents.modules``);
 * a numpy array -> a tensor of the same dtype and shape (bytes copied, little-endian); string and object arrays ->
   lists; a numpy scalar -> the Python number; a numpy dtype -> its name;
 * an omegaconf ``DictConfig`` / ``ListConfig`` -> the dict / list it holds; other records -> a dict of their state
@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from . import dtypes, modules, numpy_values, tree
-from .model import Foreign, Storage, TensorRef, is_reference
+from .. import dtypes, numpy_values, tree
+from . import modules
+from ..model import Foreign, Storage, TensorRef, is_reference
 
 TORCH_OF_NUMPY = {"bool": "bool", "uint8": "uint8", "int8": "int8", "int16": "int16", "int32": "int32",
                   "int64": "int64", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",

@@ -4,7 +4,7 @@ Written by hand (not ``pickle.Pickler``) because the globals it names -- ``torch
 ``torch.FloatStorage``, ``torch.Size`` -- must appear without importing torch, and the result must be readable by
 ``torch.load(weights_only=True)``.
 
-Every global that comes from the tree (a foreign record's class, a reference) passes :mod:`ckconv.policy` first:
+Every global that comes from the tree (a foreign record's class, a reference) passes :mod:`ckconv.pickling.policy` first:
 only allowlisted or user-allowed names, validated as dotted identifiers, are written; anything else makes
 :meth:`PickleWriter.dumps` refuse, naming them all, before a single byte reaches a file.
 """
@@ -15,9 +15,10 @@ import struct
 from collections import OrderedDict
 from contextlib import contextmanager
 
-from . import dtypes, policy
-from .errors import UnsupportedContent
-from .model import Foreign, TensorRef, TorchDevice, TorchDtype, TorchSize, is_reference
+from .. import dtypes
+from . import policy
+from ..errors import UnsupportedContent
+from ..model import Foreign, TensorRef, TorchDevice, TorchDtype, TorchSize, is_reference
 
 
 def write_problems(root, allow=()) -> list:
@@ -28,7 +29,7 @@ def write_problems(root, allow=()) -> list:
 
 
 def check_writable(root, allow=(), where="") -> None:
-    """Refuse, naming them, the globals of ``root`` that a pickle may not carry (see :mod:`ckconv.policy`); for
+    """Refuse, naming them, the globals of ``root`` that a pickle may not carry (see :mod:`ckconv.pickling.policy`); for
     writers that pickle a tree piece by piece and must refuse before their first file."""
     PickleWriter(lambda storage: "0", allow=allow, where=where).dumps(root)
 
