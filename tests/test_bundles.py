@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import ckconv
-from ckconv.bundles import describe, load_bundle, save_bundle
+from ckconv.bundles import load_bundle, save_bundle
+from ckconv.contents.layout import describe
 from helpers import assert_deep_equal
 
 
@@ -163,7 +164,8 @@ def test_safetensors_bundle_names_optimizer_state_by_parameter(tmp_path):
 
 def test_remap_optimizer_follows_renames_and_new_head(tmp_path):
     """Source model wrapped in ``module.`` with a 5-class head; target has a fresh 3-class head."""
-    from ckconv.bundles import remap_optimizer, resolve_names
+    from ckconv.contents.layout import resolve_names
+    from ckconv.contents.optimizer_slots import remap_optimizer
     from ckconv.tree import materialize
 
     model, opt = fresh()

@@ -157,7 +157,7 @@ def test_dcp_into_an_existing_folder_replaces_the_rank_files_its_metadata_named(
     out.mkdir()
     (out / "config.json").write_text("{}")
     bundle = {"model": weights(), "step": 3}
-    plan = dcp.plan_write(ckconv.api._as_checkpoint(bundle).root, world=2)  # an earlier two-rank output
+    plan = dcp.plan_write(ckconv.io.as_checkpoint(bundle).root, world=2)  # an earlier two-rank output
     locations = {}
     for rank in (0, 1):
         locations.update(dcp.write_rank_file(out, rank, plan.blobs_for(rank)))

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 import ckconv
-from ckconv import architectures
+from ckconv import architectures_torchvision
+from ckconv.matching import targets
 from ckconv.matching.engine import IncompleteMatch
 from matchcases import (ConvHead, as_conv, caffe_squeezenet, differs, fresh, image, legacy_densenet, model,
                         one_thread, same_outputs, spec_cache, state)  # noqa: F401 - fixtures
@@ -220,7 +221,7 @@ def test_caffe_vgg_with_7x7_fc6_aligns_and_reshapes():
     from ckconv.matching.remap import remap_tensors
 
     with torch.device("meta"):
-        target = architectures.build("vgg11", device="meta")
+        target = targets.build("vgg11", device="meta")
     target.load_state_dict(remap_tensors(report, sd), strict=True, assign=True)
     same_outputs(source, target.eval(), image(32, 1))
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from ckconv import architectures
+from ckconv import architectures_torchvision
+from ckconv.matching import targets
 from ckconv.matching.alignment import align, group
 from ckconv.architectures import TensorSpec
 from ckconv.errors import UsageError
@@ -200,21 +201,21 @@ def test_unwrap_flattens_nested_dicts_and_replace_copies():
 # --- architectures and specs ------------------------------------------------------------------------------------
 
 def test_parse_options():
-    assert architectures.parse_options(["num_classes=10", "aux_logits=False", "mode=bilinear"]) == {
+    assert targets.parse_options(["num_classes=10", "aux_logits=False", "mode=bilinear"]) == {
         "num_classes": 10, "aux_logits": False, "mode": "bilinear"}
     with pytest.raises(UsageError, match="KEY=VALUE"):
-        architectures.parse_options(["oops"])
+        targets.parse_options(["oops"])
 
 
 def test_specs_are_built_on_meta_and_cached_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("CKCONV_CACHE_DIR", str(tmp_path))
     builds = []
-    real_build = architectures.build
-    monkeypatch.setattr(architectures, "build", lambda *a, **k: builds.append(a) or real_build(*a, **k))
+    real_build = targets.build
+    monkeypatch.setattr(targets, "build", lambda *a, **k: builds.append(a) or real_build(*a, **k))
 
     def fresh_spec(*args):
-        monkeypatch.setattr(architectures, "_SPECS", {})  # forget the in-process cache
-        return architectures.spec(*args)
+        monkeypatch.setattr(targets, "_SPECS", {})  # forget the in-process cache
+        return targets.spec(*args)
 
     s = fresh_spec("squeezenet1_1", ["num_classes=7"])
     assert s.arch == "torchvision:squeezenet1_1" and s.tensors[-1].shape == (7,)
@@ -230,25 +231,25 @@ def test_specs_are_built_on_meta_and_cached_on_disk(tmp_path, monkeypatch):
 
 
 def test_models_that_compute_while_building_still_build_without_weights():
-    model = architectures.build("regnet_x_400mf")
+    model = targets.build("regnet_x_400mf")
     assert all(p.device.type == "meta" for p in model.parameters())
 
 
 def test_builds_never_download():
     import torch.hub
 
-    with architectures._no_downloads():
+    with architectures_torchvision._no_downloads():
         with pytest.raises(UsageError, match="never downloads"):
             torch.hub.load_state_dict_from_url("https://example.invalid/w.pth")
 
 
 def test_unknown_architectures():
     with pytest.raises(UsageError, match="unknown architecture 'nope'"):
-        architectures.resolve("nope")
+        targets.resolve("nope")
     with pytest.raises(UsageError, match="unknown architecture namespace"):
-        architectures.resolve("zoo:resnet18")
+        targets.resolve("zoo:resnet18")
     with pytest.raises(UsageError, match="cannot build"):
-        architectures.build("resnet18", {"no_such_option": 1})
+        targets.build("resnet18", {"no_such_option": 1})
 
 
 def test_report_defaults():

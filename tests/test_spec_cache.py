@@ -13,7 +13,10 @@ import torchvision
 from click.testing import CliRunner
 
 import ckconv
-from ckconv import architectures, spec_cache
+from ckconv import architectures_torchvision
+from ckconv.errors import did_you_mean
+from ckconv.matching import targets
+from ckconv.storage import spec_cache
 from ckconv.cli import cli
 from ckconv.errors import UsageError
 from ckconv.matching.selectors import filter_keys
@@ -33,8 +36,8 @@ CLI_WATCHING_IMPORTS = (
 def cache(tmp_path, monkeypatch):
     root = tmp_path / "cache"
     monkeypatch.setenv("CKCONV_CACHE_DIR", str(root))
-    monkeypatch.setattr(architectures, "_SPECS", {})
-    monkeypatch.setattr(architectures, "_LISTS", {})
+    monkeypatch.setattr(targets, "_SPECS", {})
+    monkeypatch.setattr(targets, "_LISTS", {})
     return root
 
 
@@ -106,11 +109,11 @@ def test_an_architecture_typo_is_answered_from_the_cache_with_a_suggestion(resne
 
 def test_suggestions():
     names = ["vgg11", "vgg16", "vgg19", "resnet18", "resnet34", "alexnet"]
-    assert architectures._did_you_mean("vgg61", names) == "; did you mean vgg16?"  # a swap beats a changed digit
-    assert architectures._did_you_mean("resnet81", names) == "; did you mean resnet18?"
-    assert architectures._did_you_mean("alexnt", names) == "; did you mean alexnet?"
-    assert architectures._did_you_mean("vgg", names) == ""  # too far from every name: no guess
-    assert architectures._did_you_mean("zzzzzzzz", names) == ""
+    assert did_you_mean("vgg61", names) == "; did you mean vgg16?"  # a swap beats a changed digit
+    assert did_you_mean("resnet81", names) == "; did you mean resnet18?"
+    assert did_you_mean("alexnt", names) == "; did you mean alexnet?"
+    assert did_you_mean("vgg", names) == ""  # too far from every name: no guess
+    assert did_you_mean("zzzzzzzz", names) == ""
 
 
 def test_a_bad_destination_is_refused_before_any_matching(resnet18_pth, cache, tmp_path):
@@ -130,14 +133,14 @@ def spec_files(cache):
 
 def counting_builds(monkeypatch):
     builds = []
-    real = architectures.build
-    monkeypatch.setattr(architectures, "build", lambda *a, **k: builds.append(a) or real(*a, **k))
+    real = targets.build
+    monkeypatch.setattr(targets, "build", lambda *a, **k: builds.append(a) or real(*a, **k))
     return builds
 
 
 def fresh_spec(monkeypatch, *args):
-    monkeypatch.setattr(architectures, "_SPECS", {})
-    return architectures.spec(*args)
+    monkeypatch.setattr(targets, "_SPECS", {})
+    return targets.spec(*args)
 
 
 DAMAGE = {
@@ -188,15 +191,15 @@ def test_specs_are_keyed_by_options_and_version(cache, monkeypatch):
     plain = fresh_spec(monkeypatch, "squeezenet1_1")
     assert seven.tensors[-1].shape == (7,) and plain.tensors[-1].shape == (1000,) and len(builds) == 2
     assert len(spec_files(cache)) == 2
-    monkeypatch.setattr(architectures.TorchvisionSource, "version", property(lambda self: "0.0-other"))
-    monkeypatch.setattr(architectures, "_LISTS", {})
+    monkeypatch.setattr(architectures_torchvision.TorchvisionSource, "version", property(lambda self: "0.0-other"))
+    monkeypatch.setattr(targets, "_LISTS", {})
     assert fresh_spec(monkeypatch, "squeezenet1_1").names == plain.names and len(builds) == 3  # another version
     assert not list(cache.rglob("*.tmp"))  # written atomically: no temporary file left
 
 
 def test_the_spec_holds_the_module_tree_for_selectors(cache, monkeypatch):
     spec = fresh_spec(monkeypatch, "vgg16")
-    model = architectures.build("vgg16")
+    model = targets.build("vgg16")
     tree = fresh_spec(monkeypatch, "vgg16").module_tree()  # read back from the disk cache
     for only, drop in ((["features[:10]"], []), (["classifier[-1]"], []), ([], ["features[2:]", "classifier.0"]),
                        (["features[0].weight"], [])):
@@ -217,19 +220,19 @@ def test_a_model_that_does_not_build_is_remembered(cache, monkeypatch):
 
 
 def test_the_list_of_names_is_cached_and_checked(cache, monkeypatch):
-    source = architectures.sources()["torchvision"]
-    names = architectures._list(source)
+    source = targets.sources()["torchvision"]
+    names = targets._list(source)
     assert "vgg16" in names and names == sorted(torchvision.models.list_models())
-    path = spec_cache.names_path("torchvision", architectures.source_version(source))
+    path = spec_cache.names_path("torchvision", targets.source_version(source))
     assert json.loads(path.read_text())["models"] == names
     for damage in ('{"ckconv_names": 2, "models": "vgg16"}', "[", json.dumps(
             dict(json.loads(path.read_text()), models=["vgg16", "vgg16"]))):
         path.write_text(damage)
-        monkeypatch.setattr(architectures, "_LISTS", {})
-        assert architectures._list(source) == names
-    monkeypatch.setattr(architectures, "_LISTS", {})
+        monkeypatch.setattr(targets, "_LISTS", {})
+        assert targets._list(source) == names
+    monkeypatch.setattr(targets, "_LISTS", {})
     monkeypatch.setattr(type(source), "list", lambda self: pytest.fail("listed again"))
-    assert architectures._list(source) == names  # the repaired entry answers
+    assert targets._list(source) == names  # the repaired entry answers
 
 
 def test_no_cache_or_an_unwritable_one_only_costs_speed(tmp_path, monkeypatch):
@@ -237,7 +240,7 @@ def test_no_cache_or_an_unwritable_one_only_costs_speed(tmp_path, monkeypatch):
     blocker.write_text("not a folder")
     for setting in ("", str(blocker / "cache")):
         monkeypatch.setenv("CKCONV_CACHE_DIR", setting)
-        monkeypatch.setattr(architectures, "_SPECS", {})
-        monkeypatch.setattr(architectures, "_LISTS", {})
-        assert architectures.spec("squeezenet1_1").tensors[-1].shape == (1000,)
+        monkeypatch.setattr(targets, "_SPECS", {})
+        monkeypatch.setattr(targets, "_LISTS", {})
+        assert targets.spec("squeezenet1_1").tensors[-1].shape == (1000,)
     assert blocker.read_text() == "not a folder"

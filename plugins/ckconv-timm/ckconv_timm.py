@@ -76,7 +76,7 @@ def build(arch: str, *, device="meta", **options):
     """Build ``timm:NAME`` or ``torchvision:NAME`` without weights (on the meta device unless told otherwise)."""
     import torch
 
-    from ckconv.architectures import TorchvisionSource
+    from ckconv.architectures_torchvision import TorchvisionSource
 
     namespace, sep, model = arch.partition(":")
     sources = {"timm": TimmSource(), "torchvision": TorchvisionSource()}

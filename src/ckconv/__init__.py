@@ -9,7 +9,8 @@ from .hookspecs import hookimpl
 
 if TYPE_CHECKING:  # what type checkers and editors see; at run time each name is imported on first use
     from .api import convert, detect_format, load, parse_size, read, save
-    from .bundles import describe, load_bundle, save_bundle
+    from .bundles import load_bundle, save_bundle
+    from .contents.layout import describe
     from .reports.diffing import diff
     from .errors import CkconvError
     from .reports.inspection import inspect
@@ -23,7 +24,7 @@ _API = {
     "read": "api", "load": "api", "save": "api", "convert": "api", "parse_size": "api", "detect_format": "api",
     "inspect": "reports.inspection", "diff": "reports.diffing",
     "CkconvError": "errors",
-    "save_bundle": "bundles", "load_bundle": "bundles", "describe": "bundles",
+    "save_bundle": "bundles", "load_bundle": "bundles", "describe": "contents.layout",
     "match": "matching.engine", "MatchReport": "matching.engine", "load_into": "matching.remap",
     "freeze": "matching.selectors",
 }

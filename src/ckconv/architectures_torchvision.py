@@ -4,13 +4,85 @@ The renames are the ones torchvision applies when it loads old checkpoints (``de
 the ``_load_from_state_dict`` version upgrades), so ckconv can convert such files once instead of on every load.
 """
 
+import contextlib
+import warnings
+
+from .architectures import ArchitectureSource
+from .errors import UsageError
 from .hookspecs import hookimpl
+from .rules import KeyRule
+from .storage import spec_cache
+
+
+class TorchvisionSource(ArchitectureSource):
+    name = "torchvision"
+    description = "every model in torchvision.models.list_models()"
+    auto_exclude = ("quantized_*",)  # the same float modules as their plain twins
+    distribution = "torchvision"
+
+    @property
+    def version(self):
+        # torchvision's models are torch modules too: a new torch may change their buffers or dtypes
+        return (f"{spec_cache.distribution_version('torchvision')}"
+                f"+torch{spec_cache.distribution_version('torch')}")
+
+    def cache_version(self):
+        return self.version
+
+    def list(self):
+        import torchvision
+
+        return sorted(torchvision.models.list_models())
+
+    def build(self, model, **options):
+        import torchvision
+
+        if model not in torchvision.models.list_models():
+            raise UsageError(f"torchvision has no model {model!r}; see `ckconv match --arch auto` or "
+                             "torchvision.models.list_models()")
+        options.setdefault("weights", None)
+        params = _params(torchvision.models.get_model_builder(model))
+        if "weights_backbone" in params:
+            options.setdefault("weights_backbone", None)
+        with _no_downloads(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # googlenet/inception init warnings are noise here
+            return torchvision.models.get_model(model, **options)
+
+
+def _params(fn):
+    import inspect
+
+    return inspect.signature(fn).parameters
+
+
+@contextlib.contextmanager
+def _no_downloads():
+    """Refuse any weight download while building: ckconv builds architectures, never fetches them."""
+    import torch.hub
+
+    def refuse(url, *args, **kwargs):
+        raise UsageError(f"building the architecture tried to download {url}; ckconv never downloads weights "
+                         "(pass weights options as None)")
+
+    targets = [torch.hub]
+    try:
+        from torchvision.models import _api
+
+        targets.append(_api)
+    except ImportError:
+        pass
+    saved = [(t, t.load_state_dict_from_url) for t in targets if hasattr(t, "load_state_dict_from_url")]
+    for t, _ in saved:
+        t.load_state_dict_from_url = refuse
+    try:
+        yield
+    finally:
+        for t, fn in saved:
+            t.load_state_dict_from_url = fn
 
 
 @hookimpl
 def ckconv_register_architectures(register):
-    from .architectures import TorchvisionSource
-
     register(TorchvisionSource())
 
 
@@ -24,8 +96,6 @@ def _retinanet_conv(m):
 
 @hookimpl
 def ckconv_register_key_rules(register):
-    from .rules import KeyRule
-
     register(KeyRule(
         "torchvision.densenet_legacy",
         r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$",

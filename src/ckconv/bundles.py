@@ -1,287 +1,16 @@
-"""Training bundles: which part is the model, which the optimizer, and which parameter each optimizer slot is.
+"""Training bundles from and into live objects: ``save_bundle(path, model=..., optimizer=...)`` and ``load_bundle``.
 
-Layouts (torch, Lightning, mmengine, fvcore, timm, free-form) are recognised by their keys; slot names come from
-:mod:`ckconv.contents.optimizer_slots` (``param_names``, or a fit of each param group by state shapes that is proven
-unique). With ``--arch`` a bundle is written in the torch layout, ``{'model': sd, 'optimizer': osd, ...}``
-(:func:`standard_layout`), whatever layout it was read in.
+What a bundle holds (layouts, optimizer slot names, the freeze) is read by :mod:`ckconv.contents.layout`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
+from . import tree
+from .contents.layout import frozen_names
+from .contents.unwrap import OPTIMIZER_KEYS, unwrap
 from .errors import UsageError
-from .contents.optimizer_slots import BUFFER_SUFFIXES, model_parameters, remap_optimizer, resolve  # noqa: F401 - re-exported
-from .tree import is_flat_state_dict
+from .io import read, save
 
-LAYOUTS = [  # (name, keys that identify it)
-    ("lightning", {"state_dict", "pytorch-lightning_version"}),
-    ("lightning", {"state_dict", "optimizer_states"}),
-    ("mmengine", {"meta", "state_dict"}),
-    ("timm", {"state_dict", "arch"}),
-    ("fvcore", {"model", "iteration"}),
-]
-
-
-@dataclass
-class OptimizerInfo:
-    path: str  # where the optimizer state_dict sits, e.g. "optimizer" or "optimizer_states.0"
-    kind: str  # Adam, AdamW, SGD, ... (inferred from hyper-parameters and state)
-    hyperparameters: list  # one dict per param group, without "params"
-    params: int  # parameter slots across groups
-    with_state: int  # slots that have state
-    names: dict = field(default_factory=dict)  # index -> parameter name (when resolved)
-    how: str = ""  # "param_names", "shapes (unique)", "shapes (ambiguous)", "unresolved"
-    subset: bool = False  # the optimizer covers only some of the model's parameters
-    problem: str | None = None  # why the slots have no names (an ambiguous fit, state that does not fit)
-
-    def to_dict(self):
-        d = asdict(self)
-        d["names"] = {str(k): v for k, v in self.names.items()}
-        return d
-
-
-@dataclass
-class BundleInfo:
-    layout: str
-    model: str | None
-    optimizers: list
-    schedulers: list
-    ema: str | None
-    scalars: dict
-
-    def to_dict(self):
-        d = asdict(self)
-        d["optimizers"] = [o.to_dict() for o in self.optimizers]
-        return d
-
-
-def is_optimizer_state(node) -> bool:
-    return (isinstance(node, dict) and isinstance(node.get("state"), dict)
-            and isinstance(node.get("param_groups"), list)
-            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in node["param_groups"]))
-
-
-def optimizer_kind(osd) -> str:
-    groups = osd["param_groups"]
-    keys = set().union(*(g.keys() for g in groups)) if groups else set()
-    state_keys = set().union(*(s.keys() for s in osd["state"].values() if isinstance(s, dict))) if osd["state"] else set()
-    if "betas" in keys or {"exp_avg", "exp_avg_sq"} <= state_keys:
-        if any(g.get("decoupled_weight_decay") for g in groups):
-            return "AdamW"
-        return "Adam" if "decoupled_weight_decay" in keys else "Adam/AdamW"
-    if "nesterov" in keys or "momentum_buffer" in state_keys:
-        return "SGD"
-    if "centered" in keys:
-        return "RMSprop"
-    if "lr_decay" in keys:
-        return "Adagrad"
-    if "rho" in keys:
-        return "Adadelta"
-    return "unknown"
-
-
-def resolve_names(osd, model_sd: dict | None, frozen=()):
-    """-> (slot index -> name, how, subset); names stay empty unless proven (see :func:`ckconv.contents.optimizer_slots.resolve`)."""
-    res = resolve(osd, model_sd, frozen)
-    return res.names, res.how, res.subset
-
-
-def layout_of(root) -> str:
-    if not isinstance(root, dict):
-        return "unknown"
-    keys = set(root)
-    for name, marker in LAYOUTS:
-        if marker <= keys:
-            return name
-    if is_flat_state_dict(root):
-        return "state_dict"
-    return "torch" if {"model", "optimizer"} <= keys else "custom"
-
-
-def frozen_names(root) -> list:
-    """The ``frozen`` list a bundle records (``save_bundle``, ``convert --freeze``), or []."""
-    frozen = root.get("frozen") if isinstance(root, dict) else None
-    return list(frozen) if isinstance(frozen, list) and all(isinstance(n, str) for n in frozen) else []
-
-
-def describe(root) -> BundleInfo:
-    """Name the sections of a checkpoint and describe each optimizer found in it."""
-    from .contents.sections import model_state_dict
-
-    if not isinstance(root, dict):
-        return BundleInfo("unknown", None, [], [], None, {})
-    layout = layout_of(root)
-    try:
-        model_sd, model_key = model_state_dict(root)
-    except Exception:  # noqa: BLE001 - a bundle without a model is still a bundle
-        model_sd, model_key = None, None
-    optimizers = []
-    for path, node in _find_optimizers(root):
-        res = resolve(node, model_sd, frozen_names(root))
-        optimizers.append(OptimizerInfo(
-            path, optimizer_kind(node),
-            [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in node["param_groups"]],
-            sum(len(g["params"]) for g in node["param_groups"]), len(node["state"]), res.names, res.how,
-            res.subset, res.problem))
-    schedulers = [k for k in root if k in ("scheduler", "schedulers", "lr_scheduler", "lr_schedulers",
-                                           "param_schedulers")]
-    ema = next((k for k in ("state_dict_ema", "model_ema", "ema") if k in root), None)
-    scalars = {k: v for k, v in root.items() if isinstance(k, str) and type(v) in (int, float, str, bool)}
-    return BundleInfo(layout, model_key, optimizers, schedulers, ema, scalars)
-
-
-def optimizer_namer(root):
-    """A ``structure.encode`` namer: optimizer state tensors named by their parameter, not their slot index."""
-    if not isinstance(root, dict):
-        return None
-    table = {}
-    for info in describe(root).optimizers:
-        prefix = tuple(int(p) if p.isdigit() else p for p in info.path.split("."))
-        for idx, name in info.names.items():
-            table[prefix + ("state", idx)] = f"{info.path}.state.{name}"
-    if not table:
-        return None
-
-    def namer(path):
-        for cut in (len(path) - 1, len(path) - 2):
-            if cut > 0 and path[:cut] in table:
-                return ".".join([table[path[:cut]], *map(str, path[cut:])])
-        return None
-
-    return namer
-
-
-def _find_optimizers(root):
-    found = []
-    for key, value in root.items():
-        if is_optimizer_state(value):
-            found.append((str(key), value))
-        elif isinstance(value, list):
-            found += [(f"{key}.{i}", v) for i, v in enumerate(value) if is_optimizer_state(v)]
-    return found
-
-
-def optimizer_paths(root) -> list:
-    """Key paths (tuples) of the optimizer state_dicts at the top of a bundle or in its top-level lists."""
-    if not isinstance(root, dict):
-        return []
-    return [tuple(int(p) if p.isdigit() and isinstance(root.get(path.split(".")[0]), list) else p
-                  for p in path.split(".")) for path, _ in _find_optimizers(root)]
-
-
-def drop_optimizers(root):
-    """-> (root without its optimizer state_dicts, how many were dropped)."""
-    if not isinstance(root, dict):
-        return root, 0
-    out = type(root)() if type(root) is not dict else {}
-    dropped = 0
-    for key, value in root.items():
-        if is_optimizer_state(value):
-            dropped += 1
-            continue
-        if isinstance(value, list) and value and any(is_optimizer_state(v) for v in value):
-            kept = [v for v in value if not is_optimizer_state(v)]
-            dropped += len(value) - len(kept)
-            if not kept:
-                continue
-            value = kept
-        out[key] = value
-    if getattr(root, "__dict__", None):
-        out.__dict__.update(root.__dict__)
-    return out, dropped
-
-
-def standard_layout(root, model_key, layout):
-    """-> (``{'model': sd, 'optimizer': osd, ...}``, note) from a bundle in any layout.
-
-    The model section (at ``model_key``) becomes ``model``; a single optimizer, wherever it sat, ``optimizer``;
-    optimizers from one list (Lightning's ``optimizer_states``) ``optimizers`` when there are several. Lightning's
-    ``lr_schedulers`` become ``scheduler`` (or ``schedulers``). Everything else keeps its name and order.
-    """
-    items = [(k, v) for k, v in root.items() if k != model_key]
-    singles = [k for k, v in items if is_optimizer_state(v)]
-    lists = [k for k, v in items if isinstance(v, list) and v and all(is_optimizer_state(x) for x in v)]
-    out, taken, moved = {"model": root[model_key]}, {model_key}, [f"{model_key} -> model"]
-    if len(singles) + len(lists) == 1:
-        key = (singles or lists)[0]
-        value = root[key]
-        name = "optimizers" if isinstance(value, list) and len(value) > 1 else "optimizer"
-        out[name] = value[0] if isinstance(value, list) and name == "optimizer" else value
-        taken.add(key)
-        moved.append(f"{key}{'[0]' if isinstance(value, list) and name == 'optimizer' else ''} -> {name}")
-    if layout == "lightning":
-        for key, single, several in (("optimizer_states", "optimizer", "optimizers"),
-                                     ("lr_schedulers", "scheduler", "schedulers")):
-            value = root.get(key)
-            if key in taken or not isinstance(value, list):
-                continue
-            taken.add(key)
-            if value:
-                name = single if len(value) == 1 else several
-                out[name] = value[0] if len(value) == 1 else value
-                moved.append(f"{key}{'[0]' if len(value) == 1 else ''} -> {name}")
-    for key, value in items:
-        if key in taken:
-            continue
-        if key in out:
-            raise UsageError(f"this {layout} bundle has its own {key!r} entry beside the {model_key!r} section; "
-                             "writing the torch layout would overwrite it: pass --keep-layout")
-        out[key] = value
-    if moved == ["model -> model"] or (moved == ["model -> model", "optimizer -> optimizer"]):
-        return out, None
-    return out, (f"read the {layout} layout; wrote the torch layout {{'model', 'optimizer', ...}}: "
-                 f"{', '.join(moved)}, the rest under their names (--keep-layout keeps the {layout} layout)")
-
-
-def model_paths(root) -> list:
-    """Key paths of the model state_dict (the one ``match`` would take) and of EMA copies beside it."""
-    from .contents.unwrap import EMA_KEYS, unwrap
-
-    try:
-        _, _, path = unwrap(root)
-    except UsageError:
-        return []
-    paths = [tuple(path)]
-    if isinstance(root, dict) and path:
-        paths += [(k,) for k in EMA_KEYS if isinstance(root.get(k), dict) and (k,) != tuple(path)]
-    return paths
-
-
-def cast_notes(root, dtype, dtype_optimizer, model_only=False):
-    """``--dtype`` / ``--dtype-optimizer``: -> (root, tensors cast, notes).
-
-    ``dtype`` casts the model state_dict and its EMA copies only; ``dtype_optimizer`` casts the optimizers'
-    floating state (moments), never their ``step`` counters. Everything else keeps its dtype.
-    """
-    from .api import cast_floating
-    from .dtypes import CAST_NAMES
-    from .contents.optimizer_slots import INTEGER_STATE
-
-    opt = [] if model_only else optimizer_paths(root)
-    total, notes = 0, []
-    if dtype:
-        within = [()] if model_only else model_paths(root)
-        root, cast, skipped = cast_floating(root, dtype, within=within, exclude=opt)
-        where = ", ".join(".".join(map(str, p)) or "<root>" for p in within) or "nowhere: no model state_dict found"
-        notes.append(f"cast {cast} floating tensors to {CAST_NAMES[dtype]} in the model (at {where}); integer, bool "
-                     "and other tensors unchanged" + (f"; left {skipped} float8/complex tensors as they were"
-                                                      if skipped else "")
-                     + ("; optimizer state kept in its dtype (--dtype-optimizer casts it)"
-                        if opt and not dtype_optimizer else ""))
-        total += cast
-    if dtype_optimizer:
-        if not opt:
-            raise UsageError("--dtype-optimizer casts optimizer state, but this checkpoint has no optimizer "
-                             "state_dict" + (" in what --model-only writes" if model_only else ""))
-        root, cast, _ = cast_floating(root, dtype_optimizer, within=opt, keep_keys=INTEGER_STATE)
-        notes.append(f"cast {cast} floating optimizer state tensors to {CAST_NAMES[dtype_optimizer]}; step "
-                     "counters kept as they were")
-        total += cast
-    return root, total, notes
-
-
-# --- writing and restoring bundles from live objects ------------------------------------------------------
 
 def save_bundle(path, *, model=None, optimizer=None, scheduler=None, force=False, **extra):
     """Write ``{'model': sd, 'optimizer': osd, 'scheduler': ..., 'frozen': [...], **extra}`` atomically.
@@ -289,8 +18,6 @@ def save_bundle(path, *, model=None, optimizer=None, scheduler=None, force=False
     ``frozen`` lists the parameters with ``requires_grad=False`` (left out when none are) so ``load_bundle`` can
     restore the freeze.
     """
-    from .api import save
-
     bundle = {}
     if model is not None:
         bundle["model"] = model.state_dict()
@@ -312,15 +39,14 @@ def load_bundle(path, model=None, optimizer=None, scheduler=None, strict=True):
     the freeze the caller applied. ``optimizer`` / ``scheduler`` may be lists, for a bundle's ``optimizers`` /
     ``schedulers`` lists.
     """
-    from .api import load
-    from .contents.sections import MODEL_KEYS, OPTIMIZER_KEYS
-
-    bundle = load(path)
-    if model is not None:
-        sd = next((bundle[k] for k in MODEL_KEYS if isinstance(bundle.get(k), dict)), None)
-        if sd is None:
-            raise UsageError(f"{path}: no model state_dict found (looked under {', '.join(MODEL_KEYS)})")
-        model.load_state_dict(sd, strict=strict)
+    ckpt = read(path)
+    if model is None:
+        bundle = tree.materialize(ckpt.root)
+    else:  # the model is where every command finds it (contents.unwrap), materialised with the bundle in one pass
+        flat, _, _ = unwrap(ckpt.root)
+        both = tree.materialize({"bundle": ckpt.root, "model": flat})
+        bundle = both["bundle"]
+        model.load_state_dict(both["model"], strict=strict)
         if "frozen" in bundle:  # a recorded freeze is restored; without one requires_grad is left as it is
             frozen = set(frozen_names(bundle))
             for name, p in model.named_parameters():
@@ -340,40 +66,3 @@ def load_bundle(path, model=None, optimizer=None, scheduler=None, strict=True):
         if state is not None:
             live.load_state_dict(state)
     return bundle
-
-
-def record_freeze(root, selectors, *, arch=None, arch_options=None):
-    """-> (new root, frozen names, note): ``root`` with the parameters under ``selectors`` listed as ``frozen``.
-
-    With ``arch`` the selectors resolve against that architecture's module tree (``features[:10]``); without one
-    only dotted names work (``features.0``). A bare state_dict becomes ``{'model': sd, 'frozen': [...]}``.
-    """
-    from .contents.sections import model_state_dict
-    from .matching.selectors import _names, freeze, under
-    from .contents.unwrap import replace
-
-    selectors = [selectors] if isinstance(selectors, str) else list(selectors)
-    sd, where = model_state_dict(root)
-    if arch:
-        from . import architectures
-
-        model = architectures.build(arch, arch_options or None)  # on the meta device: no memory, no weights
-        selected = set(freeze(model, selectors))
-        params = [n for n, _ in model.named_parameters() if n in sd]
-        frozen = [n for n in params if n in selected]
-    else:
-        params = [name for name, _ in model_parameters(sd)]
-        prefixes = _names(selectors, None)
-        frozen = [n for n in params if under(n, prefixes)]
-    if not frozen:
-        raise UsageError(f"--freeze {' '.join(selectors)}: selects no parameter of the model state_dict (found at "
-                         f"{where}); check the names with `ckconv inspect`" + ("" if arch else " or pass --arch"))
-    if where == "<root>":
-        new = {"model": root, "frozen": frozen}
-        note = "wrapped the state_dict as a bundle {'model': ..., 'frozen': [...]} to record the freeze"
-    else:
-        new = replace(root, ("frozen",), frozen)
-        note = "replaced the bundle's earlier freeze" if "frozen" in root else "recorded the freeze"
-    trainable = len(params) - len(frozen)
-    return new, frozen, (f"{note}: {len(frozen)} parameters frozen, {trainable} trainable "
-                         "(ckconv.load_bundle restores it)")

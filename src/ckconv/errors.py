@@ -50,15 +50,36 @@ class UsageError(CkconvError):
     """The request itself is inconsistent (unknown format, bad option value)."""
 
 
-def did_you_mean(name, choices) -> str:
-    """``"; did you mean vgg16?"`` for a near miss among ``choices`` (a swapped pair of letters first), else ``""``."""
-    import difflib
-
-    name = str(name).lower()
-    ratio = {c: difflib.SequenceMatcher(None, name, c.lower()).ratio() for c in {str(c) for c in choices}}
-    close = sorted((c for c, r in ratio.items() if r >= 0.6), key=lambda c: (-ratio[c], c))
-    swapped = [c for c in close if sorted(c.lower()) == sorted(name)]
-    close = swapped[:1] or [c for c in close if ratio[c] >= ratio[close[0]] - 0.05][:3]
-    if not close:
+def did_you_mean(word, names, prefix="") -> str:
+    """``"; did you mean vgg16?"`` for the names nearest ``word`` (typos: a swap, a letter more, less or changed),
+    else ``""``; the one spelling helper of every message (formats, sections, architectures, commands)."""
+    word = str(word).lower()
+    limit = max(1, len(word) // 4)
+    scored = []
+    for name in dict.fromkeys(str(n) for n in names):
+        if abs(len(name) - len(word)) > limit:
+            continue
+        d = _edit_distance(word, name.lower(), limit)
+        if d <= limit:
+            scored.append((d, sorted(name.lower()) != sorted(word), name))  # an anagram (vgg61) is a swap
+    if not scored:
         return ""
-    return "; did you mean " + (", ".join(close[:-1]) + " or " if len(close) > 1 else "") + close[-1] + "?"
+    scored.sort()
+    best = [n for d, swap, n in scored if (d, swap) == scored[0][:2]][:3]
+    return "; did you mean " + " or ".join(prefix + n for n in best) + "?"
+
+
+def _edit_distance(a, b, limit):
+    """Optimal string alignment distance (a swap of neighbours counts 1), stopping once past ``limit``."""
+    prev2, prev = None, list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        cur = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cost = a[i - 1] != b[j - 1]
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        if min(cur) > limit:
+            return limit + 1
+        prev2, prev = prev, cur
+    return prev[-1]

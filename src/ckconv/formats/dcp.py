@@ -1204,9 +1204,9 @@ def save_distributed(obj, path, *, format=None, max_shard_size=None, force=False
     byte-identical to the single-process result for safetensors, and holds the same content for torch (whose
     files carry a random serialization id) and dcp (one file per rank).
     """
-    from ..api import _as_checkpoint, output_target, parse_size
+    from ..io import as_checkpoint, output_target, parse_size
 
-    ckpt = _as_checkpoint(obj)
+    ckpt = as_checkpoint(obj)
     shard = parse_size(max_shard_size)
     target = output_target(ckpt, path, format=format, max_shard_size=shard)  # same answer on every rank
     path, fmt, name = target.path, target.format, target.format.name
@@ -1236,7 +1236,7 @@ def save_distributed(obj, path, *, format=None, max_shard_size=None, force=False
 
 def _safetensors_distributed(ckpt, path, options, force, group, stage):
     # The same plan as SafetensorsFormat.write (tests check the outputs are byte-identical).
-    from ..bundles import optimizer_namer
+    from ..contents.layout import optimizer_namer
     from ..storage.fastcopy import SourceFiles
     from .safetensors_format import INDEX_NAME, RAW_DTYPES, SINGLE_NAME, _metadata, _write_json, header_bytes, plan_shards, write_file
 

@@ -18,7 +18,7 @@ from .. import dtypes
 from ..pickling import structure
 from ..storage.atomic import FolderLayout
 from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint
-from ..bundles import optimizer_namer
+from ..contents.layout import optimizer_namer
 from ..hookspecs import hookimpl
 from ..model import Checkpoint, Storage, TensorRef
 from ..tree import foreign_objects

@@ -26,7 +26,7 @@ from pathlib import Path
 from ..pickling import structure
 from .. import tree
 from ..storage.atomic import FolderLayout
-from ..bundles import optimizer_namer
+from ..contents.layout import optimizer_namer
 from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint
 from ..hookspecs import hookimpl
 from ..model import Checkpoint, TensorRef

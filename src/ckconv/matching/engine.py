@@ -367,7 +367,7 @@ def source_tensors(ckpt, section=None):
     from ..contents.unwrap import unwrap
 
     if isinstance(ckpt, (str, os.PathLike)):
-        from ..api import read
+        from ..io import read
 
         root, label = read(ckpt).root, str(ckpt)
     elif isinstance(ckpt, Checkpoint):
@@ -380,11 +380,12 @@ def source_tensors(ckpt, section=None):
 
 def target_spec(arch, arch_options=None):
     """-> (ArchSpec, model or None) for an architecture name or an ``nn.Module``."""
-    from .. import architectures
+    from ..architectures import spec_of_model
+    from . import targets
 
     if hasattr(arch, "state_dict") and hasattr(arch, "named_modules"):
-        return architectures.spec_of_model(arch, type(arch).__name__), arch
-    return architectures.spec(arch, arch_options), None
+        return spec_of_model(arch, type(arch).__name__), arch
+    return targets.spec(arch, arch_options), None
 
 
 def match(ckpt, arch, *, arch_options=None, rename=(), section=None, only=(), drop=(), structural=True,
@@ -395,16 +396,16 @@ def match(ckpt, arch, *, arch_options=None, rename=(), section=None, only=(), dr
     registered architecture, or an ``nn.Module``. ``rename``: ``'REGEX=REPLACEMENT'`` strings applied first.
     ``only``/``drop``: selectors limiting the target keys. Reads no tensor data.
     """
-    from .. import architectures
+    from . import targets
     from ..plugins import host
     from .selectors import filter_keys
 
     auto = isinstance(arch, str) and (arch == "auto" or arch.startswith("auto:"))
     if isinstance(arch, str) and not auto:
-        architectures.resolve(arch)  # a typo is told before the checkpoint is read
+        targets.resolve(arch)  # a typo is told before the checkpoint is read
     _, flat, where, path, label = source_tensors(ckpt, section)
     source = [(k, v.shape, v.dtype) for k, v in flat.items()]
-    options = architectures.parse_options(arch_options)
+    options = targets.parse_options(arch_options)
     ranking = []
     if auto:
         ranking = rank(source, arch[5:], options, rename, progress, top=5)
@@ -429,13 +430,13 @@ def rank(source, patterns="", arch_options=None, rename=(), progress=None, top=N
     only the best ``top`` are sure to be listed (ties included): an architecture whose element counts alone
     prove it cannot score that high is left out without being matched.
     """
-    from .. import architectures
+    from . import targets
     from ..plugins import host
 
     wanted = [p.strip() for p in str(patterns or "").split(",") if p.strip()]
-    names = architectures.all_architectures(auto=True)
+    names = targets.all_architectures(auto=True)
     if wanted:  # bare patterns pick among the auto candidates; "ns:pattern" reaches any namespace
-        everything = architectures.all_architectures() if any(":" in p for p in wanted) else names
+        everything = targets.all_architectures() if any(":" in p for p in wanted) else names
         names = [a for a in everything if any(fnmatch.fnmatchcase(a if ":" in p else a.split(":", 1)[1], p)
                                               for p in wanted)]
     if not names:
@@ -447,7 +448,7 @@ def rank(source, patterns="", arch_options=None, rename=(), progress=None, top=N
         if progress is not None:
             progress(i, len(names), name)
         try:
-            specs.append((name, architectures.spec(name, arch_options)))
+            specs.append((name, targets.spec(name, arch_options)))
         except Exception:  # noqa: BLE001 - one model that cannot be built must not stop the ranking
             continue
     src_numels = Counter(alignment.numel(shape) for _, shape, _ in source)

@@ -209,22 +209,22 @@ def remap_checkpoint(ckpt, *, arch=None, arch_options=None, map=None, only=(), d
     Optimizer state follows the renames (``optimizer="remap"``) or is left out (``"drop"``). With an architecture
     a bundle is written in the torch layout ``{'model': sd, 'optimizer': osd, ...}`` unless ``keep_layout``.
     """
-    from .. import architectures
-    from ..bundles import drop_optimizers, frozen_names, layout_of, standard_layout
+    from . import targets
+    from ..contents.layout import drop_optimizers, frozen_names, layout_of, standard_layout
     from ..contents.unwrap import replace
 
     if optimizer not in ("remap", "drop"):
         raise UsageError(f"unknown --optimizer {optimizer!r}; use remap or drop")
-    options = architectures.parse_options(arch_options)
+    options = targets.parse_options(arch_options)
     if map is not None:
         data = load_map(map)
         if rename:
             raise UsageError("--rename and --map do not go together: the map already names every key")
         arch = arch or data["arch"]
-        options = options or architectures.parse_options(data["arch_options"])
+        options = options or targets.parse_options(data["arch_options"])
         report = report_from_map(data, ckpt, arch=arch, arch_options=options, section=section)
         if only or drop:
-            _restrict(report, only, drop, architectures.spec(arch, options).module_tree() if arch else None)
+            _restrict(report, only, drop, targets.spec(arch, options).module_tree() if arch else None)
     elif arch is not None:
         report = match(ckpt, arch, arch_options=options, rename=rename, section=section, only=only, drop=drop,
                        structural=structural)
@@ -274,13 +274,13 @@ def remap_optimizers(root, report: MatchReport, options=None, *, frozen=()):
     Refuses (:class:`UsageError`) an optimizer whose slots cannot be proven to belong to particular parameters,
     or whose state would not fit its new parameter: such state is never written.
     """
-    from .. import architectures
-    from ..bundles import _find_optimizers
+    from . import targets
+    from ..contents.layout import find_optimizers
     from ..contents.optimizer_slots import model_parameters, remap_optimizer, resolve
 
     if not isinstance(root, dict):
         return root, []
-    found = _find_optimizers(root)
+    found = find_optimizers(root)
     if not found:
         return root, []
     mapping = {m.source: m.target for m in report.matched}
@@ -289,7 +289,7 @@ def remap_optimizers(root, report: MatchReport, options=None, *, frozen=()):
     source_shapes = {n: tuple(ref.shape) for n, ref in source_sd.items()}
     restart = {m["source"]: m["target"] for m in report.mismatched}  # a new head keeps its group, without state
     if report.architecture:
-        spec = architectures.spec(report.arch, options or report.arch_options or None)
+        spec = targets.spec(report.arch, options or report.arch_options or None)
         target_params = [t.name for t in spec.tensors if t.kind == "parameter"]
     else:
         target_params = [mapping[n] for n, _ in model_parameters(source_sd) if n in mapping]

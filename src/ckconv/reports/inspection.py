@@ -10,7 +10,7 @@ from pathlib import Path
 from ..contents import modules
 from ..pickling import policy
 from .. import tree
-from ..bundles import describe
+from ..contents.layout import describe
 from ..errors import UnsafeCheckpoint
 from ..model import Checkpoint, Foreign, TensorRef, is_reference
 from ..contents.sections import sections
@@ -54,7 +54,7 @@ class Inspection:
 def inspect(path, allow_globals=()) -> Inspection:
     """What ``path`` holds, with a safety verdict (:mod:`ckconv.pickling.policy`): a dangerous file is still described
     (read with every global inert), and ``verdict``/``globals`` say what ``torch.load`` would call."""
-    from ..api import detect_format, read
+    from ..io import detect_format, read
 
     path = Path(path)
     fmt = detect_format(path)

@@ -57,7 +57,7 @@ def exit_code(results) -> int:
 
 
 def _scan_path(path: Path, allow, results, seen, top=False):
-    from ..api import detect_format
+    from ..io import detect_format
 
     try:
         st = os.stat(path)  # follows symlinks: what the user (or a snapshot link) points at
@@ -154,7 +154,7 @@ def scan_one(path: Path, allow=(), fmt=None, used_files=False):
 
 
 def _scan_one(path: Path, allow, fmt):
-    from ..api import read
+    from ..io import read
     from .inspection import verdicts
 
     failed = _member_keys(path) if path.is_dir() else set()  # a folder that fails is one finding, not many

@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from .dtypes import DTYPES, QUANTIZED
+from ..dtypes import DTYPES, QUANTIZED
 
 FORMAT = 2  # bump when what a spec holds changes
 KINDS = ("parameter", "buffer")

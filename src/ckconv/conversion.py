@@ -1,0 +1,174 @@
+"""Conversion, the one orchestration: read, find the model, match it to an architecture, restructure, cast, write.
+
+The one place that strings the stages together; each step is a function of the stage that owns it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from . import dtypes, tree
+from .contents.cast import cast_notes
+from .contents.layout import drop_optimizers
+from .contents.optimizer_slots import model_parameters
+from .contents.plain import plain as make_plain
+from .contents.unwrap import model_state_dict, replace
+from .errors import UsageError
+from .io import PathLike, Progress, output_target, parse_size, read, save
+from .matching import targets
+from .matching.remap import remap_checkpoint
+from .matching.selectors import _names, freeze as select_frozen, under
+from .model import Checkpoint
+from .pickling.policy import check_patterns
+from .storage.atomic import check_destination
+
+
+@dataclass
+class ConversionResult:
+    source: str
+    destination: str
+    source_format: str
+    destination_format: str
+    tensors: int
+    bytes: int
+    model_only: bool = False
+    dtype: str | None = None
+    cast: int = 0  # tensors cast by --dtype
+    notes: list = field(default_factory=list)
+    match: dict | None = None  # the MatchReport (as a dict) when keys were remapped (--arch, --map, --rename, ...)
+    changes: list = field(default_factory=list)  # what --plain rewrote, one line each
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: bool = False,
+            dtype: str | None = None, max_shard_size: int | str | None = None, force: bool = False,
+            progress: Progress | None = None, arch: str | None = None, arch_options: dict | list | None = None,
+            map: PathLike | None = None, only: Iterable[str] = (), drop: Iterable[str] = (),
+            rename: Iterable[str] = (), section: str | None = None, strict: bool = False,
+            freeze: Iterable[str] = (), distributed: bool = False, allow_globals: Iterable[str] = (),
+            optimizer: str = "remap", keep_layout: bool = False, dtype_optimizer: str | None = None,
+            plain: bool = False) -> ConversionResult:
+    """Convert ``src`` to ``dst`` losslessly (unless ``model_only`` or ``dtype`` ask otherwise).
+
+    ``arch`` / ``map`` / ``rename`` / ``only`` / ``drop`` remap the model state_dict onto an architecture's names
+    (see :func:`ckconv.match`); the other sections of a bundle are kept unless ``model_only``.
+    ``freeze``: selectors (``features[:10]``; dotted names without ``arch``) whose parameters the written bundle
+    lists under ``frozen``, for :func:`ckconv.load_bundle` to restore.
+    ``allow_globals``: globals a pickle output may name beyond ckconv's allowlist (see :func:`save`).
+    ``optimizer``: ``"remap"`` (optimizer state follows the remapped model; refused when it cannot be proven to fit)
+    or ``"drop"`` (left out). With ``arch`` a bundle is written as ``{'model', 'optimizer', ...}`` unless
+    ``keep_layout``. ``dtype`` casts the model (and EMA copies) only; ``dtype_optimizer`` casts optimizer state,
+    never its ``step`` counters (docs/bundles.md).
+    ``plain``: rewrite what only ``torch.load(weights_only=False)`` can load (pickled modules, numpy values,
+    records, class references) into what ``weights_only=True`` loads (:mod:`ckconv.contents.plain`); the result lists each
+    change in ``changes``.
+    ``distributed``: when this process is one rank of a torchrun job, write only this rank's share of the output
+    (:func:`ckconv.formats.dcp.save_distributed`; every rank must call convert). The CLI sets it.
+    """
+    src, dst = Path(src), Path(dst)
+    allow_globals = check_patterns(allow_globals)  # a bad pattern is a usage error before anything is read
+    if freeze and model_only:
+        raise UsageError("--freeze records the frozen parameters in a bundle, but --model-only writes a bare "
+                         "state_dict; drop one of the two")
+    ckpt = read(src)
+    early = output_target(ckpt, dst, format=to, max_shard_size=max_shard_size)
+    if not early.folder:  # refuse an existing DST or a missing folder before any matching or casting
+        check_destination(early.path, force, early.protect)
+    notes = list(ckpt.notes)
+    root = ckpt.root
+    report = None
+    if arch is not None or map is not None or rename or only or drop or section is not None:
+        root, report, remap_notes = remap_checkpoint(
+            ckpt, arch=arch, arch_options=arch_options, map=map, only=only, drop=drop, rename=rename,
+            section=section, strict=strict, model_only=model_only, optimizer=optimizer, keep_layout=keep_layout)
+        notes += remap_notes
+    elif model_only:
+        root, where = model_state_dict(root)
+        notes.append(f"wrote only the model state_dict (found at {where})")
+    elif optimizer == "drop":
+        root, dropped = drop_optimizers(root)
+        notes.append(f"left out {dropped} optimizer state_dicts (--optimizer drop)")
+    changes: list = []
+    if plain:
+        root, changes = make_plain(root)
+        notes.append(f"--plain: {len(changes)} values rewritten for torch.load(weights_only=True)" if changes else
+                     "--plain: nothing to rewrite; the checkpoint already loads with weights_only=True")
+    if freeze:
+        target = report.architecture if report is not None else None
+        root, _, note = record_freeze(root, freeze, arch=target, arch_options=report.arch_options if target else None)
+        notes.append(note)
+    cast = 0
+    if dtype or dtype_optimizer:
+        root, cast, cast_note = cast_notes(root, dtype, dtype_optimizer, model_only)
+        notes += cast_note
+    shard = parse_size(max_shard_size)
+    over = [r for r in _unique_tensors(root) if shard is not None and r.nbytes > shard]
+    if over:
+        notes.append(f"the checkpoint's largest tensor ({max(r.nbytes for r in over)} bytes) exceeds --max-shard-size: "
+                     f"{len(over)} tensor(s) over the limit each get a shard of their own, as huggingface_hub does")
+    kept = tree.foreign_objects(root) if ckpt.foreign else []  # what the output holds, not the source
+    if kept:
+        classes = sorted({c for _, c in kept})
+        notes.append(f"kept {len(kept)} foreign objects as inert records: " + ", ".join(classes[:12])
+                     + (f" and {len(classes) - 12} more classes" if len(classes) > 12 else ""))
+    out = Checkpoint(root=root, format=ckpt.format, path=str(src))
+    refs = _unique_tensors(root)
+    total = sum(r.nbytes for r in refs)
+    if progress is not None and hasattr(progress, "start"):
+        progress.start(total)
+    dst = output_target(out, dst, format=to, max_shard_size=max_shard_size).path  # a folder DST takes DST/<name>
+    saver = save
+    if distributed:  # under torchrun each rank writes its share (issue 8)
+        from .formats.dcp import save_distributed, world_from_env
+
+        if world_from_env() is not None:
+            saver = save_distributed
+    name = saver(out, dst, format=to, max_shard_size=max_shard_size, force=force, progress=progress,
+                 allow_globals=allow_globals)
+    return ConversionResult(str(src), str(dst), ckpt.format, name, len(refs), total, model_only,
+                            dtypes.CAST_NAMES.get(dtype) if dtype else None, cast, notes,
+                            report.to_dict() if report is not None else None, changes)
+
+
+def _unique_tensors(root):
+    seen, out = set(), []
+    for _, ref in tree.tensors(root):
+        if ref.view_key() not in seen:
+            seen.add(ref.view_key())
+            out.append(ref)
+    return out
+
+
+def record_freeze(root, selectors, *, arch=None, arch_options=None):
+    """-> (new root, frozen names, note): ``root`` with the parameters under ``selectors`` listed as ``frozen``.
+
+    With ``arch`` the selectors resolve against that architecture's module tree (``features[:10]``); without one
+    only dotted names work (``features.0``). A bare state_dict becomes ``{'model': sd, 'frozen': [...]}``.
+    """
+    selectors = [selectors] if isinstance(selectors, str) else list(selectors)
+    sd, where = model_state_dict(root)
+    if arch:
+        model = targets.build(arch, arch_options or None)  # on the meta device: no memory, no weights
+        selected = set(select_frozen(model, selectors))
+        params = [n for n, _ in model.named_parameters() if n in sd]
+        frozen = [n for n in params if n in selected]
+    else:
+        params = [name for name, _ in model_parameters(sd)]
+        prefixes = _names(selectors, None)
+        frozen = [n for n in params if under(n, prefixes)]
+    if not frozen:
+        raise UsageError(f"--freeze {' '.join(selectors)}: selects no parameter of the model state_dict (found at "
+                         f"{where}); check the names with `ckconv inspect`" + ("" if arch else " or pass --arch"))
+    if where == "<root>":
+        new = {"model": root, "frozen": frozen}
+        note = "wrapped the state_dict as a bundle {'model': ..., 'frozen': [...]} to record the freeze"
+    else:
+        new = replace(root, ("frozen",), frozen)
+        note = "replaced the bundle's earlier freeze" if "frozen" in root else "recorded the freeze"
+    trainable = len(params) - len(frozen)
+    return new, frozen, (f"{note}: {len(frozen)} parameters frozen, {trainable} trainable "
+                         "(ckconv.load_bundle restores it)")
