@@ -16,12 +16,12 @@ from collections import OrderedDict
 
 from .. import dtypes, tree
 from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsafeCheckpoint, UnsupportedContent
-from ..model import Foreign, GlobalRef, TensorRef, TorchDevice, TorchDtype, TorchSize, foreign_class, is_reference
+from ..model import Foreign, GlobalRef, TensorRef, TorchDtype, foreign_class
+from .builders import (BUILTIN_BUILDERS, INT64_MAX, MAX_BUILT_TUPLE, codecs_encode, reconstructor, torch_device,
+                       torch_size)
 from .scan import MAX_SAME_HASH, SAFE_INT_BITS, scan
 from .policy import COMPILE_RECORDS, dotted, is_dangerous, valid_name
 
-INT64_MAX = (1 << 63) - 1
-MAX_BUILT_TUPLE = 512  # elements of a tuple built by a ``builtins.tuple`` call (it may be hashed many times)
 
 # Globals whose meaning ckconv implements itself (never calling the named object).
 SAFE_BUILTINS = {"set", "frozenset", "complex", "bytearray", "slice", "range", "bool", "int", "float", "str",
@@ -159,9 +159,9 @@ class RestrictedUnpickler(pickle.Unpickler):
             fn = BUILTIN_BUILDERS[name]
             return self._builder(getattr(self, fn) if isinstance(fn, str) else fn, f"builtins.{name}")
         if module == "_codecs" and name == "encode":
-            return self._builder(_codecs_encode, full)
+            return self._builder(codecs_encode, full)
         if module == "copyreg" and name == "_reconstructor":
-            return self._builder(_reconstructor, full)
+            return self._builder(reconstructor, full)
         if module in ("torch._utils", "torch._tensor", "torch", "torch.nn.parameter", "torch.storage",
                       "torch.cuda"):
             builder = self._torch_global(module, name)
@@ -218,9 +218,9 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise UnsupportedContent(f"{self.where}: quantized tensors are not supported: dequantize before saving")
         if module == "torch":
             if name == "Size":
-                return _size
+                return torch_size
             if name == "device":
-                return _device
+                return torch_device
             if name in dtypes.DTYPES:
                 return TorchDtype(name)
             if name in dtypes.ALIASES:
@@ -329,37 +329,6 @@ class RestrictedUnpickler(pickle.Unpickler):
         return list(items)
 
 
-def _scalar(value, what, types=(str, int, float, bool)):
-    if type(value) not in types:
-        raise CorruptCheckpoint(f"malformed {what} record")
-    return value
-
-
-def _str(value="", encoding=None, errors="strict"):
-    if encoding is not None:
-        return _codecs_decode(value, encoding)
-    return str(_scalar(value, "str", (str, int, float, bool, type(None))))
-
-
-def _int(value=0, base=None):
-    value = _scalar(value, "int", (str, bytes, int, float, bool))
-    return int(value) if base is None else int(value, _scalar(base, "int", (int,)))
-
-
-def _float(value=0.0):
-    return float(_scalar(value, "float", (str, int, float, bool)))
-
-
-def _bool(value=False):
-    return bool(_scalar(value, "bool", (str, int, float, bool, type(None))))
-
-
-def _codecs_decode(data, encoding):
-    if not isinstance(data, (bytes, bytearray)) or encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii"):
-        raise CorruptCheckpoint("malformed str record")
-    return bytes(data).decode(encoding)
-
-
 def _rebuild_parameter(data, requires_grad, backward_hooks, state=None):
     if not isinstance(data, TensorRef):
         raise CorruptCheckpoint("parameter without tensor data")
@@ -376,64 +345,6 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     if isinstance(value, TensorRef) and new_type is PARAMETER:
         value.parameter = True
     return value
-
-
-def _size(dims=()):
-    if (not isinstance(dims, (tuple, list)) or len(dims) > MAX_BUILT_TUPLE
-            or not all(type(d) is int and -INT64_MAX - 1 <= d <= INT64_MAX for d in dims)):
-        raise CorruptCheckpoint("torch.Size with non-integer dimensions")
-    return TorchSize(dims)
-
-
-def _device(kind, index=None):
-    if not isinstance(kind, str) or (index is not None and type(index) is not int):
-        raise CorruptCheckpoint("malformed torch.device")
-    return TorchDevice(kind if index is None else f"{kind}:{index}")
-
-
-def _complex(real=0.0, imag=0.0):
-    if not all(isinstance(v, (int, float)) for v in (real, imag)):
-        raise CorruptCheckpoint("malformed complex number")
-    return complex(real, imag)
-
-
-def _bytearray(data=b"", *rest):
-    if isinstance(data, str):
-        return bytearray(_codecs_encode(data, rest[0] if rest else "latin1"))
-    if not isinstance(data, (bytes, bytearray)):
-        raise CorruptCheckpoint("malformed bytearray")
-    return bytearray(data)
-
-
-def _bytes(data=b"", *rest):
-    if isinstance(data, str):
-        return _codecs_encode(data, rest[0] if rest else "latin1")
-    if not isinstance(data, (bytes, bytearray)):
-        raise CorruptCheckpoint("malformed bytes record")
-    return bytes(data)
-
-
-def _codecs_encode(text, encoding="utf-8"):
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
-        raise CorruptCheckpoint("malformed bytes record")
-    return text.encode(encoding)
-
-
-# builtins a pickle may name: ckconv's checked stand-ins (methods are bound to the unpickler, which keeps a
-# hashing budget); ``object`` is only ever a base class argument.
-BUILTIN_BUILDERS = {"set": "_set", "frozenset": "_frozenset", "complex": _complex, "bytearray": _bytearray,
-                    "bytes": _bytes, "object": object, "list": "_list", "tuple": "_tuple", "dict": "_dict",
-                    "str": _str, "int": _int, "float": _float, "bool": _bool}
-
-
-def _reconstructor(cls, base, state=None):
-    """``copyreg._reconstructor(cls, base, state)`` (protocols 0 and 1). Real pickle runs ``base.__new__(cls,
-    state)`` and, unless ``base`` is ``object``, ``base.__init__(obj, state)``; here only a record is made."""
-    if isinstance(cls, type) and issubclass(cls, Foreign) and is_reference(base):
-        obj = cls.__new__(cls)
-        object.__setattr__(obj, "reconstructor", (base, state))
-        return obj
-    raise CorruptCheckpoint("malformed object record")
 
 
 class _BoundedFile:
