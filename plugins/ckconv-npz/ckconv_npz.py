@@ -20,9 +20,8 @@ import zlib
 from pathlib import Path
 
 from ckconv import dtypes, hookimpl
-from ckconv.pickling import structure
 from ckconv.errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsafeCheckpoint, UnsupportedContent, UsageError
-from ckconv.formats import Format, WriteOptions
+from ckconv.formats import Format, WriteOptions, structure
 from ckconv.model import CHUNK, Checkpoint, Storage, TensorRef, contiguous_strides
 from ckconv.tree import foreign_objects
 

@@ -76,14 +76,15 @@ def build(arch: str, *, device="meta", **options):
     """Build ``timm:NAME`` or ``torchvision:NAME`` without weights (on the meta device unless told otherwise)."""
     import torch
 
-    from ckconv.architectures_torchvision import TorchvisionSource
-
     namespace, sep, model = arch.partition(":")
-    sources = {"timm": TimmSource(), "torchvision": TorchvisionSource()}
-    if not sep or namespace not in sources:
+    if not sep or namespace not in ("timm", "torchvision"):
         raise UsageError(f"name the architecture with its namespace, timm:NAME or torchvision:NAME, not {arch!r}")
     with torch.device(device):
-        return sources[namespace].build(model, **options)
+        if namespace == "timm":
+            return TimmSource().build(model, **options)
+        import torchvision
+
+        return torchvision.models.get_model(model, **{"weights": None, **options})
 
 
 def convert_state_dict(state_dict, arch: str, **options) -> dict:

@@ -5,6 +5,8 @@ dtypes without a typed storage class are written the way torch >= 2.1 writes the
 plus ``_rebuild_tensor_v3`` carrying the dtype.
 """
 
+__all__ = ["DTYPES", "FLOATING", "dtype_name", "itemsize", "safetensors_code", "torch_dtype"]
+
 DTYPES = {
     "float64": (8, "F64", "DoubleStorage"),
     "float32": (4, "F32", "FloatStorage"),

@@ -4,6 +4,9 @@ The message of every error is a single line that says what is wrong and, where i
 The CLI prints it as ``Error: <message>`` and exits 1; nothing else in ckconv turns errors into exit codes.
 """
 
+__all__ = ["CkconvError", "CorruptCheckpoint", "LimitExceeded", "NotACheckpoint", "OutputExists", "PluginError",
+           "UnsafeCheckpoint", "UnsupportedContent", "UsageError", "WriteFailed", "did_you_mean"]
+
 
 class CkconvError(Exception):
     """Base class of every error ckconv raises on bad input or a failed operation."""

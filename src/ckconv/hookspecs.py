@@ -7,6 +7,9 @@ registries, so a name registered twice is an error that names both plugins. docs
 
 import pluggy
 
+__all__ = ["ckconv_register_architectures", "ckconv_register_formats", "ckconv_register_key_rules", "hookimpl",
+           "hookspec"]
+
 hookspec = pluggy.HookspecMarker("ckconv")
 hookimpl = pluggy.HookimplMarker("ckconv")
 

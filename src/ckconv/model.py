@@ -22,6 +22,9 @@ from dataclasses import dataclass, field
 from . import dtypes
 from .errors import CorruptCheckpoint, LimitExceeded
 
+__all__ = ["CHUNK", "Checkpoint", "Foreign", "GlobalRef", "Storage", "TensorRef", "TorchDevice", "TorchDtype",
+           "TorchSize", "contiguous_strides", "gather", "is_reference"]
+
 CHUNK = 8 << 20  # bytes moved per read/write when streaming tensor data
 DEFAULT_MEMORY_BUDGET = 4 << 30
 

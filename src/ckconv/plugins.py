@@ -20,6 +20,8 @@ import pluggy
 from . import hookspecs
 from .errors import PluginError, UsageError, did_you_mean
 
+__all__ = ["BUILTIN_PLUGINS", "PluginInfo", "get_plugin_manager", "host", "reset"]
+
 BUILTIN_PLUGINS = (
     "ckconv.formats.torch_pickle",
     "ckconv.formats.torch_sharded",  # before safetensors: it claims the *.index.json files whose shards are torch

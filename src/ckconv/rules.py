@@ -9,6 +9,8 @@ from typing import Callable
 
 from .errors import UsageError
 
+__all__ = ["KeyRule"]
+
 
 @dataclass(frozen=True)
 class KeyRule:
