@@ -15,7 +15,7 @@ from torch import nn
 import ckconv
 from ckconv import architectures_torchvision
 from ckconv.matching import targets
-from ckconv.matching.engine import IncompleteMatch
+from ckconv.matching.report import IncompleteMatch
 from matchcases import (ConvHead, as_conv, caffe_squeezenet, differs, fresh, image, legacy_densenet, model,
                         one_thread, same_outputs, spec_cache, state)  # noqa: F401 - fixtures
 

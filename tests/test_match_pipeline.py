@@ -11,7 +11,8 @@ from ckconv.matching import targets
 from ckconv.matching.alignment import align, group
 from ckconv.architectures import TensorSpec
 from ckconv.errors import UsageError
-from ckconv.matching.engine import MatchReport, match_keys, pick
+from ckconv.matching.engine import match_keys, pick
+from ckconv.matching.report import MatchReport
 from ckconv.model import Storage, TensorRef
 from ckconv.rules import KeyRule, parse_rename, rename
 from ckconv.contents.unwrap import candidates, replace, unwrap

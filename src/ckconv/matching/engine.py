@@ -11,9 +11,9 @@ from __future__ import annotations
 import fnmatch
 import os
 from collections import Counter, defaultdict
-from dataclasses import dataclass, field
 
 from . import alignment
+from .report import Match, MatchReport
 from ..errors import UsageError
 from ..rules import parse_renames, rename, rules_for
 
@@ -22,83 +22,6 @@ WRAPPERS = ("module", "_orig_mod")  # DataParallel/DDP and torch.compile
 MAX_PREFIX_PARTS = 3
 MAX_FANOUT = 64  # a name shared by more keys than this says nothing about where it belongs
 CONFIDENCE = {"exact": 1.0, "rename": 1.0, "prefix": 1.0, "rule": 1.0, "map": 1.0, "suffix": 0.9}
-
-
-@dataclass
-class Match:
-    target: str
-    source: str
-    how: str
-    shape: tuple
-    steps: list = field(default_factory=list)
-    reshape: tuple | None = None  # the source shape, when the tensor is reshaped to ``shape``
-    confidence: float = 1.0
-
-    def to_dict(self):
-        return {"target": self.target, "source": self.source, "how": self.how, "steps": list(self.steps),
-                "shape": list(self.shape),
-                "reshape": None if self.reshape is None else {"from": list(self.reshape), "to": list(self.shape)},
-                "confidence": self.confidence}
-
-
-class IncompleteMatch(UsageError):
-    """``--strict``: some target keys were left unfilled."""
-
-
-@dataclass
-class MatchReport:
-    arch: str
-    source: str
-    section: str
-    target_count: int
-    source_count: int
-    matched: list = field(default_factory=list)  # [Match] in target order
-    filled: list = field(default_factory=list)  # [{target, shape, dtype, value}]: num_batches_tracked
-    missing: list = field(default_factory=list)  # [{name, shape, dtype}] target keys nothing filled
-    unexpected: list = field(default_factory=list)  # [{name, shape, dtype}] checkpoint keys nothing used
-    mismatched: list = field(default_factory=list)  # [{target, source, target_shape, source_shape, how}]
-    ambiguous: list = field(default_factory=list)  # [{step, target|source, candidates}]
-    notes: list = field(default_factory=list)
-    arch_options: dict = field(default_factory=dict)
-    candidates: list = field(default_factory=list)  # --arch auto: [{arch, coverage, used, score}]
-    source_tensors: dict = field(default=None, repr=False, compare=False)  # {name: TensorRef}
-    targets: list = field(default_factory=list, repr=False, compare=False)  # target names in state_dict order
-    section_path: tuple = field(default=(), repr=False, compare=False)
-
-    @property
-    def architecture(self) -> str | None:
-        """The target architecture, or None for a plain rename (``<none>``) or a map without one (``<map>``)."""
-        return self.arch if self.arch not in ("<none>", "<map>", "", None) else None
-
-    @property
-    def coverage(self) -> float:
-        return (len(self.matched) + len(self.filled)) / self.target_count if self.target_count else 0.0
-
-    @property
-    def used(self) -> float:
-        return len(self.matched) / self.source_count if self.source_count else 0.0
-
-    @property
-    def complete(self) -> bool:
-        return self.target_count > 0 and not self.missing and not self.mismatched
-
-    def mapping(self) -> dict:
-        return {m.target: m for m in self.matched}
-
-    def check_strict(self):
-        if not self.complete:
-            unfilled = len(self.missing) + len(self.mismatched)
-            raise IncompleteMatch(f"{unfilled} of {self.target_count} target keys of {self.arch} are not filled "
-                                  f"({len(self.missing)} missing, {len(self.mismatched)} with other shapes); "
-                                  "--strict needs all of them")
-
-    def to_dict(self):
-        return {"arch": self.arch, "arch_options": self.arch_options, "source": self.source,
-                "section": self.section, "coverage": round(self.coverage, 6), "used": round(self.used, 6),
-                "complete": self.complete, "target_count": self.target_count, "source_count": self.source_count,
-                "matched": [m.to_dict() for m in self.matched], "filled": self.filled, "missing": self.missing,
-                "unexpected": self.unexpected, "mismatched": self.mismatched, "ambiguous": self.ambiguous,
-                "notes": self.notes, "candidates": self.candidates}
 
 
 # --- the pipeline on names and shapes --------------------------------------------------------------------

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from ..errors import CkconvError, UsageError
 from ..storage.files import read_capped
-from .engine import Match, MatchReport, match
+from .engine import match
+from .report import Match, MatchReport
 from ..model import Storage, TensorRef, gather
 
 MAP_VERSION = 1
