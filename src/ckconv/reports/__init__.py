@@ -1,0 +1,1 @@
+"""Looking at checkpoints without converting them: ``inspect``, ``scan`` and ``diff``."""
