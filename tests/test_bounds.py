@@ -589,9 +589,9 @@ def test_inspect_table_says_how_many_rows_it_left_out(tmp_path, monkeypatch):
 
 
 def test_diff_lists_are_capped_and_counted(tmp_path, monkeypatch):
-    from ckconv.reports import diffing
+    from ckconv.reports import diff_report, diffing
 
-    monkeypatch.setattr(diffing, "MAX_LISTED", 5)
+    monkeypatch.setattr(diff_report, "MAX_LISTED", 5)
     torch.save({"w": torch.ones(1), "x": list(range(20)), "y": {f"k{i}": i for i in range(8)}}, tmp_path / "a.pth")
     torch.save({"w": torch.ones(1), "x": [-i for i in range(20)]}, tmp_path / "b.pth")
     report = diffing.diff(tmp_path / "a.pth", tmp_path / "b.pth")
