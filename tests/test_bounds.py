@@ -25,7 +25,7 @@ import ckconv
 from ckconv import tree
 from ckconv.cli import cli
 from ckconv.errors import CorruptCheckpoint, LimitExceeded
-from ckconv.formats.dcp import check_tiling
+from ckconv.formats.dcp.metadata import check_tiling
 from helpers import assert_deep_equal
 
 CKCONV = Path(sys.executable).with_name("ckconv")

@@ -151,7 +151,7 @@ def test_an_index_naming_other_files_never_costs_them(model_folder):
 
 
 def test_dcp_into_an_existing_folder_replaces_the_rank_files_its_metadata_named(tmp_path):
-    from ckconv.formats import dcp
+    from ckconv.formats.dcp import write as dcp
 
     out = tmp_path / "out"
     out.mkdir()

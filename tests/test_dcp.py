@@ -137,7 +137,7 @@ def invoke(*args):
 def test_reads_torch_written_dcp_lazily_like_dcp_to_torch_save(tmp_path):
     import ckconv
     from ckconv import api, tree
-    from ckconv.formats.dcp import DcpTensorStorage
+    from ckconv.formats.dcp.chunked import DcpTensorStorage
 
     folder = dcp_save(small_bundle(), tmp_path / "ckpt")
     assert api.detect_format(folder) == "dcp"
@@ -297,7 +297,7 @@ def test_bundle_through_dcp_restores_a_live_model_optimizer_and_scheduler(tmp_pa
 
 def test_inspect_reads_metadata_not_tensor_data(tmp_path):
     folder = dcp_save({"model": torch.nn.Linear(64, 32).state_dict(), "epoch": 1}, tmp_path / "ckpt")
-    from ckconv.formats.dcp import load_metadata
+    from ckconv.formats.dcp.metadata import load_metadata
 
     file, off, length = load_metadata(folder).locations[("model.weight", (0, 0))]
     with open(file, "r+b") as f:  # scribble over the weight's bytes (its archive's CRC would catch a read)
@@ -361,6 +361,28 @@ def test_hostile_metadata_is_refused(tmp_path, case):
     assert message in str(info.value), str(info.value)
     assert type(info.value).__module__ == "ckconv.errors"
     assert not (Path("/tmp") / "pwned").exists()
+
+
+def test_an_archive_with_overlapping_records_inside_a_distcp_is_refused(tmp_path):
+    """Every torch.save archive inside a .distcp gets all the checks a .pth file gets; here two records share
+    bytes (the "overlapping files" zip bomb layout), in an archive that starts partway into the file."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, MetadataIndex
+
+    from ckconv import api
+    from ckconv.errors import CorruptCheckpoint
+
+    hostile = (REPO / "fixtures" / "hostile" / "overlapping_records.pth").read_bytes()
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    (folder / "__0_0.distcp").write_bytes(b"\0" * 64 + hostile)
+    md = Metadata(state_dict_metadata={"v": BytesStorageMetadata()}, planner_data={"v": ("v",)},
+                  storage_data={MetadataIndex("v"): _StorageInfo("__0_0.distcp", 64, len(hostile))},
+                  version="1.0.0")
+    with open(folder / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    with pytest.raises(CorruptCheckpoint, match="overlaps"):
+        api.read(folder)
 
 
 def test_code_in_a_stored_value_is_refused(tmp_path):

@@ -2,11 +2,13 @@
 
 torch.save writes stored (uncompressed) records aligned to 64 bytes. On read we refuse compressed members and
 duplicate names, check every declared size against the file, and hand out each record as a byte range whose CRC
-is checked whenever its bytes are read.
+is checked whenever its bytes are read. An archive may also sit at a byte window of a larger file (DCP stores one
+torch.save archive per item inside a ``.distcp`` file); it gets exactly the same checks.
 """
 
 from __future__ import annotations
 
+import io
 import struct
 import zipfile
 import zlib
@@ -16,17 +18,60 @@ from ..errors import CorruptCheckpoint, NotACheckpoint, UnsupportedContent
 ALIGN = 64
 
 
+class _Window(io.RawIOBase):
+    """A read-only file object showing bytes [start, start + length) of an open file."""
+
+    def __init__(self, f, start, length):
+        self.f, self.start, self.length, self.pos = f, start, length, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.pos
+
+    def seek(self, pos, whence=0):
+        new = pos if whence == 0 else self.pos + pos if whence == 1 else self.length + pos
+        if new < 0:
+            raise ValueError("negative seek position")
+        self.pos = new
+        return new
+
+    def readinto(self, b):
+        n = max(0, min(len(b), self.length - self.pos))
+        if not n:
+            return 0
+        self.f.seek(self.start + self.pos)
+        data = self.f.read(n)
+        b[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
 class ZipRecords:
     """Name -> (data offset, size, crc) for every record of a torch zip archive.
 
     ``check_names(names)`` runs on the list of record names before any record is judged, so a reader can give
     the precise reason for an archive it does not handle (a TorchScript archive) before a generic one.
+
+    ``window=(start, length)`` reads the archive held at those bytes of ``path``: every check applies to the
+    window as if it were the whole file, the offsets handed out are offsets in ``path``, and errors name
+    ``where`` (default ``path``). Such an archive was located by its container, so one that does not parse is
+    corrupt (:class:`CorruptCheckpoint`) rather than not a checkpoint.
     """
 
-    def __init__(self, path, check_names=None):
+    def __init__(self, path, check_names=None, *, window=None, where=None):
         self.path = path
+        self.where = str(path) if where is None else where
         try:
             with open(path, "rb") as f:
+                base = 0
+                if window is not None:
+                    base, length = window
+                    f = _Window(f, base, length)
                 self.file_size = f.seek(0, 2)
                 zf = zipfile.ZipFile(f)
                 infos = zf.infolist()
@@ -36,21 +81,25 @@ class ZipRecords:
                 spans = []
                 for info in infos:
                     start = self._check(f, info)
-                    self.records[info.filename] = (start, info.file_size, info.CRC)
+                    self.records[info.filename] = (base + start, info.file_size, info.CRC)
                     spans.append((info.header_offset, start + info.file_size, info.filename))
                 self._no_overlap(spans, zf.start_dir)
         except (CorruptCheckpoint, UnsupportedContent):
             raise
         except OSError as exc:
             if exc.errno is not None and not isinstance(exc, zipfile.BadZipFile):
-                raise NotACheckpoint(f"{path}: cannot read it ({exc.strerror or exc})") from None
-            raise NotACheckpoint(f"{path}: not a readable checkpoint (broken zip archive: {exc})") from None
+                raise NotACheckpoint(f"{self.where}: cannot read it ({exc.strerror or exc})") from None
+            raise self._broken(exc, window, f"{exc}") from None
         except Exception as exc:  # noqa: BLE001 - zipfile raises many types on hostile input
-            raise NotACheckpoint(f"{path}: not a readable checkpoint (broken zip archive: {type(exc).__name__}: "
-                                 f"{str(exc)[:120]})") from None
+            raise self._broken(exc, window, f"{type(exc).__name__}: {str(exc)[:120]}") from None
+
+    def _broken(self, exc, window, text):
+        if window is not None:
+            return CorruptCheckpoint(f"{self.where}: broken torch.save archive ({exc})")
+        return NotACheckpoint(f"{self.where}: not a readable checkpoint (broken zip archive: {text})")
 
     def _check(self, f, info) -> int:
-        path, name = self.path, info.filename
+        path, name = self.where, info.filename
         if name in self.records:
             raise CorruptCheckpoint(f"{path}: duplicate zip record {name!r:.80}; refusing an ambiguous archive")
         if info.compress_type != zipfile.ZIP_STORED:
@@ -88,11 +137,11 @@ class ZipRecords:
         for (_, end, name), (next_start, _, next_name) in zip(spans, spans[1:] + [(central_directory, 0, None)]):
             if end > next_start:
                 other = f"record {next_name!r:.80}" if next_name is not None else "the central directory"
-                raise CorruptCheckpoint(f"{self.path}: zip record {name!r:.80} overlaps {other}; "
+                raise CorruptCheckpoint(f"{self.where}: zip record {name!r:.80} overlaps {other}; "
                                         "the archive was crafted or damaged")
 
     def read(self, name, limit=1 << 31) -> bytes:
-        return record_bytes(self.path, self.records[name], f"{self.path}: record {name!r:.80}", limit)
+        return record_bytes(self.path, self.records[name], f"{self.where}: record {name!r:.80}", limit)
 
 
 def record_bytes(path, record, where, limit) -> bytes:
