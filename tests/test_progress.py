@@ -19,18 +19,19 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith(("linux", "darwin"))
 
 CHILD = r"""
 import sys, time
-import ckconv.cli as cli
+import ckconv.cli.convert_cmd as convert_cmd
+from ckconv.cli import main
 
 AGE = float(sys.argv[1])
 
-class Aged(cli.Progress):   # as if the conversion had been running for a while already
+class Aged(convert_cmd.Progress):   # as if the conversion had been running for a while already
     def __init__(self, enabled):
         super().__init__(enabled)
         self.t0 -= AGE
 
-cli.Progress = Aged
+convert_cmd.Progress = Aged
 sys.argv = ["ckconv", *sys.argv[2:]]
-cli.main()
+main()
 """
 
 
