@@ -488,7 +488,7 @@ def test_ints_below_the_limit_stay_plain_json(tmp_path):
 
 @pytest.mark.parametrize("bad", ['"xyz"', '""', '"-"', "12", '"0x1f"', '"1F"'])
 def test_a_malformed_int_tag_is_refused(tmp_path, bad):
-    from ckconv.formats.safetensors_format import write_file
+    from ckconv.formats.safetensors_file import write_file
 
     ckconv.save({"w": torch.ones(1), "n": BIG}, tmp_path / "ok.safetensors")
     ckpt = ckconv.read(tmp_path / "ok.safetensors")
@@ -526,7 +526,7 @@ def test_a_torch_index_read_as_a_fifo_or_dev_zero_is_refused(tmp_path):
     fifo(tmp_path / "a.bin.index.json")
     (tmp_path / "b.bin.index.json").symlink_to("/dev/zero")
     probe = ("import sys\nfrom pathlib import Path\nfrom ckconv.errors import CkconvError\n"
-             "from ckconv.formats.torch_sharded import load_index\n"
+             "from ckconv.formats.safetensors_file import load_index\n"
              "for name in sys.argv[1:]:\n"
              "    try:\n        load_index(Path(name))\n    except CkconvError as exc:\n        print(exc)\n")
     done = subprocess.run([sys.executable, "-c", probe, tmp_path / "a.bin.index.json", tmp_path / "b.bin.index.json"],

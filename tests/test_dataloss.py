@@ -17,7 +17,7 @@ import ckconv
 from ckconv.storage import atomic
 from ckconv.cli import cli
 from ckconv.errors import OutputExists, UsageError, WriteFailed
-from ckconv.formats import safetensors_format as sf
+from ckconv.formats import safetensors_file as sf
 from helpers import assert_deep_equal
 
 INDEX = sf.INDEX_NAME

@@ -13,7 +13,7 @@ import torch
 import ckconv
 from ckconv.storage import fastcopy
 from ckconv.errors import CorruptCheckpoint
-from ckconv.formats.torch_pickle import read_zip
+from ckconv.formats.torch_file import read_zip
 from helpers import assert_deep_equal
 
 

@@ -21,8 +21,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from ckconv.errors import CkconvError
-from ckconv.formats import safetensors_format as sf
-from ckconv.formats.torch_pickle import read_legacy, read_zip
+from ckconv.formats import safetensors_file as sf
+from ckconv.formats.safetensors_format import SafetensorsFormat
+from ckconv.formats.torch_file import read_legacy, read_zip
 from ckconv.model import Storage
 from ckconv.pickling.unpickler import StorageType, unpickle
 
@@ -98,7 +99,7 @@ HEADERS = st.dictionaries(st.text(max_size=12), st.one_of(ENTRY, JSON_VALUES), m
 
 def _check_safetensors(path):
     only_ckconv_errors(sf.parse_header, path)
-    only_ckconv_errors(sf.SafetensorsFormat().read, path)
+    only_ckconv_errors(SafetensorsFormat().read, path)
 
 
 @FUZZ

@@ -284,7 +284,7 @@ def test_structure_limits(monkeypatch):
 
 
 def test_limits_follow_their_settings(tmp_path, monkeypatch):
-    from ckconv.formats import safetensors_format
+    from ckconv.formats import safetensors_file
 
     value: list = []
     for _ in range(8):
@@ -294,7 +294,7 @@ def test_limits_follow_their_settings(tmp_path, monkeypatch):
     monkeypatch.setattr(tree, "MAX_DEPTH", 5)
     with pytest.raises(LimitExceeded, match="exceeds 5"):
         api.read(tmp_path / "deep.pkl")
-    monkeypatch.setattr(safetensors_format, "MAX_TENSORS", 1)
+    monkeypatch.setattr(safetensors_file, "MAX_TENSORS", 1)
     with pytest.raises(LimitExceeded, match="over the limit of 1"):
         api.read(Path(__file__).resolve().parents[1] / "fixtures" / "tiny_model.safetensors")
 
@@ -379,11 +379,11 @@ def test_full_disk_keeps_the_old_destination(small_source, tmp_path, monkeypatch
 
 
 def test_sharded_output_is_staged_and_indexed_last(small_source, tmp_path, monkeypatch):
-    from ckconv.formats import safetensors_format as sf
+    from ckconv.formats import safetensors_file as sf
 
     dst = tmp_path / "sharded"
     order = []
-    real_write_file, real_write_json = sf.write_file, sf._write_json
+    real_write_file, real_write_json = sf.write_file, sf.write_json
 
     def write_file(path, *args, **kwargs):
         assert not dst.exists(), "a shard was written at the destination, not in a staging folder"
@@ -397,7 +397,7 @@ def test_sharded_output_is_staged_and_indexed_last(small_source, tmp_path, monke
         return real_write_json(path, obj)
 
     monkeypatch.setattr(sf, "write_file", write_file)
-    monkeypatch.setattr(sf, "_write_json", write_json)
+    monkeypatch.setattr(sf, "write_json", write_json)
     result = invoke("convert", small_source, dst, "--max-shard-size", "40KB")
     assert result.exit_code == 0, result.output
     assert len(order) > 2 and order[-1] == sf.INDEX_NAME and all(n.endswith(".safetensors") for n in order[:-1])

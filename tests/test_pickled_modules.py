@@ -24,7 +24,8 @@ from ckconv.contents import modules
 from ckconv import tree
 from ckconv.cli import cli
 from ckconv.errors import LimitExceeded, UnsafeCheckpoint
-from ckconv.formats.torch_pickle import guarded, read_zip
+from ckconv.formats.base import guarded
+from ckconv.formats.torch_file import read_zip
 from ckconv.model import foreign_class
 from ckconv.contents.unwrap import unwrap
 

@@ -67,7 +67,7 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
     records, class references) into what ``weights_only=True`` loads (:mod:`ckconv.contents.plain`); the result lists each
     change in ``changes``.
     ``distributed``: when this process is one rank of a torchrun job, write only this rank's share of the output
-    (:func:`ckconv.formats.dcp.save_distributed`; every rank must call convert). The CLI sets it.
+    (:func:`ckconv.torchrun.save_distributed`; every rank must call convert). The CLI sets it.
     """
     src, dst = Path(src), Path(dst)
     allow_globals = check_patterns(allow_globals)  # a bad pattern is a usage error before anything is read
@@ -123,7 +123,7 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
     dst = output_target(out, dst, format=to, max_shard_size=max_shard_size).path  # a folder DST takes DST/<name>
     saver = save
     if distributed:  # under torchrun each rank writes its share (issue 8)
-        from .formats.dcp import save_distributed, world_from_env
+        from .torchrun import save_distributed, world_from_env
 
         if world_from_env() is not None:
             saver = save_distributed

@@ -34,7 +34,13 @@ class Format:
       should be a folder (an empty one, holding only plain files when ``write`` returns);
     * optional ``folder_layout(options)`` -> :class:`ckconv.storage.atomic.FolderLayout`: for a folder output written into
       an existing folder, its index file names (moved in last) and the files an earlier output left there
-      (replaced with ``--force``); without it only the names ``write`` writes are replaced, in name order.
+      (replaced with ``--force``); without it only the names ``write`` writes are replaced, in name order;
+    * optional ``plan_ranks(checkpoint, options, world)`` -> :class:`RankWrite`: how ``world`` processes of a
+      torchrun job write the output together, each its share (:mod:`ckconv.torchrun`); without it rank 0 writes
+      the whole output with ``write`` while the other ranks wait;
+    * optional ``read_dangerous(path)`` -> :class:`ckconv.model.Checkpoint`: for ``ckconv inspect`` and ``scan``,
+      re-read a file that ``read`` refused as unsafe, with the dangerous globals recorded (``dangerous``) as inert
+      records instead of refused; it must execute nothing either. Without it only the refused names are reported.
     """
 
     name = ""
@@ -54,6 +60,28 @@ class Format:
 
     def writes_directory(self, options: WriteOptions) -> bool:
         return False
+
+
+class RankWrite:
+    """One output written by the ranks of a torchrun job together, as a format's ``plan_ranks`` planned it.
+
+    Every rank plans from the same checkpoint and options, so a plan must come out the same on every rank. On
+    the staged output path (a temporary name ckconv moves into place once all is done) rank 0 runs ``setup``
+    before any rank writes; then every rank runs ``write(path, rank)``; once every rank succeeded, rank 0 runs
+    ``finish(path, results)`` with what each rank's ``write`` returned, in rank order. Results travel between
+    processes: keep them small and picklable. An exception on any rank fails every rank with its message and
+    leaves the destination as it was.
+    """
+
+    def setup(self, path: Path) -> None:
+        """Rank 0, before any rank writes (e.g. create a file at its full size)."""
+
+    def write(self, path: Path, rank: int):
+        """This rank's share of the output; returns what ``finish`` needs to know about it."""
+        raise NotImplementedError
+
+    def finish(self, path: Path, results: list) -> None:
+        """Rank 0, after every rank wrote (e.g. an index naming where everything went)."""
 
 
 def guarded(reader, path, **kwargs):

@@ -1,37 +1,33 @@
 """Built-in format plugin: safetensors files and huggingface_hub-style sharded folders.
 
-Parsing is ckconv's own and at least as strict as the Rust reference: header size capped, JSON validated with
-duplicate names refused, offsets contiguous from 0 with no gap or overlap, data ending exactly at end of file,
-dtype x shape equal to the byte length. Non-tensor structure travels in ``__metadata__["ckconv.structure"]``.
+The file layout and the hub index are :mod:`ckconv.formats.safetensors_file` (format toolkit, shared with the
+sharded torch format); this module decides what goes into which file, single-process and across torchrun ranks.
+Non-tensor structure travels in ``__metadata__["ckconv.structure"]``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import stat
-import struct
 from pathlib import Path
 
 from .. import dtypes
-from ..pickling import structure
-from ..storage.atomic import FolderLayout
-from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint
 from ..contents.layout import optimizer_namer
+from ..errors import CorruptCheckpoint, NotACheckpoint
 from ..hookspecs import hookimpl
-from ..model import Checkpoint, Storage, TensorRef
-from ..tree import foreign_objects
+from ..model import Checkpoint
+from ..pickling import structure
 from ..pickling.unpickler import short_repr
-from .base import Format, WriteOptions, guarded
-from ..storage.files import inside_folder, read_capped, regular_file
+from ..storage.atomic import FolderLayout
+from ..storage.files import inside_folder, regular_file
+from ..tree import foreign_objects
+from . import safetensors_file
+from .base import Format, RankWrite, WriteOptions, guarded
+from .safetensors_file import (INDEX_NAME, MAX_HEADER, SHARD_NAME, SINGLE_NAME, assemble, header_bytes, load_index,
+                               read_file)
 
-MAX_HEADER = 100_000_000  # the Rust implementation's cap
-MAX_TENSORS = int(os.environ.get("CKCONV_MAX_TENSORS", 1_000_000))
-MAX_BYTES = (1 << 64) - 1  # shapes and offsets are u64 in the Rust implementation
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-SHARD_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+RAW_DTYPES = frozenset(name for name, (_, code, _) in dtypes.DTYPES.items() if code is None)
 
 
 class SafetensorsFormat(Format):
@@ -41,11 +37,7 @@ class SafetensorsFormat(Format):
     shardable = True  # honours --max-shard-size
 
     def sniff(self, path: Path, head: bytes) -> bool:
-        if path.is_dir():
-            return (path / INDEX_NAME).is_file() or (path / SINGLE_NAME).is_file() or bool(list(path.glob("*.safetensors.index.json")))
-        if path.name.endswith(".index.json"):
-            return head.lstrip()[:1] == b"{"
-        return len(head) >= 9 and head[8:9] == b"{"
+        return safetensors_file.sniff(path, head)
 
     def read(self, path: Path) -> Checkpoint:
         return guarded(self._read, path)
@@ -57,7 +49,7 @@ class SafetensorsFormat(Format):
         if path.name.endswith(".index.json"):
             return read_sharded(path)
         tensors, metadata = read_file(path)
-        root = _assemble(tensors, metadata.get(structure.KEY), str(path))
+        root = assemble(tensors, metadata.get(structure.KEY), str(path))
         return Checkpoint(root=root, format="safetensors", path=str(path), metadata=metadata,
                           foreign=foreign_objects(root))
 
@@ -68,29 +60,35 @@ class SafetensorsFormat(Format):
         return FolderLayout(index=(SINGLE_NAME, INDEX_NAME), earlier=earlier_output)
 
     def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
-        encoded, named, needs_structure = structure.encode(checkpoint.root, raw_dtypes=RAW_DTYPES,
-                                                            namer=optimizer_namer(checkpoint.root))
-        text = structure.dumps(encoded) if needs_structure else None
+        named, text = _encode(checkpoint.root)
         if options.max_shard_size is None:
-            write_file(path, named, _metadata(text), options.progress)
+            safetensors_file.write_file(path, named, _metadata(text), options.progress)
             return
         path.mkdir(exist_ok=True)
         shards = plan_shards(named, options.max_shard_size)
         if len(shards) == 1:
-            write_file(path / SINGLE_NAME, named, _metadata(text), options.progress)
+            safetensors_file.write_file(path / SINGLE_NAME, named, _metadata(text), options.progress)
             return
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            write_file(path / fname, shard, {"format": "pt"}, options.progress)
-            weight_map.update({name: fname for name, _ in shard})
-        index = {"metadata": {"total_size": sum(ref.nbytes for _, ref in named)}, "weight_map": weight_map}
-        if text is not None:
-            index["metadata"][structure.KEY] = text
-        _write_json(path / INDEX_NAME, index)  # index last: a folder with an index is complete
+        names = _shard_names(shards)
+        for fname, shard in zip(names, shards):
+            safetensors_file.write_file(path / fname, shard, {"format": "pt"}, options.progress)
+        _write_index(path, named, shards, names, text)  # index last: a folder with an index is complete
+
+    def plan_ranks(self, checkpoint, options: WriteOptions, world: int) -> RankWrite:
+        """The same files as :meth:`write`, byte for byte, written by ``world`` ranks together."""
+        named, text = _encode(checkpoint.root)
+        if options.max_shard_size is None:
+            return _OneFile(named, _metadata(text), options.progress, world)
+        shards = plan_shards(named, options.max_shard_size)
+        if len(shards) == 1:
+            return _FirstRankWrites(named, _metadata(text), options.progress)
+        return _Shards(named, shards, text, options.progress, world)
 
 
-RAW_DTYPES = frozenset(name for name, (_, code, _) in dtypes.DTYPES.items() if code is None)
+def _encode(root):
+    """-> ([(name, TensorRef)] in file order, the ``ckconv.structure`` text or None when names say it all)."""
+    encoded, named, needs_structure = structure.encode(root, raw_dtypes=RAW_DTYPES, namer=optimizer_namer(root))
+    return named, structure.dumps(encoded) if needs_structure else None
 
 
 def _metadata(text):
@@ -100,119 +98,7 @@ def _metadata(text):
     return meta
 
 
-def _assemble(tensors: dict, text, where):
-    if text is None:
-        return tensors
-    try:
-        return structure.decode(structure.loads(text, where), tensors, where)
-    except CkconvError:
-        raise
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError) as exc:
-        raise CorruptCheckpoint(f"{where}: invalid {structure.KEY} metadata ({type(exc).__name__}: "
-                                f"{str(exc)[:80]}); the file was altered or written by a newer ckconv") from None
-
-
-# --- reading -------------------------------------------------------------------------------------------------
-
-def _no_duplicates(pairs):
-    seen = {}
-    for k, v in pairs:
-        if k in seen:
-            raise CorruptCheckpoint(f"duplicate name {k!r:.80} in JSON header")
-        seen[k] = v
-    return seen
-
-
-def parse_header(path):
-    """-> (ordered [(name, dtype, shape, begin, end)], metadata, data_start). Refuses every malformed header."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise NotACheckpoint(f"{path}: not a readable checkpoint (too short for safetensors)")
-        n = struct.unpack("<Q", prefix)[0]
-        if n > MAX_HEADER:
-            raise CorruptCheckpoint(f"{path}: safetensors header declares {n} bytes, over the {MAX_HEADER}-byte limit")
-        if 8 + n > size:
-            raise CorruptCheckpoint(f"{path}: safetensors header length {n} runs past the end of the file; truncated?")
-        raw = f.read(n)
-    # Refuse millions of tensors before parsing them: an unescaped "data_offsets" key is one per tensor (inside a
-    # JSON string its quotes would be escaped), and the hook below counts objects for headers that escape it.
-    too_many = LimitExceeded(f"{path}: declares more than {MAX_TENSORS} tensors, over the limit of {MAX_TENSORS} "
-                             "(CKCONV_MAX_TENSORS)")
-    if raw.count(b'"data_offsets"') > MAX_TENSORS:
-        raise too_many
-    objects = 0
-
-    def hook(pairs):
-        nonlocal objects
-        objects += 1
-        if objects > MAX_TENSORS + 2:
-            raise too_many
-        return _no_duplicates(pairs)
-
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=hook)
-    except CorruptCheckpoint as exc:
-        raise CorruptCheckpoint(f"{path}: safetensors header has a {exc}") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CorruptCheckpoint(f"{path}: safetensors header is not valid JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise CorruptCheckpoint(f"{path}: safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None)
-    metadata = {} if metadata is None else metadata
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise CorruptCheckpoint(f"{path}: safetensors __metadata__ must map strings to strings")
-    if len(header) > MAX_TENSORS:
-        raise LimitExceeded(f"{path}: declares {len(header)} tensors, over the limit of {MAX_TENSORS} (CKCONV_MAX_TENSORS)")
-    entries = []
-    for name, info in header.items():
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} needs exactly dtype, shape and data_offsets")
-        code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if type(code) is not str or code not in dtypes.SAFETENSORS_TO_DTYPE:
-            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} has unknown dtype {short_repr(code, 20)}")
-        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
-            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} has an invalid shape")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
-                and offsets[0] <= offsets[1]):
-            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} has invalid data_offsets")
-        dtype = dtypes.SAFETENSORS_TO_DTYPE[code]
-        numel = 1
-        for s in shape:
-            numel *= s
-            if numel > MAX_BYTES or s > MAX_BYTES:  # checked as it grows: a 3,000-dim shape is a bignum bomb
-                raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} is too large: its shape overflows 64 bits")
-        if offsets[1] > MAX_BYTES:
-            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} is too large: its data_offsets overflow 64 bits")
-        if numel * dtypes.itemsize(dtype) != offsets[1] - offsets[0]:
-            raise CorruptCheckpoint(
-                f"{path}: tensor {name!r:.80} is {shape} x {code} = {numel * dtypes.itemsize(dtype)} bytes but "
-                f"data_offsets span {offsets[1] - offsets[0]}")
-        entries.append((name, dtype, tuple(shape), offsets[0], offsets[1]))
-    entries.sort(key=lambda e: (e[3], e[4]))
-    pos = 0
-    for name, _, _, begin, end in entries:
-        if begin != pos:
-            what = "overlaps the previous tensor" if begin < pos else "leaves a gap before it"
-            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} {what} (offset {begin}, expected {pos})")
-        pos = end
-    data_start = 8 + n
-    if data_start + pos != size:
-        raise CorruptCheckpoint(
-            f"{path}: tensor data ends at byte {data_start + pos} but the file has {size} bytes "
-            "(trailing or missing data); the file was altered or truncated")
-    return entries, metadata, data_start
-
-
-def read_file(path):
-    entries, metadata, data_start = parse_header(path)
-    tensors = {}
-    for name, dtype, shape, begin, end in entries:
-        st = Storage(name, dtype, end - begin, path=str(path), offset=data_start + begin, label=name)
-        tensors[name] = TensorRef(st, dtype, shape)
-    return tensors, metadata
-
+# --- reading a sharded folder --------------------------------------------------------------------------------
 
 def _index_path(path: Path) -> Path:
     if path.is_dir():
@@ -227,38 +113,6 @@ def _index_path(path: Path) -> Path:
     return path
 
 
-MAX_INDEX_OBJECTS = 10_000  # JSON objects in an index: root, metadata, weight_map and a few for user metadata
-
-
-def load_index(index_path: Path):
-    """-> (weight_map, metadata) of an index file (sharded safetensors and sharded torch alike), refused unless it has exactly the expected shape."""
-    raw = read_capped(index_path, MAX_HEADER, f"{index_path}: index file")  # never a FIFO, never /dev/zero
-    objects = 0
-
-    def hook(pairs):
-        nonlocal objects
-        objects += 1
-        if objects > MAX_INDEX_OBJECTS:
-            raise LimitExceeded(f"{index_path}: index holds more than {MAX_INDEX_OBJECTS} JSON objects; "
-                                "an index maps names to shard files")
-        return _no_duplicates(pairs)
-
-    try:
-        index = json.loads(raw.decode("utf-8"), object_pairs_hook=hook)
-    except CorruptCheckpoint as exc:
-        raise CorruptCheckpoint(f"{index_path}: index has a {exc}") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CorruptCheckpoint(f"{index_path}: index is not valid JSON ({str(exc)[:120]})") from None
-    wmap = index.get("weight_map") if isinstance(index, dict) else None
-    meta = index.get("metadata", {}) if isinstance(index, dict) else None
-    if not isinstance(wmap, dict) or not isinstance(meta, dict) or not all(isinstance(v, str) for v in wmap.values()):
-        raise CorruptCheckpoint(f"{index_path}: index needs a weight_map of tensor name -> shard file name")
-    if len(wmap) > MAX_TENSORS:
-        raise LimitExceeded(f"{index_path}: index maps {len(wmap)} tensors, over the limit of {MAX_TENSORS} "
-                            "(CKCONV_MAX_TENSORS)")
-    return wmap, meta
-
-
 def read_sharded(path: Path) -> Checkpoint:
     index_path = _index_path(path)
     if index_path != path:  # found in the folder: a regular file that does not link out of it
@@ -266,7 +120,7 @@ def read_sharded(path: Path) -> Checkpoint:
         regular_file(index_path)
     if index_path.name == SINGLE_NAME:
         tensors, metadata = read_file(index_path)
-        root = _assemble(tensors, metadata.get(structure.KEY), str(index_path))
+        root = assemble(tensors, metadata.get(structure.KEY), str(index_path))
         return Checkpoint(root=root, format="safetensors", path=str(path), metadata=metadata, foreign=foreign_objects(root))
     wmap, meta = load_index(index_path)
     folder = index_path.parent
@@ -294,7 +148,7 @@ def read_sharded(path: Path) -> Checkpoint:
     text = meta.get(structure.KEY)
     if text is not None and not isinstance(text, str):
         raise CorruptCheckpoint(f"{index_path}: {structure.KEY} must be a string")
-    root = _assemble(tensors, text, str(index_path))
+    root = assemble(tensors, text, str(index_path))
     return Checkpoint(root=root, format="safetensors", path=str(path),
                       metadata={k: v if isinstance(v, str) else short_repr(v, 200) for k, v in meta.items()},
                       foreign=foreign_objects(root))
@@ -322,31 +176,75 @@ def plan_shards(named, max_size):
     return shards
 
 
-def header_bytes(named, metadata) -> bytes:
-    header = {"__metadata__": metadata}
-    pos = 0
-    for name, ref in named:
-        code = dtypes.safetensors_code(ref.dtype)
-        shape = list(ref.shape) if code else [ref.nbytes]
-        header[name] = {"dtype": code or "U8", "shape": shape, "data_offsets": [pos, pos + ref.nbytes]}
-        pos += ref.nbytes
-    raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
+def _shard_names(shards) -> list:
+    return [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
 
 
-def write_file(path, named, metadata, progress=None):
-    """Header, then each tensor's bytes copied straight from its source file (see ckconv.storage.fastcopy)."""
-    from ..storage.fastcopy import SourceFiles, write_at
+def _write_index(folder: Path, named, shards, names, text):
+    weight_map = {name: fname for fname, shard in zip(names, shards) for name, _ in shard}
+    index = {"metadata": {"total_size": sum(ref.nbytes for _, ref in named)}, "weight_map": weight_map}
+    if text is not None:
+        index["metadata"][structure.KEY] = text
+    safetensors_file.write_json(folder / INDEX_NAME, index)
 
-    header = header_bytes(named, metadata)
-    with open(path, "wb", buffering=0) as f, SourceFiles() as files:
-        fd = f.fileno()
-        write_at(fd, header, 0)
-        pos = len(header)
+
+class _OneFile(RankWrite):
+    """One file laid out identically by every rank (same header): rank 0 creates it at full size, then each rank
+    writes the bytes of a contiguous run of tensors, about total/world bytes, at their offsets."""
+
+    def __init__(self, named, metadata, progress, world):
+        self.named, self.progress, self.world = named, progress, world
+        self.header = header_bytes(named, metadata)
+        self.starts, pos = [], len(self.header)
         for _, ref in named:
-            ref.copy_to(fd, pos, progress=progress, files=files)
+            self.starts.append(pos)
             pos += ref.nbytes
+        self.total = pos
+
+    def setup(self, path):
+        with open(path, "wb") as f:
+            f.write(self.header)
+            f.truncate(self.total)
+
+    def write(self, path, rank):
+        from ..storage.fastcopy import SourceFiles
+
+        head, data = len(self.header), self.total - len(self.header)
+        mine = [i for i, s in enumerate(self.starts)
+                if min(self.world - 1, (s - head) * self.world // max(data, 1)) == rank]
+        with open(path, "r+b", buffering=0) as f, SourceFiles() as files:
+            for i in mine:
+                self.named[i][1].copy_to(f.fileno(), self.starts[i], progress=self.progress, files=files)
+            os.fsync(f.fileno())
+
+
+class _FirstRankWrites(RankWrite):
+    """A sharded output that fits in one shard: ``model.safetensors``, written by rank 0."""
+
+    def __init__(self, named, metadata, progress):
+        self.named, self.metadata, self.progress = named, metadata, progress
+
+    def write(self, path, rank):
+        if rank == 0:
+            safetensors_file.write_file(path / SINGLE_NAME, self.named, self.metadata, self.progress)
+
+
+class _Shards(RankWrite):
+    """Shard i written by rank i mod world size; rank 0 writes the index last."""
+
+    def __init__(self, named, shards, text, progress, world):
+        self.named, self.shards, self.text, self.progress, self.world = named, shards, text, progress, world
+        self.names = _shard_names(shards)
+
+    def write(self, path, rank):
+        for i, shard in enumerate(self.shards):
+            if i % self.world == rank:
+                safetensors_file.write_file(path / self.names[i], shard, {"format": "pt"}, self.progress)
+                with open(path / self.names[i], "rb+") as f:
+                    os.fsync(f.fileno())
+
+    def finish(self, path, results):
+        _write_index(path, self.named, self.shards, self.names, self.text)
 
 
 def earlier_output(folder: Path) -> list:
@@ -367,14 +265,7 @@ def earlier_output(folder: Path) -> list:
             if isinstance(n, str) and SHARD_NAME.match(n) and n.endswith(".safetensors") and not n.startswith(".")]
 
 
-def _write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
 @hookimpl
 def ckconv_register_formats(register):
     register(SafetensorsFormat())
-
 

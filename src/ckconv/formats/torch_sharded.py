@@ -16,34 +16,30 @@ plain flat dict cannot say (a bundle, OrderedDict attributes, the key order) goe
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
 from collections import OrderedDict
 from pathlib import Path
 
-from ..pickling import structure
 from .. import tree
-from ..storage.atomic import FolderLayout
 from ..contents.layout import optimizer_namer
-from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint
+from ..errors import CkconvError, CorruptCheckpoint, NotACheckpoint
 from ..hookspecs import hookimpl
 from ..model import Checkpoint, TensorRef
+from ..pickling import structure
 from ..pickling.unpickler import short_repr
+from ..storage.atomic import FolderLayout
+from ..storage.files import inside_folder, regular_file
+from . import safetensors_file, torch_archive, torch_file
 from .base import Format, WriteOptions, guarded
-from ..storage.files import inside_folder, read_capped, regular_file
-from .safetensors_format import MAX_HEADER, MAX_TENSORS, SHARD_NAME, SafetensorsFormat, _assemble, load_index, _no_duplicates, _write_json
-from .torch_pickle import TorchFormat, write_zip
+from .safetensors_file import SHARD_NAME, assemble, load_index
 
 INDEX_NAME = "pytorch_model.bin.index.json"
 SINGLE_NAME = "pytorch_model.bin"
 DEFAULT_SHARD_SIZE = 5 * 10**9  # huggingface_hub's MAX_SHARD_SIZE, transformers' default
 TORCH_INDEX_SUFFIXES = (".bin.index.json", ".pt.index.json", ".pth.index.json")
 SHARD_NUMBER = re.compile(r"-(\d{1,9})-of-\d{1,9}\.[A-Za-z0-9]+$")
-
-_TORCH = TorchFormat()
-_SAFETENSORS = SafetensorsFormat()
 
 
 class TorchShardedFormat(Format):
@@ -76,7 +72,7 @@ class TorchShardedFormat(Format):
 
 def _torch_indexes(folder: Path) -> list:
     """The index files of ``folder`` that describe torch shards; none when the folder holds safetensors."""
-    if _SAFETENSORS.sniff(folder, b""):
+    if safetensors_file.sniff(folder, b""):
         return []  # both layouts in one folder (common on the hub): the safe one is read
     found = [p for p in sorted(folder.glob("*.index.json")) if p.is_file() and _is_torch_index(p)]
     usual = [p for p in found if p.name == INDEX_NAME]
@@ -86,7 +82,7 @@ def _torch_indexes(folder: Path) -> list:
 def _lone_single(folder: Path):
     """``folder/pytorch_model.bin`` when it is the whole checkpoint (a one-shard output has no index)."""
     path = folder / SINGLE_NAME
-    if _SAFETENSORS.sniff(folder, b"") or not path.is_file():
+    if safetensors_file.sniff(folder, b"") or not path.is_file():
         return None
     try:
         return path if _is_torch_file(_shard_path(folder, SINGLE_NAME, folder)) else None
@@ -116,7 +112,7 @@ def _is_torch_index(index_path: Path) -> bool:
 def _is_safetensors_file(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
-            return _SAFETENSORS.sniff(path, f.read(512))
+            return safetensors_file.sniff(path, f.read(512))
     except OSError:
         return False
 
@@ -125,14 +121,12 @@ def _is_torch_file(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
             head = f.read(512)
-        return bool(head) and _TORCH.sniff(path, head)
+        return bool(head) and torch_file.sniff(path, head)
     except OSError:
         return False
 
 
 # --- reading -------------------------------------------------------------------------------------------------
-
-
 
 def _shard_path(folder: Path, fname: str, where) -> Path:
     """A shard named by the index: a plain name of a regular file inside ``folder`` (symlinks may not leave it)."""
@@ -180,7 +174,7 @@ def read_shard(path: Path, fname: str, where) -> tuple:
     if not _is_torch_file(path):
         raise CorruptCheckpoint(f"{where}: shard {fname} is not a torch.save file; every shard of a torch index "
                                 "must be one (a safetensors index is read as safetensors)")
-    root = _TORCH.read(path).root
+    root = torch_file.read(path).root
     if not isinstance(root, dict):
         raise CorruptCheckpoint(f"{path}: shard holds {short_repr(root, 60)}, not a dict of name -> tensor")
     for key, value in root.items():
@@ -196,7 +190,7 @@ def read_shard(path: Path, fname: str, where) -> tuple:
 def read_sharded(path: Path) -> Checkpoint:
     index_path = _index_of(path)
     if not index_path.name.endswith(".index.json"):  # a lone pytorch_model.bin: the whole checkpoint
-        ckpt = _TORCH.read(index_path)
+        ckpt = torch_file.read(index_path)
         ckpt.format, ckpt.path = "torch-sharded", str(path)
         return ckpt
     wmap, meta = load_index(index_path)
@@ -219,7 +213,7 @@ def read_sharded(path: Path) -> Checkpoint:
     text = meta.get(structure.KEY)
     if text is not None and not isinstance(text, str):
         raise CorruptCheckpoint(f"{index_path}: {structure.KEY} must be a string")
-    root = tensors if text is None else _assemble(tensors, text, str(index_path))
+    root = tensors if text is None else assemble(tensors, text, str(index_path))
     return Checkpoint(root=root, format="torch-sharded", path=str(path), notes=notes,
                       metadata={k: v if isinstance(v, str) else short_repr(v, 200) for k, v in meta.items()},
                       foreign=tree.foreign_objects(root))
@@ -296,7 +290,7 @@ def write_sharded(root, path: Path, options: WriteOptions):
     named, node = flatten(root)
     shards, total = split_like_hub(named, limit)
     if len(shards) <= 1:  # huggingface_hub writes one shard as pytorch_model.bin without an index; so do we
-        write_zip(root, path / SINGLE_NAME, options)  # the whole tree: a bundle needs no record here
+        torch_archive.write_zip(root, path / SINGLE_NAME, options)  # the whole tree: a bundle needs no record here
         return
     read_back = [name for shard in shards for name, _ in shard]
     if node is None and read_back != [name for name, _ in named]:  # reading returns shard order
@@ -304,12 +298,12 @@ def write_sharded(root, path: Path, options: WriteOptions):
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         fname = f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin"
-        write_zip(dict(shard), path / fname, options)
+        torch_archive.write_zip(dict(shard), path / fname, options)
         weight_map.update((name, fname) for name, _ in shard)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     if node is not None:
         index["metadata"][structure.KEY] = structure.dumps(node)
-    _write_json(path / INDEX_NAME, index)  # index last: a folder with an index is complete
+    safetensors_file.write_json(path / INDEX_NAME, index)  # index last: a folder with an index is complete
 
 
 def earlier_output(folder: Path) -> list:

@@ -102,16 +102,15 @@ def _tensor_rows(root, limit=None):
 
 
 def _read_dangerous(path, fmt, exc) -> Checkpoint:
-    """Re-read a refused torch file with dangerous globals recorded instead of refused (everything stays inert);
-    where even that cannot build the tree (a payload that breaks the stand-ins), only the names are reported."""
-    from ..formats.torch_pickle import guarded, read_legacy, read_zip
+    """Re-read a refused file with dangerous globals recorded instead of refused (everything stays inert), where
+    its format can (``Format.read_dangerous``); where that cannot build the tree either (a payload that breaks the
+    stand-ins), or the format cannot re-read, only the names are reported."""
+    from ..plugins import host
 
-    if fmt == "torch" and Path(path).is_file():
-        with open(path, "rb") as f:
-            head = f.read(4)
-        reader = read_zip if head == b"PK\x03\x04" else read_legacy
+    read_dangerous = getattr(host().format(fmt), "read_dangerous", None)
+    if read_dangerous is not None and Path(path).is_file():
         try:
-            return guarded(reader, path, allow_dangerous=True)
+            return read_dangerous(Path(path))
         except UnsafeCheckpoint as again:
             exc = again
     return Checkpoint(root={}, format=fmt, path=str(path), dangerous=list(exc.globals))

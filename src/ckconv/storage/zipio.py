@@ -89,14 +89,16 @@ class ZipRecords:
         except OSError as exc:
             if exc.errno is not None and not isinstance(exc, zipfile.BadZipFile):
                 raise NotACheckpoint(f"{self.where}: cannot read it ({exc.strerror or exc})") from None
-            raise self._broken(exc, window, f"{exc}") from None
+            raise self._broken(exc, window, str(exc)) from None
         except Exception as exc:  # noqa: BLE001 - zipfile raises many types on hostile input
             raise self._broken(exc, window, f"{type(exc).__name__}: {str(exc)[:120]}") from None
 
-    def _broken(self, exc, window, text):
+    def _broken(self, exc, window, detail):
+        """A zip that does not parse: a file that is not a checkpoint, or, when its container located it (a
+        window), a corrupt part of one."""
         if window is not None:
             return CorruptCheckpoint(f"{self.where}: broken torch.save archive ({exc})")
-        return NotACheckpoint(f"{self.where}: not a readable checkpoint (broken zip archive: {text})")
+        return NotACheckpoint(f"{self.where}: not a readable checkpoint (broken zip archive: {detail})")
 
     def _check(self, f, info) -> int:
         path, name = self.where, info.filename

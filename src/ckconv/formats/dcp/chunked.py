@@ -7,18 +7,15 @@ bytes stream from its chunks only when a writer asks, in blocks of bounded size 
 
 from __future__ import annotations
 
-import re
-
 from ... import dtypes
 from ...errors import CorruptCheckpoint, UnsupportedContent
 from ...model import CHUNK, Storage, TensorRef, contiguous_strides
 from ...pickling.unpickler import unpickle
 from ...storage.zipio import ZipRecords, record_bytes
-from ..torch_pickle import storage_loader
+from ..torch_archive import DATA_PKL, ZIP_MAGIC, storage_loader
 from .metadata import prod
 
 MAX_BLOB_PICKLE = 1 << 31
-DATA_PKL = re.compile(r"^([^/]+)/data\.pkl$")
 
 
 def read_archive(path, start, length, where):
@@ -27,7 +24,7 @@ def read_archive(path, start, length, where):
     with open(path, "rb") as f:
         f.seek(start)
         magic = f.read(4) if length >= 4 else b""
-        if magic != b"PK\x03\x04":
+        if magic != ZIP_MAGIC:
             f.seek(0)
             head = f.read(9)
             if len(head) == 9 and head[8:9] == b"{":

@@ -19,7 +19,7 @@ from ... import dtypes, tree
 from ...errors import UnsupportedContent
 from ...model import CHUNK, Storage, TensorRef
 from ...pickling import structure
-from ...storage.zipio import ZipWriter
+from ..torch_archive import write_archive
 from .metadata import METADATA_NAME, STRUCTURE_ATTR, load_metadata
 
 SUFFIX = ".distcp"
@@ -134,31 +134,6 @@ def plan_write(root, world=1) -> WritePlan:
     return WritePlan(leaves, skeleton, blobs, owner)
 
 
-class _Relative:
-    """A writable file seen from its current position: zip offsets inside a .distcp start at 0."""
-
-    def __init__(self, f):
-        self.f = f
-        self.base = f.tell()
-
-    def write(self, data):
-        return self.f.write(data)
-
-    def tell(self):
-        return self.f.tell() - self.base
-
-    def seek(self, pos, whence=0):
-        if whence != 0:
-            raise ValueError("only absolute seeks")
-        return self.f.seek(self.base + pos) - self.base
-
-    def flush(self):
-        self.f.flush()
-
-    def fileno(self):
-        return self.f.fileno()
-
-
 class _Contiguous(Storage):
     """A tensor's bytes in C order as a storage of their own (a chunk archive holds exactly the tensor)."""
 
@@ -190,32 +165,12 @@ def gather_bytes(ref):
 
 def write_blob(f, blob: Blob, progress, files, allow=()):
     """Append one torch.save archive (a tensor, contiguous, or a non-tensor leaf) at the file's position."""
-    from ...pickling.writer import PickleWriter
-
-    rel = _Relative(f)
-    order: dict = {}
     if blob.kind == "tensor":
         ref = blob.value
         root = TensorRef(_Contiguous(ref), ref.dtype, ref.shape)
     else:
         root = blob.value
-
-    def key_of(storage):
-        return order.setdefault(id(storage), (str(len(order)), storage))[0]
-
-    pickled = PickleWriter(key_of, allow=allow, where="the DCP checkpoint").dumps(root)
-    zw = ZipWriter(rel)
-    zw.add("archive/data.pkl", [pickled], len(pickled))
-    zw.add("archive/.format_version", [b"1"], 1)
-    zw.add("archive/.storage_alignment", [b"64"], 2)
-    zw.add("archive/byteorder", [b"little"], 6)
-    for key, storage in order.values():
-        zw.add_copy(f"archive/data/{key}", storage.nbytes,
-                    lambda fd, pos, st=storage: st.copy_to(fd, rel.base + pos, want_crc=True, progress=progress,
-                                                           files=files))
-    zw.add("archive/version", [b"3\n"], 2)
-    zw.add("archive/.data/serialization_id", [os.urandom(20).hex().encode()], 40)
-    zw.close()
+    write_archive(f, root, files=files, allow=allow, where="the DCP checkpoint", progress=progress)
 
 
 def write_rank_file(folder, rank, blobs, progress=None, allow=()) -> dict:

@@ -1,0 +1,217 @@
+"""The safetensors file and the huggingface_hub index of a sharded folder (``*.index.json``).
+
+Format toolkit, not a plugin: the ``safetensors`` format reads and writes with it, and ``torch-sharded`` shares
+the index (a weight_map naming shard files, refused unless it has exactly the expected shape), the shard-name
+rules and the sniffing that leaves a safetensors folder or index to the safetensors format.
+
+Parsing is ckconv's own and at least as strict as the Rust reference: header size capped, JSON validated with
+duplicate names refused, offsets contiguous from 0 with no gap or overlap, data ending exactly at end of file,
+dtype x shape equal to the byte length. Non-tensor structure travels in ``__metadata__["ckconv.structure"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+from .. import dtypes
+from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint
+from ..model import Storage, TensorRef
+from ..pickling import structure
+from ..pickling.unpickler import short_repr
+from ..storage.files import read_capped
+
+MAX_HEADER = 100_000_000  # the Rust implementation's cap
+MAX_TENSORS = int(os.environ.get("CKCONV_MAX_TENSORS", 1_000_000))
+MAX_BYTES = (1 << 64) - 1  # shapes and offsets are u64 in the Rust implementation
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+SHARD_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+MAX_INDEX_OBJECTS = 10_000  # JSON objects in an index: root, metadata, weight_map and a few for user metadata
+
+
+def sniff(path: Path, head: bytes) -> bool:
+    """True when ``path`` is a safetensors file, index or folder (``head``: a file's first bytes)."""
+    if path.is_dir():
+        return (path / INDEX_NAME).is_file() or (path / SINGLE_NAME).is_file() or bool(list(path.glob("*.safetensors.index.json")))
+    if path.name.endswith(".index.json"):
+        return head.lstrip()[:1] == b"{"
+    return len(head) >= 9 and head[8:9] == b"{"
+
+
+def assemble(tensors: dict, text, where):
+    if text is None:
+        return tensors
+    try:
+        return structure.decode(structure.loads(text, where), tensors, where)
+    except CkconvError:
+        raise
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError) as exc:
+        raise CorruptCheckpoint(f"{where}: invalid {structure.KEY} metadata ({type(exc).__name__}: "
+                                f"{str(exc)[:80]}); the file was altered or written by a newer ckconv") from None
+
+
+def no_duplicates(pairs):
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise CorruptCheckpoint(f"duplicate name {k!r:.80} in JSON header")
+        seen[k] = v
+    return seen
+
+
+def parse_header(path):
+    """-> (ordered [(name, dtype, shape, begin, end)], metadata, data_start). Refuses every malformed header."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise NotACheckpoint(f"{path}: not a readable checkpoint (too short for safetensors)")
+        n = struct.unpack("<Q", prefix)[0]
+        if n > MAX_HEADER:
+            raise CorruptCheckpoint(f"{path}: safetensors header declares {n} bytes, over the {MAX_HEADER}-byte limit")
+        if 8 + n > size:
+            raise CorruptCheckpoint(f"{path}: safetensors header length {n} runs past the end of the file; truncated?")
+        raw = f.read(n)
+    # Refuse millions of tensors before parsing them: an unescaped "data_offsets" key is one per tensor (inside a
+    # JSON string its quotes would be escaped), and the hook below counts objects for headers that escape it.
+    too_many = LimitExceeded(f"{path}: declares more than {MAX_TENSORS} tensors, over the limit of {MAX_TENSORS} "
+                             "(CKCONV_MAX_TENSORS)")
+    if raw.count(b'"data_offsets"') > MAX_TENSORS:
+        raise too_many
+    objects = 0
+
+    def hook(pairs):
+        nonlocal objects
+        objects += 1
+        if objects > MAX_TENSORS + 2:
+            raise too_many
+        return no_duplicates(pairs)
+
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=hook)
+    except CorruptCheckpoint as exc:
+        raise CorruptCheckpoint(f"{path}: safetensors header has a {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptCheckpoint(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CorruptCheckpoint(f"{path}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CorruptCheckpoint(f"{path}: safetensors __metadata__ must map strings to strings")
+    if len(header) > MAX_TENSORS:
+        raise LimitExceeded(f"{path}: declares {len(header)} tensors, over the limit of {MAX_TENSORS} (CKCONV_MAX_TENSORS)")
+    entries = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} needs exactly dtype, shape and data_offsets")
+        code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if type(code) is not str or code not in dtypes.SAFETENSORS_TO_DTYPE:
+            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} has unknown dtype {short_repr(code, 20)}")
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} has an invalid shape")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} has invalid data_offsets")
+        dtype = dtypes.SAFETENSORS_TO_DTYPE[code]
+        numel = 1
+        for s in shape:
+            numel *= s
+            if numel > MAX_BYTES or s > MAX_BYTES:  # checked as it grows: a 3,000-dim shape is a bignum bomb
+                raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} is too large: its shape overflows 64 bits")
+        if offsets[1] > MAX_BYTES:
+            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} is too large: its data_offsets overflow 64 bits")
+        if numel * dtypes.itemsize(dtype) != offsets[1] - offsets[0]:
+            raise CorruptCheckpoint(
+                f"{path}: tensor {name!r:.80} is {shape} x {code} = {numel * dtypes.itemsize(dtype)} bytes but "
+                f"data_offsets span {offsets[1] - offsets[0]}")
+        entries.append((name, dtype, tuple(shape), offsets[0], offsets[1]))
+    entries.sort(key=lambda e: (e[3], e[4]))
+    pos = 0
+    for name, _, _, begin, end in entries:
+        if begin != pos:
+            what = "overlaps the previous tensor" if begin < pos else "leaves a gap before it"
+            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} {what} (offset {begin}, expected {pos})")
+        pos = end
+    data_start = 8 + n
+    if data_start + pos != size:
+        raise CorruptCheckpoint(
+            f"{path}: tensor data ends at byte {data_start + pos} but the file has {size} bytes "
+            "(trailing or missing data); the file was altered or truncated")
+    return entries, metadata, data_start
+
+
+def read_file(path):
+    entries, metadata, data_start = parse_header(path)
+    tensors = {}
+    for name, dtype, shape, begin, end in entries:
+        st = Storage(name, dtype, end - begin, path=str(path), offset=data_start + begin, label=name)
+        tensors[name] = TensorRef(st, dtype, shape)
+    return tensors, metadata
+
+
+def load_index(index_path: Path):
+    """-> (weight_map, metadata) of an index file (sharded safetensors and sharded torch alike), refused unless it has exactly the expected shape."""
+    raw = read_capped(index_path, MAX_HEADER, f"{index_path}: index file")  # never a FIFO, never /dev/zero
+    objects = 0
+
+    def hook(pairs):
+        nonlocal objects
+        objects += 1
+        if objects > MAX_INDEX_OBJECTS:
+            raise LimitExceeded(f"{index_path}: index holds more than {MAX_INDEX_OBJECTS} JSON objects; "
+                                "an index maps names to shard files")
+        return no_duplicates(pairs)
+
+    try:
+        index = json.loads(raw.decode("utf-8"), object_pairs_hook=hook)
+    except CorruptCheckpoint as exc:
+        raise CorruptCheckpoint(f"{index_path}: index has a {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptCheckpoint(f"{index_path}: index is not valid JSON ({str(exc)[:120]})") from None
+    wmap = index.get("weight_map") if isinstance(index, dict) else None
+    meta = index.get("metadata", {}) if isinstance(index, dict) else None
+    if not isinstance(wmap, dict) or not isinstance(meta, dict) or not all(isinstance(v, str) for v in wmap.values()):
+        raise CorruptCheckpoint(f"{index_path}: index needs a weight_map of tensor name -> shard file name")
+    if len(wmap) > MAX_TENSORS:
+        raise LimitExceeded(f"{index_path}: index maps {len(wmap)} tensors, over the limit of {MAX_TENSORS} "
+                            "(CKCONV_MAX_TENSORS)")
+    return wmap, meta
+
+
+def header_bytes(named, metadata) -> bytes:
+    header = {"__metadata__": metadata}
+    pos = 0
+    for name, ref in named:
+        code = dtypes.safetensors_code(ref.dtype)
+        shape = list(ref.shape) if code else [ref.nbytes]
+        header[name] = {"dtype": code or "U8", "shape": shape, "data_offsets": [pos, pos + ref.nbytes]}
+        pos += ref.nbytes
+    raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_file(path, named, metadata, progress=None):
+    """Header, then each tensor's bytes copied straight from its source file (see ckconv.storage.fastcopy)."""
+    from ..storage.fastcopy import SourceFiles, write_at
+
+    header = header_bytes(named, metadata)
+    with open(path, "wb", buffering=0) as f, SourceFiles() as files:
+        fd = f.fileno()
+        write_at(fd, header, 0)
+        pos = len(header)
+        for _, ref in named:
+            ref.copy_to(fd, pos, progress=progress, files=files)
+            pos += ref.nbytes
+
+
+
+def write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
