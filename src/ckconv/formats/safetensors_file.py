@@ -82,21 +82,7 @@ def parse_header(path):
                              "(CKCONV_MAX_TENSORS)")
     if raw.count(b'"data_offsets"') > MAX_TENSORS:
         raise too_many
-    objects = 0
-
-    def hook(pairs):
-        nonlocal objects
-        objects += 1
-        if objects > MAX_TENSORS + 2:
-            raise too_many
-        return no_duplicates(pairs)
-
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=hook)
-    except CorruptCheckpoint as exc:
-        raise CorruptCheckpoint(f"{path}: safetensors header has a {exc}") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CorruptCheckpoint(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    header = parse_json(raw, MAX_TENSORS + 2, too_many, f"{path}: safetensors header")
     if not isinstance(header, dict):
         raise CorruptCheckpoint(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -157,22 +143,9 @@ def read_file(path):
 def load_index(index_path: Path):
     """-> (weight_map, metadata) of an index file (sharded safetensors and sharded torch alike), refused unless it has exactly the expected shape."""
     raw = read_capped(index_path, MAX_HEADER, f"{index_path}: index file")  # never a FIFO, never /dev/zero
-    objects = 0
-
-    def hook(pairs):
-        nonlocal objects
-        objects += 1
-        if objects > MAX_INDEX_OBJECTS:
-            raise LimitExceeded(f"{index_path}: index holds more than {MAX_INDEX_OBJECTS} JSON objects; "
-                                "an index maps names to shard files")
-        return no_duplicates(pairs)
-
-    try:
-        index = json.loads(raw.decode("utf-8"), object_pairs_hook=hook)
-    except CorruptCheckpoint as exc:
-        raise CorruptCheckpoint(f"{index_path}: index has a {exc}") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CorruptCheckpoint(f"{index_path}: index is not valid JSON ({str(exc)[:120]})") from None
+    too_many = LimitExceeded(f"{index_path}: index holds more than {MAX_INDEX_OBJECTS} JSON objects; an index "
+                             "maps names to shard files")
+    index = parse_json(raw, MAX_INDEX_OBJECTS, too_many, f"{index_path}: index")
     wmap = index.get("weight_map") if isinstance(index, dict) else None
     meta = index.get("metadata", {}) if isinstance(index, dict) else None
     if not isinstance(wmap, dict) or not isinstance(meta, dict) or not all(isinstance(v, str) for v in wmap.values()):
@@ -215,3 +188,23 @@ def write_json(path, obj):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
+
+
+def parse_json(raw: bytes, max_objects: int, too_many: Exception, what: str):
+    """``raw`` as JSON, refusing duplicate keys and more than ``max_objects`` objects (``too_many`` is raised)
+    while parsing, so a hostile header or index never builds millions of dicts. ``what`` opens each message."""
+    objects = 0
+
+    def hook(pairs):
+        nonlocal objects
+        objects += 1
+        if objects > max_objects:
+            raise too_many
+        return no_duplicates(pairs)
+
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=hook)
+    except CorruptCheckpoint as exc:
+        raise CorruptCheckpoint(f"{what} has a {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptCheckpoint(f"{what} is not valid JSON ({str(exc)[:120]})") from None
