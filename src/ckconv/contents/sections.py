@@ -1,13 +1,14 @@
-"""Naming the parts of a checkpoint: model weights, optimizer, scheduler, everything else."""
+"""Naming the parts of a checkpoint: model weights, optimizer, scheduler, everything else.
+
+Which of the model parts is *the* model is :func:`ckconv.contents.unwrap.unwrap`'s answer, not this module's.
+"""
 
 from __future__ import annotations
 
 from . import modules
 from ..model import TensorRef
 from ..tree import is_flat_state_dict
-from .unwrap import MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS, model_state_dict
-
-__all__ = ["MODEL_KEYS", "OPTIMIZER_KEYS", "SCHEDULER_KEYS", "model_state_dict", "section_of", "sections"]
+from .unwrap import MODEL_KEYS, OPTIMIZER_KEYS, SCHEDULER_KEYS
 
 
 def section_of(key) -> str:
