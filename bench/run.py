@@ -144,7 +144,7 @@ CKCONV_IMPORTS = "import ckconv.cli, ckconv.api; from ckconv.plugins import host
 # bytes (argv[1]) to argv[2] with ckconv's fastcopy, with or without the CRC-32 pass, then fsync (as ckconv does).
 COPY_CORE = r"""
 import os, sys
-from ckconv import fastcopy
+from ckconv.storage import fastcopy
 src, dst, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 n = os.path.getsize(src)
 s = os.open(src, os.O_RDONLY)
