@@ -105,8 +105,9 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
     if dtype or dtype_optimizer:
         root, cast, cast_note = cast_notes(root, dtype, dtype_optimizer, model_only)
         notes += cast_note
+    refs = _unique_tensors(root)
     shard = parse_size(max_shard_size)
-    over = [r for r in _unique_tensors(root) if shard is not None and r.nbytes > shard]
+    over = [r for r in refs if shard is not None and r.nbytes > shard]
     if over:
         notes.append(f"the checkpoint's largest tensor ({max(r.nbytes for r in over)} bytes) exceeds --max-shard-size: "
                      f"{len(over)} tensor(s) over the limit each get a shard of their own, as huggingface_hub does")
@@ -116,7 +117,6 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
         notes.append(f"kept {len(kept)} foreign objects as inert records: " + ", ".join(classes[:12])
                      + (f" and {len(classes) - 12} more classes" if len(classes) > 12 else ""))
     out = Checkpoint(root=root, format=ckpt.format, path=str(src))
-    refs = _unique_tensors(root)
     total = sum(r.nbytes for r in refs)
     if progress is not None and hasattr(progress, "start"):
         progress.start(total)
