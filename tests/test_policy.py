@@ -471,3 +471,12 @@ for p in ({str(tmp_path / 'back.pth')!r}, {str(tmp_path / 'back2.pth')!r}):
     assert torch.equal(a(x)[0], b(x)[0])
 print("ok")
 """, tmp_path)
+
+
+def test_one_ordered_verdict_type_reads_as_its_string():
+    from ckconv.pickling.verdicts import Verdict, worst
+
+    assert Verdict.SKIPPED < Verdict.SAFE < Verdict.UNKNOWN < Verdict.BROKEN < Verdict.DANGEROUS
+    assert worst(["safe", "dangerous", "unknown"]) is Verdict.DANGEROUS and worst([]) is Verdict.SAFE
+    assert json.dumps({"v": Verdict.UNKNOWN}) == '{"v": "unknown"}' and f"{Verdict.BROKEN}".upper() == "BROKEN"
+    assert policy.verdict("os", "system") is Verdict.DANGEROUS

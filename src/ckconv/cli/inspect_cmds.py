@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ..pickling.verdicts import Verdict
 from .common import RUN, echo_json, printable, table, verbose, warn
 
 
@@ -34,12 +35,12 @@ def inspect(src, as_json, allow_globals, summary):
         else:
             _show_inspection(info, as_json, size_text)
     finally:
-        if info.verdict == "unknown" and not as_json:
-            unknown = info.globals["unknown"] if verbose() else info.globals["unknown"][:8]
+        if info.verdict == Verdict.UNKNOWN and not as_json:
+            unknown = info.globals[Verdict.UNKNOWN] if verbose() else info.globals[Verdict.UNKNOWN][:8]
             warn(f"{src}: names globals ckconv does not know to be benign: {printable(', '.join(unknown))}"
-                 + (", ..." if len(unknown) < len(info.globals["unknown"]) else "")
+                 + (", ..." if len(unknown) < len(info.globals[Verdict.UNKNOWN]) else "")
                  + "; torch.load(weights_only=False) would call them")
-    if info.verdict == "dangerous":
+    if info.verdict == Verdict.DANGEROUS:
         sys.exit(1)
 
 
@@ -196,12 +197,13 @@ def scan(paths, as_json, allow_globals, loud):
         echo_json({"results": [r.to_dict() for r in results], "exit_code": exit_code(results)})
     else:
         for r in results:
-            if r.verdict == "skipped" and not (loud or verbose()):
+            if r.verdict == Verdict.SKIPPED and not (loud or verbose()):
                 continue
-            detail = r.message if r.verdict != "safe" else f"{r.format}, {r.tensors} tensors"
+            detail = r.message if r.verdict != Verdict.SAFE else f"{r.format}, {r.tensors} tensors"
             detail = detail[len(r.path) + 2:] if detail.startswith(f"{r.path}: ") else detail
             click.echo(f"{r.verdict.upper():<9} {printable(r.path)}: {printable(detail)}")
-        counts = {v: sum(r.verdict == v for r in results) for v in ("safe", "unknown", "dangerous", "broken")}
+        counts = {v: sum(r.verdict == v for r in results)
+                  for v in (Verdict.SAFE, Verdict.UNKNOWN, Verdict.DANGEROUS, Verdict.BROKEN)}
         if RUN["verbosity"] >= 0:
             click.echo(f"scanned {sum(counts.values())} checkpoints: "
                        + ", ".join(f"{n} {v}" for v, n in counts.items()), err=True)

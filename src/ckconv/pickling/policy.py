@@ -22,9 +22,9 @@ validated as dotted Python identifiers before anything is written, so a name can
 from __future__ import annotations
 
 from ..errors import UnsafeCheckpoint, UsageError
+from .verdicts import Verdict, worst
 
-SAFE, UNKNOWN, DANGEROUS = "safe", "unknown", "dangerous"
-_RANK = {SAFE: 0, UNKNOWN: 1, DANGEROUS: 2}
+SAFE, UNKNOWN, DANGEROUS = Verdict.SAFE, Verdict.UNKNOWN, Verdict.DANGEROUS
 
 DANGEROUS_MODULES = frozenset({
     "os", "posix", "nt", "subprocess", "sys", "runpy", "importlib", "pickle", "_pickle", "marshal", "shutil",
@@ -217,7 +217,7 @@ def _matches(module, qualname, patterns, classes_only=False) -> bool:
     return False
 
 
-def verdict(module, qualname, allow=(), pickled=True) -> str:
+def verdict(module, qualname, allow=(), pickled=True) -> Verdict:
     """safe / unknown / dangerous for one global, as ``torch.load(weights_only=False)`` would meet it.
     ``pickled``: the name comes from pickle opcodes ckconv's unpickler answered (its builders check arguments)."""
     if is_dangerous(module, qualname):
@@ -228,14 +228,6 @@ def verdict(module, qualname, allow=(), pickled=True) -> str:
     if pickled and module == "torch" and (qualname.endswith("Storage") or qualname[:1].islower() and "." not in qualname):
         return SAFE  # torch.FloatStorage, torch.float32 ...: answered by ckconv's own builders
     return UNKNOWN
-
-
-def worst(verdicts) -> str:
-    out = SAFE
-    for v in verdicts:
-        if _RANK[v] > _RANK[out]:
-            out = v
-    return out
 
 
 def classify(names, allow=(), pickled=True) -> dict:

@@ -14,6 +14,7 @@ from ..contents.layout import describe
 from ..errors import UnsafeCheckpoint
 from ..model import Checkpoint, Foreign, TensorRef, is_reference
 from ..contents.sections import sections
+from ..pickling.verdicts import Verdict
 
 
 MAX_TENSOR_ROWS = int(os.environ.get("CKCONV_INSPECT_MAX_ROWS", 100_000))  # table rows; counts cover every tensor
@@ -43,7 +44,7 @@ class Inspection:
     error: str | None = None
     modules: list = field(default_factory=list)  # pickled nn.Modules: [{path, class, tensors, error}]
     values: list = field(default_factory=list)  # [{path, kind, text}]: numpy values and class references, at a glance
-    verdict: str = "safe"  # safe / unknown / dangerous (ckconv.pickling.policy)
+    verdict: Verdict = Verdict.SAFE  # ckconv.pickling.verdicts
     globals: dict = field(default_factory=dict)  # {verdict: [dotted names]}
     tensors_omitted: int = 0  # references past the first MAX_TENSOR_ROWS, counted in tensor_count but not listed
 

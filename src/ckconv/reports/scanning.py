@@ -21,16 +21,17 @@ from pathlib import Path
 from ..pickling import policy
 from .. import tree
 from ..errors import CkconvError, NotACheckpoint, UnsafeCheckpoint
+from ..pickling.verdicts import Verdict
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".pkl", ".distcp", ".npz")
-BROKEN = "broken"
+BROKEN, SKIPPED = Verdict.BROKEN, Verdict.SKIPPED
 MAX_ENTRIES = 1_000_000  # directory entries visited in one scan
 
 
 @dataclass
 class ScanResult:
     path: str
-    verdict: str  # safe / unknown / dangerous / broken / skipped
+    verdict: Verdict
     format: str = ""
     tensors: int = 0
     bytes: int = 0
@@ -53,7 +54,7 @@ def scan_paths(paths, allow_globals=()) -> list:
 
 def exit_code(results) -> int:
     """0 when every checkpoint is safe (skipped files do not count), 1 otherwise."""
-    return 0 if all(r.verdict in (policy.SAFE, "skipped") for r in results) else 1
+    return 0 if all(r.verdict <= Verdict.SAFE for r in results) else 1
 
 
 def _scan_path(path: Path, allow, results, seen, top=False):
@@ -65,7 +66,7 @@ def _scan_path(path: Path, allow, results, seen, top=False):
         results.append(ScanResult(str(path), BROKEN, message=f"{path}: cannot read it ({exc.strerror})"))
         return
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-        verdict = BROKEN if top else "skipped"
+        verdict = BROKEN if top else SKIPPED
         results.append(ScanResult(str(path), verdict, message=f"{path}: not a regular file or folder; not read"))
         return
     key = (st.st_dev, st.st_ino)
@@ -78,7 +79,7 @@ def _scan_path(path: Path, allow, results, seen, top=False):
         fmt = None
         if stat.S_ISREG(st.st_mode):
             claims = path.name.lower().endswith(CHECKPOINT_SUFFIXES) or top
-            results.append(ScanResult(str(path), BROKEN if claims else "skipped", message=str(exc)))
+            results.append(ScanResult(str(path), BROKEN if claims else SKIPPED, message=str(exc)))
             return
     except CkconvError as exc:
         results.append(ScanResult(str(path), BROKEN, message=str(exc)))

@@ -1,0 +1,45 @@
+"""The one verdict type: what ``torch.load(weights_only=False)`` of a file would do, as ckconv judges it.
+
+An ordered enum (fickling's ``Severity`` shape): ``skipped < safe < unknown < broken < dangerous``, so a file's
+verdict is the ``max`` of its findings' verdicts and a folder's exit code follows from the worst one. The members
+are strings (``Verdict.SAFE == "safe"``), so JSON output and messages read as they always did.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["Verdict", "worst", "FINDINGS"]
+
+
+class Verdict(enum.StrEnum):
+    SKIPPED = "skipped"  # not a checkpoint (a README beside the weights): judged by nothing
+    SAFE = "safe"  # every global is one ckconv reproduces, or allowlisted in the role the pickle gives it
+    UNKNOWN = "unknown"  # names something ckconv does not know; torch would import or call it
+    BROKEN = "broken"  # fails a check convert runs (CRC, bounds, limits, one reading)
+    DANGEROUS = "dangerous"  # would run commands, import code or touch files under torch.load
+
+    @property
+    def rank(self) -> int:
+        return _RANK[self]
+
+    def __lt__(self, other):
+        return self.rank < Verdict(other).rank
+
+    def __le__(self, other):
+        return self.rank <= Verdict(other).rank
+
+    def __gt__(self, other):
+        return self.rank > Verdict(other).rank
+
+    def __ge__(self, other):
+        return self.rank >= Verdict(other).rank
+
+
+_RANK = {v: i for i, v in enumerate(Verdict)}
+FINDINGS = (Verdict.SAFE, Verdict.UNKNOWN, Verdict.DANGEROUS)  # the buckets a file's globals fall into
+
+
+def worst(verdicts, default=Verdict.SAFE) -> Verdict:
+    """The highest-ranked of ``verdicts`` (strings or members), ``default`` for none."""
+    return max((Verdict(v) for v in verdicts), default=Verdict(default))
