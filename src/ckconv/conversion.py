@@ -5,11 +5,13 @@ The one place that strings the stages together; each step is a function of the s
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from . import dtypes, tree
+from .contents import ema as ema_weights
 from .contents.cast import cast_notes
 from .contents.layout import drop_optimizers
 from .contents.optimizer_slots import model_parameters
@@ -51,7 +53,7 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
             rename: Iterable[str] = (), section: str | None = None, strict: bool = False,
             freeze: Iterable[str] = (), distributed: bool = False, allow_globals: Iterable[str] = (),
             optimizer: str = "remap", keep_layout: bool = False, dtype_optimizer: str | None = None,
-            plain: bool = False) -> ConversionResult:
+            plain: bool = False, ema: bool = False) -> ConversionResult:
     """Convert ``src`` to ``dst`` losslessly (unless ``model_only`` or ``dtype`` ask otherwise).
 
     ``arch`` / ``map`` / ``rename`` / ``only`` / ``drop`` remap the model state_dict onto an architecture's names
@@ -66,6 +68,8 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
     ``plain``: rewrite what only ``torch.load(weights_only=False)`` can load (pickled modules, numpy values,
     records, class references) into what ``weights_only=True`` loads (:mod:`ckconv.contents.plain`); the result lists each
     change in ``changes``.
+    ``ema``: the model's tensors replaced by their EMA values and the EMA entries left out
+    (:mod:`ckconv.contents.ema`); refused when the checkpoint holds no EMA.
     ``distributed``: when this process is one rank of a torchrun job, write only this rank's share of the output
     (:func:`ckconv.torchrun.save_distributed`; every rank must call convert). The CLI sets it.
     """
@@ -74,7 +78,12 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
     if freeze and model_only:
         raise UsageError("--freeze records the frozen parameters in a bundle, but --model-only writes a bare "
                          "state_dict; drop one of the two")
+    if ema:
+        ema_weights.refuse_section(section)
     ckpt = read(src)
+    if ema:
+        root, note = ema_weights.apply(ckpt.root)
+        ckpt = dataclasses.replace(ckpt, root=root, notes=ckpt.notes + [note])
     early = output_target(ckpt, dst, format=to, max_shard_size=max_shard_size)
     if not early.folder:  # refuse an existing DST or a missing folder before any matching or casting
         check_destination(early.path, force, early.protect)

@@ -110,6 +110,8 @@ def _dtype_option(*names, help):
 @click.option("--drop", multiple=True, metavar="SELECTOR", help="Leave out this part, e.g. 'classifier[-1]'.")
 @click.option("--rename", multiple=True, metavar="REGEX=REPL", help="Rename checkpoint keys first. Repeatable.")
 @click.option("--section", help="Where the state_dict is inside a bundle (e.g. state_dict_ema).")
+@click.option("--ema", is_flag=True, help="Write the EMA weights under the model's names (LitEma, timm "
+                                          "state_dict_ema, AveragedModel, mmengine), EMA entries left out.")
 @click.option("--strict", is_flag=True, help="With --arch: refuse to write unless every target key is filled.")
 @click.option("--optimizer", "optimizer", type=click.Choice(["remap", "drop"]), default="remap", show_default=True,
               help="Optimizer state: follow the remap (refused unless ckconv can prove which parameter each slot "
@@ -127,7 +129,7 @@ def _dtype_option(*names, help):
               help="Write what torch.load(weights_only=True) loads: pickled modules become state_dicts, numpy "
                    "arrays tensors, records dicts, class references names. Every change is listed.")
 def convert(paths, to, model_only, dtype, dtype_optimizer, max_shard_size, force, as_json, arch, arch_options,
-            map_file, only, drop, rename, section, strict, optimizer, keep_layout, freeze, allow_globals, plain):
+            map_file, only, drop, rename, section, ema, strict, optimizer, keep_layout, freeze, allow_globals, plain):
     """Convert SRC to DST, keeping everything (model, optimizer, scalars) unless told otherwise.
 
     With several SRC, DST is an existing folder and each goes to DST/<stem>.<ext>, as cp does (no file replaced
@@ -144,7 +146,7 @@ def convert(paths, to, model_only, dtype, dtype_optimizer, max_shard_size, force
                      rename=list(rename), section=section, strict=strict)
     options = dict(to=to, model_only=model_only, dtype=dtype, max_shard_size=max_shard_size, force=force,
                    freeze=list(freeze), distributed=True, allow_globals=list(allow_globals), optimizer=optimizer,
-                   keep_layout=keep_layout, dtype_optimizer=dtype_optimizer, plain=plain, **remap)
+                   keep_layout=keep_layout, dtype_optimizer=dtype_optimizer, plain=plain, ema=ema, **remap)
     if len(sources) > 1:
         _convert_several(sources, dst, options, as_json)
         return

@@ -21,11 +21,12 @@ from .common import RUN, echo_json, group_keys, table
 @click.option("--select", "selectors", multiple=True, metavar="SELECTOR",
               help="Only this part of the architecture: 'features[24:]', 'classifier[-1]', layer4.")
 @click.option("--section", help="Where the state_dict is inside a bundle (e.g. state_dict_ema).")
+@click.option("--ema", is_flag=True, help="Match the EMA weights (LitEma, timm, AveragedModel, mmengine).")
 @click.option("--no-structural", is_flag=True, help="Do not align leftover layers by module order and shape.")
 @click.option("--save-map", type=click.Path(path_type=str), help="Write the mapping as JSON, for `convert --map`.")
 @click.option("--strict", is_flag=True, help="Exit 1 unless every target key is filled.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report (or the spec) as JSON.")
-def match(ckpt, arch, arch_options, rename, selectors, section, no_structural, save_map, strict, as_json):
+def match(ckpt, arch, arch_options, rename, selectors, section, ema, no_structural, save_map, strict, as_json):
     """Match CKPT's keys onto an architecture and report how each key was found.
 
     Without CKPT, print the architecture's state_dict spec (with --select, that part of its module tree).
@@ -37,7 +38,7 @@ def match(ckpt, arch, arch_options, rename, selectors, section, no_structural, s
 
     progress = _RankingProgress() if sys.stderr.isatty() and not as_json and RUN["verbosity"] >= 0 else None
     report = do_match(ckpt, arch, arch_options=list(arch_options), rename=list(rename), section=section,
-                      only=list(selectors), structural=not no_structural, progress=progress)
+                      only=list(selectors), structural=not no_structural, progress=progress, ema=ema)
     if progress is not None:
         progress.finish()
     if save_map:

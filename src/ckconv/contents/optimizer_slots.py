@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from ..errors import UsageError
 from ..model import Storage, TensorRef, gather
+from .ema import shadow_names
 
 BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 # per-parameter state of torch's optimizers: always the parameter's shape
@@ -34,10 +35,12 @@ class Resolution:
 
 
 def model_parameters(model_sd: dict) -> list:
-    """[(name, shape)] of the entries that are parameters: state_dict order minus the known buffers."""
+    """[(name, shape)] of the entries that are parameters: state_dict order minus the known buffers (EMA shadows
+    are buffers too: an optimizer never holds them)."""
     out = []
+    shadows = shadow_names(model_sd)
     for name, ref in model_sd.items():
-        if not isinstance(ref, TensorRef) or name.rsplit(".", 1)[-1] in BUFFER_SUFFIXES:
+        if not isinstance(ref, TensorRef) or name.rsplit(".", 1)[-1] in BUFFER_SUFFIXES or name in shadows:
             continue
         if not ref.dtype.startswith(("float", "bfloat", "complex")):
             continue

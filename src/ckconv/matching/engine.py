@@ -283,10 +283,13 @@ def match_keys(source, target, *, arch="", rules=(), renames=(), structural=True
 
 # --- the API -----------------------------------------------------------------------------------------------
 
-def source_tensors(ckpt, section=None):
-    """-> (root tree, {name: TensorRef}, where, path, label) for a path, a Checkpoint or torch objects."""
+def source_tensors(ckpt, section=None, ema=False):
+    """-> (root tree, {name: TensorRef}, where, path, label) for a path, a Checkpoint or torch objects.
+
+    ``ema``: the model state_dict with the EMA values in place (:mod:`ckconv.contents.ema`)."""
     from .. import tree
     from ..model import Checkpoint
+    from ..contents import ema as ema_weights
     from ..contents.unwrap import unwrap
 
     if isinstance(ckpt, (str, os.PathLike)):
@@ -297,6 +300,9 @@ def source_tensors(ckpt, section=None):
         root, label = ckpt.root, ckpt.path or "<checkpoint>"
     else:
         root, label = tree.from_torch(ckpt), "<memory>"
+    if ema:
+        ema_weights.refuse_section(section)
+        root, _ = ema_weights.apply(root)
     flat, where, path = unwrap(root, section)
     return root, flat, where, path, label
 
@@ -312,12 +318,13 @@ def target_spec(arch, arch_options=None):
 
 
 def match(ckpt, arch, *, arch_options=None, rename=(), section=None, only=(), drop=(), structural=True,
-          allow_reshape=True, progress=None) -> MatchReport:
+          allow_reshape=True, progress=None, ema=False) -> MatchReport:
     """Match the model state_dict in ``ckpt`` (a path, a Checkpoint or torch objects) onto ``arch``.
 
     ``arch``: a name (``resnet18``, ``torchvision:resnet18``), ``auto`` / ``auto:PATTERN,...`` to pick the best
     registered architecture, or an ``nn.Module``. ``rename``: ``'REGEX=REPLACEMENT'`` strings applied first.
-    ``only``/``drop``: selectors limiting the target keys. Reads no tensor data.
+    ``only``/``drop``: selectors limiting the target keys. ``ema``: match the EMA weights (``--ema``).
+    Reads no tensor data.
     """
     from . import targets
     from ..plugins import host
@@ -326,7 +333,7 @@ def match(ckpt, arch, *, arch_options=None, rename=(), section=None, only=(), dr
     auto = isinstance(arch, str) and (arch == "auto" or arch.startswith("auto:"))
     if isinstance(arch, str) and not auto:
         targets.resolve(arch)  # a typo is told before the checkpoint is read
-    _, flat, where, path, label = source_tensors(ckpt, section)
+    _, flat, where, path, label = source_tensors(ckpt, section, ema)
     source = [(k, v.shape, v.dtype) for k, v in flat.items()]
     options = targets.parse_options(arch_options)
     ranking = []

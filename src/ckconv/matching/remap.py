@@ -57,9 +57,10 @@ def _remapped(report, values, reshape, zero):
 
 
 def load_into(model, ckpt, *, rename=(), section=None, only=(), drop=(), strict=False, structural=True,
-              allow_reshape=True) -> MatchReport:
+              allow_reshape=True, ema=False) -> MatchReport:
     """Match ``ckpt`` onto ``model`` and copy the matched tensors in; -> the MatchReport.
 
+    ``ema``: load the EMA weights (LitEma, timm, AveragedModel, mmengine layouts; refused when there are none).
     With ``strict`` nothing is loaded unless every key of ``model`` (or of its ``only`` part) is filled.
     """
     import torch
@@ -67,7 +68,7 @@ def load_into(model, ckpt, *, rename=(), section=None, only=(), drop=(), strict=
     from .. import tree
 
     report = match(ckpt, model, rename=rename, section=section, only=only, drop=drop, structural=structural,
-                   allow_reshape=allow_reshape)
+                   allow_reshape=allow_reshape, ema=ema)
     if strict:
         report.check_strict()
     needed = {m.source: report.source_tensors[m.source] for m in report.matched}
