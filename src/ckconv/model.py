@@ -415,4 +415,5 @@ class Checkpoint:
     foreign: list = field(default_factory=list)  # [(path, class name)] of inert foreign objects
     dangerous: list = field(default_factory=list)  # dangerous globals seen (inspect only; read refuses)
     globals: list = field(default_factory=list)  # [(module, qualname)] every global the file names (verdicts)
+    code: list = field(default_factory=list)  # records holding code (TorchScript, an exported graph): never run
 

@@ -27,6 +27,7 @@ BUILTIN_PLUGINS = (
     "ckconv.formats.torch_sharded",  # before safetensors: it claims the *.index.json files whose shards are torch
     "ckconv.formats.safetensors_format",
     "ckconv.formats.dcp",
+    "ckconv.formats.torch_export",
     "ckconv.architectures_torchvision",
 )
 HOOKS = ("ckconv_register_formats", "ckconv_register_architectures", "ckconv_register_key_rules")

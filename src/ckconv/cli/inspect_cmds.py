@@ -203,7 +203,7 @@ def scan(paths, as_json, allow_globals, loud):
             detail = detail[len(r.path) + 2:] if detail.startswith(f"{r.path}: ") else detail
             click.echo(f"{r.verdict.upper():<9} {printable(r.path)}: {printable(detail)}")
         counts = {v: sum(r.verdict == v for r in results)
-                  for v in (Verdict.SAFE, Verdict.UNKNOWN, Verdict.DANGEROUS, Verdict.BROKEN)}
+                  for v in (Verdict.SAFE, Verdict.UNKNOWN, Verdict.CODE, Verdict.DANGEROUS, Verdict.BROKEN)}
         if RUN["verbosity"] >= 0:
             click.echo(f"scanned {sum(counts.values())} checkpoints: "
                        + ", ".join(f"{n} {v}" for v, n in counts.items()), err=True)

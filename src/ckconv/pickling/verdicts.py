@@ -1,6 +1,6 @@
 """The one verdict type: what ``torch.load(weights_only=False)`` of a file would do, as ckconv judges it.
 
-An ordered enum (fickling's ``Severity`` shape): ``skipped < safe < unknown < broken < dangerous``, so a file's
+An ordered enum (fickling's ``Severity`` shape): ``skipped < safe < unknown < code < broken < dangerous``, so a file's
 verdict is the ``max`` of its findings' verdicts and a folder's exit code follows from the worst one. The members
 are strings (``Verdict.SAFE == "safe"``), so JSON output and messages read as they always did.
 """
@@ -16,6 +16,7 @@ class Verdict(enum.StrEnum):
     SKIPPED = "skipped"  # not a checkpoint (a README beside the weights): judged by nothing
     SAFE = "safe"  # every global is one ckconv reproduces, or allowlisted in the role the pickle gives it
     UNKNOWN = "unknown"  # names something ckconv does not know; torch would import or call it
+    CODE = "code"  # holds code its loader compiles and runs (TorchScript, an exported graph); the weights read apart
     BROKEN = "broken"  # fails a check convert runs (CRC, bounds, limits, one reading)
     DANGEROUS = "dangerous"  # would run commands, import code or touch files under torch.load
 

@@ -170,7 +170,8 @@ def tree_globals(root) -> list:
 
 
 def verdicts(ckpt, allow_globals=()) -> dict:
-    """{safe|unknown|dangerous: [dotted names]} for a checkpoint read by any format."""
+    """{safe|unknown|dangerous: [dotted names]} for a checkpoint read by any format, and {code: [record names]}
+    for one that holds code (a TorchScript archive, an exported program's graph)."""
     if ckpt.globals:  # pickle opcodes, answered by ckconv's unpickler
         found = policy.classify(ckpt.globals, allow_globals)
     else:  # records described by a format's metadata (safetensors structure, DCP): judged as ckconv would write them
@@ -196,6 +197,8 @@ def verdicts(ckpt, allow_globals=()) -> dict:
     for problem in write_problems(ckpt.root, allow_globals):
         if problem not in found[policy.UNKNOWN]:
             found[policy.UNKNOWN].append(problem)
+    if ckpt.code:  # records its own loader would compile and run: a verdict of their own, never "safe"
+        found[Verdict.CODE] = list(ckpt.code)
     return found
 
 

@@ -179,6 +179,9 @@ def _scan_one(path: Path, allow, fmt):
                    + "; torch.load(weights_only=False) would call them (--allow-global if you trust them)")
     elif verdict == policy.DANGEROUS:
         message = "would call " + ", ".join(found[policy.DANGEROUS][:8]) + " under torch.load(weights_only=False)"
+    elif verdict == Verdict.CODE:
+        message = (f"{ckpt.format} archive: holds code its loader compiles and runs ("
+                   + ", ".join(found[Verdict.CODE][:3]) + f"); ckconv reads its {count} tensors without it")
     return ScanResult(str(path), verdict, ckpt.format, count, nbytes, found, message), used
 
 
