@@ -24,7 +24,7 @@ LAYERS = [
     ("contents", ["ckconv.contents"]),
     ("contracts", ["ckconv.formats", "ckconv.architectures", "ckconv.rules"]),  # formats/: contract and toolkit
     ("built-in plugins", ["ckconv.formats.torch_pickle", "ckconv.formats.torch_sharded",
-                          "ckconv.formats.safetensors_format", "ckconv.formats.dcp",
+                          "ckconv.formats.safetensors_format", "ckconv.formats.dcp", "ckconv.formats.torch_export",
                           "ckconv.architectures_torchvision"]),
     ("host", ["ckconv.plugins"]),
     ("io", ["ckconv.io", "ckconv.torchrun"]),
