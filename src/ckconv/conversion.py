@@ -18,7 +18,7 @@ from .contents.optimizer_slots import model_parameters
 from .contents.plain import plain as make_plain
 from .contents.unwrap import model_state_dict, replace
 from .errors import UsageError
-from .io import PathLike, Progress, output_target, parse_size, read, save
+from .io import PathLike, Progress, output_target, read, write
 from .matching import targets
 from .matching.remap import remap_checkpoint
 from .matching.selectors import _names, freeze as select_frozen, under
@@ -71,10 +71,10 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
     ``ema``: the model's tensors replaced by their EMA values and the EMA entries left out
     (:mod:`ckconv.contents.ema`); refused when the checkpoint holds no EMA.
     ``distributed``: when this process is one rank of a torchrun job, write only this rank's share of the output
-    (:func:`ckconv.torchrun.save_distributed`; every rank must call convert). The CLI sets it.
+    (:func:`ckconv.torchrun.write_distributed`; every rank must call convert). The CLI sets it.
     """
-    src, dst = Path(src), Path(dst)
-    allow_globals = check_patterns(allow_globals)  # a bad pattern is a usage error before anything is read
+    src = Path(src)
+    check_patterns(allow_globals)  # a bad pattern is a usage error before anything is read
     if freeze and model_only:
         raise UsageError("--freeze records the frozen parameters in a bundle, but --model-only writes a bare "
                          "state_dict; drop one of the two")
@@ -84,10 +84,36 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
     if ema:
         root, note = ema_weights.apply(ckpt.root)
         ckpt = dataclasses.replace(ckpt, root=root, notes=ckpt.notes + [note])
-    early = output_target(ckpt, dst, format=to, max_shard_size=max_shard_size)
-    if not early.folder:  # refuse an existing DST or a missing folder before any matching or casting
-        check_destination(early.path, force, early.protect)
+    # The output planned once, from the checkpoint as read (its files are all an output may come from), and
+    # refused before any matching or casting if it would replace the source or an existing file without --force.
+    target = output_target(ckpt, dst, format=to, max_shard_size=max_shard_size, progress=progress,
+                           allow_globals=allow_globals)
+    if not target.folder:
+        check_destination(target.path, force, target.protect)
     notes = list(ckpt.notes)
+    root, report, changes = _restructure(
+        ckpt, notes, arch=arch, arch_options=arch_options, map=map, only=only, drop=drop, rename=rename,
+        section=section, strict=strict, model_only=model_only, optimizer=optimizer, keep_layout=keep_layout,
+        plain=plain, freeze=freeze)
+    cast = 0
+    if dtype or dtype_optimizer:
+        root, cast, cast_note = cast_notes(root, dtype, dtype_optimizer, model_only)
+        notes += cast_note
+    refs = _unique_tensors(root)
+    notes += _output_notes(root, refs, target.options.max_shard_size, ckpt.foreign)
+    out = Checkpoint(root=root, format=ckpt.format, path=str(src))
+    total = sum(r.nbytes for r in refs)
+    if progress is not None and hasattr(progress, "start"):
+        progress.start(total)
+    name = _writer(distributed)(out, target, force=force)
+    return ConversionResult(str(src), str(target.path), ckpt.format, name, len(refs), total, model_only,
+                            dtypes.CAST_NAMES.get(dtype) if dtype else None, cast, notes,
+                            report.to_dict() if report is not None else None, changes)
+
+
+def _restructure(ckpt, notes, *, arch, arch_options, map, only, drop, rename, section, strict, model_only,
+                 optimizer, keep_layout, plain, freeze):
+    """-> (root, MatchReport or None, --plain changes): the tree to write; what was done is added to ``notes``."""
     root = ckpt.root
     report = None
     if arch is not None or map is not None or rename or only or drop or section is not None:
@@ -110,44 +136,40 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
         target = report.architecture if report is not None else None
         root, _, note = record_freeze(root, freeze, arch=target, arch_options=report.arch_options if target else None)
         notes.append(note)
-    cast = 0
-    if dtype or dtype_optimizer:
-        root, cast, cast_note = cast_notes(root, dtype, dtype_optimizer, model_only)
-        notes += cast_note
-    refs = _unique_tensors(root)
-    shard = parse_size(max_shard_size)
+    return root, report, changes
+
+
+def _output_notes(root, refs, shard, foreign) -> list:
+    """What the user should know about the output itself: tensors over the shard size, foreign objects kept."""
+    notes = []
     over = [r for r in refs if shard is not None and r.nbytes > shard]
     if over:
         notes.append(f"the checkpoint's largest tensor ({max(r.nbytes for r in over)} bytes) exceeds --max-shard-size: "
                      f"{len(over)} tensor(s) over the limit each get a shard of their own, as huggingface_hub does")
-    kept = tree.foreign_objects(root) if ckpt.foreign else []  # what the output holds, not the source
+    kept = tree.foreign_objects(root) if foreign else []  # what the output holds, not the source
     if kept:
         classes = sorted({c for _, c in kept})
         notes.append(f"kept {len(kept)} foreign objects as inert records: " + ", ".join(classes[:12])
                      + (f" and {len(classes) - 12} more classes" if len(classes) > 12 else ""))
-    out = Checkpoint(root=root, format=ckpt.format, path=str(src))
-    total = sum(r.nbytes for r in refs)
-    if progress is not None and hasattr(progress, "start"):
-        progress.start(total)
-    dst = output_target(out, dst, format=to, max_shard_size=max_shard_size).path  # a folder DST takes DST/<name>
-    saver = save
-    if distributed:  # under torchrun each rank writes its share (issue 8)
-        from .torchrun import save_distributed, world_from_env
+    return notes
+
+
+def _writer(distributed: bool):
+    """``io.write``, or under torchrun (``distributed``, issue 8) the writer that gives each rank its share."""
+    if distributed:
+        from .torchrun import world_from_env, write_distributed  # torchrun imports torch.distributed lazily
 
         if world_from_env() is not None:
-            saver = save_distributed
-    name = saver(out, dst, format=to, max_shard_size=max_shard_size, force=force, progress=progress,
-                 allow_globals=allow_globals)
-    return ConversionResult(str(src), str(dst), ckpt.format, name, len(refs), total, model_only,
-                            dtypes.CAST_NAMES.get(dtype) if dtype else None, cast, notes,
-                            report.to_dict() if report is not None else None, changes)
+            return write_distributed
+    return write
 
 
 def _unique_tensors(root):
     seen, out = set(), []
     for _, ref in tree.tensors(root):
-        if ref.view_key() not in seen:
-            seen.add(ref.view_key())
+        key = ref.view_key()
+        if key not in seen:
+            seen.add(key)
             out.append(ref)
     return out
 

@@ -1,14 +1,15 @@
 """Reading and writing checkpoints through the format plugins: detect, read, load, save.
 
-Every command reads through :func:`read` and writes through :func:`save` (or, under torchrun, through
-:mod:`ckconv.torchrun`, which uses :func:`output_target` the same way). Formats are reached only by name through
+Every command reads through :func:`read` and writes through :func:`save`: :func:`output_target` plans the
+output once and :func:`write` writes it (under torchrun :func:`ckconv.torchrun.write_distributed` takes the same
+plan). Formats are reached only by name through
 the plugin host.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -106,44 +107,52 @@ def save(obj: Any, path: PathLike, *, format: str | None = None, max_shard_size:
 
     ``allow_globals``: dotted names or ``prefix.*`` patterns a pickle output may name beyond ckconv's allowlist
     of known-benign globals (:mod:`ckconv.pickling.policy`); anything else is refused before a byte is written."""
-    allow_globals = check_patterns(allow_globals)
-    path = Path(path)
     ckpt = as_checkpoint(obj)
-    shard = parse_size(max_shard_size)
-    name = output_format(path, format, shard)
-    fmt = host().format(name)
-    options = WriteOptions(max_shard_size=shard, progress=progress, allow_globals=allow_globals)
-    target = output_target(ckpt, path, format=name, max_shard_size=shard)
+    target = output_target(ckpt, path, format=format, max_shard_size=max_shard_size, progress=progress,
+                           allow_globals=allow_globals)
+    return write(ckpt, target, force=force)
+
+
+def write(ckpt: Checkpoint, target: "OutputTarget", *, force: bool = False) -> str:
+    """Write ``ckpt`` where :func:`output_target` planned it, atomically; returns the format name used."""
+    fmt = target.format
     if getattr(fmt, "writes_pickles", False):  # refuse unknown globals before anything is staged
-        check_writable(ckpt.root, allow_globals, f"the {name} checkpoint")
+        check_writable(ckpt.root, target.options.allow_globals, f"the {fmt.name} checkpoint")
     with staged(target.path, directory=target.folder, force=force, protect=target.protect,
                 layout=target.layout) as tmp:
-        fmt.write(ckpt, tmp, options)
-    return name
+        fmt.write(ckpt, tmp, target.options)
+    return fmt.name
 
 
 @dataclass
 class OutputTarget:
+    """An output planned once: where it goes, in which format, with which options, and what it must not touch.
+
+    :func:`write` and :func:`ckconv.torchrun.write_distributed` take it as it is."""
+
     path: Path  # where the output goes (for a single file into an existing folder: DIR/<source stem><ext>)
     format: object  # the Format plugin
     folder: bool  # a multi-file output (sharded safetensors, dcp)
     protect: frozenset  # (device, inode) of the source's files: never overwritten or removed, even with force
     layout: FolderLayout | None  # for folder outputs: the files of the format's layout (ckconv.storage.atomic)
+    options: WriteOptions = field(default_factory=WriteOptions)  # what the format's writer is handed
 
 
-def output_target(obj, path, *, format: str | None = None, max_shard_size=None) -> OutputTarget:
+def output_target(obj, path, *, format: str | None = None, max_shard_size=None, progress: Progress | None = None,
+                  allow_globals: Iterable[str] = ()) -> OutputTarget:
     """Where ``save`` writes ``obj`` for ``path``, refusing what could only lose data; touches nothing.
 
     A folder output (``max_shard_size``, dcp) goes into ``path``, new or existing (only its own layout's files
     are replaced there: :func:`ckconv.storage.atomic.staged_folder`); a name with a file extension is refused for it
     (``out.safetensors`` -> use ``out``). A single-file output whose ``path`` is an existing folder takes ``cp``
-    semantics: ``path/<source stem><ext>``.
+    semantics: ``path/<source stem><ext>``. The source's files (``protect``) are those of ``obj``: plan with the
+    checkpoint as read, whose files are a superset of any output made from it.
     """
     ckpt = as_checkpoint(obj)
     path = Path(path)
     shard = parse_size(max_shard_size)
     fmt = host().format(output_format(path, format, shard))
-    options = WriteOptions(max_shard_size=shard)
+    options = WriteOptions(max_shard_size=shard, progress=progress, allow_globals=check_patterns(allow_globals))
     folder = fmt.writes_directory(options)
     layout = None
     if folder:
@@ -159,7 +168,7 @@ def output_target(obj, path, *, format: str | None = None, max_shard_size=None) 
         if path.is_dir():
             raise OutputExists(f"{path} is a folder; ckconv never replaces a folder with a file: name the "
                                "output file")
-    return OutputTarget(path, fmt, folder, identities(_source_files(ckpt)), layout)
+    return OutputTarget(path, fmt, folder, identities(_source_files(ckpt)), layout, options)
 
 
 def _file_extensions() -> set:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from . import errors
 from .errors import CkconvError, WriteFailed
-from .formats.base import RankWrite, WriteOptions
-from .io import as_checkpoint, output_target, parse_size
+from .formats.base import RankWrite
+from .io import OutputTarget, as_checkpoint, output_target
 from .pickling.writer import check_writable
 from .storage.atomic import staged
 
@@ -142,17 +142,21 @@ def save_distributed(obj, path, *, format=None, max_shard_size=None, force=False
     files carry a random serialization id) and dcp (one file per rank).
     """
     ckpt = as_checkpoint(obj)
-    shard = parse_size(max_shard_size)
-    target = output_target(ckpt, path, format=format, max_shard_size=shard)  # same answer on every rank
-    fmt = target.format  # the plugin host's Format for the output
-    options = WriteOptions(max_shard_size=shard, progress=progress, allow_globals=tuple(allow_globals))
+    target = output_target(ckpt, path, format=format, max_shard_size=max_shard_size, progress=progress,
+                           allow_globals=allow_globals)  # the same answer on every rank
+    return write_distributed(ckpt, target, force=force)
+
+
+def write_distributed(ckpt, target: OutputTarget, *, force=False) -> str:
+    """:func:`ckconv.io.write` for every rank of a torchrun job: ``ckpt`` written where ``target`` planned it."""
+    fmt, options = target.format, target.options
     if getattr(fmt, "writes_pickles", False):  # every rank refuses the same globals before writing
         check_writable(ckpt.root, options.allow_globals, f"the {fmt.name} checkpoint")
     group = Group()
     plan_ranks = getattr(fmt, "plan_ranks", None)
     plan = plan_ranks(ckpt, options, group.world) if plan_ranks is not None else _RankZero(fmt, ckpt, options)
-    run_collective(group, target.path, plan, directory=fmt.writes_directory(options), force=force,
-                   protect=target.protect, layout=target.layout)
+    run_collective(group, target.path, plan, directory=target.folder, force=force, protect=target.protect,
+                   layout=target.layout)
     return fmt.name
 
 
