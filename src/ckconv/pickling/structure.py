@@ -13,9 +13,9 @@ import json
 import math
 from collections import OrderedDict
 
-from .. import dtypes
+from .. import dtypes, tree
 from . import policy
-from ..errors import CorruptCheckpoint, UnsafeCheckpoint
+from ..errors import CorruptCheckpoint, LimitExceeded, UnsafeCheckpoint
 from ..model import Foreign, TensorRef, TorchDevice, TorchDtype, TorchSize, foreign_class, is_reference
 from ..tree import MAX_DEPTH, format_path, walk
 
@@ -134,19 +134,87 @@ def decode(structure, tensors: dict, where="", seen_globals=None):
     """Rebuild the tree from ``encode``'s JSON; ``tensors`` maps names to TensorRefs. Strict: any surprise is an error.
 
     Class names (``$object``, ``$class``) are untrusted: a name that is not dotted identifiers, or a dangerous one,
-    is refused (:class:`UnsafeCheckpoint`); ``seen_globals`` (a list) receives the others, for verdicts."""
-    used: set = set()
-    objects: dict = {}  # "id" -> foreign record, for "$ref"
-    seen_globals = [] if seen_globals is None else seen_globals
+    is refused (:class:`UnsafeCheckpoint`); ``seen_globals`` (a list) receives the others, for verdicts.
 
-    def bad(msg):
-        return CorruptCheckpoint(f"{where}: invalid {KEY} metadata ({msg}); the file was altered or written by a newer ckconv")
+    A ``$ref`` shares an object instead of copying it, so a few kilobytes of references to references can stand
+    for a tree of 2**60 nodes. The size and depth of the tree as a walk expands it are counted as each node is
+    decoded (a shared object counted once per place it is referenced, from the size recorded when it was
+    decoded), and refused past ``CKCONV_MAX_NODES`` / ``CKCONV_MAX_DEPTH``: time proportional to the record, not
+    to its expansion."""
+    decoder = _Decoder(tensors, where, [] if seen_globals is None else seen_globals)
+    try:
+        root = decoder.dec(structure, 0)
+    except RecursionError:
+        raise decoder.bad("nesting too deep") from None
+    unused = set(tensors) - decoder.used
+    if unused:
+        raise decoder.bad(f"{len(unused)} tensors are not referenced, e.g. {sorted(unused)[0]!r}")
+    return root
 
-    def global_ref(val):
+
+class _Decoder:
+    """One decode: the tensors used, the objects defined so far (for ``$ref``) and the expanded size counted."""
+
+    def __init__(self, tensors, where, seen_globals):
+        self.tensors, self.where, self.seen_globals = tensors, where, seen_globals
+        self.used: set = set()
+        self.objects: dict = {}  # "id" -> foreign record, for "$ref"
+        self.expanded: dict = {}  # "id" -> (nodes, height) of a completely decoded object, as a walk expands it
+        self.nodes = 0  # nodes of the tree as a walk expands it (keys are not nodes)
+        self.reach = 0  # the deepest level the expanded tree reaches so far
+
+    def bad(self, msg):
+        return CorruptCheckpoint(f"{self.where}: invalid {KEY} metadata ({msg}); the file was altered or written by "
+                                 "a newer ckconv")
+
+    def count(self, nodes, depth):
+        self.nodes += nodes
+        if self.nodes > tree.MAX_NODES:
+            raise LimitExceeded(f"{self.where}: {KEY} metadata: structure too large: more than {tree.MAX_NODES} objects "
+                                "(shared references can expand exponentially); raise CKCONV_MAX_NODES if you trust "
+                                "this file")
+        if depth > self.reach:
+            self.reach = depth
+            if depth > tree.MAX_DEPTH:
+                raise LimitExceeded(f"{self.where}: {KEY} metadata: structure too deep: nesting exceeds {tree.MAX_DEPTH} "
+                                    "levels (shared references included); raise CKCONV_MAX_DEPTH if you trust this file")
+
+    def dec(self, node, depth):
+        if depth > MAX_DEPTH:
+            raise self.bad("nesting too deep")
+        self.count(1, depth)
+        if node is None or type(node) in (bool, str, int, float):
+            return node
+        if type(node) is list:
+            return [self.dec(v, depth + 1) for v in node]
+        if type(node) is not dict:
+            raise self.bad(f"unexpected {type(node).__name__}")
+        tag = next((k for k in node if k.startswith("$")), None)
+        if tag is None:
+            return {k: self.dec(v, depth + 1) for k, v in node.items()}
+        handler = _TAGS.get(tag)
+        if handler is None:
+            raise self.bad(f"unknown tag {tag}")
+        return handler(self, node, node[tag], depth)
+
+    def key(self, node, depth):
+        """A dict key or set member's key: decoded like any value, but not a node of the walked tree."""
+        before = self.nodes
+        out = self.dec(node, depth)
+        self.nodes = before
+        return out
+
+    def pairs(self, val, what):
+        if type(val) is not list or not all(type(p) is list and len(p) == 2 for p in val):
+            raise self.bad(f"{what} must be a list of pairs")
+        return val
+
+    def global_ref(self, val):
         """A class name from the metadata: untrusted input, checked exactly like a pickle's GLOBAL opcode."""
         if type(val) is not str or ":" not in val:
-            raise bad("bad object class")
+            raise self.bad("bad object class")
         module, qualname = val.split(":", 1)
+        where = self.where
         if not policy.valid_name(module, qualname):
             raise UnsafeCheckpoint(f"refusing to load {where}: its {KEY} metadata names {policy.dotted(module, qualname)}, "
                                    "which is not a Python name (an opcode injection attempt); the file is hostile",
@@ -155,158 +223,181 @@ def decode(structure, tensors: dict, where="", seen_globals=None):
             raise UnsafeCheckpoint(f"refusing to load {where}: its {KEY} metadata names {module}.{qualname}, which "
                                    "would run code if a converter wrote it into a pickle; do not use this file unless "
                                    "you trust its source", globals_=[f"{module}.{qualname}"])
-        if len(seen_globals) < 10_000 and (module, qualname) not in seen_globals:
-            seen_globals.append((module, qualname))
+        if len(self.seen_globals) < 10_000 and (module, qualname) not in self.seen_globals:
+            self.seen_globals.append((module, qualname))
         return foreign_class(module, qualname)
 
-    def dec(node, depth):
-        if depth > MAX_DEPTH:
-            raise bad("nesting too deep")
-        if node is None or type(node) in (bool, str, int, float):
-            return node
-        if type(node) is list:
-            return [dec(v, depth + 1) for v in node]
-        if type(node) is not dict:
-            raise bad(f"unexpected {type(node).__name__}")
-        tags = [k for k in node if k.startswith("$")]
-        if not tags:
-            return {k: dec(v, depth + 1) for k, v in node.items()}
-        tag = tags[0]
-        val = node[tag]
-        if tag == "$tensor":
-            if val not in tensors:
-                raise bad(f"refers to missing tensor {val!r}")
-            ref = tensors[val]
-            used.add(val)
-            if "dtype" in node:
-                dt, shape = node["dtype"], node.get("shape")
-                if dt not in dtypes.DTYPES or not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
-                    raise bad(f"bad raw tensor description for {val!r}")
-                n = 1
-                for s in shape:
-                    n *= s
-                if n * dtypes.itemsize(dt) != ref.storage.nbytes:
-                    raise bad(f"raw tensor {val!r} holds {ref.storage.nbytes} bytes, not {n} x {dt}")
-                ref = TensorRef(ref.storage, dt, shape)
-                ref.storage.dtype = dt
-            if node.get("param") or node.get("requires_grad"):
-                ref = TensorRef(ref.storage, ref.dtype, ref.shape, ref.stride, ref.offset,
-                                bool(node.get("requires_grad")), bool(node.get("param")))
-                tensors[val] = ref
-            return ref
-        if tag in ("$odict", "$dict"):
-            out = OrderedDict() if tag == "$odict" else {}
-            if type(val) is not list or not all(type(p) is list and len(p) == 2 for p in val):
-                raise bad(f"{tag} must be a list of pairs")
-            for k, v in val:
-                key = dec(k, depth + 1)
-                try:
-                    out[key] = dec(v, depth + 1)
-                except TypeError:
-                    raise bad("unhashable key") from None
-            if "$attrs" in node:
-                if tag != "$odict":
-                    raise bad("$attrs outside $odict")
-                attrs = dec(node["$attrs"], depth + 1)
-                if type(attrs) is not dict:
-                    raise bad("$attrs must be a mapping")
-                out.__dict__.update(attrs)
-            return out
-        if tag == "$tuple":
-            return tuple(dec(v, depth + 1) for v in _list(val, bad))
-        if tag in ("$set", "$frozenset"):
-            try:
-                return (set if tag == "$set" else frozenset)(dec(v, depth + 1) for v in _list(val, bad))
-            except TypeError:
-                raise bad("unhashable set member") from None
-        if tag in ("$bytes", "$bytearray", "$str"):
-            try:
-                data = base64.b64decode(val, validate=True)
-            except (ValueError, TypeError):
-                raise bad(f"bad base64 in {tag}") from None
-            if tag == "$bytes":
-                return data
-            if tag == "$bytearray":
-                return bytearray(data)
-            try:
-                return data.decode("utf-8", "surrogatepass")
-            except UnicodeDecodeError:
-                raise bad("$str is not UTF-8") from None
-        if tag == "$int":
-            digits = val[1:] if type(val) is str and val.startswith("-") else val
-            if type(digits) is not str or not digits or not set(digits) <= HEX_DIGITS:
-                raise bad("bad $int")
-            return int(val, 16)  # base 16 has no digit limit
-        if tag == "$float":
-            if val not in ("nan", "inf", "-inf"):
-                raise bad("bad float")
-            return float(val)
-        if tag == "$complex":
-            v = _list(val, bad)
-            if len(v) != 2 or not all(type(x) in (int, float) for x in v):
-                raise bad("bad complex")
-            return complex(*v)
-        if tag == "$size":
-            if not all(type(x) is int for x in _list(val, bad)):
-                raise bad("bad size")
-            return TorchSize(val)
-        if tag == "$dtype":
-            if val not in dtypes.DTYPES:
-                raise bad("unknown dtype")
-            return TorchDtype(val)
-        if tag == "$device":
-            if type(val) is not str:
-                raise bad("bad device")
-            return TorchDevice(val)
-        if tag == "$class":
-            return global_ref(val)
-        if tag == "$ref":
-            if type(val) is not int or val not in objects:
-                raise bad("$ref to an object not defined before it")
-            return objects[val]
-        if tag == "$object":
-            if val == "builtins:getattr":  # only as the unpickler allows it: a method of torch.compile's wrapper
-                args = [dec(a, depth + 1) for a in _list(node.get("args", []), bad)]
-                if not (len(args) == 2 and isinstance(args[0], Foreign) and args[0].class_name in policy.COMPILE_RECORDS
-                        and type(args[1]) is str and args[1].isidentifier() and not args[1].startswith("__")):
-                    global_ref(val)  # refused as dangerous
-                return foreign_class("builtins", "getattr")(*args)
-            cls = global_ref(val)
-            args = [dec(a, depth + 1) for a in _list(node.get("args", []), bad)]
-            kwargs = {}
-            for pair in _list(node.get("kwargs", []), bad):
-                if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not str:
-                    raise bad("bad kwargs")
-                kwargs[pair[0]] = dec(pair[1], depth + 1)
-            obj = cls.__new__(cls, *args, **kwargs) if node.get("new") is True else cls(*args, **kwargs)
-            if "id" in node:
-                if type(node["id"]) is not int or node["id"] in objects:
-                    raise bad("bad object id")
-                objects[node["id"]] = obj  # before its state, which may refer back to it
-            if "reconstructor" in node:
-                rec = _list(node["reconstructor"], bad)
-                if len(rec) != 2:
-                    raise bad("bad reconstructor")
-                object.__setattr__(obj, "reconstructor", (dec(rec[0], depth + 1), dec(rec[1], depth + 1)))
-            if "state" in node:
-                obj.__setstate__(dec(node["state"], depth + 1))
-            for item in _list(node.get("listitems", []), bad):
-                obj.append(dec(item, depth + 1))
-            for pair in _list(node.get("dictitems", []), bad):
-                if type(pair) is not list or len(pair) != 2:
-                    raise bad("bad dictitems")
-                obj[dec(pair[0], depth + 1)] = dec(pair[1], depth + 1)
-            return obj
-        raise bad(f"unknown tag {tag}")
 
+def _dec_tensor(d, node, val, depth):
+    if val not in d.tensors:
+        raise d.bad(f"refers to missing tensor {val!r}")
+    ref = d.tensors[val]
+    d.used.add(val)
+    if "dtype" in node:
+        dt, shape = node["dtype"], node.get("shape")
+        if dt not in dtypes.DTYPES or not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise d.bad(f"bad raw tensor description for {val!r}")
+        n = 1
+        for s in shape:
+            n *= s
+        if n * dtypes.itemsize(dt) != ref.storage.nbytes:
+            raise d.bad(f"raw tensor {val!r} holds {ref.storage.nbytes} bytes, not {n} x {dt}")
+        ref = TensorRef(ref.storage, dt, shape)
+        ref.storage.dtype = dt
+    if node.get("param") or node.get("requires_grad"):
+        ref = TensorRef(ref.storage, ref.dtype, ref.shape, ref.stride, ref.offset,
+                        bool(node.get("requires_grad")), bool(node.get("param")))
+        d.tensors[val] = ref
+    return ref
+
+
+def _dec_mapping(d, node, val, depth, tag):
+    out = OrderedDict() if tag == "$odict" else {}
+    for k, v in d.pairs(val, tag):
+        key = d.key(k, depth + 1)
+        try:
+            out[key] = d.dec(v, depth + 1)
+        except TypeError:
+            raise d.bad("unhashable key") from None
+    if "$attrs" in node:
+        if tag != "$odict":
+            raise d.bad("$attrs outside $odict")
+        attrs = d.dec(node["$attrs"], depth + 1)
+        if type(attrs) is not dict:
+            raise d.bad("$attrs must be a mapping")
+        out.__dict__.update(attrs)
+    return out
+
+
+def _dec_set(kind):
+    def dec(d, node, val, depth):
+        try:
+            return kind(d.dec(v, depth + 1) for v in _list(val, d.bad))
+        except TypeError:
+            raise d.bad("unhashable set member") from None
+    return dec
+
+
+def _dec_base64(d, node, val, depth, tag):
     try:
-        root = dec(structure, 0)
-    except RecursionError:
-        raise bad("nesting too deep") from None
-    unused = set(tensors) - used
-    if unused:
-        raise bad(f"{len(unused)} tensors are not referenced, e.g. {sorted(unused)[0]!r}")
-    return root
+        data = base64.b64decode(val, validate=True)
+    except (ValueError, TypeError):
+        raise d.bad(f"bad base64 in {tag}") from None
+    if tag == "$bytes":
+        return data
+    if tag == "$bytearray":
+        return bytearray(data)
+    try:
+        return data.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        raise d.bad("$str is not UTF-8") from None
+
+
+def _dec_int(d, node, val, depth):
+    digits = val[1:] if type(val) is str and val.startswith("-") else val
+    if type(digits) is not str or not digits or not set(digits) <= HEX_DIGITS:
+        raise d.bad("bad $int")
+    return int(val, 16)  # base 16 has no digit limit
+
+
+def _dec_float(d, node, val, depth):
+    if val not in ("nan", "inf", "-inf"):
+        raise d.bad("bad float")
+    return float(val)
+
+
+def _dec_complex(d, node, val, depth):
+    v = _list(val, d.bad)
+    if len(v) != 2 or not all(type(x) in (int, float) for x in v):
+        raise d.bad("bad complex")
+    return complex(*v)
+
+
+def _dec_size(d, node, val, depth):
+    if not all(type(x) is int for x in _list(val, d.bad)):
+        raise d.bad("bad size")
+    return TorchSize(val)
+
+
+def _dec_dtype(d, node, val, depth):
+    if val not in dtypes.DTYPES:
+        raise d.bad("unknown dtype")
+    return TorchDtype(val)
+
+
+def _dec_device(d, node, val, depth):
+    if type(val) is not str:
+        raise d.bad("bad device")
+    return TorchDevice(val)
+
+
+def _dec_ref(d, node, val, depth):
+    if type(val) is not int or val not in d.objects:
+        raise d.bad("$ref to an object not defined before it")
+    if val in d.expanded:  # a walk descends into the shared object again here: count its whole tree once more
+        nodes, height = d.expanded[val]
+        d.count(nodes - 1, depth + height)
+    # else a back-reference from inside the object's own state: a walk visits it and goes no further
+    return d.objects[val]
+
+
+def _dec_object(d, node, val, depth):
+    if val == "builtins:getattr":  # only as the unpickler allows it: a method of torch.compile's wrapper
+        args = [d.dec(a, depth + 1) for a in _list(node.get("args", []), d.bad)]
+        if not (len(args) == 2 and isinstance(args[0], Foreign) and args[0].class_name in policy.COMPILE_RECORDS
+                and type(args[1]) is str and args[1].isidentifier() and not args[1].startswith("__")):
+            d.global_ref(val)  # refused as dangerous
+        return foreign_class("builtins", "getattr")(*args)
+    cls = d.global_ref(val)
+    nodes_before, reach_before = d.nodes, d.reach
+    d.reach = depth
+    args = [d.dec(a, depth + 1) for a in _list(node.get("args", []), d.bad)]
+    d.count(1, depth + 1)  # a walk visits the record's args as a tuple of their own; kwargs and reconstructor not
+    kwargs = {}
+    for pair in _list(node.get("kwargs", []), d.bad):
+        if type(pair) is not list or len(pair) != 2 or type(pair[0]) is not str:
+            raise d.bad("bad kwargs")
+        kwargs[pair[0]] = d.key(pair[1], depth + 1)
+    obj = cls.__new__(cls, *args, **kwargs) if node.get("new") is True else cls(*args, **kwargs)
+    oid = node.get("id")
+    if "id" in node:
+        if type(oid) is not int or oid in d.objects:
+            raise d.bad("bad object id")
+        d.objects[oid] = obj  # before its state, which may refer back to it
+    if "reconstructor" in node:
+        rec = _list(node["reconstructor"], d.bad)
+        if len(rec) != 2:
+            raise d.bad("bad reconstructor")
+        object.__setattr__(obj, "reconstructor", (d.key(rec[0], depth + 1), d.key(rec[1], depth + 1)))
+    if "state" in node:
+        obj.__setstate__(d.dec(node["state"], depth + 1))
+    items, pairs = _list(node.get("listitems", []), d.bad), _list(node.get("dictitems", []), d.bad)
+    d.count(bool(items) + bool(pairs) + len(pairs), depth + 1)  # the lists and the (key, value) tuples a walk visits
+    for item in items:
+        obj.append(d.dec(item, depth + 1))
+    for pair in pairs:
+        if type(pair) is not list or len(pair) != 2:
+            raise d.bad("bad dictitems")
+        obj[d.dec(pair[0], depth + 1)] = d.dec(pair[1], depth + 1)
+    if "id" in node:
+        d.expanded[oid] = (d.nodes - nodes_before + 1, d.reach - depth)
+    d.reach = max(d.reach, reach_before)
+    return obj
+
+
+_TAGS = {
+    "$tensor": _dec_tensor,
+    "$odict": lambda d, node, val, depth: _dec_mapping(d, node, val, depth, "$odict"),
+    "$dict": lambda d, node, val, depth: _dec_mapping(d, node, val, depth, "$dict"),
+    "$tuple": lambda d, node, val, depth: tuple(d.dec(v, depth + 1) for v in _list(val, d.bad)),
+    "$set": _dec_set(set), "$frozenset": _dec_set(frozenset),
+    "$bytes": lambda d, node, val, depth: _dec_base64(d, node, val, depth, "$bytes"),
+    "$bytearray": lambda d, node, val, depth: _dec_base64(d, node, val, depth, "$bytearray"),
+    "$str": lambda d, node, val, depth: _dec_base64(d, node, val, depth, "$str"),
+    "$int": _dec_int, "$float": _dec_float, "$complex": _dec_complex, "$size": _dec_size, "$dtype": _dec_dtype,
+    "$device": _dec_device, "$class": lambda d, node, val, depth: d.global_ref(val), "$ref": _dec_ref,
+    "$object": _dec_object,
+}
 
 
 def _utf8_ok(text: str) -> bool:
