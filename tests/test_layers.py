@@ -23,7 +23,7 @@ LAYERS = [
     ("pickling", ["ckconv.pickling"]),
     ("contents", ["ckconv.contents"]),
     ("contracts", ["ckconv.formats", "ckconv.architectures", "ckconv.rules"]),  # formats/: contract and toolkit
-    ("built-in plugins", ["ckconv.formats.torch_pickle", "ckconv.formats.torch_sharded",
+    ("built-in plugins", ["ckconv.formats.torchscript", "ckconv.formats.torch_pickle", "ckconv.formats.torch_sharded",
                           "ckconv.formats.safetensors_format", "ckconv.formats.dcp", "ckconv.formats.torch_export",
                           "ckconv.architectures_torchvision"]),
     ("host", ["ckconv.plugins"]),

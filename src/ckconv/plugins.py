@@ -23,6 +23,7 @@ from .errors import PluginError, UsageError, did_you_mean
 __all__ = ["BUILTIN_PLUGINS", "PluginInfo", "get_plugin_manager", "host", "reset"]
 
 BUILTIN_PLUGINS = (
+    "ckconv.formats.torchscript",  # before torch: a TorchScript archive is a torch.save-style zip with code
     "ckconv.formats.torch_pickle",
     "ckconv.formats.torch_sharded",  # before safetensors: it claims the *.index.json files whose shards are torch
     "ckconv.formats.safetensors_format",

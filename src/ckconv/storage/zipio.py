@@ -13,7 +13,7 @@ import struct
 import zipfile
 import zlib
 
-from ..errors import CorruptCheckpoint, NotACheckpoint, UnsupportedContent
+from ..errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsupportedContent
 
 ALIGN = 64
 
@@ -63,9 +63,11 @@ class ZipRecords:
     corrupt (:class:`CorruptCheckpoint`) rather than not a checkpoint.
     """
 
-    def __init__(self, path, check_names=None, *, window=None, where=None):
+    def __init__(self, path, check_names=None, *, window=None, where=None, deflated=None):
         self.path = path
         self.where = str(path) if where is None else where
+        self.deflated = deflated or (lambda name: False)  # names a reader allows to be deflated (TorchScript code)
+        self.inflated_sizes = {}  # name -> declared size once inflated, for the deflated records
         try:
             with open(path, "rb") as f:
                 base = 0
@@ -81,8 +83,8 @@ class ZipRecords:
                 spans = []
                 for info in infos:
                     start = self._check(f, info)
-                    self.records[info.filename] = (base + start, info.file_size, info.CRC)
-                    spans.append((info.header_offset, start + info.file_size, info.filename))
+                    self.records[info.filename] = (base + start, info.compress_size, info.CRC)
+                    spans.append((info.header_offset, start + info.compress_size, info.filename))
                 self._no_overlap(spans, zf.start_dir)
         except (CorruptCheckpoint, UnsupportedContent):
             raise
@@ -104,11 +106,13 @@ class ZipRecords:
         path, name = self.where, info.filename
         if name in self.records:
             raise CorruptCheckpoint(f"{path}: duplicate zip record {name!r:.80}; refusing an ambiguous archive")
-        if info.compress_type != zipfile.ZIP_STORED:
+        if info.compress_type == zipfile.ZIP_DEFLATED and self.deflated(name):
+            self.inflated_sizes[name] = info.file_size
+        elif info.compress_type != zipfile.ZIP_STORED:
             raise CorruptCheckpoint(
                 f"{path}: zip record {name!r:.80} is compressed; torch.save never writes compressed "
                 "records, so this file was altered (possible decompression bomb)")
-        if info.file_size != info.compress_size:
+        elif info.file_size != info.compress_size:
             raise CorruptCheckpoint(f"{path}: zip record {name!r:.80} declares inconsistent sizes")
         if info.flag_bits & 0x1:
             raise UnsupportedContent(f"{path}: encrypted zip records are not supported")
@@ -124,7 +128,7 @@ class ZipRecords:
         if local_name.decode("utf-8", "replace") != name and local_name != cp437:
             raise CorruptCheckpoint(f"{path}: zip record {name!r:.80} disagrees with its local header")
         start = info.header_offset + 30 + name_len + extra_len
-        if start + info.file_size > self.file_size:
+        if start + info.compress_size > self.file_size:
             raise CorruptCheckpoint(
                 f"{path}: zip record {name!r:.80} declares {info.file_size} bytes past the end of the "
                 "file; the file is truncated or altered")
@@ -143,7 +147,30 @@ class ZipRecords:
                                         "the archive was crafted or damaged")
 
     def read(self, name, limit=1 << 31) -> bytes:
+        if name in self.inflated_sizes:
+            raise CorruptCheckpoint(f"{self.where}: record {name!r:.80} is deflated where stored bytes belong")
         return record_bytes(self.path, self.records[name], f"{self.where}: record {name!r:.80}", limit)
+
+    def read_deflated(self, name, limit) -> bytes:
+        """A record the reader allowed to be deflated, inflated to at most ``limit`` bytes and CRC-checked."""
+        where = f"{self.where}: record {name!r:.80}"
+        start, size, crc = self.records[name]
+        declared = self.inflated_sizes.get(name, size)
+        if declared > limit:
+            raise LimitExceeded(f"{where} inflates to {declared} bytes, over the {limit} ckconv reads")
+        with open(self.path, "rb") as f:
+            f.seek(start)
+            raw = f.read(size)
+        if name not in self.inflated_sizes:
+            data = raw
+        else:
+            inflater = zlib.decompressobj(-15)
+            data = inflater.decompress(raw, declared + 1)
+            if len(data) != declared or not inflater.eof:
+                raise CorruptCheckpoint(f"{where} does not inflate to its declared {declared} bytes")
+        if len(raw) != size or zlib.crc32(data) != crc:
+            raise CorruptCheckpoint(f"{where}: truncated or CRC mismatch; the file is corrupt, get a fresh copy")
+        return data
 
 
 def record_bytes(path, record, where, limit) -> bytes:
