@@ -369,7 +369,7 @@ HOSTILE_FOLDERS = {
     "truncated_zip_shard": (_fixture_shard("truncated_zip.pth"), MANIFEST["truncated_zip.pth"]),
     "storage_size_mismatch_shard": (_fixture_shard("storage_size_mismatch.pth"),
                                     MANIFEST["storage_size_mismatch.pth"]),
-    "torchscript_shard": (_fixture_shard("torchscript.pt"), MANIFEST["torchscript.pt"]),
+    "torchscript_shard": (_fixture_shard("torchscript.pt"), "TorchScript"),  # a shard is a torch.save file
     "legacy_truncated_shard": (_fixture_shard("legacy_truncated.pth"), MANIFEST["legacy_truncated.pth"]),
     "png_shard": (_fixture_shard("png_named.pth"), "is not a torch.save file"),
     "empty_shard": (_fixture_shard("empty.pth"), "is not a torch.save file"),

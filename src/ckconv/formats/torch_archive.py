@@ -24,6 +24,12 @@ ZIP_MAGIC = b"PK\x03\x04"
 DATA_PKL = re.compile(r"^([^/]+)/data\.pkl$")
 
 
+def top_folder(names) -> str | None:
+    """The archive's one top folder (``<stem>/``), or None when the records do not share exactly one."""
+    tops = {n.split("/", 1)[0] for n in names}
+    return next(iter(tops)) + "/" if len(tops) == 1 and all("/" in n for n in names) else None
+
+
 def storage_loader(path, records: dict, prefix: str, where: str, label: str | None = None):
     """The unpickler's persistent-id resolver for a torch zip archive: ``('storage', type, key, location, numel)``
     -> a :class:`Storage` over record ``{prefix}data/{key}`` of ``path``, its size checked against ``numel``.

@@ -21,7 +21,7 @@ from ..model import Checkpoint, Storage, TensorRef
 from ..storage.zipio import ZipRecords
 from .base import Format, WriteOptions, guarded
 from .safetensors_file import parse_json
-from .torch_archive import ZIP_MAGIC
+from .torch_archive import ZIP_MAGIC, top_folder
 
 WEIGHTS_CONFIG = "data/weights/model_weights_config.json"
 MAX_JSON = 64 << 20  # bytes of JSON read for the weights' description and the module order
@@ -32,12 +32,6 @@ SCALAR_TYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "f
                 29: "float8_e4m3fn", 30: "float8_e5m2", 31: "float8_e4m3fnuz", 32: "float8_e5m2fnuz",
                 33: "float8_e8m0fnu", 34: "uint32", 35: "uint64"}
 STRIDED = 7  # schema Layout.Strided
-
-
-def top_folder(names) -> str | None:
-    """The archive's one top folder (``<stem>/``), or None when the records do not share exactly one."""
-    tops = {n.split("/", 1)[0] for n in names}
-    return next(iter(tops)) + "/" if len(tops) == 1 and all("/" in n for n in names) else None
 
 
 def sniff(path: Path, head: bytes) -> bool:

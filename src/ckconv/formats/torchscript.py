@@ -24,8 +24,7 @@ from ..model import Checkpoint, Foreign
 from ..pickling.unpickler import RestrictedUnpickler, unpickle
 from ..storage.zipio import ZipRecords
 from .base import Format, WriteOptions, guarded
-from .torch_archive import ZIP_MAGIC, storage_loader
-from .torch_export import top_folder
+from .torch_archive import ZIP_MAGIC, storage_loader, top_folder
 
 MAX_CODE = 64 << 20  # bytes of TorchScript source inflated in all, to read the declarations
 JIT_LISTS = ("build_intlist", "build_doublelist", "build_boollist", "build_tensorlist", "build_complexlist")
