@@ -25,6 +25,7 @@ LAYERS = [
     ("contracts", ["ckconv.formats", "ckconv.architectures", "ckconv.rules"]),  # formats/: contract and toolkit
     ("built-in plugins", ["ckconv.formats.torchscript", "ckconv.formats.torch_pickle", "ckconv.formats.torch_sharded",
                           "ckconv.formats.safetensors_format", "ckconv.formats.dcp", "ckconv.formats.torch_export",
+                          "ckconv.formats.deepspeed",
                           "ckconv.architectures_torchvision"]),
     ("host", ["ckconv.plugins"]),
     ("io", ["ckconv.io", "ckconv.torchrun"]),

@@ -29,6 +29,7 @@ BUILTIN_PLUGINS = (
     "ckconv.formats.safetensors_format",
     "ckconv.formats.dcp",
     "ckconv.formats.torch_export",
+    "ckconv.formats.deepspeed",
     "ckconv.architectures_torchvision",
 )
 HOOKS = ("ckconv_register_formats", "ckconv_register_architectures", "ckconv_register_key_rules")

@@ -1,0 +1,160 @@
+"""The ``deepspeed`` format: ZeRO 1/2/3 folders written by DeepSpeed itself, checked against DeepSpeed's own answers.
+
+The folders are trained once per session on the CPU (tests/deepspeed_writers/train.py, two torchrun jobs: 1 and 2
+ranks). Each holds DeepSpeed's answers, taken through DeepSpeed's API in the training processes: the
+``get_fp32_state_dict_from_zero_checkpoint`` state_dict, every parameter's full optimizer state, and every
+parameter after one more step.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckconv
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE / "deepspeed_writers"))
+import train  # noqa: E402  (the writer script: the model, its parameter groups, the loss)
+
+pytestmark = pytest.mark.slow
+
+CONFIGS = ("zero1-fp32", "zero2-fp32", "zero3-fp32", "zero1-bf16", "zero2-bf16", "zero3-bf16")
+RUNS = [f"{c}-w{w}" for c in CONFIGS for w in (1, 2)]
+PYTHON = sys.executable
+CLI = [PYTHON, "-m", "ckconv"]
+
+
+@pytest.fixture(scope="session")
+def ds_runs(tmp_path_factory):
+    """{run name: folder} for every configuration, 1 and 2 ranks (the two jobs run side by side)."""
+    out = tmp_path_factory.mktemp("deepspeed")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    torchrun = str(Path(PYTHON).with_name("torchrun"))
+    jobs = [subprocess.Popen([torchrun, "--standalone", "--nproc-per-node", str(w), str(HERE / "deepspeed_writers"
+                                                                                        / "train.py"), str(out),
+                              *CONFIGS], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for w in (1, 2)]
+    for job in jobs:
+        log, _ = job.communicate(timeout=1800)
+        assert job.returncode == 0, log[-4000:]
+    return {run: out / run for run in RUNS}
+
+
+def reference(folder):
+    return torch.load(folder / "reference.pt", weights_only=False)
+
+
+def bits(t):
+    return t.contiguous().view(torch.uint8) if t.dtype.is_floating_point else t
+
+
+def same_bits(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(bits(a), bits(b))
+
+
+def frozen_values(dtype):
+    """The frozen layer never changes: its values are the seeded model's, in the training dtype."""
+    torch.manual_seed(0)
+    net = train.Net()
+    return {f"frozen.{k}": v.detach().to(dtype) for k, v in net.frozen.named_parameters()}
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_model_only_is_zero_to_fp32(ds_runs, run, tmp_path):
+    folder = ds_runs[run]
+    out = tmp_path / "model.safetensors"
+    ckconv.convert(folder / "ds", out, model_only=True)
+    got = ckconv.load(out)
+    expected = reference(folder)["fp32"]
+    for name, tensor in expected.items():
+        assert same_bits(got[name], tensor), name
+    assert got["head.weight"] is got["emb.weight"]  # the tie survives
+    extra = set(got) - set(expected)
+    if run.startswith("zero1"):
+        # DeepSpeed's ZeRO-1 records no frozen_param_shapes and zero_to_fp32 drops the frozen layer; ckconv keeps it
+        dtype = torch.bfloat16 if "bf16" in run else torch.float32
+        assert extra == {"frozen.weight", "frozen.bias"}
+        for name, value in frozen_values(dtype).items():
+            assert same_bits(got[name], value), name
+    else:
+        assert not extra
+    assert list(got) == list(train.Net().state_dict())  # the model's own order
+
+
+@pytest.mark.parametrize("run", RUNS)
+def test_bundle_carries_deepspeed_optimizer_state(ds_runs, run, tmp_path):
+    folder = ds_runs[run]
+    ref = reference(folder)
+    out = tmp_path / "bundle.pth"
+    ckconv.convert(folder / "ds", out)
+    bundle = torch.load(out, weights_only=True)  # plain data: torch's own allowlist suffices
+    assert bundle["epoch"] == 3 and bundle["note"] == "seeded run"  # client state
+    assert bundle["scheduler"]["last_epoch"] == train.STEPS and bundle["scheduler"]["base_lrs"] == [0.01, 0.02]
+    assert bundle["frozen"] == ["frozen.weight", "frozen.bias"]
+    assert bundle["deepspeed"]["zero_stage"] == int(run[4]) and bundle["deepspeed"]["dp_world_size"] == int(run[-1])
+    model = train.Net()
+    slots = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    state = bundle["optimizer"]["state"]
+    assert sorted(state) == sorted(slots[n] for n in ref["param_names"])
+    for name in ref["param_names"]:
+        entry = state[slots[name]]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert same_bits(entry[key], ref[key][name]), (name, key)
+        assert entry["step"].dtype == torch.float32 and [float(entry["step"])] == ref["steps"]
+    groups = bundle["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [0.0025, 0.005] and [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    optimizer = torch.optim.AdamW(train.param_groups(model))
+    optimizer.load_state_dict(bundle["optimizer"])
+    model.load_state_dict(bundle["model"])
+
+
+@pytest.mark.parametrize("run", [r for r in RUNS if "fp32" in r])
+def test_resumed_adamw_step_is_deepspeeds_next_step(ds_runs, run, tmp_path):
+    folder = ds_runs[run]
+    ref = reference(folder)
+    out = tmp_path / "bundle.pth"
+    ckconv.convert(folder / "ds", out)
+    bundle = torch.load(out, weights_only=True)
+    model = train.Net()
+    model.load_state_dict(bundle["model"])
+    optimizer = torch.optim.AdamW(train.param_groups(model))
+    optimizer.load_state_dict(bundle["optimizer"])
+    train.loss_of(model, ref["batch"]).backward()
+    optimizer.step()
+    params = dict(model.named_parameters())
+    for name in ref["param_names"]:
+        torch.testing.assert_close(params[name].detach(), ref["next_fp32"][name], rtol=0, atol=0)
+
+
+def test_cli_names_the_format_and_converts(ds_runs, tmp_path):
+    ds = ds_runs["zero3-fp32-w2"] / "ds"
+    shown = subprocess.run([*CLI, "inspect", str(ds)], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert "deepspeed checkpoint" in shown.stdout.splitlines()[0]
+    tag = subprocess.run([*CLI, "convert", str(ds / "global_step3"), str(tmp_path / "m.safetensors"),
+                          "--model-only"], capture_output=True, text=True)
+    assert tag.returncode == 0, tag.stderr
+    assert set(ckconv.load(tmp_path / "m.safetensors")) == set(train.Net().state_dict())
+
+
+def test_missing_rank_file_is_refused(ds_runs, tmp_path):
+    ds = tmp_path / "ds"
+    shutil.copytree(ds_runs["zero3-fp32-w2"] / "ds", ds)
+    (ds / "global_step2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    out = tmp_path / "out.safetensors"
+    r = subprocess.run([*CLI, "convert", str(ds), str(out), "--model-only"], capture_output=True, text=True)
+    assert r.returncode in (1, 2) and "saved by 2 ranks" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_latest_naming_a_path_outside_is_refused(ds_runs, tmp_path):
+    ds = tmp_path / "ds"
+    shutil.copytree(ds_runs["zero2-fp32-w1"] / "ds", ds)
+    (ds / "latest").write_text("../elsewhere")
+    r = subprocess.run([*CLI, "convert", str(ds), str(tmp_path / "o.safetensors")], capture_output=True, text=True)
+    assert r.returncode in (1, 2) and "tag" in r.stderr and "Traceback" not in r.stderr
