@@ -24,25 +24,32 @@ import train  # noqa: E402  (the writer script: the model, its parameter groups,
 pytestmark = pytest.mark.slow
 
 CONFIGS = ("zero1-fp32", "zero2-fp32", "zero3-fp32", "zero1-bf16", "zero2-bf16", "zero3-bf16")
+TORCHVISION = ("squeezenet-zero2-fp32", "squeezenet-zero3-fp32")  # for --arch: trained with 2 ranks only
 RUNS = [f"{c}-w{w}" for c in CONFIGS for w in (1, 2)]
+ARCH_RUNS = [f"{c}-w2" for c in TORCHVISION]
 PYTHON = sys.executable
 CLI = [PYTHON, "-m", "ckconv"]
 
 
 @pytest.fixture(scope="session")
 def ds_runs(tmp_path_factory):
-    """{run name: folder} for every configuration, 1 and 2 ranks (the two jobs run side by side)."""
+    """{run name: folder} for every configuration, 1 and 2 ranks (the two jobs run side by side).
+
+    CKCONV_TEST_DEEPSPEED_DIR names a folder the writer already filled (while working on the reader)."""
+    given = os.environ.get("CKCONV_TEST_DEEPSPEED_DIR")
+    if given:
+        return {run: Path(given) / run for run in RUNS + ARCH_RUNS}
     out = tmp_path_factory.mktemp("deepspeed")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     torchrun = str(Path(PYTHON).with_name("torchrun"))
-    jobs = [subprocess.Popen([torchrun, "--standalone", "--nproc-per-node", str(w), str(HERE / "deepspeed_writers"
-                                                                                        / "train.py"), str(out),
-                              *CONFIGS], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for w in (1, 2)]
+    script = str(HERE / "deepspeed_writers" / "train.py")
+    jobs = [subprocess.Popen([torchrun, "--standalone", "--nproc-per-node", str(w), script, str(out), *configs],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for w, configs in ((1, CONFIGS), (2, CONFIGS + TORCHVISION))]
     for job in jobs:
         log, _ = job.communicate(timeout=1800)
         assert job.returncode == 0, log[-4000:]
-    return {run: out / run for run in RUNS}
+    return {run: out / run for run in RUNS + ARCH_RUNS}
 
 
 def reference(folder):
@@ -131,6 +138,39 @@ def test_resumed_adamw_step_is_deepspeeds_next_step(ds_runs, run, tmp_path):
         torch.testing.assert_close(params[name].detach(), ref["next_fp32"][name], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("run", ARCH_RUNS)
+def test_arch_on_a_deepspeed_source(ds_runs, run, tmp_path):
+    """A torchvision model trained under ZeRO: ``--arch`` remaps and checks it like any source, and the optimizer of
+    ``torch.optim.AdamW(model.parameters())`` (one group, the frozen layer included) loads and resumes exactly."""
+    import torchvision
+
+    folder = ds_runs[run]
+    ref = reference(folder)
+    out = tmp_path / "bundle.pth"
+    result = ckconv.convert(folder / "ds", out, arch="squeezenet1_1", arch_options={"num_classes": 10})
+    assert result is not None
+    bundle = torch.load(out, weights_only=True)
+    model = torchvision.models.squeezenet1_1(num_classes=10, dropout=0.0)  # as trained
+    model.load_state_dict(bundle["model"])
+    assert bundle["frozen"] == ["features.0.weight", "features.0.bias"]
+    for name, p in model.named_parameters():
+        p.requires_grad_(name not in bundle["frozen"])
+    for name, tensor in ref["fp32"].items():
+        assert same_bits(bundle["model"][name], tensor), name
+    optimizer = torch.optim.AdamW(model.parameters())
+    optimizer.load_state_dict(bundle["optimizer"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the training ranks ran: convolution gradients summed in the same order
+    try:
+        train.loss_of(model, ref["batch"]).backward()
+    finally:
+        torch.set_num_threads(threads)
+    optimizer.step()
+    params = dict(model.named_parameters())
+    for name in ref["param_names"]:
+        torch.testing.assert_close(params[name].detach(), ref["next_fp32"][name], rtol=0, atol=0)
+
+
 def test_cli_names_the_format_and_converts(ds_runs, tmp_path):
     ds = ds_runs["zero3-fp32-w2"] / "ds"
     shown = subprocess.run([*CLI, "inspect", str(ds)], capture_output=True, text=True)
@@ -158,3 +198,36 @@ def test_latest_naming_a_path_outside_is_refused(ds_runs, tmp_path):
     (ds / "latest").write_text("../elsewhere")
     r = subprocess.run([*CLI, "convert", str(ds), str(tmp_path / "o.safetensors")], capture_output=True, text=True)
     assert r.returncode in (1, 2) and "tag" in r.stderr and "Traceback" not in r.stderr
+
+
+def refused(args):
+    r = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True)
+    assert r.returncode in (1, 2) and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r
+    return r.stderr
+
+
+def test_ranks_of_two_checkpoints_are_refused(ds_runs, tmp_path):
+    ds = tmp_path / "ds"
+    shutil.copytree(ds_runs["zero2-fp32-w2"] / "ds", ds)
+    name = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    shutil.copy(ds_runs["zero1-fp32-w2"] / "ds" / "global_step2" / name, ds / "global_step2" / name)
+    assert "different ZeRO stage" in refused(["convert", ds, tmp_path / "o.safetensors", "--model-only"])
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_truncated_rank_file_is_refused(ds_runs, tmp_path):
+    ds = tmp_path / "ds"
+    shutil.copytree(ds_runs["zero3-bf16-w2"] / "ds", ds)
+    victim = ds / "global_step2" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    victim.write_bytes(victim.read_bytes()[:-200])
+    refused(["convert", ds, tmp_path / "o.safetensors", "--model-only"])
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_a_rank_file_is_never_overwritten(ds_runs, tmp_path):
+    ds = tmp_path / "ds"
+    shutil.copytree(ds_runs["zero3-fp32-w2"] / "ds", ds)
+    victim = ds / "global_step2" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    before = victim.read_bytes()
+    refused(["convert", ds, victim, "--model-only", "--to", "torch", "--force"])
+    assert victim.read_bytes() == before

@@ -5,7 +5,7 @@ DeepSpeed start-up is paid once):
 
     DS_ACCELERATOR=cpu torchrun --standalone --nproc-per-node 2 tests/deepspeed_writers/train.py OUT zero2-fp32 ...
 
-A configuration is ``zero{1,2,3}-{fp32,bf16}``. For each, ``OUT/<config>-w<world>/`` gets:
+A configuration is ``[squeezenet-]zero{1,2,3}-{fp32,bf16}`` (``squeezenet``: torchvision's, for ``--arch``). For each, ``OUT/<config>-w<world>/`` gets:
 
 * ``ds/``: the checkpoint folder DeepSpeed wrote (``latest``, ``global_step2/``, and ``global_step3/`` written one
   step later with ``save_latest=False``);
@@ -46,21 +46,46 @@ class Net(nn.Module):
         return self.head(h), self.frozen(a)
 
 
+def squeezenet():
+    """A torchvision model (for ``--arch``), its first convolution frozen; no dropout, so that a step can be
+    repeated outside DeepSpeed."""
+    import torchvision
+
+    model = torchvision.models.squeezenet1_1(num_classes=10, dropout=0.0)
+    model.features[0].requires_grad_(False)
+    return model
+
+
+MODELS = {"net": Net, "squeezenet": squeezenet}
+
+
+def make(kind):
+    torch.manual_seed(0)
+    return MODELS[kind]()
+
+
 def loss_of(model, batch):
     x, y = batch
-    logits, side = model(x)
-    return nn.functional.cross_entropy(logits.float(), y) + side.float().pow(2).mean()
+    out = model(x)
+    logits, side = out if isinstance(out, tuple) else (out, None)
+    extra = side.float().pow(2).mean() if side is not None else 0.0
+    return nn.functional.cross_entropy(logits.float(), y) + extra
 
 
 def param_groups(model):
+    """Net: two groups of trainable parameters (decay, no decay); squeezenet: ``model.parameters()``, one group."""
+    if not isinstance(model, Net):
+        return list(model.parameters())
     decay = [p for n, p in model.named_parameters() if p.requires_grad and n.endswith("weight")]
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.endswith("weight")]
     return [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0, "lr": 0.02}]
 
 
-def batch_for(step, rank, dtype):
+def batch_for(kind, step, rank):
     g = torch.Generator().manual_seed(1000 * step + rank)
-    return torch.randint(0, 11, (4,), generator=g), torch.randint(0, 11, (4,), generator=g)
+    if kind == "net":
+        return torch.randint(0, 11, (4,), generator=g), torch.randint(0, 11, (4,), generator=g)
+    return torch.randn(2, 3, 48, 48, generator=g), torch.randint(0, 10, (2,), generator=g)
 
 
 def train(out, config):
@@ -68,12 +93,12 @@ def train(out, config):
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    stage, precision = config.split("-")
+    *kind, stage, precision = config.split("-")
+    kind = kind[0] if kind else "net"
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     folder = os.path.join(out, f"{config}-w{world}")
     ds_dir = os.path.join(folder, "ds")
-    torch.manual_seed(0)
-    model = Net()
+    model = make(kind)
     optimizer = torch.optim.AdamW(param_groups(model), lr=0.01, betas=(0.9, 0.99), eps=1e-6)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     ds_config = {
@@ -85,7 +110,7 @@ def train(out, config):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
     for step in range(STEPS):
-        loss = loss_of(engine, batch_for(step, rank, precision))
+        loss = loss_of(engine, batch_for(kind, step, rank))
         engine.backward(loss)
         engine.step()
     engine.save_checkpoint(ds_dir, client_state={"epoch": 3, "note": "seeded run"})
@@ -98,7 +123,7 @@ def train(out, config):
                for key in ("exp_avg", "exp_avg_sq")}
     steps = sorted({float(s["step"]) for s in engine.optimizer.optimizer.state.values() if "step" in s})
     # one more step, every rank on the same batch so that the mean gradient is the single-batch gradient
-    batch = batch_for(99, 0, precision)
+    batch = batch_for(kind, 99, 0)
     engine.backward(loss_of(engine, batch))
     engine.step()
     engine.save_checkpoint(ds_dir, tag=f"global_step{STEPS + 1}", save_latest=False)

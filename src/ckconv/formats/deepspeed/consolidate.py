@@ -24,7 +24,7 @@ from collections import OrderedDict
 from ...contents.cast import cast_floating
 from ...errors import CorruptCheckpoint, UnsupportedContent
 from ...model import Storage, TensorRef
-from .flat import Flat, tensor_of
+from .flat import Flat, Piece, tensor_of
 from .folder import ZeroFolder, flat_tensor
 
 # What DeepSpeed itself keeps in a model-states file; everything else there is the client state of save_checkpoint
@@ -115,10 +115,10 @@ class Layout:
         cut = math.ceil(numel / self.zf.world)
         out, left = [], numel * _itemsize(flats[0].dtype)
         for flat in flats:  # every rank's cut, end to end, then the padding of the last cut dropped
-            for storage, offset, length in flat.pieces(start, cut):
-                take = min(length, left)
+            for piece in flat.pieces(start, cut):
+                take = min(piece.length, left)
                 if take:
-                    out.append((storage, offset, take))
+                    out.append(Piece(piece.storage, piece.offset, take))
                 left -= take
         return out
 

@@ -14,6 +14,20 @@ from ...errors import CorruptCheckpoint
 from ...model import CHUNK, Storage, TensorRef
 
 
+class Piece:
+    """Bytes ``[offset, offset + length)`` of ``storage``; ``path`` names the file they come from (what the scanner
+    and the data-loss check count as read)."""
+
+    __slots__ = ("storage", "offset", "length")
+
+    def __init__(self, storage, offset, length):
+        self.storage, self.offset, self.length = storage, offset, length
+
+    @property
+    def path(self):
+        return self.storage.path
+
+
 class Flat:
     """Elements ``[0, numel)`` of a vector made of 1-D contiguous tensors placed end to end."""
 
@@ -31,7 +45,7 @@ class Flat:
         self.numel = total
 
     def pieces(self, start, numel) -> list:
-        """[(storage, byte offset, byte length)] of elements ``[start, start + numel)``."""
+        """The :class:`Piece` list of elements ``[start, start + numel)``."""
         if start < 0 or numel < 0 or start + numel > self.numel:
             raise CorruptCheckpoint(f"{self.what}: elements {start}..{start + numel} lie past its {self.numel} "
                                     "elements; the checkpoint's shapes and partitions disagree")
@@ -40,7 +54,7 @@ class Flat:
         for part, first in zip(self.parts, self.starts):
             lo, hi = max(start, first), min(end, first + part.shape[0])
             if lo < hi:
-                out.append((part.storage, (part.offset + lo - first) * size, (hi - lo) * size))
+                out.append(Piece(part.storage, (part.offset + lo - first) * size, (hi - lo) * size))
         return out
 
 
@@ -48,10 +62,10 @@ class PieceStorage(Storage):
     """A tensor's bytes, the concatenation of byte ranges of other storages, streamed piece by piece."""
 
     def __init__(self, label, dtype, pieces):
-        for storage, offset, length in pieces:
-            if offset < 0 or length < 0 or offset + length > storage.nbytes:
-                raise CorruptCheckpoint(f"{label}: reaches past the end of storage {storage.label}")
-        super().__init__(label, dtype, sum(p[2] for p in pieces), label=label)
+        for p in pieces:
+            if p.offset < 0 or p.length < 0 or p.offset + p.length > p.storage.nbytes:
+                raise CorruptCheckpoint(f"{label}: reaches past the end of storage {p.storage.label}")
+        super().__init__(label, dtype, sum(p.length for p in pieces), label=label)
         self.verified = True  # each source storage checks its own CRC as its bytes are read
         self.pieces = pieces
 
@@ -61,11 +75,11 @@ class PieceStorage(Storage):
         if start < 0 or length < 0 or start + length > self.nbytes:
             raise CorruptCheckpoint(f"{self.label}: read past the end of the tensor")
         pos, end = 0, start + length
-        for storage, offset, n in self.pieces:
-            lo, hi = max(start, pos), min(end, pos + n)
+        for p in self.pieces:
+            lo, hi = max(start, pos), min(end, pos + p.length)
             if lo < hi:
-                yield from storage.chunks(offset + lo - pos, hi - lo, size)
-            pos += n
+                yield from p.storage.chunks(p.offset + lo - pos, hi - lo, size)
+            pos += p.length
             if pos >= end:
                 break
 

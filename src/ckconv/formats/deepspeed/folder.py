@@ -9,6 +9,7 @@ exact name (:data:`DEEPSPEED_RECORDS`) and turned into plain values, and nothing
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ DEEPSPEED_RECORDS = frozenset({
     "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", "deepspeed.utils.tensor_fragment.fragment_address",
 })
 MAX_TAG = 255
+MAX_SNIFF_ENTRIES = 1000  # a checkpoint root holds a few tags; sniffing a huge folder stops early
 
 
 @dataclass
@@ -73,20 +75,24 @@ def _rank_files(path: Path) -> list:
 
 
 def looks_like(path: Path) -> bool:
-    """Cheap sniff: a tag folder with ZeRO optimizer-state files, or a folder whose ``latest`` names one."""
+    """Cheap sniff: a tag folder with ZeRO optimizer-state files, or a folder holding ``latest`` and a tag folder
+    (whatever ``latest`` says: reading checks it)."""
     if not path.is_dir():
         return False
     if _rank_files(path):
         return True
-    latest = path / LATEST
-    if not latest.is_file():
+    if not (path / LATEST).is_file():
         return False
     try:
-        with open(latest, "rb") as f:
-            tag = f.read(MAX_TAG + 1).decode("utf-8").strip()
-    except (OSError, UnicodeDecodeError):
+        with os.scandir(path) as entries:
+            for i, entry in enumerate(entries):
+                if i > MAX_SNIFF_ENTRIES:
+                    return False
+                if entry.is_dir() and _rank_files(Path(entry.path)):
+                    return True
+    except OSError:
         return False
-    return bool(tag) and "/" not in tag and tag not in (".", "..") and bool(_rank_files(path / tag))
+    return False
 
 
 def _ranked(folder: Path, pattern, what) -> list:
