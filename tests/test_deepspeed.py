@@ -231,3 +231,16 @@ def test_a_rank_file_is_never_overwritten(ds_runs, tmp_path):
     before = victim.read_bytes()
     refused(["convert", ds, victim, "--model-only", "--to", "torch", "--force"])
     assert victim.read_bytes() == before
+
+
+def test_two_ranks_under_torchrun_share_the_consolidation(ds_runs, tmp_path):
+    folder = ds_runs["zero3-bf16-w2"]
+    out = tmp_path / "model.safetensors"
+    torchrun = str(Path(PYTHON).with_name("torchrun"))
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "ckconv", "convert",
+                           str(folder / "ds"), str(out), "--model-only"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    got = ckconv.load(out)
+    for name, tensor in reference(folder)["fp32"].items():
+        assert same_bits(got[name], tensor), name

@@ -218,6 +218,8 @@ def optimizer_state_dict(zf: ZeroFolder, layout: Layout, param_order: list) -> d
         if part not in owner or name not in slot:
             raise CorruptCheckpoint(f"{zf.path}: parameter {name!r:.80} has no optimizer group or model slot")
         members[owner[part]].append(slot[name])
+        if values[part] is None:
+            continue
         entry = {}
         for key, value in values[part].items():
             if key in flats:
@@ -238,9 +240,9 @@ def optimizer_state_dict(zf: ZeroFolder, layout: Layout, param_order: list) -> d
 def _base_state(zf, rank, optim) -> dict:
     base = optim.get("optimizer_state_dict" if zf.stage == 3 else "base_optimizer_state")
     if isinstance(base, list):
-        raise UnsupportedContent(f"{zf.path}: an elastic ZeRO checkpoint (its optimizer state is saved per group "
-                                 "without the param groups); ckconv reads the default layout (elastic_checkpoint "
-                                 "off): use --model-only is not possible either; re-save without elastic_checkpoint")
+        raise UnsupportedContent(f"{zf.path}: an elastic ZeRO checkpoint (optimizer state saved per group, without "
+                                 "its param groups), which ckconv does not read; load it in DeepSpeed and save it "
+                                 "again with elastic_checkpoint off")
     if not (isinstance(base, dict) and isinstance(base.get("state"), dict)
             and isinstance(base.get("param_groups"), list)
             and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in base["param_groups"])):
@@ -253,6 +255,8 @@ def _slot_keys(zf, layout, bases):
     whose tensors are as long as the partition (the moments); the other values are per group (``step``)."""
     count = len(layout.partitions[0])
     values = {}
+    if not any(base["state"] for base in bases):  # saved before the first step: no state yet, as in torch
+        return {}, {part: None for part in range(count)}
     for part in range(count):
         value = bases[0]["state"].get(part)
         if not isinstance(value, dict):
