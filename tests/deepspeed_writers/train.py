@@ -5,7 +5,8 @@ DeepSpeed start-up is paid once):
 
     DS_ACCELERATOR=cpu torchrun --standalone --nproc-per-node 2 tests/deepspeed_writers/train.py OUT zero2-fp32 ...
 
-A configuration is ``[squeezenet-]zero{1,2,3}-{fp32,bf16}`` (``squeezenet``: torchvision's, for ``--arch``). For each, ``OUT/<config>-w<world>/`` gets:
+A configuration is ``[squeezenet-]zero{1,2,3}-{fp32,bf16}`` (``squeezenet``: torchvision's, for ``--arch``). For
+each, ``OUT/<config>-w<world>/`` gets:
 
 * ``ds/``: the checkpoint folder DeepSpeed wrote (``latest``, ``global_step2/``, and ``global_step3/`` written one
   step later with ``save_latest=False``);

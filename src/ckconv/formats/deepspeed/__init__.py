@@ -14,11 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ... import tree
-from ...errors import UnsupportedContent
+from ...errors import UnsupportedContent, UsageError
 from ...hookspecs import hookimpl
 from ...model import Checkpoint
 from ..base import Format, guarded
-from .consolidate import INFO_KEYS, STRUCTURE_KEYS, Layout, frozen_shapes, model_state_dict, optimizer_state_dict
+from .consolidate import (INFO_KEYS, STRUCTURE_KEYS, Layout, frozen_shapes, model_state_dict,
+                          optimizer_state_dict)
 from .folder import looks_like, read_folder
 
 RESERVED = ("model", "frozen", "optimizer", "scheduler", "deepspeed")
@@ -36,8 +37,8 @@ class DeepSpeedFormat(Format):
         return guarded(read_zero, Path(path))
 
     def write(self, checkpoint, path: Path, options) -> None:
-        raise UnsupportedContent("ckconv reads DeepSpeed checkpoints but does not write them; write dcp, torch or "
-                                 "safetensors (DeepSpeed loads a torch state_dict with load_state_dict)")
+        raise UsageError("ckconv reads DeepSpeed checkpoints but does not write them: pick another --to (DeepSpeed "
+                         "loads a torch state_dict with load_state_dict)")
 
 
 def read_zero(path: Path) -> Checkpoint:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 
+from ... import dtypes
 from ...contents.cast import cast_floating
 from ...errors import CorruptCheckpoint, UnsupportedContent
 from ...model import Storage, TensorRef
@@ -113,7 +114,7 @@ class Layout:
         if self.zf.stage < 3:
             return flats[group].pieces(start, numel)
         cut = math.ceil(numel / self.zf.world)
-        out, left = [], numel * _itemsize(flats[0].dtype)
+        out, left = [], numel * dtypes.itemsize(flats[0].dtype)
         for flat in flats:  # every rank's cut, end to end, then the padding of the last cut dropped
             for piece in flat.pieces(start, cut):
                 take = min(piece.length, left)
@@ -121,12 +122,6 @@ class Layout:
                     out.append(Piece(piece.storage, piece.offset, take))
                 left -= take
         return out
-
-
-def _itemsize(dtype):
-    from ... import dtypes
-
-    return dtypes.itemsize(dtype)
 
 
 def model_state_dict(zf: ZeroFolder, layout: Layout) -> OrderedDict:
@@ -171,7 +166,8 @@ def frozen_shapes(zf) -> OrderedDict:
         n for g in model["param_shapes"] if isinstance(g, dict) for n in g}
     rest = [k for k in model["module"] if k not in known]
     if rest and (zf.stage == 3 or value is not None):
-        raise CorruptCheckpoint(f"{zf.path}: the model has {len(rest)} tensor(s) ({', '.join(map(repr, rest[:3]))[:200]}) "
+        shown = ", ".join(map(repr, rest[:3]))[:200]
+        raise CorruptCheckpoint(f"{zf.path}: the model has {len(rest)} tensor(s) ({shown}) "
                                 "that the checkpoint holds no values for (saved with exclude_frozen_parameters?); "
                                 "ckconv does not write placeholders")
     for k in rest:
@@ -297,7 +293,7 @@ def _own_copy(value):
     if isinstance(value, TensorRef):
         if value.shape:
             raise CorruptCheckpoint("an optimizer state tensor that is neither a moment nor a scalar")
-        size = _itemsize(value.dtype)
+        size = dtypes.itemsize(value.dtype)
         data = bytes(value.storage.read(value.offset * size, size))
         return TensorRef(Storage(f"step@{id(data)}", value.dtype, size, buffer=data), value.dtype, ())
     return value
