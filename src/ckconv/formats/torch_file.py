@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 import struct
-import zipfile
+import tarfile
 from pathlib import Path
 
 from .. import dtypes, tree
-from ..errors import CorruptCheckpoint, NotACheckpoint, UnsupportedContent
+from ..errors import CkconvError, CorruptCheckpoint, NotACheckpoint, UnsupportedContent
 from ..model import Checkpoint, Foreign, Storage
 from ..pickling.unpickler import PARAMETER, StorageType, short_repr, unpickle
-from ..storage.zipio import ZipRecords
+from ..storage.zipio import ZipRecords, directory_names
 from .base import guarded
 from .torch_archive import DATA_PKL, ZIP_MAGIC, storage_loader
 
@@ -33,13 +33,12 @@ def sniff(path: Path, head: bytes) -> bool:
     """True when ``path`` is a torch.save file by its bytes (``head``: its first bytes)."""
     if path.is_dir():
         return False
-    if head.startswith(ZIP_MAGIC):
+    if head.startswith(ZIP_MAGIC):  # torch's own test: the first four bytes, wherever else a zip may end
         try:
-            with zipfile.ZipFile(path) as zf:
-                names = zf.namelist()
-        except Exception:  # noqa: BLE001 - a broken zip: let read() say precisely what is wrong
+            names = directory_names(path)
+        except CkconvError:  # an ambiguous directory: read() says precisely what is wrong
             return True
-        return any(DATA_PKL.match(n) or n.endswith("/constants.pkl") for n in names)
+        return not names or any(DATA_PKL.match(n) or n.endswith("/constants.pkl") for n in names)
     if _is_tar(head):
         return True  # legacy .tar checkpoints: read() names them
     if len(head) >= 9 and head[8:9] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= path.stat().st_size:
@@ -54,10 +53,20 @@ def read(path: Path, allow_dangerous=False) -> Checkpoint:
         head = f.read(512)
     if head.startswith(ZIP_MAGIC):
         return guarded(read_zip, path, allow_dangerous=allow_dangerous)
-    if _is_tar(head):
+    if _is_tar(head) or _torch_opens_as_tar(path):
         raise UnsupportedContent(f"{path}: legacy .tar checkpoint (torch < 0.4) is not supported: "
                                  "load it with an old torch you trust and re-save it with torch.save")
     return guarded(read_legacy, path, allow_dangerous=allow_dangerous)
+
+
+def _torch_opens_as_tar(path) -> bool:
+    """torch.load tries ``tarfile`` on every non-zip file before reading pickles: a pickle stream whose first
+    block also parses as a tar header (a polyglot) is read by torch as a tar checkpoint, by others as pickles."""
+    try:
+        with tarfile.open(path, mode="r:", format=tarfile.PAX_FORMAT):
+            return True
+    except (tarfile.TarError, OSError, ValueError, EOFError):
+        return False
 
 
 INTERNALS = (StorageType, Storage)  # builders left as values are references to their globals
@@ -155,6 +164,10 @@ def read_legacy(path, allow_dangerous=False) -> Checkpoint:
                                         f"but {numel} in the data; the file is corrupt")
             st.offset, st.nbytes = pos + 8, nbytes
             pos += 8 + nbytes
+        if pos != size:  # torch stops reading here; a zip reader would find an archive appended to the file
+            raise CorruptCheckpoint(f"{path}: {size - pos} bytes after the last storage, which torch.save never writes "
+                                    "and other readers could take for a second file; refusing an ambiguous file "
+                                    "(re-save the original with torch.save)")
         for _, ref in tree.tensors(root):
             last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
             if ref.numel and (last + 1) * dtypes.itemsize(ref.dtype) > ref.storage.nbytes:

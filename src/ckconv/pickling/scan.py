@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pickletools
 
-from ..errors import LimitExceeded, NotACheckpoint
+from ..errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint
 
 NUMBERS = frozenset(("INT", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT"))
 LEAVES = frozenset((
@@ -183,6 +183,8 @@ def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
         return too_big(_Value(depth, weight + 1, hcost, mutable=True, collidable=fn in BUILDS_HASHABLE))
 
     pos = 0
+    frame_end = 0  # a FRAME past STOP is read two ways: the C unpickler reading a file with peek (torch's
+    # buffered file) stops at STOP, one without peek consumes the whole frame (docs/safety.md)
     append = stack.append
     kinds = _KINDS
     try:
@@ -316,9 +318,15 @@ def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
             elif kind == _K_FRAME:
                 if total is not None and arg > total - pos:
                     raise _Malformed(f"frame of {arg} bytes runs past the end of the data")
+                frame_end = max(frame_end, pos + 9 + arg)  # a frame may start inside another
             elif kind == _K_STOP:
                 if len(stack) <= fence:
                     raise _Malformed("STOP with an empty stack")
+                if frame_end > pos + 1:
+                    raise CorruptCheckpoint(
+                        f"{where}: a pickle FRAME holds {frame_end - pos - 1} bytes after its STOP, which torch reads "
+                        "as the next pickle and other readers skip; refusing an ambiguous file (re-save the original "
+                        "with torch.save)")
                 return
             elif kind != _K_NOTHING:
                 raise _Malformed(f"unexpected opcode {op.name}")

@@ -1,21 +1,44 @@
-"""Reading and writing the zip container of torch checkpoints, with checks torch itself skips.
+"""Reading and writing the zip container of torch checkpoints: one reading, torch's, or a refusal.
 
-torch.save writes stored (uncompressed) records aligned to 64 bytes. On read we refuse compressed members and
-duplicate names, check every declared size against the file, and hand out each record as a byte range whose CRC
-is checked whenever its bytes are read. An archive may also sit at a byte window of a larger file (DCP stores one
-torch.save archive per item inside a ``.distcp`` file); it gets exactly the same checks.
+torch reads archives with miniz (``torch._C.PyTorchFileReader``): it finds the central directory at the offset
+the end record declares and a record by its name ignoring ASCII case; Python's ``zipfile`` looks for the directory
+just before the end record and matches names exactly. So this module parses the container as miniz does and
+accepts only the layout zip writers produce (torch.save's, ckconv's, ``zipfile``'s): records one after another
+from the first byte, each local header agreeing with its directory entry (or a data descriptor right after the
+bytes repeating it), the directory right after the last record and where declared, the (zip64) end records
+right after it, nothing more. Everything else (names equal ignoring case, records outside the one top folder, a
+lookup under a spelling other than the record's own) is refused: another reader could see it differently.
+
+Records are handed out as byte ranges whose CRC is checked whenever their bytes are read. An archive may also sit
+at a byte window of a larger file (DCP stores one torch.save archive per item inside a ``.distcp`` file); it gets
+exactly the same checks, the window taken as the whole archive (torch reads it from a buffer of those bytes).
 """
 
 from __future__ import annotations
 
 import io
 import struct
-import zipfile
 import zlib
 
 from ..errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsupportedContent
 
 ALIGN = 64
+LOCAL, CENTRAL, END, END64, LOCATOR64, DESCRIPTOR = (
+    0x04034B50, 0x02014B50, 0x06054B50, 0x06064B50, 0x07064B50, 0x08074B50)
+_LOCAL = struct.Struct("<IHHHHHIIIHH")  # 30 bytes
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")  # 46 bytes
+_END = struct.Struct("<IHHHHIIH")  # 22 bytes
+_END64 = struct.Struct("<IQHHIIQQQQ")  # 56 bytes
+_LOCATOR64 = struct.Struct("<IIQI")  # 20 bytes
+FLAG_ENCRYPTED, FLAG_DEFLATE_OPTIONS, FLAG_DESCRIPTOR, FLAG_UTF8 = 0x1, 0x6, 0x8, 0x800
+SATURATED = 0xFFFFFFFF
+AMBIGUOUS = ("torch and other zip readers could read it differently, so ckconv refuses it "
+             "(re-save the original with torch.save)")
+
+
+def fold(name: str) -> bytes:
+    """A record name as miniz compares it: its bytes with ASCII letters lowercased (``bytes.lower``)."""
+    return name.encode("utf-8", "surrogateescape").lower()
 
 
 class _Window(io.RawIOBase):
@@ -51,8 +74,36 @@ class _Window(io.RawIOBase):
         return len(data)
 
 
+class RecordTable(dict):
+    """Record name -> ``(data offset, size, crc)``. torch looks a record up ignoring ASCII case, so a lookup that
+    would reach a record under a spelling other than its own is refused instead of answered either way."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.where = where
+        self.folded: dict = {}
+
+    def __contains__(self, name):
+        exact = self.folded.get(fold(name))
+        if exact is None:
+            return False
+        if exact != name:
+            raise CorruptCheckpoint(f"{self.where}: zip record {name!r:.80} is stored as {exact!r:.80}; torch finds "
+                                    f"it under either spelling; {AMBIGUOUS}")
+        return True
+
+    def __getitem__(self, name):
+        if name not in self:
+            raise KeyError(name)
+        return dict.__getitem__(self, name)
+
+
+class _Entry:  # one central directory entry
+    __slots__ = ("name", "raw", "version", "flags", "method", "crc", "size", "csize", "offset")
+
+
 class ZipRecords:
-    """Name -> (data offset, size, crc) for every record of a torch zip archive.
+    """Name -> (data offset, size, crc) for every record of a torch zip archive, read as torch reads it.
 
     ``check_names(names)`` runs on the list of record names before any record is judged, so a reader can give
     the precise reason for an archive it does not handle (a TorchScript archive) before a generic one.
@@ -66,6 +117,7 @@ class ZipRecords:
     def __init__(self, path, check_names=None, *, window=None, where=None, deflated=None):
         self.path = path
         self.where = str(path) if where is None else where
+        self.records = RecordTable(self.where)
         self.deflated = deflated or (lambda name: False)  # names a reader allows to be deflated (TorchScript code)
         self.inflated_sizes = {}  # name -> declared size once inflated, for the deflated records
         try:
@@ -75,76 +127,114 @@ class ZipRecords:
                     base, length = window
                     f = _Window(f, base, length)
                 self.file_size = f.seek(0, 2)
-                zf = zipfile.ZipFile(f)
-                infos = zf.infolist()
+                entries, self.directory_offset = _directory(f, self.file_size, self.where)
+                names = [e.name for e in entries]
                 if check_names is not None:
-                    check_names([i.filename for i in infos])
-                self.records = {}
-                spans = []
-                for info in infos:
-                    start = self._check(f, info)
-                    self.records[info.filename] = (base + start, info.compress_size, info.CRC)
-                    spans.append((info.header_offset, start + info.compress_size, info.filename))
-                self._no_overlap(spans, zf.start_dir)
+                    check_names(names)
+                self._check_names(entries)
+                end = 0
+                for entry in entries:
+                    end = self._check(f, entry, end, base)
+                self._gap(end, self.directory_offset, "the central directory")
         except (CorruptCheckpoint, UnsupportedContent):
             raise
+        except _Broken as exc:
+            raise self._broken(window, str(exc)) from None
         except OSError as exc:
-            if exc.errno is not None and not isinstance(exc, zipfile.BadZipFile):
-                raise NotACheckpoint(f"{self.where}: cannot read it ({exc.strerror or exc})") from None
-            raise self._broken(exc, window, str(exc)) from None
-        except Exception as exc:  # noqa: BLE001 - zipfile raises many types on hostile input
-            raise self._broken(exc, window, f"{type(exc).__name__}: {str(exc)[:120]}") from None
+            raise NotACheckpoint(f"{self.where}: cannot read it ({exc.strerror or exc})") from None
 
-    def _broken(self, exc, window, detail):
+    def _broken(self, window, detail):
         """A zip that does not parse: a file that is not a checkpoint, or, when its container located it (a
         window), a corrupt part of one."""
         if window is not None:
-            return CorruptCheckpoint(f"{self.where}: broken torch.save archive ({exc})")
+            return CorruptCheckpoint(f"{self.where}: broken torch.save archive ({detail})")
         return NotACheckpoint(f"{self.where}: not a readable checkpoint (broken zip archive: {detail})")
 
-    def _check(self, f, info) -> int:
-        path, name = self.where, info.filename
-        if name in self.records:
-            raise CorruptCheckpoint(f"{path}: duplicate zip record {name!r:.80}; refusing an ambiguous archive")
-        if info.compress_type == zipfile.ZIP_DEFLATED and self.deflated(name):
-            self.inflated_sizes[name] = info.file_size
-        elif info.compress_type != zipfile.ZIP_STORED:
+    def _check_names(self, entries):
+        """One top folder (torch takes it from the first entry and refuses others), no two names equal ignoring
+        ASCII case (miniz's lookup would pick one of them, by its sort order)."""
+        if not entries:
+            raise _Broken("the archive holds no records")
+        if "/" not in entries[0].name:
+            raise CorruptCheckpoint(f"{self.where}: the first zip record {entries[0].name!r:.80} is not in a folder; "
+                                    "torch.save archives keep every record in one folder")
+        top = entries[0].name.split("/", 1)[0] + "/"
+        folded = self.records.folded
+        for e in entries:
+            if not e.name.startswith(top):
+                raise CorruptCheckpoint(f"{self.where}: zip record {e.name!r:.80} is outside the archive's folder "
+                                        f"{top!r:.80}, which torch takes from the first record; {AMBIGUOUS}")
+            key = fold(e.name)
+            if key in folded:
+                same = "" if folded[key] == e.name else (f" (equal to {folded[key]!r:.80} ignoring case, as torch "
+                                                         "compares names)")
+                raise CorruptCheckpoint(f"{self.where}: duplicate zip record {e.name!r:.80}{same}; {AMBIGUOUS}")
+            folded[key] = e.name
+
+    def _check(self, f, e, expected, base) -> int:
+        """Check one record against its local header and its place; return where the next record must start."""
+        path, name = self.where, e.name
+        if e.method == 8 and self.deflated(name):
+            self.inflated_sizes[name] = e.size
+        elif e.method != 0:
             raise CorruptCheckpoint(
                 f"{path}: zip record {name!r:.80} is compressed; torch.save never writes compressed "
                 "records, so this file was altered (possible decompression bomb)")
-        elif info.file_size != info.compress_size:
+        elif e.size != e.csize:
             raise CorruptCheckpoint(f"{path}: zip record {name!r:.80} declares inconsistent sizes")
-        if info.flag_bits & 0x1:
+        if e.flags & FLAG_ENCRYPTED:
             raise UnsupportedContent(f"{path}: encrypted zip records are not supported")
-        if not 0 <= info.header_offset <= self.file_size - 30:
-            raise CorruptCheckpoint(f"{path}: zip record {name!r:.80} has a local header outside the file")
-        f.seek(info.header_offset)
-        header = f.read(30)
-        if len(header) != 30 or header[:4] != b"PK\x03\x04":
-            raise CorruptCheckpoint(f"{path}: zip record {name!r:.80} has a broken local header")
-        name_len, extra_len = struct.unpack("<HH", header[26:30])
-        local_name = f.read(name_len)
-        cp437 = info.orig_filename.encode("cp437", "replace")
-        if local_name.decode("utf-8", "replace") != name and local_name != cp437:
-            raise CorruptCheckpoint(f"{path}: zip record {name!r:.80} disagrees with its local header")
-        start = info.header_offset + 30 + name_len + extra_len
-        if start + info.compress_size > self.file_size:
+        if e.flags & ~(FLAG_DESCRIPTOR | FLAG_UTF8 | FLAG_DEFLATE_OPTIONS * (e.method == 8)):
+            raise CorruptCheckpoint(f"{path}: zip record {name!r:.80} sets flags {e.flags:#x} no zip writer of "
+                                    "checkpoints sets; the file was altered")
+        if e.offset + 30 + e.csize > self.file_size:
             raise CorruptCheckpoint(
-                f"{path}: zip record {name!r:.80} declares {info.file_size} bytes past the end of the "
+                f"{path}: zip record {name!r:.80} declares {e.csize} bytes past the end of the "
                 "file; the file is truncated or altered")
-        return start
+        self._gap(expected, e.offset, f"zip record {name!r:.80}")
+        f.seek(e.offset)
+        header = f.read(30)
+        if len(header) != 30 or int.from_bytes(header[:4], "little") != LOCAL:
+            raise CorruptCheckpoint(f"{path}: zip record {name!r:.80} has a broken local header")
+        _, version, flags, method, _, _, crc, csize, size, name_len, extra_len = _LOCAL.unpack(header)
+        local_name = f.read(name_len)
+        extra = _fields(f.read(extra_len), extra_len)
+        if extra is None or local_name != e.raw or (version, flags, method) != (e.version, e.flags, e.method):
+            raise CorruptCheckpoint(f"{path}: zip record {name!r:.80} disagrees with its local header; {AMBIGUOUS}")
+        if not e.flags & FLAG_DESCRIPTOR and not _local_sizes_agree(e, crc, csize, size, extra):
+            raise CorruptCheckpoint(f"{path}: zip record {name!r:.80}: its local header declares other sizes or "
+                                    f"CRC than the central directory; {AMBIGUOUS}")
+        start = e.offset + 30 + name_len + extra_len
+        end = start + e.csize
+        if end > self.directory_offset:
+            raise CorruptCheckpoint(f"{path}: zip record {name!r:.80} overlaps the central directory; "
+                                    "the archive was crafted or damaged")
+        if e.flags & FLAG_DESCRIPTOR:
+            end += self._descriptor(f, e, end)
+        dict.__setitem__(self.records, name, (base + start, e.csize, e.crc))
+        return end
 
-    def _no_overlap(self, spans, central_directory):
-        """Each record's header and bytes lie apart from every other's and before the central directory.
+    def _descriptor(self, f, e, at) -> int:
+        """The data descriptor after a record's bytes (flag bit 3): its signature, CRC and sizes (32- or 64-bit,
+        as miniz writes them) must be the central directory's; returns its length."""
+        f.seek(at)
+        raw = f.read(24)
+        if raw[:4] == DESCRIPTOR.to_bytes(4, "little"):
+            if len(raw) >= 16 and struct.unpack_from("<III", raw, 4) == (e.crc, e.csize, e.size):
+                return 16
+            if len(raw) == 24 and struct.unpack_from("<IQQ", raw, 4) == (e.crc, e.csize, e.size):
+                return 24
+        raise CorruptCheckpoint(f"{self.where}: zip record {e.name!r:.80} has no data descriptor matching its "
+                                f"central directory entry; {AMBIGUOUS}")
 
-        Overlapping records are how "non-recursive" zip bombs reuse one run of bytes many times over.
-        """
-        spans.sort()
-        for (_, end, name), (next_start, _, next_name) in zip(spans, spans[1:] + [(central_directory, 0, None)]):
-            if end > next_start:
-                other = f"record {next_name!r:.80}" if next_name is not None else "the central directory"
-                raise CorruptCheckpoint(f"{self.where}: zip record {name!r:.80} overlaps {other}; "
-                                        "the archive was crafted or damaged")
+    def _gap(self, expected, actual, what):
+        if actual < expected:
+            raise CorruptCheckpoint(f"{self.where}: {what} overlaps the record before it; "
+                                    "the archive was crafted or damaged")
+        if actual > expected:
+            where = "before the first record" if expected == 0 else "between zip records"
+            raise CorruptCheckpoint(f"{self.where}: {actual - expected} bytes {where} (before {what}) that no record "
+                                    f"holds; {AMBIGUOUS}")
 
     def read(self, name, limit=1 << 31) -> bytes:
         if name in self.inflated_sizes:
@@ -171,6 +261,139 @@ class ZipRecords:
         if len(raw) != size or zlib.crc32(data) != crc:
             raise CorruptCheckpoint(f"{where}: truncated or CRC mismatch; the file is corrupt, get a fresh copy")
         return data
+
+
+class _Broken(Exception):
+    """The bytes do not parse as a zip archive at all."""
+
+
+def directory_names(path) -> list:
+    """The record names of the zip archive ``path`` as its central directory lists them (no other check)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        try:
+            return [e.name for e in _directory(f, size, str(path))[0]]
+        except _Broken:
+            return []
+
+
+def _directory(f, size, where):
+    """The central directory entries and its offset, found where the end record (or the zip64 end record)
+    declares, as miniz finds it; it must fill exactly the bytes between there and the end records."""
+    if size < 22:
+        raise _Broken("too short for a zip archive")
+    f.seek(size - 22)
+    sig, disk, cd_disk, n_disk, n, cd_size, cd_offset, comment = _END.unpack(f.read(22))
+    if sig != END:
+        f.seek(max(0, size - 22 - 0xFFFF))
+        found = f.read().rfind(END.to_bytes(4, "little"))
+        if found < 0:
+            raise _Broken("no end of central directory record")
+        raise CorruptCheckpoint(f"{where}: bytes after the zip end record (appended data or an archive comment); "
+                                f"{AMBIGUOUS}")
+    if comment:
+        raise CorruptCheckpoint(f"{where}: the zip end record carries a {comment}-byte comment; {AMBIGUOUS}")
+    end_start = size - 22
+    if size >= 22 + 20 + 56:
+        f.seek(size - 42)
+        lsig, l_disk, z64_offset, disks = _LOCATOR64.unpack(f.read(20))
+        if lsig == LOCATOR64:
+            end_start = size - 42 - 56
+            f.seek(end_start)
+            z = _END64.unpack(f.read(56))
+            if (z64_offset != end_start or z[0] != END64 or z[1] != 44 or (l_disk, disks) != (0, 1)
+                    or (z[4], z[5]) != (0, 0) or z[6] != z[7]):
+                raise CorruptCheckpoint(f"{where}: the zip64 end records do not agree on where they are; {AMBIGUOUS}")
+            wide = (z[7], z[8], z[9])
+            for short, value, top in ((n, wide[0], 0xFFFF), (n_disk, wide[0], 0xFFFF), (cd_size, wide[1], SATURATED),
+                                      (cd_offset, wide[2], SATURATED)):
+                if short not in (value, top):
+                    raise CorruptCheckpoint(f"{where}: the zip end record and the zip64 end record disagree; "
+                                            f"{AMBIGUOUS}")
+            n, n_disk, cd_size, cd_offset = wide[0], wide[0], wide[1], wide[2]
+    if (disk, cd_disk) != (0, 0) or n_disk != n:
+        raise _Broken("multi-disk archives are not supported")
+    if cd_offset + cd_size > end_start:
+        raise _Broken("the central directory lies past the end of the file")
+    if cd_offset + cd_size != end_start:
+        raise CorruptCheckpoint(f"{where}: {end_start - cd_offset - cd_size} bytes between the central directory "
+                                f"at its declared offset and the end record; {AMBIGUOUS}")
+    if n * 46 > cd_size:
+        raise _Broken(f"{n} entries do not fit a central directory of {cd_size} bytes")
+    f.seek(cd_offset)
+    return _entries(f.read(cd_size), n, where), cd_offset
+
+
+def _entries(cd: bytes, n: int, where) -> list:
+    entries = []
+    pos = 0
+    for _ in range(n):
+        if pos + 46 > len(cd):
+            raise _Broken("the central directory is truncated")
+        (sig, _, version, flags, method, _, _, crc, csize, size, name_len, extra_len, comment_len, disk, _, _,
+         offset) = _CENTRAL.unpack_from(cd, pos)
+        if sig != CENTRAL:
+            raise _Broken("broken central directory entry")
+        raw = cd[pos + 46:pos + 46 + name_len]
+        extra = _fields(cd[pos + 46 + name_len:pos + 46 + name_len + extra_len], extra_len)
+        pos += 46 + name_len + extra_len + comment_len
+        if pos > len(cd) or extra is None or disk != 0:
+            raise _Broken("broken central directory entry")
+        if comment_len:
+            raise CorruptCheckpoint(f"{where}: zip record {raw!r:.80} carries a comment; {AMBIGUOUS}")
+        e = _Entry()
+        try:
+            e.name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise CorruptCheckpoint(f"{where}: zip record name {raw!r:.80} is not UTF-8; {AMBIGUOUS}") from None
+        e.raw, e.version, e.flags, e.method, e.crc = raw, version, flags, method, crc
+        e.size, e.csize, e.offset = _wide(extra, (size, csize, offset), where, e.name)
+        entries.append(e)
+    if pos != len(cd):
+        raise CorruptCheckpoint(f"{where}: the central directory holds {len(cd) - pos} bytes past its {n} declared "
+                                f"entries; {AMBIGUOUS}")
+    return entries
+
+
+def _fields(extra: bytes, length: int):
+    """{field id: data} of a zip extra block, or None when it is truncated, malformed or repeats a field."""
+    if len(extra) != length:
+        return None
+    fields, pos = {}, 0
+    while pos < len(extra):
+        if pos + 4 > len(extra):
+            return None
+        fid, flen = struct.unpack_from("<HH", extra, pos)
+        if fid in fields or pos + 4 + flen > len(extra):
+            return None
+        fields[fid] = extra[pos + 4:pos + 4 + flen]
+        pos += 4 + flen
+    return fields
+
+
+def _wide(extra: dict, values, where, name):
+    """The (size, compressed size, offset) of an entry: each saturated 32-bit value taken, in order, from the
+    zip64 extra field, as miniz and zipfile both read it."""
+    z64 = extra.get(1, b"")
+    out, pos = [], 0
+    for value in values:
+        if value == SATURATED:
+            if pos + 8 > len(z64):
+                raise _Broken(f"zip record {name!r:.80} lacks its zip64 sizes")
+            value = int.from_bytes(z64[pos:pos + 8], "little")
+            pos += 8
+        out.append(value)
+    return out
+
+
+def _local_sizes_agree(e, crc, csize, size, extra) -> bool:
+    """A local header without a data descriptor must carry the entry's own CRC and sizes (zip64 when saturated)."""
+    if crc != e.crc:
+        return False
+    if (csize, size) == (SATURATED, SATURATED):
+        z64 = extra.get(1, b"")
+        return len(z64) >= 16 and struct.unpack_from("<QQ", z64) in ((e.size, e.csize), (e.csize, e.size))
+    return (size, csize) == (e.size, e.csize)
 
 
 def record_bytes(path, record, where, limit) -> bytes:
