@@ -33,6 +33,7 @@ bench: install
 
 fuzz: install
 	CKCONV_FUZZ_EXAMPLES=20000 $(PY) -m pytest tests/test_fuzz.py -q
+	CKCONV_DIFF_COUNT=$${CKCONV_DIFF_COUNT:-3000} CKCONV_DIFF_SEED=$${CKCONV_DIFF_SEED:-$$(date +%s)} $(PY) -m pytest tests/test_differential.py -q -k harness
 
 fixtures: install
 	$(PY) fixtures/make_fixtures.py
