@@ -114,10 +114,28 @@ def test_corpus_is_current():
 
 
 @pytest.fixture(scope="module")
-def corpus_under_torch(tmp_path_factory):
-    names = sorted(MANIFEST)
-    results = run_oracle([CORPUS / n for n in names], tmp_path_factory.mktemp("oracle-corpus"))
-    return {n: results[str(CORPUS / n)] for n in names}
+def under_torch(tmp_path_factory, bases):
+    """One oracle subprocess for the corpus, the bases and the seeded mutants: {path: what torch did}, and the
+    base and mutant files (in a folder the test keeps for a mismatch)."""
+    folder = tmp_path_factory.mktemp("differential")
+    base_paths = []
+    for name, data in bases.items():
+        base_paths.append(folder / f"{name}.pth")
+        base_paths[-1].write_bytes(data)
+    rng = random.Random(SEED)
+    mutant_paths = []
+    for i in range(COUNT):
+        kind, data = M.mutate(bases, rng)
+        mutant_paths.append(folder / f"m{i:05d}-{kind}.pth")
+        mutant_paths[-1].write_bytes(data)
+    corpus = [CORPUS / n for n in sorted(MANIFEST)]
+    results = run_oracle(corpus + base_paths + mutant_paths, folder / "oracle")
+    return results, base_paths, mutant_paths, folder
+
+
+@pytest.fixture(scope="module")
+def corpus_under_torch(under_torch):
+    return {n: under_torch[0][str(CORPUS / n)] for n in sorted(MANIFEST)}
 
 
 @pytest.mark.parametrize("name", sorted(n for n, c in MANIFEST.items() if c["payload"]))
@@ -172,13 +190,9 @@ def bases():
     }
 
 
-def test_the_bases_read_the_same_both_ways(bases, tmp_path, monkeypatch):
+def test_the_bases_read_the_same_both_ways(under_torch, tmp_path, monkeypatch):
     """The harness's control: unmutated torch.save files load in torch and read identically in ckconv."""
-    paths = []
-    for name, data in bases.items():
-        paths.append(tmp_path / f"{name}.pth")
-        paths[-1].write_bytes(data)
-    oracle = run_oracle(paths, tmp_path / "oracle")
+    oracle, paths, _, _ = under_torch
     monkeypatch.chdir(tmp_path)
     for p in paths:
         safe, found, _ = ckconv_reading(p)
@@ -190,14 +204,8 @@ def test_the_bases_read_the_same_both_ways(bases, tmp_path, monkeypatch):
             assert "magic number" in r["error"] and found == [], (p.name, r["error"])
 
 
-def test_differential_harness(bases, tmp_path, monkeypatch):
-    rng = random.Random(SEED)
-    cases = [M.mutate(bases, rng) for _ in range(COUNT)]
-    paths = []
-    for i, (kind, data) in enumerate(cases):
-        paths.append(tmp_path / f"m{i:05d}-{kind}.pth")
-        paths[-1].write_bytes(data)
-    oracle = run_oracle(paths, tmp_path / "oracle")
+def test_differential_harness(under_torch, tmp_path, monkeypatch):
+    oracle, _, paths, folder = under_torch
     cwd = tmp_path / "ckconv-cwd"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
@@ -215,5 +223,5 @@ def test_differential_harness(bases, tmp_path, monkeypatch):
             mismatches.append(f"{p.name}: ckconv reads another data.pkl than torch's PyTorchFileReader picks")
         assert not (cwd / M.CANARY).exists(), f"{p.name}: ckconv ran the payload"
     print(f"differential: seed {SEED}, {len(paths)} mutants; (torch outcome, ckconv read it): {sorted(tally.items())}")
-    assert not mismatches, "\n".join(mismatches) + f"\nseed {SEED}; mutants kept in {tmp_path}"
+    assert not mismatches, "\n".join(mismatches) + f"\nseed {SEED}; mutants kept in {folder}"
     assert any(k[0] == "ran" for k in tally) and any(k[0] == "loaded" for k in tally), tally
