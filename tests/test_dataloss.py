@@ -369,7 +369,8 @@ def test_staged_folder_contract_for_other_writers(tmp_path, monkeypatch):
     (out / "old.idx").write_text("part-1 part-2")
     (out / "part-1").write_text("old 1")
     (out / "part-2").write_text("old 2")
-    layout = atomic.FolderLayout(index=("old.idx",), earlier=lambda f: (f / "old.idx").read_text().split())
+    layout = atomic.FolderLayout(index=("old.idx",), earlier=lambda f: (f / "old.idx").read_text().split(),
+                                 shards="part-{}")
     order = []
     real_rename = os.rename
 
@@ -390,3 +391,127 @@ def test_staged_folder_contract_for_other_writers(tmp_path, monkeypatch):
     assert order == ["part-1", "old.idx"]
     assert sorted(os.listdir(out)) == ["keep.txt", "old.idx", "part-1"]
     assert (out / "part-1").read_text() == "new 1" and (out / "keep.txt").read_text() == "mine"
+
+
+# --- an index in the destination is untrusted input (issue 21) ------------------------------------------------
+
+def _stale_index(folder: Path, index: str, names: list):
+    (folder / index).write_text(json.dumps({"metadata": {"total_size": 1},
+                                            "weight_map": {f"t{i}": n for i, n in enumerate(names)}}))
+
+
+def _left_alone(result, folder: Path, *names):
+    """Exit 0, and one warning line naming every file left in place."""
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: left ")]
+    assert len(warnings) == 1, result.stderr
+    for name in names:
+        assert name in warnings[0], warnings[0]
+    assert str(folder) in warnings[0] and "ckconv replaces only files of its own output" in warnings[0]
+    return warnings[0]
+
+
+@pytest.mark.parametrize("source_named", [False, True], ids=["other-source", "source-named-by-the-index"])
+def test_a_stale_safetensors_index_never_costs_the_files_it_names(tmp_path, source_named):
+    """A user's precious.safetensors listed by an old model.safetensors.index.json: --force leaves it."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    ckconv.save(weights(3), hf / "precious.safetensors")
+    (hf / "model-00001-of-00002.safetensors").write_bytes(b"an old shard of this layout")
+    _stale_index(hf, INDEX, ["precious.safetensors", "model-00001-of-00002.safetensors"])
+    if source_named:
+        src = hf / "precious.safetensors"
+    else:
+        src = tmp_path / "x.pth"
+        torch.save(weights(3), src)
+    before = snapshot(hf)
+    line = _left_alone(invoke("convert", src, hf, "--max-shard-size", "40KB", "--force"), hf, "precious.safetensors")
+    assert "model-NNNNN-of-NNNNN.safetensors" in line, line
+    after = snapshot(hf)
+    assert after["precious.safetensors"] == before["precious.safetensors"]
+    assert set(after) == {"precious.safetensors", INDEX, *shards_in(hf)}, "a temp file was left, or a file lost"
+    assert len(shards_in(hf)) == 4 and named_by_index(hf) == shards_in(hf)  # the old shard was ours to replace
+    assert_deep_equal(ckconv.load(hf / INDEX), weights(3))
+    assert_deep_equal(ckconv.load(hf / "precious.safetensors"), weights(3))
+    # one shard: model.safetensors, the stale index replaced, precious.safetensors still kept
+    _stale_index(hf, INDEX, ["precious.safetensors", *shards_in(hf)])
+    _left_alone(invoke("convert", src, hf, "--max-shard-size", "10GB", "--force"), hf, "precious.safetensors")
+    assert sorted(os.listdir(hf)) == ["model.safetensors", "precious.safetensors"]
+    assert snapshot(hf)["precious.safetensors"] == before["precious.safetensors"]
+
+
+@pytest.mark.parametrize("source_named", [False, True], ids=["other-source", "source-named-by-the-index"])
+def test_a_stale_torch_index_never_costs_the_files_it_names(tmp_path, source_named):
+    """The torch-sharded twin: weights.bin listed by an old pytorch_model.bin.index.json."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    torch.save(weights(4), folder / "weights.bin")
+    (folder / "config.json").write_text("{}")
+    _stale_index(folder, "pytorch_model.bin.index.json",
+                 ["weights.bin", "config.json", "pytorch_model-00001-of-00002.bin"])
+    (folder / "pytorch_model-00001-of-00002.bin").write_bytes(b"an old shard of this layout")
+    src = folder / "weights.bin" if source_named else tmp_path / "x.pth"
+    if not source_named:
+        torch.save(weights(4), src)
+    before = snapshot(folder)
+    line = _left_alone(invoke("convert", src, folder, "--to", "torch", "--max-shard-size", "40KB", "--force"),
+                       folder, "weights.bin", "config.json")
+    assert "pytorch_model-NNNNN-of-NNNNN.bin" in line, line
+    after = snapshot(folder)
+    for name in ("weights.bin", "config.json"):
+        assert after[name] == before[name], name
+    shards = sorted(p.name for p in folder.glob("pytorch_model-*.bin"))
+    assert shards == [f"pytorch_model-0000{i}-of-00004.bin" for i in range(1, 5)]
+    assert set(after) == {"weights.bin", "config.json", "pytorch_model.bin.index.json", *shards}
+    assert_deep_equal(ckconv.load(folder), weights(4))
+    assert_deep_equal(torch.load(folder / "weights.bin", weights_only=True), weights(4))
+
+
+@pytest.mark.parametrize("source_named", [False, True], ids=["other-source", "source-named-by-the-index"])
+def test_a_stale_dcp_metadata_never_costs_the_files_it_names(tmp_path, source_named):
+    """The DCP twin: an old .metadata whose storage_data names precious.distcp (and the source) beside __0_0.distcp."""
+    from ckconv.formats.dcp import write as dcp
+
+    out = tmp_path / "out"
+    out.mkdir()
+    bundle = {"model": weights(5), "step": 3}
+    torch.save(bundle, out / "precious.pth")
+    plan = dcp.plan_write(ckconv.io.as_checkpoint(bundle).root, world=2)
+    locations = dcp.write_rank_file(out, 0, plan.blobs_for(0))
+    os.rename(out / "__0_0.distcp", out / "precious.distcp")
+    locations = {k: ("precious.distcp", start, n) for k, (_, start, n) in locations.items()}
+    for i, (k, (_, start, n)) in enumerate(dcp.write_rank_file(out, 1, plan.blobs_for(1)).items()):
+        locations[k] = ("__1_0.distcp" if i == 0 else "precious.pth", start, n)  # the source named too
+    dcp.write_metadata(out, plan, locations)
+    src = out / "precious.pth" if source_named else tmp_path / "in.pth"
+    if not source_named:
+        torch.save(bundle, src)
+    before = snapshot(out)
+    line = _left_alone(invoke("convert", src, out, "--to", "dcp", "--force"), out, "precious.distcp", "precious.pth")
+    assert "__N_N.distcp" in line and ".metadata" in line, line
+    after = snapshot(out)
+    for name in ("precious.distcp", "precious.pth"):
+        assert after[name] == before[name], name
+    assert sorted(after) == [".metadata", "__0_0.distcp", "precious.distcp", "precious.pth"]  # __1_0 was ours
+    assert_deep_equal(ckconv.load(out), bundle)
+
+
+def test_a_layout_replaces_only_its_own_names(tmp_path):
+    """FolderLayout itself: whatever ``earlier`` says, only index names and the shard template are replaced."""
+    for name in ("model-00001-of-00002.safetensors", "model-1-of-2.safetensors", "model-123456-of-123456.safetensors",
+                 "precious.safetensors", "Model-00001-of-00002.safetensors", "model.safetensors.index.json"):
+        (tmp_path / name).write_bytes(b"x")
+    layout = atomic.FolderLayout(index=("model.safetensors", "model.safetensors.index.json"),
+                                 shards="model-{:05d}-of-{:05d}.safetensors", earlier=lambda f: sorted(os.listdir(f)))
+    replace, left = layout.survey(tmp_path)
+    assert replace == ["model.safetensors.index.json", "model-00001-of-00002.safetensors",
+                       "model-123456-of-123456.safetensors"]
+    assert left == ["Model-00001-of-00002.safetensors", "model-1-of-2.safetensors", "precious.safetensors"]
+    assert layout.describe() == "model-NNNNN-of-NNNNN.safetensors, model.safetensors, model.safetensors.index.json"
+
+    def hostile(folder):
+        raise RuntimeError("an index ckconv cannot read")
+
+    assert atomic.FolderLayout(index=("i",), earlier=hostile, shards="s{}").survey(tmp_path) == ([], [])
+    assert atomic.FolderLayout(earlier=lambda f: ["precious.safetensors"]).survey(tmp_path) == \
+        ([], ["precious.safetensors"])  # no shard template: an index replaces nothing

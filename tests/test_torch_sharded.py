@@ -434,13 +434,16 @@ def test_hostile_bin_folders_are_refused_cleanly(case, as_index, tmp_path, monke
     assert len(result.stderr.splitlines()) <= 1, result.stderr
 
 
-def test_earlier_output_names_only_plain_bin_shards(tmp_path):
-    _index(tmp_path, {"a": "pytorch_model-00001-of-00002.bin", "b": "../x.bin", "c": ".hidden.bin",
-                      "d": "notes.txt", "e": "pytorch_model-00002-of-00002.bin"})
-    assert torch_sharded.earlier_output(tmp_path) == ["pytorch_model-00001-of-00002.bin",
-                                                      "pytorch_model-00002-of-00002.bin"]
+def test_an_earlier_output_is_replaced_only_where_named_like_the_layout(tmp_path):
+    names = ["pytorch_model-00001-of-00002.bin", "../x.bin", ".hidden.bin", "notes.txt",
+             "pytorch_model-00002-of-00002.bin"]
+    for name in names[2:]:
+        (tmp_path / name).write_bytes(b"x")
+    _index(tmp_path, {chr(97 + i): n for i, n in enumerate(names)})
+    layout = torch_sharded.TorchShardedFormat().folder_layout(ckconv.formats.WriteOptions())
+    assert layout.survey(tmp_path) == ([INDEX, "pytorch_model-00002-of-00002.bin"], [".hidden.bin", "notes.txt"])
     (tmp_path / INDEX).write_text("not json")
-    assert torch_sharded.earlier_output(tmp_path) == []
+    assert layout.survey(tmp_path) == ([INDEX], [])
 
 
 def test_writing_into_a_model_folder_keeps_its_other_files(tmp_path):

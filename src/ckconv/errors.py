@@ -4,8 +4,8 @@ The message of every error is a single line that says what is wrong and, where i
 The CLI prints it as ``Error: <message>`` and exits 1; nothing else in ckconv turns errors into exit codes.
 """
 
-__all__ = ["CkconvError", "CorruptCheckpoint", "LimitExceeded", "NotACheckpoint", "OutputExists", "PluginError",
-           "UnsafeCheckpoint", "UnsupportedContent", "UsageError", "WriteFailed", "did_you_mean"]
+__all__ = ["CkconvError", "CkconvWarning", "CorruptCheckpoint", "LimitExceeded", "NotACheckpoint", "OutputExists",
+           "PluginError", "UnsafeCheckpoint", "UnsupportedContent", "UsageError", "WriteFailed", "did_you_mean"]
 
 
 class CkconvError(Exception):
@@ -51,6 +51,10 @@ class PluginError(CkconvError):
 
 class UsageError(CkconvError):
     """The request itself is inconsistent (unknown format, bad option value)."""
+
+
+class CkconvWarning(UserWarning):
+    """Something done that the user may not have meant, never data: the CLI prints it as one ``warning:`` line."""
 
 
 def did_you_mean(word, names, prefix="") -> str:

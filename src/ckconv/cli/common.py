@@ -10,10 +10,11 @@ import json
 import os
 import shutil
 import sys
+import warnings
 
 import click
 
-from ..errors import CkconvError
+from ..errors import CkconvError, CkconvWarning
 from ..tree import json_safe, key_text
 
 DEBUG = os.environ.get("CKCONV_DEBUG", "") not in ("", "0")
@@ -29,7 +30,9 @@ class CkconvGroup(click.Group):
         args = ctx.args[: ctx.args.index("--")] if "--" in ctx.args else ctx.args
         RUN.update(verbosity=0, json="--json" in args, bars=[])
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                _warnings_as_lines()
+                return super().invoke(ctx)
         except click.UsageError as exc:  # exit 2; under --json an object too
             if not RUN["json"]:
                 raise
@@ -61,6 +64,20 @@ class CkconvGroup(click.Group):
             if DEBUG:
                 raise
             fail(f"internal error: {type(exc).__name__}: {exc} (rerun with CKCONV_DEBUG=1 and report it)")
+
+
+def _warnings_as_lines():
+    """The library's :class:`CkconvWarning`s printed as :func:`warn` lines (each time); other warnings as usual."""
+    shown = warnings.showwarning
+    warnings.simplefilter("always", CkconvWarning)
+
+    def show(message, category, *args, **kwargs):
+        if issubclass(category, CkconvWarning):
+            warn(message)
+        else:
+            shown(message, category, *args, **kwargs)
+
+    warnings.showwarning = show
 
 
 def reader_went_away():

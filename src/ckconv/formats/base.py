@@ -32,9 +32,10 @@ class Format:
     * ``write(checkpoint, path, options)`` -- write to ``path``, a temporary location ckconv renames into place
       afterwards, so a plugin never needs its own atomicity; ``writes_directory(options)`` says whether ``path``
       should be a folder (an empty one, holding only plain files when ``write`` returns);
-    * optional ``folder_layout(options)`` -> :class:`ckconv.storage.atomic.FolderLayout`: for a folder output written into
-      an existing folder, its index file names (moved in last) and the files an earlier output left there
-      (replaced with ``--force``); without it only the names ``write`` writes are replaced, in name order;
+    * optional ``folder_layout(options)`` -> :class:`ckconv.storage.atomic.FolderLayout`: for a folder output written
+      into an existing folder, its index file names (moved in last), its shard-name template, and the files an
+      earlier output left there (replaced with ``--force`` when of the layout's own names, never any other file);
+      without it only the names ``write`` writes are replaced, in name order;
     * optional ``plan_ranks(checkpoint, options, world)`` -> :class:`RankWrite`: how ``world`` processes of a
       torchrun job write the output together, each its share (:mod:`ckconv.torchrun`); without it rank 0 writes
       the whole output with ``write`` while the other ranks wait;

@@ -57,7 +57,8 @@ class SafetensorsFormat(Format):
         return options.max_shard_size is not None
 
     def folder_layout(self, options: WriteOptions) -> FolderLayout:
-        return FolderLayout(index=(SINGLE_NAME, INDEX_NAME), earlier=earlier_output)
+        return FolderLayout(index=(SINGLE_NAME, INDEX_NAME), earlier=earlier_output,
+                            shards="model-{:05d}-of-{:05d}.safetensors")
 
     def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
         named, text = _encode(checkpoint.root)
@@ -261,8 +262,7 @@ def earlier_output(folder: Path) -> list:
         return []
     if not isinstance(wmap, dict):
         return []
-    return [n for n in dict.fromkeys(wmap.values())
-            if isinstance(n, str) and SHARD_NAME.match(n) and n.endswith(".safetensors") and not n.startswith(".")]
+    return [n for n in dict.fromkeys(wmap.values()) if isinstance(n, str)]  # the layout replaces only its own
 
 
 @hookimpl

@@ -62,7 +62,8 @@ class TorchShardedFormat(Format):
         return True
 
     def folder_layout(self, options: WriteOptions) -> FolderLayout:
-        return FolderLayout(index=(SINGLE_NAME, INDEX_NAME), earlier=earlier_output)
+        return FolderLayout(index=(SINGLE_NAME, INDEX_NAME), earlier=earlier_output,
+                            shards="pytorch_model-{:05d}-of-{:05d}.bin")
 
     def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
         write_sharded(checkpoint.root, Path(path), options)
@@ -316,8 +317,7 @@ def earlier_output(folder: Path) -> list:
         wmap, _ = load_index(index)
     except (OSError, CkconvError):
         return []
-    return [n for n in dict.fromkeys(wmap.values()) if SHARD_NAME.match(n) and n.endswith(".bin")
-            and not n.startswith(".")]
+    return list(dict.fromkeys(wmap.values()))  # the layout replaces only its own names among them
 
 
 @hookimpl

@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import stat
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from string import Formatter
 from typing import Callable, Iterable
 
-from ..errors import OutputExists, WriteFailed
+from ..errors import CkconvWarning, OutputExists, WriteFailed
 
 NEVER_SOURCE = "ckconv never overwrites or removes its source, even with --force"
 
@@ -139,20 +143,69 @@ class FolderLayout:
 
     * ``index`` -- names that say the folder is complete (``model.safetensors.index.json``, ``.metadata``): moved
       into place after every other file, in this order, and moved aside first when replaced.
-    * ``earlier(folder)`` -- names of the files an earlier output of this layout left in ``folder`` (its index and
-      the shards that index names, never a name it does not name): removed with ``force`` when the new output
-      does not write them. Called on an existing folder only; must not raise for a missing or malformed index
-      (name nothing then) and must only ever return plain names inside the folder.
+    * ``shards`` -- a ``str.format`` template of the output's own numbered file names, each field a number
+      (``model-{:05d}-of-{:05d}.safetensors``, ``__{}_{}.distcp``): with ``index`` the only names an earlier
+      output's files may have to be replaced. A field with a width (``{:05d}``) matches at least that many digits.
+    * ``earlier(folder)`` -- names of the files an earlier output of this layout left in ``folder`` (the shards its
+      index names). An index is untrusted input: only names of this layout (``index`` or ``shards``) are replaced
+      with ``force``; any other name it gives is left in place (:meth:`survey`), and :func:`staged_folder` says so
+      in a :class:`~ckconv.errors.CkconvWarning`. Called on an existing folder only; whatever it raises, it names
+      nothing.
     """
 
     index: tuple = ()
     earlier: Callable[[Path], Iterable[str]] | None = None
+    shards: str = ""
+
+    def owns(self, name) -> bool:
+        """True when ``name`` is one of this layout's own file names (an index name, or a shard name)."""
+        return name in self.index or (bool(self.shards) and _template_regex(self.shards).fullmatch(name) is not None)
+
+    def survey(self, folder: Path) -> tuple:
+        """-> (names of an earlier output's files in ``folder`` to replace, other names its index gives, left)."""
+        named = []
+        if self.earlier is not None:
+            try:
+                named = [n for n in dict.fromkeys(self.earlier(folder)) if _plain_name(n)]
+            except Exception:  # noqa: BLE001 - an earlier output ckconv cannot read names nothing to replace
+                named = []
+        replace = list(self.index) + [n for n in named if self.owns(n) and n not in self.index]
+        left = [n for n in named if not self.owns(n)]
+        present = [n for n in replace if _plain_name(n) and os.path.lexists(folder / n)]
+        return present, [n for n in left if os.path.lexists(folder / n)]
 
     def earlier_files(self, folder: Path) -> list:
-        names = list(self.index)
-        if self.earlier is not None:
-            names += [n for n in self.earlier(folder) if n not in names]
-        return [n for n in names if _plain_name(n) and os.path.lexists(folder / n)]
+        return self.survey(folder)[0]
+
+    def describe(self) -> str:
+        """The layout's own names for a message: ``model-NNNNN-of-NNNNN.safetensors``, ``.metadata``."""
+        shown = []
+        if self.shards:
+            shown.append("".join(text + ("N" * _width(spec) if field is not None else "")
+                                 for text, field, spec, _ in Formatter().parse(self.shards)))
+        return ", ".join(shown + list(self.index))
+
+
+def _width(spec) -> int:
+    digits = re.match(r"0?(\d*)", spec or "").group(1)
+    return int(digits) if digits else 1
+
+
+@lru_cache(maxsize=32)
+def _template_regex(template: str) -> re.Pattern:
+    parts = []
+    for text, field, spec, _ in Formatter().parse(template):
+        parts.append(re.escape(text))
+        if field is not None:
+            parts.append(r"\d{%d,}" % _width(spec) if spec else r"\d+")
+    return re.compile("".join(parts))
+
+
+def left_alone_warning(folder: Path, names, layout: FolderLayout) -> str:
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    them = "them" if len(names) > 1 else "it"
+    return (f"left {shown} in {folder}: an earlier index there names {them}, but ckconv replaces only files of its "
+            f"own output ({layout.describe()}); remove {them} by hand if no longer needed")
 
 
 def _plain_name(name) -> bool:
@@ -246,7 +299,8 @@ def _commit_into(dst: Path, tmp: Path, layout: FolderLayout, force: bool, protec
                               "(a format plugin must write plain files only)")
         written.append(n)
     order = [n for n in written if n not in index] + [n for n in index if n in written]
-    earlier = [n for n in layout.earlier_files(dst) if n not in written]
+    earlier, left = layout.survey(dst)
+    earlier = [n for n in earlier if n not in written]
     replaced = _check_replacements(dst, [n for n in written if os.path.lexists(dst / n)], force, protect,
                                    skip_folders=False)
     stale = _check_replacements(dst, earlier, force, protect, skip_folders=True)
@@ -270,6 +324,9 @@ def _commit_into(dst: Path, tmp: Path, layout: FolderLayout, force: bool, protec
             raise WriteFailed(f"cannot write {dst}, and {len(lost)} replaced files could not be put back: they are "
                               f"in {backup} (move them back by hand)") from None
         raise
+    left = [n for n in left if n not in written]
+    if left:
+        warnings.warn(left_alone_warning(dst, left, layout), CkconvWarning, stacklevel=2)
     for n in aside:  # the files --force replaced, now superseded on disk
         try:
             os.unlink(backup / n)

@@ -58,7 +58,7 @@ class DcpFormat(Format):
     def folder_layout(self, options: WriteOptions):
         from ...storage.atomic import FolderLayout
 
-        return FolderLayout(index=(METADATA_NAME,), earlier=earlier_output)
+        return FolderLayout(index=(METADATA_NAME,), earlier=earlier_output, shards="__{}_{}.distcp")
 
     def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
         from ...pickling.writer import check_writable

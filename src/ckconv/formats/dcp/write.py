@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 import stat
 import uuid
 from collections import OrderedDict
@@ -201,7 +200,7 @@ def earlier_output(folder: Path) -> list:
     except Exception:  # noqa: BLE001 - an earlier output ckconv cannot read names nothing to replace
         return []
     names = (Path(file) for file, _, _ in meta.locations.values())
-    return sorted({p.name for p in names if p.parent == folder and re.fullmatch(r"__\d+_\d+\.distcp", p.name)})
+    return sorted({p.name for p in names if p.parent == folder})  # the layout replaces only its own names
 
 
 def write_metadata(folder, plan: WritePlan, locations: dict):
