@@ -526,7 +526,7 @@ def test_a_torch_index_read_as_a_fifo_or_dev_zero_is_refused(tmp_path):
     fifo(tmp_path / "a.bin.index.json")
     (tmp_path / "b.bin.index.json").symlink_to("/dev/zero")
     probe = ("import sys\nfrom pathlib import Path\nfrom ckconv.errors import CkconvError\n"
-             "from ckconv.formats.safetensors_file import load_index\n"
+             "from ckconv.formats.hub_folder import load_index\n"
              "for name in sys.argv[1:]:\n"
              "    try:\n        load_index(Path(name))\n    except CkconvError as exc:\n        print(exc)\n")
     done = subprocess.run([sys.executable, "-c", probe, tmp_path / "a.bin.index.json", tmp_path / "b.bin.index.json"],

@@ -20,7 +20,7 @@ from ckconv.errors import OutputExists, UsageError, WriteFailed
 from ckconv.formats import safetensors_file as sf
 from helpers import assert_deep_equal
 
-INDEX = sf.INDEX_NAME
+INDEX = sf.LAYOUT.index
 
 
 def invoke(*args):

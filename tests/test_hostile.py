@@ -379,11 +379,11 @@ def test_full_disk_keeps_the_old_destination(small_source, tmp_path, monkeypatch
 
 
 def test_sharded_output_is_staged_and_indexed_last(small_source, tmp_path, monkeypatch):
-    from ckconv.formats import safetensors_file as sf
+    from ckconv.formats import hub_folder, safetensors_file as sf
 
     dst = tmp_path / "sharded"
     order = []
-    real_write_file, real_write_json = sf.write_file, sf.write_json
+    real_write_file, real_write_index = sf.write_file, hub_folder.write_index
 
     def write_file(path, *args, **kwargs):
         assert not dst.exists(), "a shard was written at the destination, not in a staging folder"
@@ -391,16 +391,16 @@ def test_sharded_output_is_staged_and_indexed_last(small_source, tmp_path, monke
         order.append(Path(path).name)
         return real_write_file(path, *args, **kwargs)
 
-    def write_json(path, obj):
+    def write_index(folder, layout, *args):
         assert not dst.exists()
-        order.append(Path(path).name)
-        return real_write_json(path, obj)
+        order.append(layout.index)
+        return real_write_index(folder, layout, *args)
 
     monkeypatch.setattr(sf, "write_file", write_file)
-    monkeypatch.setattr(sf, "write_json", write_json)
+    monkeypatch.setattr(hub_folder, "write_index", write_index)
     result = invoke("convert", small_source, dst, "--max-shard-size", "40KB")
     assert result.exit_code == 0, result.output
-    assert len(order) > 2 and order[-1] == sf.INDEX_NAME and all(n.endswith(".safetensors") for n in order[:-1])
+    assert len(order) > 2 and order[-1] == sf.LAYOUT.index and all(n.endswith(".safetensors") for n in order[:-1])
     assert sorted(p.name for p in dst.iterdir()) == sorted(order)
     assert _leftovers(tmp_path) == ["sharded", "src"]
 

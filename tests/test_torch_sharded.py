@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 import ckconv
 from ckconv import api
 from ckconv.cli import cli
-from ckconv.formats import safetensors_file, torch_archive, torch_sharded
+from ckconv.formats import hub_folder, torch_archive, torch_sharded
 from helpers import assert_deep_equal
 
 HOSTILE = Path(__file__).resolve().parents[1] / "fixtures" / "hostile"
@@ -235,20 +235,20 @@ def test_output_is_staged_and_indexed_last(tmp_path, monkeypatch):
     torch.save({f"w{i}": torch.randn(64, 64) for i in range(6)}, tmp_path / "src.pth")
     dst = tmp_path / "sharded"
     order = []
-    real_write_zip, real_write_json = torch_archive.write_zip, safetensors_file.write_json
+    real_write_zip, real_write_index = torch_archive.write_zip, hub_folder.write_index
 
     def write_zip(root, path, options=None):
         assert not dst.exists() and ".ckconv-tmp-" in Path(path).parent.name
         order.append(Path(path).name)
         return real_write_zip(root, path, options)
 
-    def write_json(path, obj):
+    def write_index(folder, layout, *args):
         assert not dst.exists()
-        order.append(Path(path).name)
-        return real_write_json(path, obj)
+        order.append(layout.index)
+        return real_write_index(folder, layout, *args)
 
     monkeypatch.setattr(torch_archive, "write_zip", write_zip)
-    monkeypatch.setattr(safetensors_file, "write_json", write_json)
+    monkeypatch.setattr(hub_folder, "write_index", write_index)
     result = invoke("convert", tmp_path / "src.pth", dst, "--to", "torch", "--max-shard-size", "40KB")
     assert result.exit_code == 0, result.output
     assert len(order) == 4 and order[-1] == INDEX and files(dst) == sorted(order)

@@ -84,6 +84,11 @@ class RankWrite:
     def finish(self, path: Path, results: list) -> None:
         """Rank 0, after every rank wrote (e.g. an index naming where everything went)."""
 
+    def run_alone(self, path: Path) -> None:
+        """The whole plan in this one process, as a world of one rank: ``setup``, ``write`` as rank 0, ``finish``."""
+        self.setup(path)
+        self.finish(path, [self.write(path, 0)])
+
 
 def guarded(reader, path, **kwargs):
     """Run ``reader(path, **kwargs)``; whatever a hostile file makes Python raise becomes one clear ckconv error.

@@ -1,8 +1,8 @@
-"""The safetensors file and the huggingface_hub index of a sharded folder (``*.index.json``).
+"""The safetensors file: its header, reading and writing; and the ``safetensors`` layout of a hub folder.
 
-Format toolkit, not a plugin: the ``safetensors`` format reads and writes with it, and ``torch-sharded`` shares
-the index (a weight_map naming shard files, refused unless it has exactly the expected shape), the shard-name
-rules and the sniffing that leaves a safetensors folder or index to the safetensors format.
+Format toolkit, not a plugin: the ``safetensors`` format reads and writes with it, and ``torch-sharded`` uses its
+sniffing, which leaves a safetensors folder or index to the safetensors format. The hub folder itself (index,
+shards, planner) is :mod:`ckconv.formats.hub_folder`.
 
 Parsing is ckconv's own and at least as strict as the Rust reference: header size capped, JSON validated with
 duplicate names refused, offsets contiguous from 0 with no gap or overlap, data ending exactly at end of file,
@@ -13,54 +13,30 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import struct
 from pathlib import Path
 
 from .. import dtypes
-from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint
+from ..errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint
 from ..model import Storage, TensorRef
-from ..pickling import structure
 from ..pickling.unpickler import short_repr
-from ..storage.files import read_capped
+from ..storage.files import parse_json
+from .hub_folder import MAX_TENSORS, HubLayout
 
 MAX_HEADER = 100_000_000  # the Rust implementation's cap
-MAX_TENSORS = int(os.environ.get("CKCONV_MAX_TENSORS", 1_000_000))
 MAX_BYTES = (1 << 64) - 1  # shapes and offsets are u64 in the Rust implementation
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-SHARD_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
-MAX_INDEX_OBJECTS = 10_000  # JSON objects in an index: root, metadata, weight_map and a few for user metadata
+LAYOUT = HubLayout(index="model.safetensors.index.json", single="model.safetensors",
+                   shard="model-{:05d}-of-{:05d}.safetensors")
 
 
 def sniff(path: Path, head: bytes) -> bool:
     """True when ``path`` is a safetensors file, index or folder (``head``: a file's first bytes)."""
     if path.is_dir():
-        return (path / INDEX_NAME).is_file() or (path / SINGLE_NAME).is_file() or bool(list(path.glob("*.safetensors.index.json")))
+        return ((path / LAYOUT.index).is_file() or (path / LAYOUT.single).is_file()
+                or bool(list(path.glob("*.safetensors.index.json"))))
     if path.name.endswith(".index.json"):
         return head.lstrip()[:1] == b"{"
     return len(head) >= 9 and head[8:9] == b"{"
-
-
-def assemble(tensors: dict, text, where):
-    if text is None:
-        return tensors
-    try:
-        return structure.decode(structure.loads(text, where), tensors, where)
-    except CkconvError:
-        raise
-    except (TypeError, ValueError, KeyError, IndexError, AttributeError, RecursionError) as exc:
-        raise CorruptCheckpoint(f"{where}: invalid {structure.KEY} metadata ({type(exc).__name__}: "
-                                f"{str(exc)[:80]}); the file was altered or written by a newer ckconv") from None
-
-
-def no_duplicates(pairs):
-    seen = {}
-    for k, v in pairs:
-        if k in seen:
-            raise CorruptCheckpoint(f"duplicate name {k!r:.80} in JSON header")
-        seen[k] = v
-    return seen
 
 
 def parse_header(path):
@@ -140,22 +116,6 @@ def read_file(path):
     return tensors, metadata
 
 
-def load_index(index_path: Path):
-    """-> (weight_map, metadata) of an index file (sharded safetensors and sharded torch alike), refused unless it has exactly the expected shape."""
-    raw = read_capped(index_path, MAX_HEADER, f"{index_path}: index file")  # never a FIFO, never /dev/zero
-    too_many = LimitExceeded(f"{index_path}: index holds more than {MAX_INDEX_OBJECTS} JSON objects; an index "
-                             "maps names to shard files")
-    index = parse_json(raw, MAX_INDEX_OBJECTS, too_many, f"{index_path}: index")
-    wmap = index.get("weight_map") if isinstance(index, dict) else None
-    meta = index.get("metadata", {}) if isinstance(index, dict) else None
-    if not isinstance(wmap, dict) or not isinstance(meta, dict) or not all(isinstance(v, str) for v in wmap.values()):
-        raise CorruptCheckpoint(f"{index_path}: index needs a weight_map of tensor name -> shard file name")
-    if len(wmap) > MAX_TENSORS:
-        raise LimitExceeded(f"{index_path}: index maps {len(wmap)} tensors, over the limit of {MAX_TENSORS} "
-                            "(CKCONV_MAX_TENSORS)")
-    return wmap, meta
-
-
 def header_bytes(named, metadata) -> bytes:
     header = {"__metadata__": metadata}
     pos = 0
@@ -181,30 +141,3 @@ def write_file(path, named, metadata, progress=None):
         for _, ref in named:
             ref.copy_to(fd, pos, progress=progress, files=files)
             pos += ref.nbytes
-
-
-
-def write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-
-
-def parse_json(raw: bytes, max_objects: int, too_many: Exception, what: str):
-    """``raw`` as JSON, refusing duplicate keys and more than ``max_objects`` objects (``too_many`` is raised)
-    while parsing, so a hostile header or index never builds millions of dicts. ``what`` opens each message."""
-    objects = 0
-
-    def hook(pairs):
-        nonlocal objects
-        objects += 1
-        if objects > max_objects:
-            raise too_many
-        return no_duplicates(pairs)
-
-    try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=hook)
-    except CorruptCheckpoint as exc:
-        raise CorruptCheckpoint(f"{what} has a {exc}") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CorruptCheckpoint(f"{what} is not valid JSON ({str(exc)[:120]})") from None

@@ -5,11 +5,13 @@
 * A file that a checkpoint folder names (a shard, a ``.metadata``, a ``.distcp``) must really lie inside that
   folder: a symlink to ``~/.ssh/id_rsa`` would be read into the output. :func:`inside_folder` resolves links and
   refuses any that leave, except into a huggingface_hub cache's ``blobs/``, where every snapshot file links.
-* :func:`read_capped` reads a small file (a JSON index) with its size capped before and while reading.
+* :func:`read_capped` reads a small file (a JSON index) with its size capped before and while reading, and
+  :func:`parse_json` parses JSON (an index, a safetensors header) refusing duplicate names and object floods.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -80,3 +82,32 @@ def read_sized(path, size, what=None) -> bytes:
         if len(data) != size or f.read(1):
             raise CorruptCheckpoint(f"{what or path}: changed while being read (its size is not what it says)")
     return data
+
+
+def no_duplicates(pairs):
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise CorruptCheckpoint(f"duplicate name {k!r:.80} in JSON header")
+        seen[k] = v
+    return seen
+
+
+def parse_json(raw: bytes, max_objects: int, too_many: Exception, what: str):
+    """``raw`` as JSON, refusing duplicate keys and more than ``max_objects`` objects (``too_many`` is raised)
+    while parsing, so a hostile header or index never builds millions of dicts. ``what`` opens each message."""
+    objects = 0
+
+    def hook(pairs):
+        nonlocal objects
+        objects += 1
+        if objects > max_objects:
+            raise too_many
+        return no_duplicates(pairs)
+
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=hook)
+    except CorruptCheckpoint as exc:
+        raise CorruptCheckpoint(f"{what} has a {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptCheckpoint(f"{what} is not valid JSON ({str(exc)[:120]})") from None
