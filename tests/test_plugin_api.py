@@ -63,3 +63,43 @@ def test_example_plugins_use_only_the_api(path):
         elif isinstance(node, ast.Import):
             wrong += [a.name for a in node.names if a.name.startswith("ckconv.") and a.name not in api]
     assert not wrong, f"{path.name} imports beyond the plugin API (docs/plugins.md): {wrong}"
+
+
+def _format_capabilities() -> list:
+    from ckconv.formats import Format
+
+    return sorted(n for n in vars(Format) if not n.startswith("_"))
+
+
+def test_every_format_capability_is_declared_documented_and_never_probed():
+    """The Format contract is whole in formats/base.py (issue 22): each attribute and method is in its docstring and
+    in docs/plugins.md, and no code asks a format whether it has one (``getattr(fmt, "plan_ranks", None)``)."""
+    from ckconv.formats import Format
+
+    names = _format_capabilities()
+    assert {"name", "extensions", "shardable", "shards_for", "writes_pickles", "sniff", "read", "write",
+            "writes_directory", "folder_layout", "plan_ranks", "read_dangerous"} <= set(names)
+    docs = DOCS.read_text(encoding="utf-8")
+    assert [n for n in names if f"``{n}" not in Format.__doc__] == []
+    assert [n for n in names if f"`{n}" not in docs] == []
+    probes = []
+    for path in sorted((ROOT / "src" / "ckconv").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr")
+                    and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+                    and node.args[1].value in names and node.args[1].value != "name"):
+                probes.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.args[1].value}")
+    assert probes == []
+
+
+def test_sniff_gets_the_bytes_the_contract_says(tmp_path, monkeypatch):
+    from ckconv import io, plugins
+    from ckconv.formats import base
+
+    seen = []
+    fmt = plugins.host().formats["torch"]
+    monkeypatch.setattr(type(fmt), "sniff", lambda self, path, head: seen.append(len(head)) or False)
+    (tmp_path / "x.bin").write_bytes(b"\x00" * 4096)
+    with pytest.raises(Exception):
+        io.detect_format(tmp_path / "x.bin")
+    assert seen == [base.SNIFF_BYTES] == [512]

@@ -255,3 +255,28 @@ def test_plugin_manager_is_fresh_and_knows_every_hook():
     a, b = plugins.get_plugin_manager(), plugins.get_plugin_manager()
     assert a is not b
     assert set(plugins.HOOKS) == {n for n in dir(a.hook) if n.startswith("ckconv_")}
+
+
+def test_a_format_that_only_duck_types_the_contract_is_refused_and_a_minimal_subclass_gets_every_default(
+        installed, tmp_path):
+    """Every optional capability is declared on Format (issue 22): a subclass with only sniff/read/write converts,
+    writes under a torchrun plan and into an existing folder through the defaults; a look-alike is refused."""
+
+    class LookAlike:
+        name, description, extensions = "lookalike", "", (".la",)
+
+        def sniff(self, path, head):
+            return False
+
+    installed(FakeEntryPoint("la", plugin(ckconv_register_formats=lambda register: register(LookAlike()))),
+              FakeEntryPoint("dot", plugin(ckconv_register_formats=lambda register: register(DotFormat()))))
+    h = plugins.host()
+    assert "lookalike" not in h.formats and "not a ckconv.formats.Format: subclass it" in dict(h.problems)["la"]
+    dot = h.formats["dot"]
+    assert dot.shards_for is None and dot.read_dangerous(tmp_path) is None
+    assert dot.folder_layout(ckconv.formats.WriteOptions()) == ckconv.formats.FolderLayout()
+    plan = dot.plan_ranks(ckconv.io.as_checkpoint({"v": torch.ones(3)}), ckconv.formats.WriteOptions(), 2)
+    plan.write(tmp_path / "rank1.dot", 1)  # the default plan: rank 0 writes everything, the others nothing
+    assert not (tmp_path / "rank1.dot").exists()
+    plan.run_alone(tmp_path / "alone.dot")
+    assert torch.equal(ckconv.load(tmp_path / "alone.dot")["v"], torch.ones(3))

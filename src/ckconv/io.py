@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 
 from . import tree
 from .errors import NotACheckpoint, OutputExists, UsageError
-from .formats.base import WriteOptions
+from .formats.base import SNIFF_BYTES, WriteOptions
 from .model import Checkpoint
 from .pickling.policy import check_patterns
 from .pickling.writer import check_writable
@@ -23,7 +23,6 @@ from .plugins import host
 from .storage.atomic import FolderLayout, identities, staged
 from .storage.files import regular_file
 
-SNIFF_BYTES = 512
 PathLike = str | os.PathLike
 Progress = Callable[[int], None]  # called with each count of bytes written; an optional start(total) first
 
@@ -86,16 +85,16 @@ def output_format(dst: Path, to: str | None, max_shard_size) -> str:
         return "safetensors"
     else:
         suffix = dst.suffix.lower()
-        name = next((n for n, fmt in host().formats.items() if suffix in getattr(fmt, "extensions", ())), None)
+        name = next((n for n, fmt in host().formats.items() if suffix in fmt.extensions), None)
         if name is None:
             raise UsageError(f"cannot tell the output format from {dst.name!r}; pass --to "
                              f"({', '.join(sorted(host().formats))})")
-    if max_shard_size is None or getattr(host().format(name), "shardable", False):
+    if max_shard_size is None or host().format(name).shardable:
         return name
     formats = host().formats.values()
-    sharded = next((f.name for f in formats if getattr(f, "shards_for", None) == name), None)
+    sharded = next((f.name for f in formats if f.shards_for == name), None)
     if sharded is None:
-        able = ", ".join(sorted(f.name for f in formats if getattr(f, "shardable", False)))
+        able = ", ".join(sorted(f.name for f in formats if f.shardable))
         raise UsageError(f"--max-shard-size does not apply to format {name}: it is not sharded; drop "
                          f"--max-shard-size, or shard with --to {able}")
     return sharded
@@ -116,7 +115,7 @@ def save(obj: Any, path: PathLike, *, format: str | None = None, max_shard_size:
 def write(ckpt: Checkpoint, target: "OutputTarget", *, force: bool = False) -> str:
     """Write ``ckpt`` where :func:`output_target` planned it, atomically; returns the format name used."""
     fmt = target.format
-    if getattr(fmt, "writes_pickles", False):  # refuse unknown globals before anything is staged
+    if fmt.writes_pickles:  # refuse unknown globals before anything is staged
         check_writable(ckpt.root, target.options.allow_globals, f"the {fmt.name} checkpoint")
     with staged(target.path, directory=target.folder, force=force, protect=target.protect,
                 layout=target.layout) as tmp:
@@ -161,8 +160,7 @@ def output_target(obj, path, *, format: str | None = None, max_shard_size=None, 
             why = ("--max-shard-size writes a folder of shards" if shard is not None
                    else f"a {fmt.name} checkpoint is a folder")
             raise UsageError(f"{path} names a file, but {why}; pass {path.with_suffix('')} instead")
-        make_layout = getattr(fmt, "folder_layout", None)
-        layout = make_layout(options) if make_layout is not None else None
+        layout = fmt.folder_layout(options)
     elif path.is_dir():
         path = path / _file_name_in_folder(ckpt, fmt, path)
         if path.is_dir():
@@ -172,12 +170,12 @@ def output_target(obj, path, *, format: str | None = None, max_shard_size=None, 
 
 
 def _file_extensions() -> set:
-    return {e.lower() for f in host().formats.values() for e in getattr(f, "extensions", ())}
+    return {e.lower() for f in host().formats.values() for e in f.extensions}
 
 
 def _file_name_in_folder(ckpt: Checkpoint, fmt, folder: Path) -> str:
     """``cp x.pth DIR`` names ``DIR/x.pth``: the source's stem with the output format's extension."""
-    exts = tuple(getattr(fmt, "extensions", ()))
+    exts = tuple(fmt.extensions)
     if not ckpt.path or not exts:
         example = folder / ("model" + (exts[0] if exts else ""))
         raise UsageError(f"{folder} is a folder; name the output file inside it (e.g. {example})")

@@ -19,6 +19,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError, UsageError, did_you_mean
+from .formats.base import Format
 
 __all__ = ["BUILTIN_PLUGINS", "PluginInfo", "get_plugin_manager", "host", "reset"]
 
@@ -141,6 +142,9 @@ def _collect(host: Host, hook: str, impl):
         name = getattr(item, "name", None)
         if not isinstance(name, str) or not name:
             raise PluginError(f"plugin {plugin} registered a {kind[:-1]} without a name")
+        if kind == "formats" and not isinstance(item, Format):  # every capability is declared there
+            raise PluginError(f"plugin {plugin} registered format {name!r}, which is not a ckconv.formats.Format: "
+                              "subclass it")
         staged.append(item)
 
     try:

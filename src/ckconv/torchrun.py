@@ -150,22 +150,10 @@ def save_distributed(obj, path, *, format=None, max_shard_size=None, force=False
 def write_distributed(ckpt, target: OutputTarget, *, force=False) -> str:
     """:func:`ckconv.io.write` for every rank of a torchrun job: ``ckpt`` written where ``target`` planned it."""
     fmt, options = target.format, target.options
-    if getattr(fmt, "writes_pickles", False):  # every rank refuses the same globals before writing
+    if fmt.writes_pickles:  # every rank refuses the same globals before writing
         check_writable(ckpt.root, options.allow_globals, f"the {fmt.name} checkpoint")
     group = Group()
-    plan_ranks = getattr(fmt, "plan_ranks", None)
-    plan = plan_ranks(ckpt, options, group.world) if plan_ranks is not None else _RankZero(fmt, ckpt, options)
+    plan = fmt.plan_ranks(ckpt, options, group.world)  # the Format default: rank 0 writes it all with write
     run_collective(group, target.path, plan, directory=target.folder, force=force, protect=target.protect,
                    layout=target.layout)
     return fmt.name
-
-
-class _RankZero(RankWrite):
-    """A format without ``plan_ranks``: rank 0 writes the whole output with ``write``, the others wait."""
-
-    def __init__(self, fmt, checkpoint, options):
-        self.fmt, self.checkpoint, self.options = fmt, checkpoint, options
-
-    def write(self, path, rank):
-        if rank == 0:
-            self.fmt.write(self.checkpoint, path, self.options)

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CkconvError, LimitExceeded, NotACheckpoint
+from ..storage.atomic import FolderLayout
+
+SNIFF_BYTES = 512  # what ``Format.sniff`` gets of a file: its first bytes, as many as this
 
 
 @dataclass
@@ -18,36 +21,43 @@ class WriteOptions:
 
 
 class Format:
-    """Subclass (or duck-type) this and hand an instance to ``register`` in ``ckconv_register_formats``.
+    """Subclass this and hand an instance to ``register`` in ``ckconv_register_formats``; the host refuses
+    anything else. Every capability is declared here, with the default a format gets by not overriding it:
 
     * ``name`` -- unique short name used by ``--to``;
+    * ``description`` -- one line for listings;
     * ``extensions`` -- suffixes that pick this format for an output path (reading always sniffs bytes);
     * ``shardable`` -- True when ``write`` honours ``options.max_shard_size``; ckconv refuses ``--max-shard-size``
-      for any other format, unless a format declares ``shards_for = "<its name>"`` to write it sharded;
+      for any other format, unless a format declares ``shards_for`` to write it sharded;
+    * ``shards_for`` -- the name of a format this one writes sharded (``torch-sharded`` for ``torch``:
+      ``--to torch --max-shard-size`` writes this format), or None;
     * ``writes_pickles`` -- True when ``write`` emits pickles: ckconv then checks the whole tree against its writing
       allowlist (:mod:`ckconv.pickling.policy`) before any rank writes a byte;
     * ``sniff(path, head)`` -- True when the file/folder at ``path`` is in this format; ``head`` is its first
-      64 bytes (``b""`` for folders). Must not trust extensions;
+      :data:`SNIFF_BYTES` (512) bytes, fewer for a shorter file, ``b""`` for folders. Must not trust extensions;
     * ``read(path)`` -> :class:`ckconv.model.Checkpoint`; must never execute code from the file;
     * ``write(checkpoint, path, options)`` -- write to ``path``, a temporary location ckconv renames into place
-      afterwards, so a plugin never needs its own atomicity; ``writes_directory(options)`` says whether ``path``
-      should be a folder (an empty one, holding only plain files when ``write`` returns);
-    * optional ``folder_layout(options)`` -> :class:`ckconv.storage.atomic.FolderLayout`: for a folder output written
-      into an existing folder, its index file names (moved in last), its shard-name template, and the files an
+      afterwards, so a plugin never needs its own atomicity;
+    * ``writes_directory(options)`` -- whether ``path`` should be a folder (an empty one, holding only plain files
+      when ``write`` returns); default False;
+    * ``folder_layout(options)`` -> :class:`ckconv.storage.atomic.FolderLayout`: for a folder output written into
+      an existing folder, its index file names (moved in last), its shard-name template, and the files an
       earlier output left there (replaced with ``--force`` when of the layout's own names, never any other file);
-      without it only the names ``write`` writes are replaced, in name order;
-    * optional ``plan_ranks(checkpoint, options, world)`` -> :class:`RankWrite`: how ``world`` processes of a
-      torchrun job write the output together, each its share (:mod:`ckconv.torchrun`); without it rank 0 writes
-      the whole output with ``write`` while the other ranks wait;
-    * optional ``read_dangerous(path)`` -> :class:`ckconv.model.Checkpoint`: for ``ckconv inspect`` and ``scan``,
+      the default layout replaces only the names ``write`` writes, in name order;
+    * ``plan_ranks(checkpoint, options, world)`` -> :class:`RankWrite`: how ``world`` processes of a torchrun job
+      write the output together, each its share (:mod:`ckconv.torchrun`); the default has rank 0 write the whole
+      output with ``write`` while the other ranks wait;
+    * ``read_dangerous(path)`` -> :class:`ckconv.model.Checkpoint` or None: for ``ckconv inspect`` and ``scan``,
       re-read a file that ``read`` refused as unsafe, with the dangerous globals recorded (``dangerous``) as inert
-      records instead of refused; it must execute nothing either. Without it only the refused names are reported.
+      records instead of refused; it must execute nothing either. The default, None, says the format cannot,
+      and only the refused names are reported.
     """
 
     name = ""
     description = ""
     extensions: tuple = ()
     shardable = False
+    shards_for: str | None = None
     writes_pickles = False
 
     def sniff(self, path: Path, head: bytes) -> bool:
@@ -61,6 +71,15 @@ class Format:
 
     def writes_directory(self, options: WriteOptions) -> bool:
         return False
+
+    def folder_layout(self, options: WriteOptions) -> FolderLayout:
+        return FolderLayout()
+
+    def plan_ranks(self, checkpoint, options: WriteOptions, world: int) -> RankWrite:
+        return _RankZero(self, checkpoint, options)
+
+    def read_dangerous(self, path: Path):
+        return None
 
 
 class RankWrite:
@@ -88,6 +107,17 @@ class RankWrite:
         """The whole plan in this one process, as a world of one rank: ``setup``, ``write`` as rank 0, ``finish``."""
         self.setup(path)
         self.finish(path, [self.write(path, 0)])
+
+
+class _RankZero(RankWrite):
+    """The default plan: rank 0 writes the whole output with the format's ``write``, the other ranks wait."""
+
+    def __init__(self, fmt, checkpoint, options):
+        self.fmt, self.checkpoint, self.options = fmt, checkpoint, options
+
+    def write(self, path, rank):
+        if rank == 0:
+            self.fmt.write(self.checkpoint, path, self.options)
 
 
 def guarded(reader, path, **kwargs):

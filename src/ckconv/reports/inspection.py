@@ -108,12 +108,13 @@ def _read_dangerous(path, fmt, exc) -> Checkpoint:
     stand-ins), or the format cannot re-read, only the names are reported."""
     from ..plugins import host
 
-    read_dangerous = getattr(host().format(fmt), "read_dangerous", None)
-    if read_dangerous is not None and Path(path).is_file():
+    if Path(path).is_file():
         try:
-            return read_dangerous(Path(path))
-        except UnsafeCheckpoint as again:
-            exc = again
+            again = host().format(fmt).read_dangerous(Path(path))  # None: the format cannot re-read
+        except UnsafeCheckpoint as refused:
+            again, exc = None, refused
+        if again is not None:
+            return again
     return Checkpoint(root={}, format=fmt, path=str(path), dangerous=list(exc.globals))
 
 
