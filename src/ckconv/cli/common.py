@@ -24,7 +24,16 @@ RUN: dict = {"verbosity": 0, "json": False, "bars": []}
 
 class CkconvGroup(click.Group):
     """The group every command runs under: resets this run's settings, and turns whatever a command raises into one
-    line on stderr (and an object under ``--json``) with exit 1, or 2 for a usage error; never a traceback."""
+    line on stderr (and an object under ``--json``) with exit 1, or 2 for a usage error; never a traceback. All it
+    prints goes through :class:`Escaped` streams: a name from a file cannot drive the terminal, in any command."""
+
+    def main(self, *args, **kwargs):
+        streams = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = Escaped(sys.stdout), Escaped(sys.stderr)
+        try:
+            return super().main(*args, **kwargs)
+        finally:
+            sys.stdout, sys.stderr = streams
 
     def invoke(self, ctx):
         args = ctx.args[: ctx.args.index("--")] if "--" in ctx.args else ctx.args
@@ -179,7 +188,40 @@ def group_keys(names):
     return out
 
 
-def printable(text) -> str:
-    """Names from files, escaped for a terminal: control characters and escape sequences shown, not obeyed."""
-    text = key_text(text)  # an int past Python's 4,300-digit str() limit is shown by its size
-    return text if text.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+def printable(value) -> str:
+    """A name or value from a file as one line of text: control characters (a newline too) shown escaped, an int
+    past Python's 4,300-digit ``str`` limit shown by its size, also inside a tuple or list (``betas``)."""
+    if type(value) in (tuple, list):
+        inner = ", ".join(map(printable, value)) + ("," if type(value) is tuple and len(value) == 1 else "")
+        return f"({inner})" if type(value) is tuple else f"[{inner}]"
+    return escape_controls(key_text(value), keep="")
+
+
+def escape_controls(text: str, keep: str = "\n") -> str:
+    """``text`` with every character that is not printable (escape sequences, ``\\r``, bidi overrides, lone
+    surrogates) shown as its Python escape, except those in ``keep``."""
+    if text.isprintable() or "".join(c for c in text if c not in keep).isprintable():
+        return text
+    return "".join(c if c in keep or c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+class Escaped:
+    """A run's stdout or stderr: whatever a command writes is shown with :func:`escape_controls`, so no name from a
+    file retitles, clears or rewrites the terminal, whichever command prints it. Line ends pass, and a ``\\r``
+    that opens a write (the progress bar redrawing its line)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        if isinstance(text, (bytes, bytearray)):  # click's own bytes (the shell completion script), never a name
+            if not text:  # click's probe: answer as a text stream does, or it would wrap us in another
+                raise TypeError("write() argument must be str, not bytes")
+            return self._stream.write(bytes(text).decode(getattr(self._stream, "encoding", None) or "utf-8"))
+        lead = "\r" if text.startswith("\r") else ""
+        return self._stream.write(lead + escape_controls(text[len(lead):]))
+
+    def __getattr__(self, name):
+        if name == "buffer":  # click would write the bytes around us; it writes through ``write`` without one
+            raise AttributeError(name)
+        return getattr(self._stream, name)

@@ -92,7 +92,8 @@ def _show_inspection(info, as_json, size_text, tensors=True):
         click.echo(f"layout: {bundle['layout']}" + (f", model at {bundle['model']}" if bundle.get("model") else ""))
     for opt in bundle.get("optimizers", []):
         hp = opt["hyperparameters"][0] if opt["hyperparameters"] else {}
-        shown = ", ".join(f"{k}={v}" for k, v in hp.items() if k in ("lr", "betas", "momentum", "weight_decay", "eps"))
+        shown = ", ".join(f"{k}={printable(v)}" for k, v in hp.items()
+                          if k in ("lr", "betas", "momentum", "weight_decay", "eps"))
         click.echo(f"optimizer: {opt['path']}: {opt['kind']} ({len(opt['hyperparameters'])} group(s); {shown}); "
                    f"{opt['with_state']}/{opt['params']} parameters have state; names from {opt['how']}"
                    + ("; covers a subset of the model's parameters" if opt["subset"] else ""))
