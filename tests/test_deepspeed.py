@@ -244,3 +244,13 @@ def test_two_ranks_under_torchrun_share_the_consolidation(ds_runs, tmp_path):
     got = ckconv.load(out)
     for name, tensor in reference(folder)["fp32"].items():
         assert same_bits(got[name], tensor), name
+
+
+def test_scan_judges_the_folder_as_one_checkpoint(ds_runs):
+    """DeepSpeed's records (stage enum, loss scaler, fragment addresses) are known by exact name: safe; the rank
+    files are read as parts of the folder, not again on their own."""
+    ds = ds_runs["zero2-bf16-w2"] / "ds"
+    r = subprocess.run([*CLI, "scan", str(ds)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("SAFE")]
+    assert [line.split()[1].rstrip(":") for line in lines] == [str(ds), str(ds / "global_step3")], r.stdout

@@ -96,6 +96,7 @@ CALLS = frozenset({
     "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype",
     "numpy.random._pickle.__randomstate_ctor", "numpy.random._pickle.__bit_generator_ctor",
     "numpy.random._pickle.__generator_ctor",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",  # an IntEnum looked up by its value (DeepSpeed's optimizer states)
 })
 # Records that may be passed *as an argument* to a call (one level deep): anything else could be a lazy iterable
 # or an object whose methods the callee runs.
@@ -167,6 +168,8 @@ CLASSES = frozenset({
     "pytorch_lightning.utilities.parsing.AttributeDict", "lightning_fabric.utilities.data.AttributeDict",
     "mmengine.logging.history_buffer.HistoryBuffer", "mmengine.config.config.ConfigDict",
     "timm.utils.model_ema.ModelEmaV2", "timm.utils.model_ema.ModelEmaV3",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
 })
 
 
