@@ -12,23 +12,44 @@ import torch
 
 
 def assert_deep_equal(a, b, path="<root>", check_tied=True):
-    """Same nesting, same container types, same keys in the same order, same scalars, tensors bit for bit."""
+    """Same nesting, same container types, same keys in the same order, same scalars, tensors bit for bit.
+
+    ``check_tied``: and the same tensors share a storage on both sides (tied weights stay tied, untied stay apart).
+    """
+    seen: list = []
+    _deep_equal(a, b, path, seen)
+    if check_tied:
+        assert _ties(seen, 1) == _ties(seen, 2), "tensors that share a storage differ: " + \
+            f"{sorted(map(sorted, _ties(seen, 1)))[:3]} vs {sorted(map(sorted, _ties(seen, 2)))[:3]}"
+
+
+def _ties(seen, side):
+    groups: dict = {}
+    for entry in seen:
+        t = entry[side]
+        if t.numel():
+            groups.setdefault(t.untyped_storage().data_ptr(), set()).add(entry[0])
+    return {frozenset(g) for g in groups.values() if len(g) > 1}
+
+
+def _deep_equal(a, b, path, seen):
     assert type(a) is type(b), f"{path}: {type(a).__name__} != {type(b).__name__}"
     if isinstance(a, torch.Tensor):
         assert a.dtype == b.dtype, f"{path}: dtype {a.dtype} != {b.dtype}"
         assert a.shape == b.shape, f"{path}: shape {tuple(a.shape)} != {tuple(b.shape)}"
         assert a.requires_grad == b.requires_grad, f"{path}: requires_grad differs"
         assert tensor_bytes(a) == tensor_bytes(b), f"{path}: tensor bytes differ"
+        seen.append((path, a, b))
     elif isinstance(a, dict):
         assert list(a.keys()) == list(b.keys()), f"{path}: keys differ: {list(a)[:5]} vs {list(b)[:5]}"
         for k in a:
-            assert_deep_equal(a[k], b[k], f"{path}.{_text(k)}", check_tied)
+            _deep_equal(a[k], b[k], f"{path}.{_text(k)}", seen)
         if isinstance(a, OrderedDict):
-            assert_deep_equal(getattr(a, "__dict__", {}), getattr(b, "__dict__", {}), f"{path}.@attrs", check_tied)
+            _deep_equal(getattr(a, "__dict__", {}), getattr(b, "__dict__", {}), f"{path}.@attrs", seen)
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
         for i, (x, y) in enumerate(zip(a, b)):
-            assert_deep_equal(x, y, f"{path}[{i}]", check_tied)
+            _deep_equal(x, y, f"{path}[{i}]", seen)
     elif isinstance(a, float) and math.isnan(a):
         assert math.isnan(b), f"{path}: nan != {b}"
     else:

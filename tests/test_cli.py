@@ -77,9 +77,21 @@ def test_inspect_json_lists_sections_tensors_and_foreign_objects():
 
 
 def test_inspect_table():
+    """One row per tensor, in file order, each with its name, dtype and shape in their columns."""
+    import re
+
     result = invoke("inspect", FIXTURES / "dtype_zoo.pth")
     assert result.exit_code == 0
-    assert "bfloat16" in result.stdout and "float8_e4m3fn" in result.stdout and "scalar" in result.stdout
+    zoo = torch.load(FIXTURES / "dtype_zoo.pth", weights_only=True)
+    tensors = {k: v for k, v in zoo.items() if isinstance(v, torch.Tensor)} if isinstance(zoo, dict) else {}
+    assert tensors
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if re.match(r"name\s+dtype\s+shape", line))
+    rows = [line.split() for line in lines[header + 1: header + 1 + len(tensors)]]
+    assert [r[0] for r in rows] == list(tensors)
+    for (name, dtype, shape), (key, t) in zip(rows, tensors.items()):
+        assert dtype == str(t.dtype).removeprefix("torch.")
+        assert shape == ("scalar" if t.dim() == 0 else "x".join(map(str, t.shape)))
 
 
 def test_diff_exit_codes(tmp_path):

@@ -49,10 +49,21 @@ def test_hook_docs_list_every_parameter_and_show_an_example(hook):
 
 @pytest.mark.parametrize("hook", HOOKS)
 def test_hook_has_a_test_of_its_own(hook):
+    """A test named for the hook that also implements it (``hook=...`` or ``def hook(``) and asks the host what the
+    implementation registered: a name alone does not count."""
+    import ast
+
     sources = [*(ROOT / "tests").glob("test_*.py"), *(ROOT / "plugins").glob("*/tests/test_*.py")]
-    pattern = re.compile(rf"^def (test_\w*{hook}\w*)\(", re.M)
-    tests = [m.group(1) for path in sources for m in pattern.finditer(path.read_text(encoding="utf-8"))]
-    assert tests, f"no test function mentions {hook}; add e.g. test_{hook}_... to tests/test_plugin_host.py"
+    tests = []
+    for path in sources:
+        text = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef) and node.name.startswith("test_") and hook in node.name:
+                body = ast.get_source_segment(text, node)
+                if (f"{hook}=" in body or f"def {hook}(" in body) and "host()" in body:
+                    tests.append(node.name)
+    assert tests, (f"no test named for {hook} implements it and checks what the host registered; add e.g. "
+                   f"test_{hook}_... to tests/test_plugin_host.py")
 
 
 def test_docs_explain_debugging():

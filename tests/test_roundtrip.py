@@ -92,7 +92,7 @@ def test_views_and_non_contiguous_tensors(tmp_path):
     big = torch.randn(6, 7)
     obj = {"t": big.t(), "slice": big[1:3, ::2], "big": big, "expand": torch.randn(3, 1).expand(3, 4)}
     back = roundtrip(obj, tmp_path, [".safetensors", ".pth"])
-    assert_deep_equal(obj, back)
+    assert_deep_equal(obj, back, check_tied=False)  # safetensors holds each view as a tensor of its own
     # .pth -> .pth keeps storages shared exactly as torch.save wrote them
     direct = roundtrip(obj, tmp_path / "direct", [".pth"]) if (tmp_path / "direct").mkdir() is None else None
     assert direct["t"].untyped_storage().data_ptr() == direct["big"].untyped_storage().data_ptr()
