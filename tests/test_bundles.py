@@ -209,7 +209,7 @@ def test_convert_with_arch_moves_optimizer_state_and_resumes(tmp_path, kind):
     torch.save({"model": wrapped, "optimizer": opt.state_dict(), "epoch": 2}, tmp_path / "src.pth")
     result = ckconv.convert(tmp_path / "src.pth", tmp_path / "out.safetensors", arch="resnet18",
                             arch_options=["num_classes=4"])
-    assert any("optimizer at optimizer" in n for n in result.notes)
+    assert any("optimizer at optimizer" in n for n in map(str, result.notes))
     resumed = torchvision.models.resnet18(weights=None, num_classes=4)
     opt2 = OPTIMIZERS[kind](resumed.parameters())
     bundle = load_bundle(tmp_path / "out.safetensors", resumed, opt2)
@@ -263,7 +263,7 @@ def test_convert_freeze_dotted_names_without_arch_wraps_a_state_dict(tmp_path):
     model = Net()
     torch.save(model.state_dict(), tmp_path / "sd.pth")
     result = ckconv.convert(tmp_path / "sd.pth", tmp_path / "b.pth", freeze=["features.0", "features.1"])
-    assert any("wrapped the state_dict" in n for n in result.notes)
+    assert any("wrapped the state_dict" in n for n in map(str, result.notes))
     back = torch.load(tmp_path / "b.pth", weights_only=True)
     assert back["frozen"] == ["features.0.weight", "features.0.bias", "features.1.weight", "features.1.bias"]
     assert_deep_equal(back["model"], model.state_dict())

@@ -63,6 +63,22 @@ def test_convert_warnings_go_to_stderr_and_data_to_stdout(partial_resnet, tmp_pa
     assert "  note: " in result.stdout  # what was written: data
 
 
+def test_a_warning_is_a_warning_by_its_severity_not_its_wording(tmp_path):
+    """--json lists warnings apart from notes; the text shows them on stderr (issue 22 item 2)."""
+    torch.save(model("resnet18", num_classes=10).state_dict(), tmp_path / "ft.pth")
+    args = ["convert", tmp_path / "ft.pth", tmp_path / "out.pth", "--arch", "resnet18", "--arch-option",
+            "num_classes=1000"]
+    data = json.loads(invoke(*args, "--json").stdout)
+    assert any(w.startswith("skipped 2 keys with other shapes: fc.weight") for w in data["warnings"]), data
+    assert any("num_classes=10" in w for w in data["warnings"]) and not any("num_classes" in n for n in data["notes"])
+    assert data["match"]["mismatched"] and any(n.startswith("replaced the state_dict") for n in data["notes"])
+    text = invoke(*args, "--force")
+    assert "warning: skipped 2 keys with other shapes" in text.stderr and "skipped keys" not in text.stdout
+    result = ckconv.convert(tmp_path / "ft.pth", tmp_path / "out.pth", arch="resnet18",
+                            arch_options={"num_classes": 1000}, force=True)
+    assert result.match.mismatched and {n.text for n in result.warnings} == set(data["warnings"])
+
+
 def test_quiet_keeps_only_data_and_verbose_lists_every_key(partial_resnet, tmp_path):
     quiet = invoke("-q", "convert", partial_resnet, tmp_path / "q.safetensors", "--arch", "resnet18")
     assert quiet.exit_code == 0, quiet.output
@@ -310,3 +326,26 @@ def test_bash_completion_script(tmp_path):
     assert result.returncode == 0 and "_ckconv_completion" in result.stdout and "complete " in result.stdout
     env.update(_CKCONV_COMPLETE="bash_complete", COMP_WORDS="ckconv conv", COMP_CWORD="1")
     assert "convert" in run_cli(env=env).stdout
+
+
+# --- --to that contradicts DST's extension (issue 23) --------------------------------------------------------
+
+@pytest.mark.parametrize("name, to", [("out.safetensors", "torch"), ("out.pth", "safetensors"),
+                                      ("out.bin", "safetensors"), ("out.safetensors", "dcp")])
+def test_to_that_contradicts_the_extension_is_refused_and_nothing_written(tmp_path, name, to):
+    torch.save(small_sd(), tmp_path / "in.pth")
+    result = invoke("convert", tmp_path / "in.pth", tmp_path / name, "--to", to)
+    assert result.exit_code in (1, 2)  # a UsageError: exit 2 once issue 26's exit codes land (gate), then code=2
+    line = one_error_line(result, code=result.exit_code)
+    assert f"{name} names a" in line and f"--to {to}" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pth"]
+    with pytest.raises(ckconv.errors.UsageError):
+        ckconv.convert(tmp_path / "in.pth", tmp_path / name, to=to)
+
+
+@pytest.mark.parametrize("name, to", [("out.pth", "torch"), ("out.bin", "torch"), ("out.weights", "safetensors"),
+                                      ("sharded", "torch")])
+def test_to_that_agrees_with_the_name_or_a_name_without_a_known_extension_is_fine(tmp_path, name, to):
+    torch.save(small_sd(), tmp_path / "in.pth")
+    assert invoke("convert", tmp_path / "in.pth", tmp_path / name, "--to", to).exit_code == 0
+    assert ckconv.detect_format(tmp_path / name) == to

@@ -47,10 +47,10 @@ def test_dataparallel_prefix_converts_losslessly(tmp_path, resnet18):
     sd = {f"module.{k}": v for k, v in state("resnet18").items()}
     result, target = convert_and_load(tmp_path, sd, "resnet18")
     same_outputs(resnet18, target)
-    hows = collections.Counter(m["how"] for m in result.match["matched"])
+    hows = collections.Counter(m["how"] for m in result.match.to_dict()["matched"])
     assert hows == {"prefix": 122}
-    assert result.match["complete"] and result.match["coverage"] == 1.0
-    assert result.match["matched"][0]["steps"] == ["strip 'module.'"]
+    assert result.match.to_dict()["complete"] and result.match.to_dict()["coverage"] == 1.0
+    assert result.match.to_dict()["matched"][0]["steps"] == ["strip 'module.'"]
 
 
 def test_nested_compile_and_ddp_wrappers(resnet18):
@@ -75,8 +75,8 @@ def test_lightning_bundle_keeps_other_sections(tmp_path):
     target = fresh("mobilenet_v3_small")
     target.load_state_dict(out["model"])
     same_outputs(net, target)
-    assert {m["how"] for m in result.match["matched"]} == {"prefix"}
-    assert result.match["matched"][0]["steps"] == ["prefix 'net.' -> ''"]
+    assert {m["how"] for m in result.match.to_dict()["matched"]} == {"prefix"}
+    assert result.match.to_dict()["matched"][0]["steps"] == ["prefix 'net.' -> ''"]
 
 
 def test_mmengine_backbone_prefix_and_meta(resnet18):
@@ -107,7 +107,7 @@ def test_user_renames(tmp_path):
     renames = [r"\.sq\.=.squeeze.", r"\.e1\.=.expand1x1.", r"\.e3\.=.expand3x3."]
     result, target = convert_and_load(tmp_path, sd, "squeezenet1_0", rename=renames)
     same_outputs(net, target)
-    renamed = [m for m in result.match["matched"] if m["how"] == "rename"]
+    renamed = [m for m in result.match.to_dict()["matched"] if m["how"] == "rename"]
     assert len(renamed) == 48 and renamed[0]["steps"] == [r"--rename \.sq\.=.squeeze."]
 
 
@@ -118,7 +118,7 @@ def test_legacy_densenet_keys_use_torchvision_rule(tmp_path):
     sd = {f"module.{k}": v for k, v in sd.items()}
     result, target = convert_and_load(tmp_path, sd, "densenet121", suffix=".pth")
     same_outputs(net, target)
-    report = result.match
+    report = result.match.to_dict()
     rule = [m for m in report["matched"] if m["how"] == "rule"]
     assert len(rule) == 58 * 10 and rule[0]["steps"] == ["strip 'module.'", "rule torchvision.densenet_legacy"]
     assert len(report["filled"]) == 121 and report["complete"]
@@ -144,19 +144,47 @@ def test_partial_backbone_reports_missing_head(resnet18):
     assert ckconv.match(sd, "resnet18", drop=["fc"]).complete
 
 
-def test_finetuned_head_is_reported_and_skipped(tmp_path):
+def test_finetuned_head_infers_num_classes_and_keeps_the_head(tmp_path):
+    """issue 23: ``convert ft_resnet50.pth out.pth --arch resnet50`` with fc = Linear(2048, 10) keeps the head."""
+    tuned = model("resnet50", num_classes=1000)
+    tuned.fc = nn.Linear(2048, 10)
+    torch.manual_seed(3)
+    nn.init.normal_(tuned.fc.weight)
+    result = ckconv.convert(_saved(tmp_path, tuned.state_dict(), "ft_resnet50.pth"), tmp_path / "out.pth",
+                            arch="resnet50")
+    assert result.match.arch_options == {"num_classes": 10} and result.match.complete
+    assert not result.warnings, result.warnings
+    (note,) = [n for n in result.notes if "inferred" in n.text]
+    assert not note.warning and "num_classes=10" in note.text and "fc.weight [10, 2048]" in note.text
+    out = torch.load(tmp_path / "out.pth", weights_only=True)
+    target = model("resnet50", num_classes=10)
+    target.load_state_dict(out["model"] if "model" in out else out)
+    same_outputs(tuned, target)
+
+
+def test_an_option_the_user_sets_is_not_inferred(tmp_path):
     tuned = model("resnet18", num_classes=10)
     result = ckconv.convert(_saved(tmp_path, tuned.state_dict()), tmp_path / "out.pth", arch="resnet18",
-                            model_only=True)
-    mism = result.match["mismatched"]
+                            arch_options={"num_classes": 1000}, model_only=True)
+    mism = result.match.to_dict()["mismatched"]
     assert [(m["target"], m["target_shape"], m["source_shape"]) for m in mism] == [
         ("fc.weight", [1000, 512], [10, 512]), ("fc.bias", [1000], [10])]
-    assert any("num_classes=10" in n for n in result.notes)
+    assert any("num_classes=10" in n.text for n in result.warnings)
+    assert not any("inferred" in n.text for n in result.notes)
     out = ckconv.load(tmp_path / "out.pth")
     assert "fc.weight" not in out and len(out) == 120
-    result, target = convert_and_load(tmp_path, tuned.state_dict(), "resnet18", options={"num_classes": 10})
-    assert result.match["complete"] and not result.match["mismatched"]
-    same_outputs(tuned, target)
+    assert ckconv.match(tmp_path / "in.pth", "resnet18").arch_options == {"num_classes": 10}  # match infers too
+
+
+def test_load_into_reports_what_it_skipped_as_load_state_dict_does(tmp_path):
+    sd = model("resnet18", num_classes=10).state_dict()
+    sd["aux.weight"] = torch.ones(3)
+    target = model("resnet18")
+    with pytest.warns(UserWarning, match=r"skipped 3 unexpected \(fc.weight, fc.bias, aux.weight\)|skipped .*with "
+                                         r"other shapes"):
+        report = ckconv.load_into(target, sd)
+    assert report.unexpected_keys == ["aux.weight"] and report.mismatched_keys == ["fc.weight", "fc.bias"]
+    assert report.missing_keys == []
 
 
 def _saved(tmp_path, obj, name="in.pth"):
@@ -166,8 +194,8 @@ def _saved(tmp_path, obj, name="in.pth"):
 
 def test_missing_num_batches_tracked_is_filled(tmp_path, resnet18):
     result, target = convert_and_load(tmp_path, without_nbt(state("resnet18")), "resnet18")
-    assert len(result.match["filled"]) == 20 and not result.match["missing"]
-    assert all(f["value"] == 0 and f["dtype"] == "int64" for f in result.match["filled"])
+    assert len(result.match.to_dict()["filled"]) == 20 and not result.match.to_dict()["missing"]
+    assert all(f["value"] == 0 and f["dtype"] == "int64" for f in result.match.to_dict()["filled"])
     assert target.bn1.num_batches_tracked.dtype == torch.int64 and target.bn1.num_batches_tracked.item() == 0
     same_outputs(resnet18, target)
 
@@ -179,7 +207,7 @@ def test_caffe_style_names_align_by_structure(tmp_path):
     sd = caffe_squeezenet(net.state_dict())
     result, target = convert_and_load(tmp_path, sd, "squeezenet1_0")
     same_outputs(net, target)
-    matched = {m["target"]: m for m in result.match["matched"]}
+    matched = {m["target"]: m for m in result.match.to_dict()["matched"]}
     assert matched["features.3.squeeze.weight"]["source"] == "fire2_squeeze1x1.weight"
     assert matched["classifier.1.weight"]["source"] == "conv10.weight"
     assert {m["how"] for m in matched.values()} == {"structural"}
@@ -195,7 +223,7 @@ def test_linear_stored_as_1x1_conv_is_reshaped(tmp_path):
     assert sd["classifier.0.weight"].shape == (1024, 576, 1, 1)
     result, target = convert_and_load(tmp_path, sd, "mobilenet_v3_small")
     same_outputs(source.eval(), target)
-    reshaped = [m for m in result.match["matched"] if m["reshape"]]
+    reshaped = [m for m in result.match.to_dict()["matched"] if m["reshape"]]
     assert [(m["target"], m["reshape"]["from"], m["reshape"]["to"]) for m in reshaped] == [
         ("classifier.0.weight", [1024, 576, 1, 1], [1024, 576]), ("classifier.3.weight", [1000, 1024, 1, 1],
                                                                    [1000, 1024])]
@@ -267,10 +295,10 @@ def test_map_roundtrip_and_selectors(tmp_path, resnet18):
     result = ckconv.convert(src, out, map=tmp_path / "map.json", model_only=True, drop=["fc"])
     loaded = ckconv.load(out)
     assert list(loaded) == [k for k in resnet18.state_dict() if not k.startswith("fc.")]
-    assert result.match["matched"][0]["how"] == "map"
+    assert result.match.to_dict()["matched"][0]["how"] == "map"
     only = ckconv.convert(src, tmp_path / "l4.pth", arch="resnet18", model_only=True, only=["layer4[1]"])
     assert all(k.startswith("layer4.1.") for k in ckconv.load(tmp_path / "l4.pth"))
-    assert only.match["target_count"] == 12
+    assert only.match.to_dict()["target_count"] == 12
 
 
 def test_freeze_by_selector(resnet18):

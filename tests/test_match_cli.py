@@ -83,7 +83,7 @@ def test_match_table_and_summary(wrapped):
 
 
 def test_match_json(tuned):
-    result = invoke("match", tuned, "--arch", "resnet18", "--json")
+    result = invoke("match", tuned, "--arch", "resnet18", "--arch-option", "num_classes=1000", "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert {"matched", "missing", "unexpected", "mismatched", "filled", "coverage"} <= set(report)
@@ -95,13 +95,16 @@ def test_match_json(tuned):
 
 
 def test_strict_exit_codes(tuned):
-    result = invoke("match", tuned, "--arch", "resnet18", "--strict")
+    result = invoke("match", tuned, "--arch", "resnet18", "--arch-option", "num_classes=1000", "--strict")
     line = one_error_line(result)
     assert "2 of 122 target keys" in line and "--strict" in line
     assert "mismatched: fc.weight 1000x512 <- fc.weight 10x512" in result.stdout
     assert "try --arch-option num_classes=10" in result.stdout
     ok = invoke("match", tuned, "--arch", "resnet18", "--arch-option", "num_classes=10", "--strict")
     assert ok.exit_code == 0, ok.output
+    inferred = invoke("match", tuned, "--arch", "resnet18", "--strict")  # the head's shape says num_classes=10
+    assert inferred.exit_code == 0, inferred.output
+    assert "note: built torchvision:resnet18 with num_classes=10" in inferred.stdout
 
 
 def test_errors_are_one_line(tmp_path, wrapped):
@@ -139,8 +142,10 @@ def test_convert_arch_options_only_and_json(tmp_path, tuned):
     assert list(ckconv.load(out)) == ["fc.weight", "fc.bias"]
     text = invoke("convert", tuned, tmp_path / "o.pth", "--arch", "resnet18", "--model-only")
     assert text.exit_code == 0 and "note: replaced" not in text.stdout
-    assert "wrote only the remapped state_dict: 120 tensors under torchvision:resnet18's names" in text.stdout
-    strict = invoke("convert", tuned, tmp_path / "s.pth", "--arch", "resnet18", "--strict")
+    assert "wrote only the remapped state_dict: 122 tensors under torchvision:resnet18's names" in text.stdout
+    assert "note: built torchvision:resnet18 with num_classes=10" in text.stdout and not text.stderr
+    strict = invoke("convert", tuned, tmp_path / "s.pth", "--arch", "resnet18", "--arch-option", "num_classes=1000",
+                    "--strict")
     assert "--strict" in one_error_line(strict) and not (tmp_path / "s.pth").exists()
 
 

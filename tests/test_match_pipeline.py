@@ -102,7 +102,7 @@ def test_shape_conflicts_are_reported_and_skipped():
          "how": "exact"},
         {"target": "fc.bias", "source": "fc.bias", "target_shape": [1000], "source_shape": [10], "how": "exact"}]
     assert not r.missing and not r.unexpected and not r.complete
-    assert "num_classes=10" in r.notes[0]
+    assert "num_classes=10" in r.notes[0].text and r.notes[0].warning
 
 
 def test_num_batches_tracked_is_filled_not_missing():

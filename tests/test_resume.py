@@ -133,7 +133,7 @@ def test_timm_resnet18_adamw_groups_resume_on_torchvision(tmp_path, timm_resnet1
                tmp_path / "src.pth")
     result = ckconv.convert(tmp_path / "src.pth", tmp_path / "out.safetensors", arch="resnet18",
                             arch_options=["num_classes=4"])
-    assert any("2 param groups" in n for n in result.notes), result.notes
+    assert any("2 param groups" in n for n in map(str, result.notes)), result.notes
 
     resumed = torchvision.models.resnet18(weights=None, num_classes=4)
     for prefix in frozen:
@@ -170,7 +170,7 @@ def test_ambiguous_groups_are_refused_and_optimizer_drop_writes_the_model(tmp_pa
     model, opt, src = stem_frozen_run
     src = src / "src.pth"
     same = ckconv.convert(src, tmp_path / "same.pth", arch="resnet18", arch_options=["num_classes=4"])
-    assert any("kept unchanged (the parameters keep their order and shapes" in n for n in same.notes), same.notes
+    assert any("kept unchanged (the parameters keep their order and shapes" in n for n in map(str, same.notes)), same.notes
     assert_deep_equal(torch.load(tmp_path / "same.pth", weights_only=True)["optimizer"], opt.state_dict())
 
     out = tmp_path / "out.pth"
@@ -207,7 +207,7 @@ def test_recorded_freeze_or_param_names_settle_an_ambiguous_fit(tmp_path, stem_f
     opt_state = {name: copy.deepcopy(opt.state[p]) for name, p in stem_frozen_run[0].named_parameters()}
     options = ["num_classes=10"]
     result = ckconv.convert(src / "frozen.pth", tmp_path / "a.pth", arch="resnet18", arch_options=options)
-    assert any("with the recorded freeze" in n and "2 with new shapes" in n for n in result.notes), result.notes
+    assert any("with the recorded freeze" in n and "2 with new shapes" in n for n in map(str, result.notes)), result.notes
 
     named = torch.optim.AdamW(
         [{"params": [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.ndim <= 1],
@@ -216,7 +216,7 @@ def test_recorded_freeze_or_param_names_settle_an_ambiguous_fit(tmp_path, stem_f
     step(model, named, x)
     torch.save({"model": model.state_dict(), "optimizer": named.state_dict()}, tmp_path / "named.pth")
     result = ckconv.convert(tmp_path / "named.pth", tmp_path / "b.pth", arch="resnet18", arch_options=options)
-    assert any("slot names from param_names" in n for n in result.notes), result.notes
+    assert any("slot names from param_names" in n for n in map(str, result.notes)), result.notes
 
     head = {"fc.weight", "fc.bias"}
     named_state = {name: named.state[p] for name, p in model.named_parameters()}
@@ -263,7 +263,7 @@ def test_backbone_and_head_groups_follow_a_wrapped_model(tmp_path, head_first, f
                 "step": 3}, tmp_path / "src.pth")
     result = ckconv.convert(tmp_path / "src.pth", tmp_path / "out.safetensors", arch="squeezenet1_1",
                             arch_options=["num_classes=4"])
-    assert any("model_state -> model, optimizer_state -> optimizer" in n for n in result.notes), result.notes
+    assert any("model_state -> model, optimizer_state -> optimizer" in n for n in map(str, result.notes)), result.notes
 
     resumed = squeezenet(seed=1)
     for p in resumed.features[:frozen].parameters():
@@ -433,7 +433,7 @@ def test_lightning_two_optimizers_become_a_list(tmp_path):
     lit, trainer = lightning_run(tmp_path, manual=True)
     result = ckconv.convert(tmp_path / "run.ckpt", tmp_path / "out.safetensors", arch="squeezenet1_1",
                             arch_options=["num_classes=4"])
-    assert any("optimizer_states -> optimizers" in n for n in result.notes), result.notes
+    assert any("optimizer_states -> optimizers" in n for n in map(str, result.notes)), result.notes
     resumed = squeezenet(seed=1)
     opts = [torch.optim.SGD(resumed.features.parameters(), lr=1e-2, momentum=0.9),
             torch.optim.Adam(resumed.classifier.parameters(), lr=1e-3)]
@@ -467,7 +467,7 @@ def test_dtype_casts_the_model_only_and_dtype_optimizer_spares_step(tmp_path, tr
     assert all(v.dtype == torch.bfloat16 for k, v in out["state_dict_ema"].items() if v.is_floating_point())
     assert_deep_equal(out["optimizer"], osd)
     assert_deep_equal(out["best"], source["best"])
-    assert any("optimizer state kept in its dtype" in n for n in result.notes), result.notes
+    assert any("optimizer state kept in its dtype" in n for n in map(str, result.notes)), result.notes
 
     run = invoke("convert", tmp_path / "src.pth", tmp_path / "b.safetensors", "--dtype", "bf16",
                  "--dtype-optimizer", "bf16")

@@ -160,7 +160,7 @@ def test_dtype_cast_touches_only_floating_tensors(tmp_path):
     obj = {"w": torch.randn(4, 4), "steps": torch.tensor(7), "mask": torch.tensor([True]), "h": torch.randn(2).half()}
     torch.save(obj, tmp_path / "a.pth")
     result = ckconv.convert(tmp_path / "a.pth", tmp_path / "b.safetensors", dtype="bf16")
-    assert result.cast == 2 and any("cast 2 floating tensors to bfloat16" in n for n in result.notes)
+    assert result.cast == 2 and any("cast 2 floating tensors to bfloat16" in n for n in map(str, result.notes))
     back = ckconv.load(tmp_path / "b.safetensors")
     assert back["w"].dtype == torch.bfloat16 and torch.equal(back["w"], obj["w"].bfloat16())
     assert back["h"].dtype == torch.bfloat16 and torch.equal(back["h"], obj["h"].bfloat16())

@@ -237,10 +237,10 @@ def test_output_is_staged_and_indexed_last(tmp_path, monkeypatch):
     order = []
     real_write_zip, real_write_index = torch_archive.write_zip, hub_folder.write_index
 
-    def write_zip(root, path, options=None):
+    def write_zip(root, path, *args):
         assert not dst.exists() and ".ckconv-tmp-" in Path(path).parent.name
         order.append(Path(path).name)
-        return real_write_zip(root, path, options)
+        return real_write_zip(root, path, *args)
 
     def write_index(folder, layout, *args):
         assert not dst.exists()

@@ -6,7 +6,7 @@ The one place that strings the stages together; each step is a function of the s
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable
 
@@ -16,13 +16,15 @@ from .contents.cast import cast_notes
 from .contents.layout import drop_optimizers
 from .contents.optimizer_slots import model_parameters
 from .contents.plain import plain as make_plain
-from .contents.unwrap import model_state_dict, replace
+from .contents.unwrap import model_state_dict, refuse_placeholders, replace
 from .errors import UsageError
+from .formats.base import user_metadata
 from .io import PathLike, Progress, output_target, read, write
 from .matching import targets
 from .matching.remap import remap_checkpoint
 from .matching.selectors import _names, freeze as select_frozen, under
-from .model import Checkpoint
+from .matching.report import MatchReport
+from .model import Checkpoint, Note, warning
 from .pickling.policy import check_patterns
 from .storage.atomic import check_destination
 
@@ -38,12 +40,21 @@ class ConversionResult:
     model_only: bool = False
     dtype: str | None = None
     cast: int = 0  # tensors cast by --dtype
-    notes: list = field(default_factory=list)
-    match: dict | None = None  # the MatchReport (as a dict) when keys were remapped (--arch, --map, --rename, ...)
+    notes: list = field(default_factory=list)  # [Note]: a warning calls for attention, a note describes
+    match: MatchReport | None = None  # when keys were remapped (--arch, --map, --rename, ...)
     changes: list = field(default_factory=list)  # what --plain rewrote, one line each
 
+    @property
+    def warnings(self) -> list:
+        return [n for n in self.notes if n.warning]
+
     def to_dict(self):
-        return asdict(self)
+        """JSON-able: ``notes`` and ``warnings`` as lines, ``match`` as the report's own dict."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["notes"] = [n.text for n in self.notes if not n.warning]
+        out["warnings"] = [n.text for n in self.warnings]
+        out["match"] = self.match.to_dict() if self.match is not None else None
+        return out
 
 
 def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: bool = False,
@@ -81,6 +92,7 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
     if ema:
         ema_weights.refuse_section(section)
     ckpt = read(src)
+    refuse_placeholders(ckpt.root, str(src))  # a ZeRO-3 model-states file: placeholders are never "converted"
     if ema:
         root, note = ema_weights.apply(ckpt.root)
         ckpt = dataclasses.replace(ckpt, root=root, notes=ckpt.notes + [note])
@@ -101,14 +113,15 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
         notes += cast_note
     refs = _unique_tensors(root)
     notes += _output_notes(root, refs, target.options.max_shard_size, ckpt.foreign)
-    out = Checkpoint(root=root, format=ckpt.format, path=str(src))
+    notes += metadata_notes(ckpt.metadata, target.format)
+    out = Checkpoint(root=root, format=ckpt.format, path=str(src), metadata=user_metadata(ckpt.metadata))
     total = sum(r.nbytes for r in refs)
     if progress is not None and hasattr(progress, "start"):
         progress.start(total)
     name = _writer(distributed)(out, target, force=force)
     return ConversionResult(str(src), str(target.path), ckpt.format, name, len(refs), total, model_only,
-                            dtypes.CAST_NAMES.get(dtype) if dtype else None, cast, notes,
-                            report.to_dict() if report is not None else None, changes)
+                            dtypes.CAST_NAMES.get(dtype) if dtype else None, cast, [Note.of(n) for n in notes],
+                            report, changes)
 
 
 def _restructure(ckpt, notes, *, arch, arch_options, map, only, drop, rename, section, strict, model_only,
@@ -144,14 +157,25 @@ def _output_notes(root, refs, shard, foreign) -> list:
     notes = []
     over = [r for r in refs if shard is not None and r.nbytes > shard]
     if over:
-        notes.append(f"the checkpoint's largest tensor ({max(r.nbytes for r in over)} bytes) exceeds --max-shard-size: "
-                     f"{len(over)} tensor(s) over the limit each get a shard of their own, as huggingface_hub does")
+        notes.append(warning(f"the checkpoint's largest tensor ({max(r.nbytes for r in over)} bytes) exceeds "
+                             f"--max-shard-size: {len(over)} tensor(s) over the limit each get a shard of their own, "
+                             "as huggingface_hub does"))
     kept = tree.foreign_objects(root) if foreign else []  # what the output holds, not the source
     if kept:
         classes = sorted({c for _, c in kept})
         notes.append(f"kept {len(kept)} foreign objects as inert records: " + ", ".join(classes[:12])
                      + (f" and {len(classes) - 12} more classes" if len(classes) > 12 else ""))
     return notes
+
+
+def metadata_notes(metadata, fmt) -> list:
+    """A warning naming the source's metadata keys when the output format has no place for them (issue 23)."""
+    lost = [k for k in user_metadata(metadata) if k != "format"]
+    if not lost or fmt.carries_metadata:
+        return []
+    return [warning(f"the {fmt.name} format has no place for metadata: left out {len(lost)} key"
+                    f"{'s' if len(lost) > 1 else ''} of the source's metadata: " + ", ".join(lost[:8])
+                    + (f" and {len(lost) - 8} more" if len(lost) > 8 else ""))]
 
 
 def _writer(distributed: bool):

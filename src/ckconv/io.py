@@ -81,6 +81,7 @@ def output_format(dst: Path, to: str | None, max_shard_size) -> str:
     variant (``torch`` -> ``torch-sharded``), refused for a format that cannot shard (never silently ignored)."""
     if to:
         name = host().format(to).name
+        _check_extension(dst, name)
     elif max_shard_size is not None:
         return "safetensors"
     else:
@@ -98,6 +99,22 @@ def output_format(dst: Path, to: str | None, max_shard_size) -> str:
         raise UsageError(f"--max-shard-size does not apply to format {name}: it is not sharded; drop "
                          f"--max-shard-size, or shard with --to {able}")
     return sharded
+
+
+def _check_extension(dst: Path, name: str):
+    """An explicit format that contradicts DST's extension (``out.safetensors --to torch``) is refused: a file whose
+    name says one format and whose bytes another is a trap for the next reader (issue 23)."""
+    if dst.is_dir():
+        return  # cp semantics: the file in the folder takes the format's own extension
+    suffix = dst.suffix.lower()
+    named = [n for n, fmt in host().formats.items() if suffix in fmt.extensions]
+    fmt = host().format(name)
+    own = {name, fmt.shards_for}  # torch-sharded writes torch files
+    if named and not own.intersection(named):
+        exts = tuple(fmt.extensions)
+        better = f"name it {dst.with_suffix(exts[0]).name}" if exts else "drop the extension"
+        raise UsageError(f"{dst.name} names a {named[0]} file, but --to {name} writes a {name} checkpoint; {better}, "
+                         "or drop --to to write what the name says")
 
 
 def save(obj: Any, path: PathLike, *, format: str | None = None, max_shard_size: int | str | None = None,

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from . import dtypes
 from .errors import CorruptCheckpoint, LimitExceeded
 
-__all__ = ["CHUNK", "Checkpoint", "Foreign", "GlobalRef", "Storage", "TensorRef", "TorchDevice", "TorchDtype",
-           "TorchSize", "contiguous_strides", "gather", "is_reference"]
+__all__ = ["CHUNK", "Checkpoint", "Foreign", "GlobalRef", "Note", "Storage", "TensorRef", "TorchDevice", "TorchDtype",
+           "TorchSize", "contiguous_strides", "gather", "is_reference", "warning"]
 
 CHUNK = 8 << 20  # bytes moved per read/write when streaming tensor data
 DEFAULT_MEMORY_BUDGET = 4 << 30
@@ -403,6 +403,28 @@ def foreign_class(module: str, qualname: str):
     return _FOREIGN_CLASSES[key]
 
 
+@dataclass(frozen=True)
+class Note:
+    """Something the user should know about a result. ``warning`` (set where the note is made, never guessed from
+    its wording) marks what calls for attention: a part of the model not written, a freeze lost, a head that
+    does not fit. Other notes describe the output."""
+
+    text: str
+    warning: bool = False
+
+    def __str__(self):
+        return self.text
+
+    @classmethod
+    def of(cls, value) -> "Note":
+        """A note as it is, or a plugin's plain string as a note."""
+        return value if isinstance(value, Note) else cls(str(value))
+
+
+def warning(text: str) -> Note:
+    return Note(text, warning=True)
+
+
 @dataclass
 class Checkpoint:
     """A checkpoint as read from one source: the tree plus what the reader learned about it."""
@@ -411,7 +433,7 @@ class Checkpoint:
     format: str = ""
     path: str = ""
     metadata: dict = field(default_factory=dict)  # format-level metadata (safetensors __metadata__, ...)
-    notes: list = field(default_factory=list)  # things the user should know (lossy steps, fallbacks)
+    notes: list = field(default_factory=list)  # [Note] (or str) the user should know (lossy steps, fallbacks)
     foreign: list = field(default_factory=list)  # [(path, class name)] of inert foreign objects
     dangerous: list = field(default_factory=list)  # dangerous globals seen (inspect only; read refuses)
     globals: list = field(default_factory=list)  # [(module, qualname)] every global the file names (verdicts)

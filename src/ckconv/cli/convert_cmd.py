@@ -221,15 +221,6 @@ def _plan_several(sources, folder, options):
             raise OutputExists(f"{target.path} already exists; pass --force to overwrite it")
 
 
-# Notes that call for attention (a part of the model not written, a freeze lost, a head that does not fit):
-# shown as warnings on stderr; other notes describe the output, on stdout.
-WARNING_NOTES = ("skipped keys with other shapes", "the recorded freeze follows the renames", "the checkpoint's ")
-
-
-def _is_warning(note) -> bool:
-    return str(note).startswith(WARNING_NOTES)
-
-
 def _report_conversion(result):
     from ..reports.inspection import size_text
 
@@ -238,7 +229,7 @@ def _report_conversion(result):
     for message in _match_warnings(result.match):
         warn(message)
     for note in result.notes:
-        if _is_warning(note):
+        if note.warning:
             warn(note)
         elif RUN["verbosity"] >= 0:
             click.echo(f"  note: {note}")
@@ -248,9 +239,9 @@ def _report_conversion(result):
 
 def _match_warnings(match) -> list:
     """``coverage 80.0%``, ``198 checkpoint keys left out``: what --arch did not fill or did not use."""
-    if not match or match["arch"] in ("<none>", "<map>", "", None):
+    if match is None or match.architecture is None:
         return []
-    arch, out = match["arch"], []
+    arch, out = match.arch, []
 
     def keys(names):
         groups = group_keys(names)
@@ -258,12 +249,12 @@ def _match_warnings(match) -> list:
             return ": " + ", ".join(map(printable, groups))
         return ": " + ", ".join(map(printable, groups[:3])) + f", ... (-v lists all {len(names)})"
 
-    unfilled = [e["name"] for e in match["missing"]] + [e["target"] for e in match["mismatched"]]
+    unfilled = [e["name"] for e in match.missing] + [e["target"] for e in match.mismatched]
     if unfilled:
-        out.append(f"coverage {match['coverage']:.1%}: {len(unfilled)} of {arch}'s {match['target_count']} keys "
-                   f"not filled ({len(match['missing'])} missing, {len(match['mismatched'])} with other shapes)"
+        out.append(f"coverage {match.coverage:.1%}: {len(unfilled)} of {arch}'s {match.target_count} keys "
+                   f"not filled ({len(match.missing)} missing, {len(match.mismatched)} with other shapes)"
                    + keys(unfilled))
-    if match["unexpected"]:
-        out.append(f"{len(match['unexpected'])} checkpoint keys left out (no place in {arch})"
-                   + keys([e["name"] for e in match["unexpected"]]))
+    if match.unexpected:
+        out.append(f"{len(match.unexpected)} checkpoint keys left out (no place in {arch})"
+                   + keys([e["name"] for e in match.unexpected]))
     return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from . import modules
-from ..errors import UsageError, did_you_mean
+from ..errors import UnsupportedContent, UsageError, did_you_mean
 from ..model import TensorRef
 from ..tree import is_flat_state_dict
 
@@ -29,6 +29,33 @@ MAX_DEPTH = 4
 SECTION_KEYS = frozenset(MODEL_KEYS + EMA_KEYS + OPTIMIZER_KEYS + SCHEDULER_KEYS)
 
 
+def refuse_placeholders(root, where="the checkpoint"):
+    """A DeepSpeed ZeRO-3 model-states file (``zero_pp_rank_0_mp_rank_00_model_states.pt``) is refused: its
+    ``module`` holds shape-[0] placeholders of the partitioned parameters (their real shapes are in
+    ``param_shapes``, their values in the ranks' optimizer-state files). Output made from it cannot be the model."""
+    if not isinstance(root, dict) or not isinstance(root.get("module"), dict) or "param_shapes" not in root:
+        return
+    groups = root["param_shapes"]
+    groups = groups if isinstance(groups, (list, tuple)) else [groups]
+    shapes = {name: shape for group in groups if isinstance(group, dict) for name, shape in group.items()}
+    empty = [name for name, ref in root["module"].items()
+             if isinstance(ref, TensorRef) and ref.numel == 0 and _numel(shapes.get(name)) > 0]
+    if empty:
+        raise UnsupportedContent(
+            f"{where} is a DeepSpeed ZeRO-3 model-states file: its 'module' holds {len(empty)} partitioned "
+            f"placeholders of shape [0] ({empty[0]} is {list(shapes[empty[0]])} in param_shapes); convert the "
+            "DeepSpeed checkpoint folder (the one holding 'latest') instead, which ckconv reads whole")
+
+
+def _numel(shape) -> int:
+    if not isinstance(shape, (list, tuple)) or not all(type(d) is int for d in shape):
+        return 0
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def unwrap(root, section: str | None = None):
     """-> ({name: TensorRef} in file order, where: str, path: tuple of keys leading to it).
 
@@ -36,6 +63,7 @@ def unwrap(root, section: str | None = None):
     A bare state_dict comes back as it is (its ``_metadata`` too); a pickled module as ``model.state_dict()``.
     A pickled module whose state_dict cannot be derived is an error, not skipped: it is what the user meant.
     """
+    refuse_placeholders(root)
     found, failed = _search(root)
     if section is not None:
         wanted = tuple(p for p in str(section).split(".") if p) if section not in ("", "<root>") else ()

@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CkconvError, LimitExceeded, NotACheckpoint
+from ..pickling import structure
 from ..storage.atomic import FolderLayout
 
 SNIFF_BYTES = 512  # what ``Format.sniff`` gets of a file: its first bytes, as many as this
+
+
+# Metadata keys ckconv's writers compute for each output (the structure record, an index's total_size): never
+# carried over from a source, always written fresh. Keys under "dcp." describe a DCP folder as read.
+OWN_METADATA = frozenset({structure.KEY, "total_size"})
+READER_PREFIX = "dcp."
+
+
+def user_metadata(metadata) -> dict:
+    """What a writer keeps of ``Checkpoint.metadata``: everything the source's file carried (safetensors
+    ``__metadata__``, an index's ``metadata``: LoRA ``ss_*`` keys, huggingface_hub's alias records, ``format``,
+    transformers' ``total_parameters``) but the keys writers compute themselves (:data:`OWN_METADATA`). Values are
+    strings, or JSON numbers and booleans from an index."""
+    return {k: v for k, v in (metadata or {}).items()
+            if isinstance(k, str) and isinstance(v, (str, int, float)) and k not in OWN_METADATA
+            and not k.startswith(READER_PREFIX)}
+
+
+def hub_index_metadata(metadata) -> dict:
+    """``user_metadata`` for a hub index's ``metadata``: without ``format``, which belongs to each file."""
+    return {k: v for k, v in user_metadata(metadata).items() if k != "format"}
+
+
+def string_metadata(metadata) -> dict:
+    """``user_metadata`` for a place that holds only strings (a safetensors header): numbers as their JSON text."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in user_metadata(metadata).items()}
 
 
 @dataclass
@@ -31,6 +59,9 @@ class Format:
       for any other format, unless a format declares ``shards_for`` to write it sharded;
     * ``shards_for`` -- the name of a format this one writes sharded (``torch-sharded`` for ``torch``:
       ``--to torch --max-shard-size`` writes this format), or None;
+    * ``carries_metadata`` -- True when ``write`` keeps ``user_metadata(checkpoint.metadata)`` (the source's
+      safetensors ``__metadata__``, an index's ``metadata``) where a reader of the format finds it again; ckconv
+      warns, naming the keys, when a source's metadata goes to a format without it; default False;
     * ``writes_pickles`` -- True when ``write`` emits pickles: ckconv then checks the whole tree against its writing
       allowlist (:mod:`ckconv.pickling.policy`) before any rank writes a byte;
     * ``sniff(path, head)`` -- True when the file/folder at ``path`` is in this format; ``head`` is its first
@@ -58,6 +89,7 @@ class Format:
     extensions: tuple = ()
     shardable = False
     shards_for: str | None = None
+    carries_metadata = False
     writes_pickles = False
 
     def sniff(self, path: Path, head: bytes) -> bool:

@@ -217,7 +217,7 @@ def read_index_folder(index_path: Path, read_shard: Callable) -> tuple:
     text = meta.get(structure.KEY)
     if text is not None and not isinstance(text, str):
         raise CorruptCheckpoint(f"{index_path}: {structure.KEY} must be a string")
-    metadata = {k: v if isinstance(v, str) else short_repr(v, 200) for k, v in meta.items()}
+    metadata = {k: v if isinstance(v, (str, int, float)) else short_repr(v, 200) for k, v in meta.items()}
     return assemble(tensors, text, str(index_path)), metadata, notes
 
 

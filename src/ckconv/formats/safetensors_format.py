@@ -21,7 +21,7 @@ from ..storage.atomic import FolderLayout
 from ..storage.files import inside_folder, regular_file
 from ..tree import foreign_objects
 from . import hub_folder, safetensors_file
-from .base import Format, RankWrite, WriteOptions, guarded
+from .base import Format, RankWrite, WriteOptions, guarded, hub_index_metadata, string_metadata
 from .hub_folder import HubShards, assemble
 from .safetensors_file import LAYOUT, header_bytes, read_file
 
@@ -34,6 +34,7 @@ class SafetensorsFormat(Format):
     description = "safetensors files and sharded folders (model.safetensors.index.json)"
     extensions = (".safetensors",)
     shardable = True  # honours --max-shard-size
+    carries_metadata = True  # every file's __metadata__ and the index's metadata (issue 23)
 
     def sniff(self, path: Path, head: bytes) -> bool:
         return safetensors_file.sniff(path, head)
@@ -54,18 +55,20 @@ class SafetensorsFormat(Format):
         return LAYOUT.folder_layout()
 
     def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
-        plan_output(checkpoint.root, options, 1).run_alone(path)
+        plan_output(checkpoint.root, options, 1, checkpoint.metadata).run_alone(path)
 
     def plan_ranks(self, checkpoint, options: WriteOptions, world: int) -> RankWrite:
         """The same files as :meth:`write`, byte for byte, written by ``world`` ranks together."""
-        return plan_output(checkpoint.root, options, world)
+        return plan_output(checkpoint.root, options, world, checkpoint.metadata)
 
 
 def plan_output(root, options: WriteOptions, world: int, metadata: dict | None = None) -> RankWrite:
-    """How ``world`` ranks write ``root``: one file, or a hub folder of this layout. ``metadata`` (str -> str) goes
-    into every file's header (each shard's) and into a sharded folder's index metadata."""
+    """How ``world`` ranks write ``root``: one file, or a hub folder of this layout. ``metadata`` (the source's,
+    :func:`ckconv.formats.base.user_metadata`) goes into every file's header (each shard's) and into a sharded
+    folder's index metadata (issue 23)."""
     named, text = _encode(root)
-    metadata = dict(metadata or {})
+    source = metadata
+    metadata = string_metadata(source)
     if options.max_shard_size is None:
         if world == 1:
             return _FirstRank(named, _header_metadata(text, metadata), options.progress)
@@ -78,7 +81,7 @@ def plan_output(root, options: WriteOptions, world: int, metadata: dict | None =
     def write_shard(path, shard):
         safetensors_file.write_file(path, shard, shard_metadata, options.progress)
 
-    index_metadata = {**metadata, **({structure.KEY: text} if text is not None else {})}
+    index_metadata = {**hub_index_metadata(source), **({structure.KEY: text} if text is not None else {})}
     return HubShards(LAYOUT, plan, write_shard, index_metadata, world)
 
 
@@ -89,7 +92,8 @@ def _encode(root):
 
 
 def _header_metadata(text, metadata):
-    meta = {**SHARD_METADATA, **metadata}
+    """A file's ``__metadata__``: the source's own keys exactly, else ``format: pt``; and the structure record."""
+    meta = dict(metadata) or dict(SHARD_METADATA)
     if text is not None:
         meta[structure.KEY] = text
     return meta
@@ -116,8 +120,6 @@ def _index_path(path: Path) -> Path:
     return path
 
 
-def _read_shard(path: Path, fname: str):
-    return read_file(path)[0], []
 
 
 def read_sharded(path: Path) -> Checkpoint:
@@ -127,8 +129,15 @@ def read_sharded(path: Path) -> Checkpoint:
         regular_file(index_path)
     if index_path.name == LAYOUT.single:
         return _read_one(index_path, path)
-    root, metadata, _ = hub_folder.read_index_folder(index_path, _read_shard)
-    return Checkpoint(root=root, format="safetensors", path=str(path), metadata=metadata,
+    headers: dict = {}  # the shards' own __metadata__ (ckconv repeats the source's keys in each)
+
+    def read_shard(file: Path, fname: str):
+        tensors, meta = read_file(file)
+        headers.update((k, v) for k, v in meta.items() if k != structure.KEY)
+        return tensors, []
+
+    root, metadata, _ = hub_folder.read_index_folder(index_path, read_shard)
+    return Checkpoint(root=root, format="safetensors", path=str(path), metadata={**headers, **metadata},
                       foreign=foreign_objects(root))
 
 

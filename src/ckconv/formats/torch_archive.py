@@ -9,19 +9,47 @@ resolved against the archive's records here once.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
 from .. import dtypes
-from ..errors import CorruptCheckpoint
+from ..errors import CorruptCheckpoint, LimitExceeded
 from ..model import Storage
 from ..pickling.unpickler import StorageType, short_repr
 from ..pickling.writer import PickleWriter
 from ..storage.fastcopy import SourceFiles
 from ..storage.zipio import ZipWriter
+from ..storage.files import parse_json
 
 ZIP_MAGIC = b"PK\x03\x04"
 DATA_PKL = re.compile(r"^([^/]+)/data\.pkl$")
+# The source's metadata (safetensors __metadata__, a hub index's metadata) in a .pth: a JSON object in a record
+# torch.load never reads, so the file loads as before and ckconv finds the metadata again (issue 23).
+METADATA_RECORD = ".data/ckconv_metadata.json"
+MAX_METADATA = 100_000_000  # as a safetensors header
+
+
+def read_metadata(records, prefix: str, where: str) -> dict:
+    """The metadata record of an archive read with ``records`` (:class:`ckconv.storage.zipio.ZipRecords`), or {}."""
+    name = prefix + METADATA_RECORD
+    if name not in records.records:
+        return {}
+    if records.records[name][1] > MAX_METADATA:
+        raise LimitExceeded(f"{where}: metadata record over {MAX_METADATA} bytes")
+    meta = parse_json(records.read(name, limit=MAX_METADATA), 1, CorruptCheckpoint("nested metadata object"),
+                      f"{where}: metadata record")
+    if not isinstance(meta, dict) or not all(isinstance(v, (str, int, float)) for v in meta.values()):
+        raise CorruptCheckpoint(f"{where}: metadata record {METADATA_RECORD} must map names to strings or numbers")
+    return meta
+
+
+def metadata_record(metadata) -> bytes | None:
+    """The record's bytes for ``metadata`` (``user_metadata`` of a checkpoint), None when there is nothing to keep
+    beyond safetensors' default ``format: pt``."""
+    if not metadata or metadata == {"format": "pt"}:
+        return None
+    return json.dumps(metadata, ensure_ascii=False, indent=1).encode("utf-8")
 
 
 def top_folder(names) -> str | None:
@@ -84,11 +112,12 @@ class _Relative:
         return self.f.fileno()
 
 
-def write_archive(f, root, *, files, allow=(), where="the torch checkpoint", progress=None):
+def write_archive(f, root, *, files, allow=(), where="the torch checkpoint", progress=None, metadata=None):
     """Append ``root`` as one torch.save archive at ``f``'s position, laid out record for record as torch.save
     lays it out. Storage bytes go file to file (``files``: a :class:`ckconv.storage.fastcopy.SourceFiles`), a zip
     source's CRC checked in the same pass that yields the output CRC; pickles name only globals the writing
-    policy allows (``allow``: the user's additions; ``where`` names the output in a refusal)."""
+    policy allows (``allow``: the user's additions; ``where`` names the output in a refusal). ``metadata``: the
+    source's metadata to keep (:data:`METADATA_RECORD`)."""
     order: dict = {}
 
     def key_of(storage):
@@ -107,11 +136,15 @@ def write_archive(f, root, *, files, allow=(), where="the torch checkpoint", pro
                                                            files=files))
     zw.add("archive/version", [b"3\n"], 2)
     zw.add("archive/.data/serialization_id", [os.urandom(20).hex().encode()], 40)
+    record = metadata_record(metadata)
+    if record is not None:
+        zw.add("archive/" + METADATA_RECORD, [record], len(record))
     zw.close()
 
 
-def write_zip(root, path, options=None):
-    """``root`` as a torch.save file at ``path`` (``options``: a :class:`ckconv.formats.base.WriteOptions`)."""
+def write_zip(root, path, options=None, metadata=None):
+    """``root`` as a torch.save file at ``path`` (``options``: a :class:`ckconv.formats.base.WriteOptions`;
+    ``metadata``: the source's, kept in :data:`METADATA_RECORD`)."""
     with open(path, "wb") as f, SourceFiles() as files:
         write_archive(f, root, files=files, allow=options.allow_globals if options else (),
-                      progress=options.progress if options else None)
+                      progress=options.progress if options else None, metadata=metadata)

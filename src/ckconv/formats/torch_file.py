@@ -19,7 +19,7 @@ from ..model import Checkpoint, Foreign, Storage
 from ..pickling.unpickler import PARAMETER, StorageType, short_repr, unpickle
 from ..storage.zipio import ZipRecords, directory_names
 from .base import guarded
-from .torch_archive import DATA_PKL, ZIP_MAGIC, storage_loader
+from .torch_archive import DATA_PKL, ZIP_MAGIC, read_metadata, storage_loader
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
@@ -106,7 +106,9 @@ def read_zip(path, allow_dangerous=False) -> Checkpoint:
     load_storage = storage_loader(path, records.records, prefix, str(path))
     data = records.read(prefix + "data.pkl")
     root, up = unpickle(data, storage_loader=load_storage, where=str(path), allow_dangerous=allow_dangerous)
-    return _finish(root, up, "torch", path)
+    ckpt = _finish(root, up, "torch", path)
+    ckpt.metadata = read_metadata(records, prefix, str(path))
+    return ckpt
 
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..hookspecs import hookimpl
 from ..model import Checkpoint
 from . import torch_file
-from .base import Format, WriteOptions
+from .base import Format, WriteOptions, user_metadata
 from .torch_archive import write_zip
 
 
@@ -20,6 +20,7 @@ class TorchFormat(Format):
     description = "torch.save checkpoints: zip (torch >= 1.6) and legacy pickles (.pth .pt .bin .ckpt)"
     extensions = (".pth", ".pt", ".bin", ".ckpt", ".pkl", ".tar")
     writes_pickles = True
+    carries_metadata = True  # in the archive's metadata record (formats.torch_archive.METADATA_RECORD)
 
     def sniff(self, path: Path, head: bytes) -> bool:
         return torch_file.sniff(path, head)
@@ -31,7 +32,7 @@ class TorchFormat(Format):
         return torch_file.read(path, allow_dangerous=True)
 
     def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
-        write_zip(checkpoint.root, path, options)
+        write_zip(checkpoint.root, path, options, user_metadata(checkpoint.metadata))
 
 
 @hookimpl

@@ -28,7 +28,7 @@ from ..pickling import structure
 from ..pickling.unpickler import short_repr
 from ..storage.files import inside_folder
 from . import hub_folder, safetensors_file, torch_archive, torch_file
-from .base import Format, WriteOptions, guarded
+from .base import Format, WriteOptions, guarded, hub_index_metadata, user_metadata
 from .hub_folder import HubLayout, HubShards, load_index, shard_path
 
 LAYOUT = HubLayout(index="pytorch_model.bin.index.json", single="pytorch_model.bin",
@@ -43,6 +43,7 @@ class TorchShardedFormat(Format):
     extensions = ()
     shardable = True  # honours --max-shard-size
     writes_pickles = True
+    carries_metadata = True  # the index's metadata and each shard's metadata record (issue 23)
     shards_for = "torch"  # `--to torch --max-shard-size` writes this format
 
     def sniff(self, path: Path, head: bytes) -> bool:
@@ -60,7 +61,7 @@ class TorchShardedFormat(Format):
         return LAYOUT.folder_layout()
 
     def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
-        write_sharded(checkpoint.root, Path(path), options)
+        write_sharded(checkpoint.root, Path(path), options, user_metadata(checkpoint.metadata))
 
 
 # --- which folders and index files are ours -----------------------------------------------------------------
@@ -199,20 +200,22 @@ def flatten(root):
 
 
 def write_sharded(root, path: Path, options: WriteOptions, metadata: dict | None = None):
-    """``root`` as a hub folder of torch.save shards; ``metadata`` (str -> str) joins the index metadata."""
+    """``root`` as a hub folder of torch.save shards; ``metadata`` (the source's) joins the index metadata and
+    every shard's metadata record."""
     limit = options.max_shard_size or DEFAULT_SHARD_SIZE
     path.mkdir(exist_ok=True)
     named, node = flatten(root)
     plan = hub_folder.split(named, limit, LAYOUT, storage_size=lambda ref: ref.storage.nbytes,
                             storage_id=lambda ref: id(ref.storage))
     if not plan.is_sharded:  # huggingface_hub writes one shard as pytorch_model.bin without an index; so do we
-        torch_archive.write_zip(root, path / LAYOUT.single, options)  # the whole tree: a bundle needs no record here
+        torch_archive.write_zip(root, path / LAYOUT.single, options, metadata)  # the whole tree: no structure record
         return
     read_back = [name for shard in plan.shards for name, _ in shard]
     if node is None and read_back != [name for name, _ in named]:  # reading returns shard order
         node = {"$dict": [[name, {"$tensor": name}] for name, _ in named]}
-    index_metadata = {**(metadata or {}), **({structure.KEY: structure.dumps(node)} if node is not None else {})}
-    HubShards(LAYOUT, plan, lambda file, shard: torch_archive.write_zip(dict(shard), file, options),
+    index_metadata = {**hub_index_metadata(metadata),
+                      **({structure.KEY: structure.dumps(node)} if node is not None else {})}
+    HubShards(LAYOUT, plan, lambda file, shard: torch_archive.write_zip(dict(shard), file, options, metadata),
               index_metadata).run_alone(path)
 
 

@@ -12,9 +12,10 @@ import fnmatch
 import os
 from collections import Counter, defaultdict
 
-from . import alignment
+from . import alignment, inference
 from .report import Match, MatchReport
 from ..errors import UsageError
+from ..model import warning
 from ..rules import parse_renames, rename, rules_for
 
 NBT = "num_batches_tracked"
@@ -258,8 +259,8 @@ def _hints(report):
              if len(m["source_shape"]) == len(m["target_shape"]) and m["source_shape"][1:] == m["target_shape"][1:]}
     if len(heads) == 1:
         (have, want), = heads
-        return [f"the checkpoint's {have}-way head does not fit the {want}-way head of {report.arch}; "
-                f"if {have} is the number of classes, try --arch-option num_classes={have}"]
+        return [warning(f"the checkpoint's {have}-way head does not fit the {want}-way head of {report.arch}; "
+                        f"if {have} is the number of classes, try --arch-option num_classes={have}")]
     return []
 
 
@@ -340,16 +341,27 @@ def match(ckpt, arch, *, arch_options=None, rename=(), section=None, only=(), dr
     if auto:
         ranking = rank(source, arch[5:], options, rename, progress, top=5)
         arch = pick(ranking)
-    spec, model = target_spec(arch, options)
-    targets = spec.tensors
-    if only or drop:
-        tree = model if model is not None else spec.module_tree()  # selectors count modules: no torch needed
-        keep = set(filter_keys([t.name for t in targets], only=only, drop=drop, model=tree))
-        targets = [t for t in targets if t.name in keep]
-    report = MatchReport(spec.arch, label, where, 0, 0, arch_options=options, candidates=ranking[:5],
-                         source_tensors=flat, section_path=path)
-    return match_keys(source, targets, arch=spec.arch, rules=host().key_rules, renames=rename,
-                      structural=structural, allow_reshape=allow_reshape, report=report)
+    def run(options):
+        spec, model = target_spec(arch, options)
+        wanted = spec.tensors
+        if only or drop:
+            tree = model if model is not None else spec.module_tree()  # selectors count modules: no torch needed
+            keep = set(filter_keys([t.name for t in wanted], only=only, drop=drop, model=tree))
+            wanted = [t for t in wanted if t.name in keep]
+        report = MatchReport(spec.arch, label, where, 0, 0, arch_options=options, candidates=ranking[:5],
+                             source_tensors=flat, section_path=path)
+        return match_keys(source, wanted, arch=spec.arch, rules=host().key_rules, renames=rename,
+                          structural=structural, allow_reshape=allow_reshape, report=report)
+
+    report = run(options)
+    if isinstance(arch, str):  # builder options the checkpoint's shapes determine, unless the user set them
+        inferred = inference.infer_options(report, arch, options)
+        if inferred:
+            better = run({**options, **inferred})
+            if len(better.mismatched) < len(report.mismatched) and better.coverage >= report.coverage:
+                better.notes.insert(0, inference.inference_note(inferred, report))
+                return better
+    return report
 
 
 def rank(source, patterns="", arch_options=None, rename=(), progress=None, top=None) -> list:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from ..errors import CkconvError, UsageError
 from ..storage.files import read_capped
 from .engine import match
 from .report import Match, MatchReport
-from ..model import Storage, TensorRef, gather
+from ..model import Note, Storage, TensorRef, gather, warning
 
 MAP_VERSION = 1
 MAX_MAP_BYTES = 64 * 2**20  # a map of 100,000 tensors is a few MB
@@ -58,7 +59,9 @@ def _remapped(report, values, reshape, zero):
 
 def load_into(model, ckpt, *, rename=(), section=None, only=(), drop=(), strict=False, structural=True,
               allow_reshape=True, ema=False) -> MatchReport:
-    """Match ``ckpt`` onto ``model`` and copy the matched tensors in; -> the MatchReport.
+    """Match ``ckpt`` onto ``model`` and copy the matched tensors in; -> the MatchReport, whose ``missing_keys``,
+    ``unexpected_keys`` and ``mismatched_keys`` say what was skipped, as ``load_state_dict``'s result does (and a
+    warning says it too: nothing is skipped silently).
 
     ``ema``: load the EMA weights (LitEma, timm, AveragedModel, mmengine layouts; refused when there are none).
     With ``strict`` nothing is loaded unless every key of ``model`` (or of its ``only`` part) is filled.
@@ -75,6 +78,11 @@ def load_into(model, ckpt, *, rename=(), section=None, only=(), drop=(), strict=
     state = remap_tensors(report, tree.materialize(needed))
     with torch.no_grad():
         model.load_state_dict(state, strict=False)
+    skipped = report.skipped_text()
+    if skipped:  # never silently: load_state_dict(strict=False) returns its lists, load_into warns too
+        warnings.warn(f"ckconv.load_into: loaded {len(report.matched)} tensors into {report.arch}; skipped "
+                      f"{skipped} (the MatchReport lists all: missing_keys, unexpected_keys, mismatched_keys)",
+                      stacklevel=2)
     return report
 
 
@@ -255,19 +263,19 @@ def remap_checkpoint(ckpt, *, arch=None, arch_options=None, map=None, only=(), d
             kept = [mapping[n] for n in frozen if n in mapping]
             root = replace(root, ("frozen",), kept)
             if len(kept) < len(frozen):
-                notes.append(f"the recorded freeze follows the renames: {len(frozen) - len(kept)} frozen "
-                             "parameters are not in the output")
+                notes.append(warning(f"the recorded freeze follows the renames: {len(frozen) - len(kept)} frozen "
+                                     "parameters are not in the output"))
         if report.architecture and not keep_layout and isinstance(root, dict) and len(report.section_path) == 1:
             root, note = standard_layout(root, report.section_path[0], layout_of(ckpt.root))
             notes += [note] if note else []
         elif report.architecture and not keep_layout and len(report.section_path) > 1:
             notes.append(f"the model sits at {report.section}, inside another section; kept the source layout")
     if report.mismatched:
-        notes.append("skipped keys with other shapes: " + ", ".join(
+        notes.append(warning(f"skipped {len(report.mismatched)} keys with other shapes: " + ", ".join(
             f"{m['target']} {m['source_shape']} vs {m['target_shape']}" for m in report.mismatched[:5])
-            + (" ..." if len(report.mismatched) > 5 else ""))
+            + (" ..." if len(report.mismatched) > 5 else "")))
     notes += report.notes
-    return root, report, notes
+    return root, report, [Note.of(n) for n in notes]
 
 
 def remap_optimizers(root, report: MatchReport, options=None, *, frozen=()):

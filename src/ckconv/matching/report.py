@@ -41,7 +41,7 @@ class MatchReport:
     unexpected: list = field(default_factory=list)  # [{name, shape, dtype}] checkpoint keys nothing used
     mismatched: list = field(default_factory=list)  # [{target, source, target_shape, source_shape, how}]
     ambiguous: list = field(default_factory=list)  # [{step, target|source, candidates}]
-    notes: list = field(default_factory=list)
+    notes: list = field(default_factory=list)  # [Note] (or str)
     arch_options: dict = field(default_factory=dict)
     candidates: list = field(default_factory=list)  # --arch auto: [{arch, coverage, used, score}]
     source_tensors: dict = field(default=None, repr=False, compare=False)  # {name: TensorRef}
@@ -65,6 +65,30 @@ class MatchReport:
     def complete(self) -> bool:
         return self.target_count > 0 and not self.missing and not self.mismatched
 
+    @property
+    def missing_keys(self) -> list:
+        """Target keys nothing filled, as ``load_state_dict``'s result names them."""
+        return [e["name"] for e in self.missing]
+
+    @property
+    def unexpected_keys(self) -> list:
+        """Checkpoint keys nothing used."""
+        return [e["name"] for e in self.unexpected]
+
+    @property
+    def mismatched_keys(self) -> list:
+        """Target keys whose checkpoint tensor has another shape (left as they were)."""
+        return [e["target"] for e in self.mismatched]
+
+    def skipped_text(self, listed=3) -> str:
+        """``2 missing (fc.weight, fc.bias), 3 unexpected (aux.0.weight, ...)`` or "" when nothing was skipped."""
+        parts = []
+        for what, names in (("missing", self.missing_keys), ("unexpected", self.unexpected_keys),
+                            ("with other shapes", self.mismatched_keys)):
+            if names:
+                parts.append(f"{len(names)} {what} ({', '.join(names[:listed])}{', ...' if len(names) > listed else ''})")
+        return "; ".join(parts)
+
     def mapping(self) -> dict:
         return {m.target: m for m in self.matched}
 
@@ -81,4 +105,4 @@ class MatchReport:
                 "complete": self.complete, "target_count": self.target_count, "source_count": self.source_count,
                 "matched": [m.to_dict() for m in self.matched], "filled": self.filled, "missing": self.missing,
                 "unexpected": self.unexpected, "mismatched": self.mismatched, "ambiguous": self.ambiguous,
-                "notes": self.notes, "candidates": self.candidates}
+                "notes": [str(n) for n in self.notes], "candidates": self.candidates}

@@ -66,7 +66,7 @@ def inspect(path, allow_globals=()) -> Inspection:
         error = str(exc)
         ckpt = _read_dangerous(path, fmt, exc)
     count, total, kinds, infos = _tensor_rows(ckpt.root)
-    meta = {k: (v if len(v) < 200 else v[:200] + "...") for k, v in ckpt.metadata.items()}
+    meta = {k: (v if not isinstance(v, str) or len(v) < 200 else v[:200] + "...") for k, v in ckpt.metadata.items()}
     found = verdicts(ckpt, allow_globals)
     return Inspection(str(path), ckpt.format or fmt, sections(ckpt.root), count, total, kinds, infos,
                       [{"path": p, "class": c} for p, c in ckpt.foreign], found[policy.DANGEROUS], meta,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ...hookspecs import hookimpl
 from ...model import Checkpoint
-from ..base import Format, RankWrite, WriteOptions
+from ..base import Format, RankWrite, WriteOptions, user_metadata
 from .metadata import METADATA_NAME
 from .read import read_dcp
 from .write import earlier_output, plan_write, write_metadata, write_rank_file
@@ -36,6 +36,7 @@ from .write import earlier_output, plan_write, write_metadata, write_rank_file
 class DcpFormat(Format):
     name = "dcp"
     writes_pickles = True
+    carries_metadata = True  # an extra attribute of .metadata (formats.dcp.metadata.METADATA_ATTR)
     description = "torch.distributed.checkpoint folders (.metadata + __N_M.distcp shards)"
     extensions = ()
 
@@ -66,10 +67,10 @@ class DcpFormat(Format):
         check_writable(checkpoint.root, options.allow_globals, "the DCP checkpoint")  # before any file
         plan = plan_write(checkpoint.root, world=1)
         locations = write_rank_file(path, 0, plan.blobs_for(0), options.progress, allow=options.allow_globals)
-        write_metadata(path, plan, locations)
+        write_metadata(path, plan, locations, user_metadata(checkpoint.metadata))
 
     def plan_ranks(self, checkpoint, options: WriteOptions, world: int) -> RankWrite:
-        return _RankFiles(plan_write(checkpoint.root, world), options)
+        return _RankFiles(plan_write(checkpoint.root, world), options, user_metadata(checkpoint.metadata))
 
 
 class _RankFiles(RankWrite):
@@ -77,15 +78,15 @@ class _RankFiles(RankWrite):
     with its share of the items (non-tensors round-robin, tensors balanced by size); rank 0 writes ``.metadata``
     once it knows where every rank put its items."""
 
-    def __init__(self, plan, options: WriteOptions):
-        self.plan, self.options = plan, options
+    def __init__(self, plan, options: WriteOptions, metadata=None):
+        self.plan, self.options, self.metadata = plan, options, metadata
 
     def write(self, path, rank) -> dict:
         return write_rank_file(path, rank, self.plan.blobs_for(rank), self.options.progress,
                                allow=self.options.allow_globals)
 
     def finish(self, path, results):
-        write_metadata(path, self.plan, {k: v for r in results for k, v in r.items()})
+        write_metadata(path, self.plan, {k: v for r in results for k, v in r.items()}, self.metadata)
 
 
 @hookimpl

@@ -18,9 +18,11 @@ from ...model import Foreign
 from ...pickling import policy
 from ...pickling.unpickler import RestrictedUnpickler, unpickle
 from ...storage.files import inside_folder, read_sized, regular_file
+from ...storage.files import parse_json
 
 METADATA_NAME = ".metadata"
 STRUCTURE_ATTR = "ckconv_structure"
+METADATA_ATTR = "ckconv_metadata"  # the source's metadata (safetensors __metadata__, ...) as a JSON object text
 MAX_METADATA = int(os.environ.get("CKCONV_MAX_DCP_METADATA", 1 << 30))
 MAX_ENTRIES = int(os.environ.get("CKCONV_MAX_TENSORS", 1_000_000))
 MAX_CORNERS = 1 << 21  # chunk corners checked per tensor (chunks x 2**split dimensions): 8 dims of 8,000 chunks
@@ -90,13 +92,14 @@ class BytesEntry:
 class DcpMetadata:
     """What ``.metadata`` says, checked: entries in order, the nesting map, where every item's bytes are."""
 
-    def __init__(self, entries, planner_data, locations, version, save_id, structure_text):
+    def __init__(self, entries, planner_data, locations, version, save_id, structure_text, user_metadata=None):
         self.entries = entries  # OrderedDict fqn -> TensorEntry | BytesEntry
         self.planner_data = planner_data  # fqn -> tuple path, or None (saved without flattening)
         self.locations = locations  # (fqn, offsets tuple or None) -> (relative path, offset, length)
         self.version = version
         self.save_id = save_id
         self.structure_text = structure_text
+        self.user_metadata = user_metadata or {}  # what METADATA_ATTR carried
 
 
 def _is_record(obj, qualname) -> bool:
@@ -219,7 +222,20 @@ def interpret_metadata(obj, folder: Path, where: str) -> DcpMetadata:
     text = md.get(STRUCTURE_ATTR)
     if text is not None and not isinstance(text, str):
         raise CorruptCheckpoint(f"{where}: {STRUCTURE_ATTR} must be a string")
-    return DcpMetadata(entries, paths, locations, version if isinstance(version, str) else "", save_id, text)
+    return DcpMetadata(entries, paths, locations, version if isinstance(version, str) else "", save_id, text,
+                       _user_metadata(md.get(METADATA_ATTR), where))
+
+
+def _user_metadata(text, where) -> dict:
+    if text is None:
+        return {}
+    bad = CorruptCheckpoint(f"{where}: {METADATA_ATTR} must be a JSON object of names to strings or numbers")
+    if not isinstance(text, str):
+        raise bad
+    meta = parse_json(text.encode("utf-8", "surrogatepass"), 1, bad, f"{where}: {METADATA_ATTR}")
+    if not isinstance(meta, dict) or not all(isinstance(v, (str, int, float)) for v in meta.values()):
+        raise bad
+    return meta
 
 
 def check_ranges(entries, locations, where):

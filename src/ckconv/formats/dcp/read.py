@@ -43,7 +43,7 @@ def read_dcp(path) -> Checkpoint:
         root = _unflatten(meta, values, where)
     tree.walk(root)
     files = {loc[0] for loc in meta.locations.values()}
-    info = {"dcp.version": meta.version, "dcp.entries": str(len(meta.entries)), "dcp.files": str(len(files))}
+    info = {**meta.user_metadata, "dcp.version": meta.version, "dcp.entries": str(len(meta.entries)), "dcp.files": str(len(files))}
     if meta.save_id:
         info["dcp.save_id"] = meta.save_id
     return Checkpoint(root=root, format="dcp", path=str(folder), metadata=info, foreign=tree.foreign_objects(root))

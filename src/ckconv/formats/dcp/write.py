@@ -7,6 +7,7 @@ file to file, and :func:`write_metadata` writes ``.metadata`` once every rank ha
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import stat
@@ -19,7 +20,7 @@ from ...errors import UnsupportedContent
 from ...model import CHUNK, Storage, TensorRef
 from ...pickling import structure
 from ..torch_archive import write_archive
-from .metadata import METADATA_NAME, STRUCTURE_ATTR, load_metadata
+from .metadata import METADATA_ATTR, METADATA_NAME, STRUCTURE_ATTR, load_metadata
 
 SUFFIX = ".distcp"
 DCP_VERSION = "1.0.0"  # what torch's FileSystemWriter writes (CURRENT_DCP_VERSION)
@@ -203,8 +204,9 @@ def earlier_output(folder: Path) -> list:
     return sorted({p.name for p in names if p.parent == folder})  # the layout replaces only its own names
 
 
-def write_metadata(folder, plan: WritePlan, locations: dict):
-    """``.metadata`` as torch's FileSystemWriter writes it, plus ckconv's exact structure record."""
+def write_metadata(folder, plan: WritePlan, locations: dict, metadata=None):
+    """``.metadata`` as torch's FileSystemWriter writes it, plus ckconv's exact structure record and the source's
+    metadata (``metadata``: ``user_metadata`` of the checkpoint), each an extra attribute DCP itself ignores."""
     import torch
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
@@ -227,6 +229,8 @@ def write_metadata(folder, plan: WritePlan, locations: dict):
     md = Metadata(state_dict_metadata=sdm, planner_data=planner, storage_data=storage,
                   storage_meta=StorageMeta(checkpoint_id=None, save_id=str(uuid.uuid4())), version=DCP_VERSION)
     setattr(md, STRUCTURE_ATTR, structure.dumps(plan.skeleton))
+    if metadata:
+        setattr(md, METADATA_ATTR, json.dumps(metadata, ensure_ascii=False))
     with open(Path(folder) / METADATA_NAME, "wb") as f:
         pickle.dump(md, f)
         f.flush()
