@@ -249,6 +249,42 @@ def _describe(value):
     return f"a {type(value).__name__}"
 
 
+def with_state_dicts(root):
+    """``root`` with each pickled module (outermost ones) replaced by its state_dict, for showing names as
+    ``model.state_dict()`` gives them (``layer4.2.bn2.running_mean``); a module whose state_dict cannot be derived
+    stays as it is. The tree is not modified."""
+    found = find_modules(root)
+    if not found:
+        return root
+    if found[0][0] == ():
+        return _derived(root, "<root>")
+    out = root
+    for path, _ in found:
+        out = _replace_at(out, path, lambda node, p=path: _derived(node, tree.format_path(p)))
+    return out
+
+
+def _derived(node, where):
+    try:
+        return state_dict(node, where=f"pickled module at {where}")
+    except (ModuleStateError, LimitExceeded):
+        return node
+
+
+def _replace_at(node, path, make):
+    if not path:
+        return make(node)
+    head, rest = path[0], path[1:]
+    if isinstance(node, dict):
+        new = type(node)() if type(node) in (dict, OrderedDict) else dict()
+        for k, v in node.items():
+            new[k] = _replace_at(v, rest, make) if k == head else v
+        return new
+    if type(node) in (list, tuple):
+        return type(node)(_replace_at(v, rest, make) if i == head else v for i, v in enumerate(node))
+    return node
+
+
 def describe(root) -> list:
     """[{path, class, tensors, error}] for each pickled module in ``root`` (outermost ones), for ``inspect``."""
     out = []
