@@ -76,7 +76,7 @@ def plan_output(root, options: WriteOptions, world: int, metadata: dict | None =
     plan = hub_folder.split(named, options.max_shard_size, LAYOUT, storage_size=lambda ref: ref.nbytes)
     if not plan.is_sharded:  # model.safetensors alone, as huggingface_hub writes it
         return _FirstRank(named, _header_metadata(text, metadata), options.progress, LAYOUT.single)
-    shard_metadata = {**SHARD_METADATA, **metadata}
+    shard_metadata = _header_metadata(None, metadata)
 
     def write_shard(path, shard):
         safetensors_file.write_file(path, shard, shard_metadata, options.progress)
