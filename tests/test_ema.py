@@ -14,7 +14,7 @@ from torch import nn
 
 import ckconv
 from ckconv.errors import UsageError
-from ckconv.matching.remap import load_into
+from ckconv.matching.apply import load_into
 
 from helpers import run_cli
 

@@ -246,7 +246,7 @@ def test_caffe_vgg_with_7x7_fc6_aligns_and_reshapes():
     assert by_target["classifier.0.weight"].source == "fc6.weight"
     assert by_target["classifier.0.weight"].reshape == (4096, 512, 7, 7)
     assert by_target["features.18.weight"].source == "conv5_2.weight"
-    from ckconv.matching.remap import remap_tensors
+    from ckconv.matching.apply import remap_tensors
 
     with torch.device("meta"):
         target = targets.build("vgg11", device="meta")
@@ -288,7 +288,7 @@ def test_map_roundtrip_and_selectors(tmp_path, resnet18):
     sd = {f"module.{k}": v for k, v in state("resnet18").items()}
     src = _saved(tmp_path, {"state_dict": sd, "epoch": 1})
     report = ckconv.match(src, "resnet18")
-    from ckconv.matching.remap import save_map
+    from ckconv.matching.mapfile import save_map
 
     save_map(report, tmp_path / "map.json")
     out = tmp_path / "mapped.safetensors"

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time each name i
     from .reports.inspection import inspect
     from .matching.engine import match
     from .matching.report import MatchReport
-    from .matching.remap import load_into
+    from .matching.apply import load_into
     from .matching.selectors import freeze
 
 __version__ = "0.1.0"
@@ -26,7 +26,7 @@ _API = {
     "inspect": "reports.inspection", "diff": "reports.diffing",
     "CkconvError": "errors",
     "save_bundle": "bundles", "load_bundle": "bundles", "describe": "contents.layout",
-    "match": "matching.engine", "MatchReport": "matching.report", "load_into": "matching.remap",
+    "match": "matching.engine", "MatchReport": "matching.report", "load_into": "matching.apply",
     "freeze": "matching.selectors",
 }
 

@@ -42,7 +42,7 @@ def match(ckpt, arch, arch_options, rename, selectors, section, ema, no_structur
     if progress is not None:
         progress.finish()
     if save_map:
-        from ..matching.remap import save_map as write_map
+        from ..matching.mapfile import save_map as write_map
 
         write_map(report, save_map)
     if as_json:

@@ -186,11 +186,11 @@ class _Pipeline:
         too_wide = []
         for s in self.free_src:
             name = self.name[s]
-            targets = by_tail.get(name, ())
-            if len(targets) > MAX_FANOUT:
+            tails = by_tail.get(name, ())
+            if len(tails) > MAX_FANOUT:
                 too_wide.append(s)
                 continue
-            for t in targets:
+            for t in tails:
                 scores[t][s] = name.count(".") + 1
         for t in self.free_tgt:
             for s in src_tail.get(t, ())[:MAX_FANOUT + 1]:
@@ -205,11 +205,11 @@ class _Pipeline:
                 claims[top[0]].append(t)
             else:
                 self.ambiguous.append({"step": "suffix", "target": t, "candidates": top})
-        for s, targets in claims.items():
-            if len(targets) == 1:
-                self.pair(targets[0], s, "suffix")
+        for s, claimed in claims.items():
+            if len(claimed) == 1:
+                self.pair(claimed[0], s, "suffix")
             else:
-                self.ambiguous.append({"step": "suffix", "source": s, "candidates": targets})
+                self.ambiguous.append({"step": "suffix", "source": s, "candidates": claimed})
 
     # 6: structural alignment of what is left
     def structure(self):
@@ -408,15 +408,15 @@ def rank(source, patterns="", arch_options=None, rename=(), progress=None, top=N
     return out
 
 
-def _score_bound(src_numels: Counter, n_source, targets) -> float:
+def _score_bound(src_numels: Counter, n_source, wanted) -> float:
     """The best score matching could give: a pair (reshaped or not) always holds equal element counts, and
     ``num_batches_tracked`` targets may be filled."""
-    if not targets or not n_source:
+    if not wanted or not n_source:
         return 0.0
-    tgt_numels = Counter(alignment.numel(t.shape) for t in targets)
+    tgt_numels = Counter(alignment.numel(t.shape) for t in wanted)
     pairs = sum(min(n, src_numels.get(k, 0)) for k, n in tgt_numels.items())
-    fills = sum(1 for t in targets if t.name.rpartition(".")[2] == NBT)
-    coverage, used = min(1.0, (pairs + fills) / len(targets)), pairs / n_source
+    fills = sum(1 for t in wanted if t.name.rpartition(".")[2] == NBT)
+    coverage, used = min(1.0, (pairs + fills) / len(wanted)), pairs / n_source
     return 2 * coverage * used / (coverage + used) if coverage + used else 0.0
 
 
