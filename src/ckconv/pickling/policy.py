@@ -1,28 +1,32 @@
-"""Which globals a pickle may name: three verdicts for reading, one allowlist for writing.
+"""Which globals a pickle may name, in which role: the verdicts for reading, the allowlist for writing.
 
 Reading never calls anything a file names (the unpickler answers every global with a builder of ckconv's own or an
 inert record), so reading needs no allowlist: it needs *verdicts* that tell the user what ``torch.load(...,
-weights_only=False)`` would do with the same file:
+weights_only=False)`` would do with the same file. The opcode scan records the role the pickle gives each name
+(:class:`~ckconv.pickling.allowlist.Role`: referenced, instantiated, called, handed to a rebuild), and the verdict
+follows that use:
 
-* **safe** -- ckconv implements the global itself (tensor rebuilds, containers) or it is on the writing allowlist
-  below: known to be benign when called the way pickle calls it;
-* **dangerous** -- known to run commands, import code or touch files (``os.system``, ``builtins.eval``, ``runpy``,
-  and the gadgets red teams found: ``pydoc.pipepager``, ``logging.config.dictConfig``...), or a name that is not a
-  name (newlines, spaces: opcode injection) or a dotted path that walks through a dangerous module
-  (``argparse._os.system``);
-* **unknown** -- everything else: ckconv does not call it, but torch would.
+* **safe** -- in every role the file gives it, the name is one ckconv reproduces itself (:data:`IMPLEMENTED`: tensor
+  rebuilds, containers, dtypes, storages) or on the exact allowlist (:mod:`ckconv.pickling.allowlist`) in that role;
+* **dangerous** -- known to run commands, import code, touch files or change the loading process's state
+  (``os.system``, ``builtins.eval``, ``runpy``, ``torch.set_default_dtype``, and the gadgets red teams found:
+  ``pydoc.pipepager``, ``logging.config.dictConfig``...), or a name that is not a name (newlines, spaces: opcode
+  injection) or a dotted path that walks through a dangerous module (``argparse._os.system``);
+* **unknown** -- everything else, a class allowed to be instantiated but *called* with chosen arguments included:
+  ckconv does not call it, but torch would.
 
-Writing is where a deny-list cannot win: what ckconv *writes* as a global in a pickle must be on :data:`CALLS`
-(called by REDUCE with the recorded arguments) or :data:`CLASSES` (instantiated without ``__init__`` by NEWOBJ or
-``copyreg._reconstructor``, then given its state by BUILD; also written as a plain reference), or allowed by the
-user as a whole dotted path or a ``prefix.*`` pattern (``--allow-global``, ``allow_globals=``). Every name is
-validated as dotted Python identifiers before anything is written, so a name can never inject opcodes.
+Writing is where a deny-list cannot win: what ckconv *writes* as a global must be allowed in the role it is written
+in (:func:`may_write`), or allowed by the user as a whole dotted path or a ``prefix.*`` pattern (``--allow-global``,
+``allow_globals=``). Every name is validated as dotted Python identifiers before anything is written, so a name can
+never inject opcodes.
 """
 
 from __future__ import annotations
 
+from .. import dtypes
 from ..errors import UnsafeCheckpoint, UsageError
-from .verdicts import Verdict, worst
+from .allowlist import PATH_CLASSES, Role, roles_of
+from .verdicts import FINDINGS, Verdict, worst
 
 SAFE, UNKNOWN, DANGEROUS = Verdict.SAFE, Verdict.UNKNOWN, Verdict.DANGEROUS
 
@@ -30,6 +34,7 @@ DANGEROUS_MODULES = frozenset({
     "os", "posix", "nt", "subprocess", "sys", "runpy", "importlib", "pickle", "_pickle", "marshal", "shutil",
     "socket", "ctypes", "code", "codeop", "pty", "webbrowser", "types", "pdb", "bdb", "timeit", "commands",
     "platform", "multiprocessing", "asyncio", "threading", "_thread", "signal", "tempfile", "glob", "pathlib",
+    "torch._C", "torch._ops", "torch.library", "torch.cuda.memory", "torch.backends",
     "io", "_io", "urllib", "http", "ftplib", "smtplib", "telnetlib", "requests", "httplib", "pip", "setuptools",
     "distutils", "venv", "zipimport", "pkgutil", "inspect", "gc", "operator", "functools", "numpy.testing",
     "dill", "joblib", "cloudpickle", "torch.hub", "torch.serialization", "torch.jit", "torch.package",
@@ -47,8 +52,12 @@ DANGEROUS_NAMES = frozenset({
     "numpy.load", "numpy.lib.npyio.load", "numpy.savetxt", "numpy.lib.npyio.savetxt", "numpy.save", "numpy.savez",
     "numpy.loadtxt", "numpy.genfromtxt", "numpy.fromfile", "numpy.memmap", "numpy.lib.npyio.loadtxt",
     "numpy.ctypeslib.load_library", "torch.load", "torch.save", "torch.compile", "torch.from_file",
-    "torch.storage._load_from_bytes",
+    "torch.storage._load_from_bytes", "torch.manual_seed", "torch.seed", "torch.use_deterministic_algorithms",
+    "torch.autograd.set_detect_anomaly", "torch.random.manual_seed", "torch.random.set_rng_state",
 })
+# torch functions that change the loading process's global state (torch.set_default_dtype, set_num_threads...)
+TORCH_STATE_PREFIXES = ("set_", "_set_")
+SAFE_PATHS = frozenset(f"pathlib.{n}" for n in PATH_CLASSES)  # in a dangerous module, but only build paths
 # What ``torch.save(torch.compile(model))`` pickles around the model: dynamo's wrapper and its callback objects,
 # plus ``getattr`` on one of them (a bound method). torch runs its own dynamo machinery when it loads them, so they
 # are *unknown*, not safe; but they are not an attacker's gadget, so reading them is allowed: the model's tensors
@@ -64,40 +73,30 @@ COMPILE_RECORDS = frozenset({
 # (``argparse._os.system``: the C unpickler resolves attributes one by one).
 _DANGEROUS_COMPONENTS = frozenset(m for m in DANGEROUS_MODULES if "." not in m) | {"os", "sys", "subprocess"}
 
-# What ckconv's own unpickler answers with builders that check their arguments (never calling the named object):
-# the read side of "safe", for pickles only (a safetensors ``$object`` record of these names is not checked by a
-# builder, so there they count like any other name).
-READ_IMPLEMENTED = frozenset({
-    "collections.OrderedDict", "_codecs.encode", "copyreg._reconstructor",
-    *(f"{m}.{n}" for m in ("builtins", "__builtin__") for n in (
-        "set", "frozenset", "complex", "bytearray", "bool", "int", "float", "str", "tuple", "list", "dict", "bytes",
-        "object")),
-    "torch._utils._rebuild_tensor", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_tensor_v3",
-    "torch._utils._rebuild_parameter", "torch._utils._rebuild_parameter_with_state",
-    "torch._tensor._rebuild_from_type_v2", "torch.nn.parameter.Parameter", "torch.storage.UntypedStorage",
-    "torch.storage._UntypedStorage", "torch.Size", "torch.device",
-})
-BENIGN_BUILTINS = frozenset(n.split(".", 1)[1] for n in READ_IMPLEMENTED if n.startswith("builtins.")) | {
-    "range", "slice"}  # builtins that run nothing when called (anything else in builtins is dangerous)
+R, I, C, F = Role.REFERENCED, Role.INSTANTIATED, Role.CALLED, Role.REBUILD
+_PLAIN = ("set", "frozenset", "complex", "bytearray", "bool", "int", "float", "str", "tuple", "list", "dict", "bytes")
+# What ckconv's own unpickler reproduces (builders that check their arguments and never call the named object), in
+# the roles it reproduces them: the read side of "safe", for pickles only (a safetensors ``$object`` record of these
+# names is not checked by a builder, so there they count like any other name). Lowercase ``torch.<name>`` globals
+# are here by exact name (dtypes, storages, layouts, Size, device) or nowhere.
+IMPLEMENTED = {
+    "collections.OrderedDict": C | R | F, "_codecs.encode": C, "copyreg._reconstructor": C,
+    **{f"{m}.{n}": C | R | F for m in ("builtins", "__builtin__") for n in _PLAIN},
+    "builtins.object": R | F, "__builtin__.object": R | F,
+    **{f"torch._utils.{n}": C | F for n in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3",
+                                             "_rebuild_parameter", "_rebuild_parameter_with_state")},
+    "torch._tensor._rebuild_from_type_v2": C, "torch.nn.parameter.Parameter": R | I,
+    "torch.storage.UntypedStorage": R, "torch.storage._UntypedStorage": R, "torch.Size": C | R, "torch.device": C | R,
+    **{f"torch.{n}": R for n in (*dtypes.DTYPES, *dtypes.ALIASES, *dtypes.QUANTIZED)},
+    **{f"{m}.{n}": R for m in ("torch", "torch.cuda") for n in dtypes.STORAGE_TO_DTYPE},
+    **{f"torch.{n}": R for n in ("strided", "sparse_coo", "sparse_csr", "_mkldnn")},
+}
+# builtins that run nothing when called (anything else in builtins is dangerous)
+BENIGN_BUILTINS = frozenset(_PLAIN) | {"object", "range", "slice"}
 
-# Called by REDUCE with arguments from the file: constructors of plain data, and numpy's own reconstruction helpers
-# (which build arrays, scalars and random states from bytes and never import or run anything else). Loading what
-# ckconv writes must cost what its bytes say, so nothing here expands a small argument (``builtins.bytes(10**10)``,
+# Called by REDUCE with arguments from the file (the allowlist's "called" role): loading what ckconv writes must
+# cost what its bytes say, so nothing allowed expands a small argument (``builtins.bytes(10**10)``,
 # ``deque(range(10**12))``, ``Fraction('1e99999999')``), and :func:`call_args_problem` checks the arguments.
-# builtins are absent: ckconv reads them into native values and writes those with plain opcodes. ckconv's tensor
-# rebuilds, ``torch.Size`` and ``copyreg._reconstructor`` are absent too: the writer emits them from its own
-# values, never from a record (``_rebuild_from_type_v2(func, ...)`` calls ``func``; ``_reconstructor`` its base).
-CALLS = frozenset({
-    "collections.OrderedDict", "collections.defaultdict", "collections.Counter", "collections.deque",
-    "_codecs.encode", "argparse.Namespace",
-    "datetime.datetime", "datetime.date", "datetime.time", "datetime.timedelta", "datetime.timezone",
-    "decimal.Decimal",
-    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct",
-    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar", "numpy.dtype",
-    "numpy.random._pickle.__randomstate_ctor", "numpy.random._pickle.__bit_generator_ctor",
-    "numpy.random._pickle.__generator_ctor",
-    "deepspeed.runtime.zero.config.ZeroStageEnum",  # an IntEnum looked up by its value (DeepSpeed's optimizer states)
-})
 # Records that may be passed *as an argument* to a call (one level deep): anything else could be a lazy iterable
 # or an object whose methods the callee runs.
 CALL_INSTANCE_ARGS = {
@@ -109,7 +108,7 @@ MAX_CALL_INT = (1 << 32) - 1  # integers passed to a call (deque maxlen, timedel
 
 
 def call_args_problem(full, args):
-    """Why ckconv will not write the call ``full(*args)``, or None (see :data:`CALLS`)."""
+    """Why ckconv will not write the call ``full(*args)``, or None (see the "called" role)."""
     from ..model import Foreign  # here, not at the top: policy sits below the model
 
     allowed = CALL_INSTANCE_ARGS.get(full, ())
@@ -129,48 +128,9 @@ def call_args_problem(full, args):
         return f"{full} with a codec pickle never uses"  # a codec name imports an encodings module
     if full == "numpy.dtype" and not (args and type(args[0]) is str and len(args[0]) <= 12):
         return f"{full} with arguments numpy never writes"
+    if full in SAFE_PATHS and not all(type(a) is str and len(a) <= 4096 for a in args):
+        return f"{full} with arguments other than the path's parts"
     return None
-
-
-# The only references that may appear *inside the arguments* of a call (or as ``_reconstructor``'s base): some
-# allowed calls call what they are given (``defaultdict(factory)`` on a missing key, numpy's generator
-# constructors call their ``bit_generator_ctor``), so a reference there must be harmless to call with anything.
-ARG_REFERENCES = frozenset({
-    *(f"builtins.{n}" for n in ("object", "list", "dict", "set", "frozenset", "tuple", "int", "float", "str",
-                                "bytes", "bool", "complex", "bytearray")),
-    "collections.OrderedDict", "collections.Counter", "collections.deque", "collections.defaultdict",
-    "numpy.ndarray", "numpy.dtype", "numpy.random._pickle.__bit_generator_ctor",
-})
-# Instantiated without running __init__ (NEWOBJ / copyreg._reconstructor), then BUILD calls the class's own
-# __setstate__ (torch's, numpy's, the data classes') or fills its __dict__; also written as plain references
-# (``_norm_layer = BatchNorm2d``). A pattern ``prefix.*`` matches every name under the prefix. NEWOBJ refuses
-# anything that is not a class, so a function under these prefixes is never called.
-CLASSES = frozenset({
-    "builtins.object", "argparse.Namespace", "collections.OrderedDict", "collections.defaultdict",
-    "collections.Counter", "collections.deque", "builtins.set", "builtins.frozenset", "builtins.list",
-    "builtins.dict", "builtins.tuple", "builtins.int", "builtins.float", "builtins.str", "builtins.bool",
-    "builtins.bytes", "builtins.complex", "builtins.bytearray", "builtins.type", "builtins.NoneType",
-    "numpy.ndarray", "numpy.dtype", "numpy.dtypes.*", "numpy.random.mtrand.RandomState",
-    "numpy.random._generator.Generator", "numpy.random._mt19937.MT19937", "numpy.random._pcg64.PCG64",
-    "numpy.random._pcg64.PCG64DXSM", "numpy.random._philox.Philox", "numpy.random._sfc64.SFC64",
-    *(f"numpy.{t}" for t in ("bool_", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-                              "float16", "float32", "float64", "longdouble", "complex64", "complex128", "str_",
-                              "bytes_", "void", "datetime64", "timedelta64", "generic", "number", "integer",
-                              "floating")),
-    "torch.nn.modules.*", "torch.nn.parallel.data_parallel.DataParallel",
-    "torch.nn.parallel.distributed.DistributedDataParallel", "torch._dynamo.eval_frame.OptimizedModule",
-    "torch.nn.parameter.Parameter", "torch.nn.parameter.Buffer", "torchvision.models.*", "torchvision.ops.*",
-    "torch.optim.*", "torch.Size", "torch.device",
-    "typing.Any", "typing.Dict", "typing.List", "typing.Tuple", "typing.Optional", "typing.Union",
-    "omegaconf.dictconfig.DictConfig", "omegaconf.listconfig.ListConfig", "omegaconf.base.ContainerMetadata",
-    "omegaconf.base.Metadata", "omegaconf.nodes.*",
-    "lightning.fabric.utilities.data.AttributeDict", "lightning.pytorch.utilities.parsing.AttributeDict",
-    "pytorch_lightning.utilities.parsing.AttributeDict", "lightning_fabric.utilities.data.AttributeDict",
-    "mmengine.logging.history_buffer.HistoryBuffer", "mmengine.config.config.ConfigDict",
-    "timm.utils.model_ema.ModelEmaV2", "timm.utils.model_ema.ModelEmaV3",
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-})
 
 
 def valid_name(module, qualname) -> bool:
@@ -193,10 +153,12 @@ def is_dangerous(module, qualname) -> bool:
     full = f"{module}.{qualname}"
     if full in DANGEROUS_NAMES:
         return True
-    if full in COMPILE_RECORDS:
+    if full in COMPILE_RECORDS or full in SAFE_PATHS:
         return False
     if module in ("builtins", "__builtin__", "__builtins__"):
         return qualname not in BENIGN_BUILTINS
+    if module == "torch" and qualname.startswith(TORCH_STATE_PREFIXES):
+        return True
     parts = full.split(".")
     if any(".".join(parts[:i]) in DANGEROUS_MODULES for i in range(1, len(parts) + 1)):
         return True
@@ -205,42 +167,59 @@ def is_dangerous(module, qualname) -> bool:
         "." in qualname and qualname.split(".")[-1] in ("system", "popen", "exec", "eval", "execv", "spawn"))
 
 
-def _matches(module, qualname, patterns, classes_only=False) -> bool:
-    """Whether a name is one of ``patterns``: an exact dotted name, or ``prefix.*``, which covers the names
-    defined at the top of modules under the prefix and nothing else: a dotted qualname walks attributes
-    (``torch.nn.modules.module.torch._logging...`` reaches any module torch imports), so patterns never match one.
-    ``classes_only``: the pattern also needs a class-style name (``Conv2d``, not a re-exported function)."""
+def _matches(module, qualname, patterns) -> bool:
+    """Whether a name is one of the user's ``patterns``: an exact dotted name, or ``prefix.*``, which covers the
+    names defined at the top of modules under the prefix and nothing else: a dotted qualname walks attributes
+    (``torch.nn.modules.module.torch._logging...`` reaches any module torch imports), so patterns never match one."""
     full = f"{module}.{qualname}"
     for pat in patterns:
         if pat == full:
             return True
-        if (pat.endswith(".*") and "." not in qualname and (module + ".").startswith(pat[:-1])
-                and (not classes_only or qualname[:1].isupper())):
+        if pat.endswith(".*") and "." not in qualname and (module + ".").startswith(pat[:-1]):
             return True
     return False
 
 
-def verdict(module, qualname, allow=(), pickled=True) -> Verdict:
-    """safe / unknown / dangerous for one global, as ``torch.load(weights_only=False)`` would meet it.
-    ``pickled``: the name comes from pickle opcodes ckconv's unpickler answered (its builders check arguments)."""
-    if is_dangerous(module, qualname):
-        return DANGEROUS
+def allowed_roles(module, qualname, pickled=False) -> Role:
+    """The roles ckconv knows ``module.qualname`` to be benign in: the exact allowlist's, plus (``pickled``) the
+    roles ckconv's unpickler reproduces itself (:data:`IMPLEMENTED`); a public attribute of an allowed class
+    (mmengine's ``HistoryBuffer.min``, pickled as ``getattr(HistoryBuffer, 'min')``) may be referenced."""
     full = f"{module}.{qualname}"
-    if pickled and full in READ_IMPLEMENTED or may_write(module, qualname, "class", allow):
-        return SAFE
-    if pickled and module == "torch" and (qualname.endswith("Storage") or qualname[:1].islower() and "." not in qualname):
-        return SAFE  # torch.FloatStorage, torch.float32 ...: answered by ckconv's own builders
-    return UNKNOWN
+    roles = roles_of(full)
+    if pickled:
+        roles |= IMPLEMENTED.get(full, Role(0))
+    if not roles:
+        parent, _, attr = qualname.rpartition(".")
+        if parent and "." not in parent and not attr.startswith("_") and roles_of(f"{module}.{parent}"):
+            roles = R
+    return roles | R if roles else roles  # whatever may be used in some role may be referenced
+
+
+def verdict(module, qualname, allow=(), pickled=True, roles=R) -> Verdict:
+    """safe / unknown / dangerous for one global used in ``roles``, as ``torch.load(weights_only=False)`` would meet
+    it. ``pickled``: the name comes from pickle opcodes ckconv's unpickler answered (its builders check arguments).
+    Safe only when every role the file gives the name is one ckconv knows it in."""
+    if is_dangerous(module, qualname):
+        return Verdict.DANGEROUS
+    if _matches(module, qualname, allow):
+        return Verdict.SAFE
+    known = allowed_roles(module, qualname, pickled)
+    return Verdict.SAFE if known and (roles | R) in known else Verdict.UNKNOWN
 
 
 def classify(names, allow=(), pickled=True) -> dict:
-    """{verdict: [dotted names]} for ``names`` (an iterable of (module, qualname)), in first-seen order."""
-    out: dict = {SAFE: [], UNKNOWN: [], DANGEROUS: []}
-    for module, qualname in names:
+    """{verdict: [dotted names]} for ``names``, an iterable of (module, qualname) or (module, qualname, Role), in
+    first-seen order; a name without a role counts as referenced."""
+    out: dict = {v: [] for v in FINDINGS}
+    for item in names:
+        module, qualname = item[0], item[1]
+        roles = item[2] if len(item) > 2 else R
         text = dotted(module, qualname)
-        bucket = out[verdict(module, qualname, allow, pickled)]
+        bucket = out[verdict(module, qualname, allow, pickled, roles)]
         if text not in bucket:
             bucket.append(text)
+    for v in (Verdict.SAFE, Verdict.UNKNOWN):  # a name used two ways is judged by its worst use
+        out[v] = [n for n in out[v] if not any(n in out[w] for w in FINDINGS if w > v)]
     return out
 
 
@@ -259,31 +238,22 @@ def check_patterns(patterns) -> tuple:
 
 # --- writing ----------------------------------------------------------------------------------------------------
 
-def may_write(module, qualname, role, allow=()) -> bool:
-    """Whether ckconv may write ``module.qualname`` into a pickle as a ``role``:
+ROLE_NAMES = {"call": C, "class": I, "arg": F, "ref": R}
 
-    * "call": called by REDUCE with recorded arguments -- exact :data:`CALLS` entries or the user's allowance;
-    * "class": the class of a NEWOBJ/_reconstructor record (no ``__init__``), or a reference kept in an object's
-      state -- :data:`CALLS`, :data:`CLASSES` (patterns for class names only), a public attribute of an exact
-      entry (``HistoryBuffer.min``), or the user's allowance;
-    * "arg": a reference inside a call's arguments -- :data:`ARG_REFERENCES` or the user's allowance.
-    Dangerous names and invalid names are never allowed, whatever the user says."""
+
+def may_write(module, qualname, role, allow=()) -> bool:
+    """Whether ckconv may write ``module.qualname`` into a pickle in ``role`` (a :class:`Role`, or "call",
+    "class", "arg", "ref"): allowed in that role by the exact allowlist, or by the user's allowance. The names
+    ckconv's own builders reproduce are never written from a record (the writer emits tensors, sizes and dtypes from
+    its own values), so :data:`IMPLEMENTED` does not count here. Dangerous and invalid names are never allowed,
+    whatever the user says."""
     if not valid_name(module, qualname) or is_dangerous(module, qualname):
         return False
-    full = f"{module}.{qualname}"
     if _matches(module, qualname, allow):
         return True
-    if role == "call":
-        return full in CALLS
-    if role == "arg":
-        return full in ARG_REFERENCES
-    if full in CALLS or _matches(module, qualname, CLASSES, classes_only=True):
-        return True
-    # a public attribute of an exactly-named class, as a reference (mmengine's ``HistoryBuffer.min``): written as
-    # getattr(Class, 'min'), which looks the name up and calls nothing
-    parent, _, attr = qualname.rpartition(".")
-    return (bool(parent) and "." not in parent and not attr.startswith("_")
-            and (f"{module}.{parent}" in CLASSES or f"{module}.{parent}" in allow))
+    role = ROLE_NAMES.get(role, role)
+    known = allowed_roles(module, qualname)
+    return bool(known) and role in known
 
 
 RNN_CLASSES = frozenset(f"torch.nn.modules.rnn.{n}" for n in ("RNNBase", "RNN", "LSTM", "GRU"))

@@ -5,337 +5,384 @@ The C unpickler is fast but trusts its input in ways a file of a few bytes can a
 dict key overflows the C stack (a segfault, not an exception); hashing a tuple built from shared references
 (``t = (t, t)`` 80 times) takes 2**80 steps; a length field can ask for more bytes than the file holds.
 
-:func:`scan` decodes every opcode with :mod:`pickletools` and runs a shadow stack that records, for every value,
-how deep it nests, how many nodes it has when expanded and what hashing it costs. Nothing is built and nothing is
-called. Cost: about one microsecond per opcode, a few milliseconds for a typical ``data.pkl``.
+:func:`scan` decodes every opcode straight from the bytes with a table of handlers indexed by the opcode byte (the
+shape of CPython's ``pickle._Unpickler.dispatch``), and runs the shadow machine of :mod:`ckconv.pickling.shadow`:
+for every value, how deep it nests, how many nodes it has when expanded and what hashing it costs; for every
+global, the roles the pickle gives it. Nothing is built and nothing is called. A run of pushes each popped at once
+(a ``NONE POP`` flood) is skipped by one regular-expression match, in C.
 """
 
 from __future__ import annotations
 
-import pickletools
+from ..errors import CorruptCheckpoint
+from .allowlist import Role
+from .shadow import (_F8, _I4, _LEAF, _U4, _U8, ONE_BYTE_PUSHES, SAFE_INT_BITS, C, I, Scanner, _line, _Malformed,
+                     _measure, _Stop, _Value, skip_popped)
 
-from ..errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint
+__all__ = ["scan"]
 
-NUMBERS = frozenset(("INT", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT"))
-LEAVES = frozenset((
-    "BININT", "BININT1", "BININT2", "STRING", "BINSTRING", "SHORT_BINSTRING", "BINBYTES",
-    "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "NEXT_BUFFER", "NONE", "NEWTRUE", "NEWFALSE", "PERSID", "EXT1",
-    "EXT2", "EXT4"))
-STRINGS = frozenset(("UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"))
-PUTS = frozenset(("PUT", "BINPUT", "LONG_BINPUT"))
-GETS = frozenset(("GET", "BINGET", "LONG_BINGET"))
-OBJECT_HASH_COST = 512  # bound on hashing anything a builder returns (ckconv's builders cap what they build)
-MAX_SAME_HASH = 64  # dict keys sharing one hash: n of them cost n**2 / 2 comparisons (hash flooding)
-SAFE_INT_BITS = 60  # ints below 2**61 - 1 hash to themselves: distinct ones never collide
-# classes ckconv only ever keeps as inert records (identity hash: one step), never builds: a DCP .metadata holds
-# one MetadataIndex dict key per chunk, tens of thousands in a large sharded save
-RECORDED_ONLY = ("torch.distributed.checkpoint.",)
-BUILDS_HASHABLE = frozenset((("builtins", "tuple"), ("__builtin__", "tuple"), ("builtins", "frozenset"),
-                             ("__builtin__", "frozenset"), ("torch", "Size")))
+_POP = 0x30  # b"0"
 
 
-class _Value:
-    """What the shadow stack knows about one value: nesting depth, expanded size, cost to hash."""
-
-    __slots__ = ("depth", "weight", "hcost", "keywork", "mutable", "text", "hkey", "collidable", "fn")
-
-    def __init__(self, depth=0, weight=1, hcost=1, mutable=False, text=None, hkey=None, collidable=False, fn=None):
-        self.depth, self.weight, self.hcost, self.keywork = depth, weight, hcost, 0
-        self.mutable, self.text = mutable, text
-        self.hkey = hkey  # the hash of a number whose hash an attacker can choose (floats, ints past 2**61)
-        self.collidable = collidable  # tuples and frozensets: deterministic hashes, collisions can be crafted
-        self.fn = fn  # (module, name) of a global
+def _number(value):
+    """The shadow of a number: ints that hash to themselves are leaves, others carry their hash (collisions)."""
+    if type(value) is float:
+        return _Value(hkey=hash(value))
+    if value.bit_length() <= SAFE_INT_BITS and value != -1:
+        return _LEAF
+    return _Value(hcost=1 + value.bit_length() // 512, hkey=hash(value))
 
 
-class _Malformed(Exception):
-    pass
+def _text_int(raw: bytes):
+    raw = raw.rstrip(b"L")
+    return int(raw) if raw not in (b"00", b"01") else raw == b"01"
 
 
-def _memo_put(dense, sparse, index, value):
-    """The shadow memo is a list while indices come in order (8 bytes an entry) and a dict for the rest."""
-    if index < len(dense):
-        dense[index] = value
-    elif index == len(dense):
-        dense.append(value)
-        sparse.pop(index, None)
-        while sparse and len(dense) in sparse:
-            dense.append(sparse.pop(len(dense)))
-    else:
-        sparse[index] = value
+def _leaves(s: Scanner, table):
+    data, stack = s.data, s.stack
+    push = stack.append
+
+    def skip_or_push(width, heads):
+        def handler(pos):
+            after = pos + width
+            if data[after] == _POP:  # this push is popped at once: skip the whole run of such pairs in C
+                return skip_popped(data, pos - 1, width + 2, heads)
+            push(_LEAF)
+            return after
+        return handler
+
+    for code, width in ((b"N", 0), (b"\x88", 0), (b"\x89", 0), (b"K", 1), (b"M", 2), (b"J", 4)):
+        table[code[0]] = skip_or_push(width, ONE_BYTE_PUSHES if width == 0 else code)
+
+    def sized(head, unpack, kind):
+        def handler(pos):
+            n = unpack(data, pos)[0] if unpack else data[pos]
+            start = pos + head
+            end = start + n
+            if n < 0 or end > len(data):
+                raise _Malformed(f"a length of {n} bytes runs past the end of the data")
+            if kind == "str":
+                push(_Value(text=str(data[start:end], "utf-8", "surrogatepass")) if n < 200 else _LEAF)
+            elif kind == "long":
+                push(_number(int.from_bytes(data[start:end], "little", signed=True)))
+            else:
+                push(_LEAF)
+            return end
+        return handler
+
+    for code, head, unpack, kind in (
+            (b"U", 1, None, "bytes"), (b"C", 1, None, "bytes"), (b"T", 4, _I4, "bytes"), (b"B", 4, _U4, "bytes"),
+            (b"\x8e", 8, _U8, "bytes"), (b"\x96", 8, _U8, "bytes"), (b"\x8c", 1, None, "str"),
+            (b"X", 4, _U4, "str"), (b"\x8d", 8, _U8, "str"), (b"\x8a", 1, None, "long"), (b"\x8b", 4, _I4, "long")):
+        table[code[0]] = sized(head, unpack, kind)
+
+    def fixed(width):
+        def handler(pos):
+            push(_LEAF)
+            return pos + width
+        return handler
+
+    for code, width in ((b"\x82", 1), (b"\x83", 2), (b"\x84", 4), (b"\x97", 0)):
+        table[code[0]] = fixed(width)
+
+    def binfloat(pos):
+        push(_number(_F8(data, pos)[0]))
+        return pos + 8
+
+    def text(kind):
+        def handler(pos):
+            raw, pos = _line(data, pos)
+            if kind == "int":
+                push(_number(_text_int(raw)) if raw not in (b"00", b"01") else _LEAF)
+            elif kind == "float":
+                push(_number(float(raw)))
+            elif kind == "unicode":
+                value = raw.decode("raw-unicode-escape")
+                push(_Value(text=value) if len(value) < 200 else _LEAF)
+            else:
+                push(_LEAF)
+            return pos
+        return handler
+
+    table[ord("G")] = binfloat
+    for code, kind in ((b"I", "int"), (b"L", "int"), (b"F", "float"), (b"V", "unicode"), (b"S", "bytes"),
+                       (b"P", "bytes")):
+        table[code[0]] = text(kind)
 
 
-_LEAF = _Value()  # shared by every scalar: leaves are never mutated (only ``mutable`` values grow)
-_K_LEAF, _K_STR, _K_LONG, _K_GET, _K_PUT, _K_MEMO, _K_MARK, _K_EMPTY_MUT, _K_EMPTY_TUPLE, _K_TUPLE, _K_TUPLEN, \
-    _K_LIST, _K_DICT, _K_FROZENSET, _K_APPEND, _K_MARKED_ADD, _K_SETITEM, _K_BUILD, _K_POP, _K_POP_MARK, _K_DUP, \
-    _K_GLOBAL, _K_STACK_GLOBAL, _K_CALL2, _K_CALL3, _K_CALL_MARK, _K_BINPERSID, _K_TOP, _K_FRAME, _K_STOP, \
-    _K_NOTHING = range(31)
-_KINDS = {**{n: _K_LEAF for n in LEAVES}, **{n: _K_STR for n in STRINGS}, **{n: _K_GET for n in GETS},
-          **{n: _K_PUT for n in PUTS}, **{n: _K_LONG for n in NUMBERS}, "MEMOIZE": _K_MEMO, "MARK": _K_MARK,
-          "EMPTY_LIST": _K_EMPTY_MUT, "EMPTY_DICT": _K_EMPTY_MUT, "EMPTY_SET": _K_EMPTY_MUT,
-          "EMPTY_TUPLE": _K_EMPTY_TUPLE, "TUPLE": _K_TUPLE, "TUPLE1": _K_TUPLEN, "TUPLE2": _K_TUPLEN,
-          "TUPLE3": _K_TUPLEN, "LIST": _K_LIST, "DICT": _K_DICT, "FROZENSET": _K_FROZENSET, "APPEND": _K_APPEND,
-          "APPENDS": _K_MARKED_ADD, "ADDITEMS": _K_MARKED_ADD, "SETITEMS": _K_MARKED_ADD, "SETITEM": _K_SETITEM,
-          "BUILD": _K_BUILD, "POP": _K_POP, "POP_MARK": _K_POP_MARK, "DUP": _K_DUP, "GLOBAL": _K_GLOBAL,
-          "STACK_GLOBAL": _K_STACK_GLOBAL, "REDUCE": _K_CALL2, "NEWOBJ": _K_CALL2, "NEWOBJ_EX": _K_CALL3,
-          "INST": _K_CALL_MARK, "OBJ": _K_CALL_MARK, "BINPERSID": _K_BINPERSID, "READONLY_BUFFER": _K_TOP,
-          "FRAME": _K_FRAME, "STOP": _K_STOP, "PROTO": _K_NOTHING}
-_TUPLE_N = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+def _memo_ops(s: Scanner, table):
+    data, stack, memo, sparse = s.data, s.stack, s.memo, s.sparse
+    push = stack.append
+
+    def put(index, pos):
+        if index < 0 or index > pos:
+            raise s.limit(f"pickle memo index {index} is implausible at byte {pos}; the file is malformed or hostile")
+        s.memo_put(index, s.top())
+
+    def binput(pos):
+        index = data[pos]
+        if index == len(memo) and not sparse and len(stack) > s.fence and index < s.max_nodes:
+            memo.append(stack[-1])  # the common case: the next index in order
+        else:
+            put(index, pos)
+        return pos + 1
+
+    def long_binput(pos):
+        index = _U4(data, pos)[0]
+        if index == len(memo) and not sparse and len(stack) > s.fence and index < s.max_nodes:
+            memo.append(stack[-1])
+        else:
+            put(index, pos)
+        return pos + 4
+
+    def text_put(pos):
+        raw, after = _line(data, pos)
+        put(int(raw), pos)
+        return after
+
+    def memoize(pos):
+        s.memo_put(len(memo) + len(sparse), s.top())
+        return pos
+
+    def get(index):
+        value = memo[index] if 0 <= index < len(memo) else sparse.get(index)
+        if value is None:
+            raise _Malformed(f"memo index {index} was never stored")
+        push(value)
+
+    def binget(pos):
+        get(data[pos])
+        return pos + 1
+
+    def long_binget(pos):
+        get(_U4(data, pos)[0])
+        return pos + 4
+
+    def text_get(pos):
+        raw, pos = _line(data, pos)
+        get(int(raw))
+        return pos
+
+    for code, fn in ((b"q", binput), (b"r", long_binput), (b"p", text_put), (b"\x94", memoize), (b"h", binget),
+                     (b"j", long_binget), (b"g", text_get)):
+        table[code[0]] = fn
 
 
-def scan(source, *, where, max_depth, max_nodes, size=None, seen_globals=None):
-    """Walk the opcodes of one pickle (bytes, or a file positioned at it); raise a CkconvError for a hostile one.
+def _containers(s: Scanner, table):
+    data, stack = s.data, s.stack
+    push = stack.append
 
-    ``seen_globals`` (a list) receives every ``(module, name)`` the pickle refers to, so a caller can name dangerous
-    ones even when the rest of the pickle is malformed. The file position is left wherever reading stopped.
-    """
-    total = len(source) if isinstance(source, (bytes, bytearray)) else size
-    stack: list = []
-    marks: list = []
-    memo: list = []  # the memo, capped at max_nodes entries: a pickler memoizes each object once, so 20 million
-    sparse: dict = {}  # one-byte MEMOIZE opcodes are hostile (they would cost gigabytes here and in the C unpickler)
-    hash_work = 0
-    same_hash: dict = {}
-    collidable_keys = 0
-    max_collidable = max(1000, max_nodes // 500)
-    fence = 0  # stack items below the innermost MARK are out of reach
+    def empty(mutable, flood):
+        def handler(pos):
+            if flood and data[pos] == _POP:
+                return skip_popped(data, pos - 1, 2, ONE_BYTE_PUSHES)
+            push(_Value(1, 1, 1, mutable=mutable))
+            return pos
+        return handler
 
-    def too_big(v):
-        if v.depth > max_depth:
-            raise LimitExceeded(f"{where}: structure too deep: nesting exceeds {max_depth} levels "
-                                "(raise CKCONV_MAX_DEPTH if you trust this file)")
-        if v.weight > max_nodes:
-            raise LimitExceeded(
-                f"{where}: structure too large: more than {max_nodes} objects (shared references can expand "
-                "exponentially); raise CKCONV_MAX_NODES if you trust this file")
-        return v
+    def tuple_n(n):
+        def handler(pos):
+            push(s.tuple_of(s.pop(n)))
+            return pos
+        return handler
 
-    def too_many_memos():
-        return LimitExceeded(f"{where}: the pickle stores more than {max_nodes} memo entries, more than the objects "
-                             "it may hold; the file is malformed or hostile (raise CKCONV_MAX_NODES if you trust it)")
+    def tuple_mark(pos):
+        push(s.tuple_of(s.pop_mark()))
+        return pos
 
-    def pop(n):
-        if len(stack) - n < fence:
-            raise _Malformed("stack underflow")
-        items = stack[-n:]
-        del stack[-n:]
-        return items
+    def list_mark(pos):
+        value = _Value(1, 1, 1, mutable=True)
+        s.grow(value, s.pop_mark())
+        push(value)
+        return pos
 
-    def pop_mark():
-        nonlocal fence
-        if not marks:
-            raise _Malformed("no MARK on the stack")
-        m = marks.pop()
-        fence = marks[-1] if marks else 0
-        items = stack[m:]
-        del stack[m:]
-        return items
+    def dict_mark(pos):
+        items = s.pop_mark()
+        keys = items[0::2]
+        cost = sum(k.hcost for k in keys)
+        s.hashed(cost, keys)
+        value = _Value(1, 1, 1, mutable=True)
+        s.grow(value, items, cost)
+        push(value)
+        return pos
 
-    def hashed(cost, keys=()):
-        nonlocal hash_work, collidable_keys
-        hash_work += cost
-        if hash_work > max_nodes:
-            raise LimitExceeded(f"{where}: structure too large: hashing its dictionary keys would take more than "
-                                f"{max_nodes} steps (shared references can expand exponentially)")
-        for k in keys:
-            if k is _LEAF or k.text is not None:
-                continue
-            if k.hkey is not None:
-                n = same_hash[k.hkey] = same_hash.get(k.hkey, 0) + 1
-                if n > MAX_SAME_HASH:
-                    raise LimitExceeded(f"{where}: more than {MAX_SAME_HASH} dictionary keys share one hash value; "
-                                        "crafted collisions would make loading take hours")
-            elif k.collidable:
-                collidable_keys += 1
-                if collidable_keys > max_collidable:
-                    raise LimitExceeded(f"{where}: more than {max_collidable} tuple or frozenset dictionary keys; "
-                                        "refusing a possible hash-collision attack (raise CKCONV_MAX_NODES if you "
-                                        "trust this file)")
+    def frozenset_mark(pos):
+        items = s.pop_mark()
+        s.hashed(sum(k.hcost for k in items), items)
+        depth, weight, _ = _measure(items)
+        push(s.too_big(_Value(depth + 1, weight + 1, 1 + len(items), collidable=True)))
+        return pos
 
-    def measure(items):
-        depth, weight, hcost = 0, 0, 0
-        for i in items:
-            if i.depth > depth:
-                depth = i.depth
-            weight += i.weight
-            hcost += i.hcost
-        return depth, weight, hcost
+    def append(pos):
+        items = s.pop(1)
+        s.grow(s.top(), items)
+        return pos
 
-    def key_cost(keys):
-        return sum(k.hcost for k in keys)
+    def marked_add(kind):
+        def handler(pos):
+            items = s.pop_mark()
+            keys = items if kind == "set" else items[0::2] if kind == "dict" else ()
+            cost = sum(k.hcost for k in keys)
+            s.hashed(cost, keys)
+            s.grow(s.top(), items, cost)
+            return pos
+        return handler
 
-    def grow(target, items, keycost=0):
-        if target.mutable:
-            depth, weight, _ = measure(items)
-            if depth + 1 > target.depth:
-                target.depth = depth + 1
-            target.weight += weight
-            target.keywork += keycost
-            too_big(target)
+    def setitem(pos):
+        items = s.pop(2)
+        s.hashed(items[0].hcost, items[:1])
+        s.grow(s.top(), items, items[0].hcost)
+        return pos
 
-    def tuple_of(items):
-        depth, weight, hcost = measure(items)
-        return too_big(_Value(depth + 1, weight + 1, hcost + 1, collidable=True))
+    for code, fn in ((b")", empty(False, True)), (b"]", empty(True, True)), (b"}", empty(True, True)),
+                     (b"\x8f", empty(True, False)), (b"\x85", tuple_n(1)), (b"\x86", tuple_n(2)),
+                     (b"\x87", tuple_n(3)), (b"t", tuple_mark), (b"l", list_mark), (b"d", dict_mark),
+                     (b"\x91", frozenset_mark), (b"a", append), (b"e", marked_add("list")),
+                     (b"\x90", marked_add("set")), (b"u", marked_add("dict")), (b"s", setitem)):
+        table[code[0]] = fn
 
-    def result_of(items):
-        depth, weight, _ = measure(items)
-        fn = items[0].fn if items else None
-        hcost = 1 if fn is not None and fn[0].startswith(RECORDED_ONLY) else OBJECT_HASH_COST
-        return too_big(_Value(depth, weight + 1, hcost, mutable=True, collidable=fn in BUILDS_HASHABLE))
 
-    pos = 0
-    frame_end = 0  # a FRAME past STOP is read two ways: the C unpickler reading a file with peek (torch's
-    # buffered file) stops at STOP, one without peek consumes the whole frame (docs/safety.md)
-    append = stack.append
-    kinds = _KINDS
+def _calls(s: Scanner, table):
+    data, stack = s.data, s.stack
+    push = stack.append
+
+    def global_(pos):
+        module, pos = _line(data, pos)
+        qualname, pos = _line(data, pos)
+        push(_Value(fn=s.named(module.decode("utf-8"), qualname.decode("utf-8"))))
+        return pos
+
+    def stack_global(pos):
+        module, qualname = s.pop(2)
+        if module.text is None or qualname.text is None:
+            raise _Malformed("STACK_GLOBAL needs two short strings")
+        push(_Value(fn=s.named(module.text, qualname.text)))
+        return pos
+
+    def reduce(pos):
+        items = s.pop(2)
+        push(s.result_of(items, s.use(items[0], items[1], C)))
+        return pos
+
+    def newobj(n):
+        def handler(pos):
+            items = s.pop(n)
+            s.use(items[0], items[1], I)
+            push(s.result_of(items))
+            return pos
+        return handler
+
+    def obj(pos):
+        items = s.pop_mark()
+        if not items:
+            raise _Malformed("OBJ without a class")
+        s.use(items[0], s.tuple_of(items[1:]), C if len(items) > 1 else I)
+        push(s.result_of(items))
+        return pos
+
+    def inst(pos):
+        module, pos = _line(data, pos)
+        qualname, pos = _line(data, pos)
+        callee = _Value(fn=s.named(module.decode("utf-8"), qualname.decode("utf-8")))
+        items = s.pop_mark()
+        s.use(callee, s.tuple_of(items), C if items else I)
+        push(s.result_of([callee, *items]))
+        return pos
+
+    def build(pos):
+        (state,) = s.pop(1)
+        target = s.top()
+        s.hashed(state.keywork)  # BUILD re-inserts the state's keys into the object's __dict__
+        s.grow(target, [state])
+        return pos
+
+    def binpersid(pos):
+        s.pop(1)
+        push(_LEAF)
+        return pos
+
+    for code, fn in ((b"c", global_), (b"\x93", stack_global), (b"R", reduce), (b"\x81", newobj(2)),
+                     (b"\x92", newobj(3)), (b"o", obj), (b"i", inst), (b"b", build), (b"Q", binpersid)):
+        table[code[0]] = fn
+
+
+def _control(s: Scanner, table):
+    data, stack, marks = s.data, s.stack, s.marks
+
+    def mark(pos):
+        if data[pos] == _POP:
+            return skip_popped(data, pos - 1, 2, ONE_BYTE_PUSHES)
+        marks.append(len(stack))
+        s.fence = len(stack)
+        return pos
+
+    def pop(pos):
+        if marks and marks[-1] == len(stack):
+            marks.pop()
+            s.fence = marks[-1] if marks else 0
+        else:
+            s.pop(1)
+        return pos
+
+    def pop_mark(pos):
+        s.pop_mark()
+        return pos
+
+    def dup(pos):
+        stack.append(s.top())
+        return pos
+
+    def readonly_buffer(pos):
+        s.top()
+        return pos
+
+    def proto(pos):
+        return pos + 1
+
+    def frame(pos):
+        n = _U8(data, pos)[0]
+        if n > len(data) - pos - 8:
+            raise _Malformed(f"frame of {n} bytes runs past the end of the data")
+        s.frame_end = max(s.frame_end, pos + 8 + n)  # a frame may start inside another
+        return pos + 8
+
+    def stop(pos):
+        if len(stack) <= s.fence:
+            raise _Malformed("STOP with an empty stack")
+        if s.frame_end > pos:  # read two ways: torch's buffered file stops at STOP, a reader without peek does not
+            raise CorruptCheckpoint(
+                f"{s.where}: a pickle FRAME holds {s.frame_end - pos} bytes after its STOP, which torch reads as the "
+                "next pickle and other readers skip; refusing an ambiguous file (re-save the original with torch.save)")
+        raise _Stop(pos)
+
+    for code, fn in ((b"(", mark), (b"0", pop), (b"1", pop_mark), (b"2", dup), (b"\x98", readonly_buffer),
+                     (b"\x80", proto), (b"\x95", frame), (b".", stop)):
+        table[code[0]] = fn
+
+
+def _table(s: Scanner) -> list:
+    """The handlers, indexed by opcode byte: each takes the position after the opcode and returns the next one."""
+    table: list = [None] * 256
+    for family in (_leaves, _memo_ops, _containers, _calls, _control):
+        family(s, table)
+    data = s.data
+
+    def unknown(pos):
+        raise _Malformed(f"unexpected opcode {data[pos - 1]:#04x}")
+
+    return [h or unknown for h in table]
+
+
+def scan(data, start=0, *, where, max_depth, max_nodes):
+    """Walk the opcodes of the pickle at ``data[start:]`` (bytes, or a read-only mmap of the file); raise a
+    CkconvError for a hostile one (with ``roles``: the globals seen so far, so a caller can name dangerous ones).
+    Returns (position after STOP, {(module, qualname): Role} of every global, in first-seen order)."""
+    s = Scanner(data, where, max_depth, max_nodes)
+    s.table = _table(s)
     try:
-        for op, arg, pos in pickletools.genops(source):
-            kind = kinds.get(op.name)
-            if kind == _K_PUT:
-                if arg < 0 or arg > pos:
-                    raise LimitExceeded(f"{where}: pickle memo index {arg} is implausible at byte {pos}; "
-                                        "the file is malformed or hostile")
-                if len(stack) <= fence:
-                    raise _Malformed("stack underflow")
-                if arg == len(memo) and not sparse:
-                    memo.append(stack[-1])
-                else:
-                    _memo_put(memo, sparse, arg, stack[-1])
-                if len(memo) + len(sparse) > max_nodes:
-                    raise too_many_memos()
-            elif kind == _K_GET:
-                value = memo[arg] if 0 <= arg < len(memo) else sparse.get(arg)
-                if value is None:
-                    raise _Malformed(f"memo index {arg} was never stored")
-                append(value)
-            elif kind == _K_LEAF:
-                append(_LEAF)
-            elif kind == _K_STR:
-                append(_Value(text=arg) if len(arg) < 200 else _LEAF)
-            elif kind == _K_MARK:
-                marks.append(len(stack))
-                fence = len(stack)
-            elif kind == _K_TUPLEN:
-                append(tuple_of(pop(_TUPLE_N[op.name])))
-            elif kind == _K_TUPLE:
-                append(tuple_of(pop_mark()))
-            elif kind == _K_CALL2:
-                append(result_of(pop(2)))
-            elif kind == _K_MARKED_ADD:
-                items = pop_mark()
-                name = op.name
-                keys = items if name == "ADDITEMS" else items[0::2] if name == "SETITEMS" else ()
-                cost = key_cost(keys)
-                hashed(cost, keys)
-                if len(stack) <= fence:
-                    raise _Malformed("stack underflow")
-                grow(stack[-1], items, cost)
-            elif kind == _K_EMPTY_MUT:
-                append(_Value(1, 1, 1, mutable=True))
-            elif kind == _K_GLOBAL:
-                module, _, qualname = arg.partition(" ")
-                _record(seen_globals, module, qualname)
-                append(_Value(fn=(module, qualname)))
-            elif kind == _K_BINPERSID:
-                pop(1)
-                append(_LEAF)
-            elif kind == _K_LONG:  # numbers whose hash the file can choose carry it, to count collisions
-                if type(arg) is float:
-                    append(_Value(hkey=hash(arg)))
-                elif arg.bit_length() <= SAFE_INT_BITS and arg != -1:
-                    append(_LEAF)
-                else:
-                    append(_Value(hcost=1 + arg.bit_length() // 512, hkey=hash(arg)))
-            elif kind == _K_MEMO:
-                if len(stack) <= fence:
-                    raise _Malformed("stack underflow")
-                if sparse:
-                    _memo_put(memo, sparse, len(memo) + len(sparse), stack[-1])
-                else:
-                    memo.append(stack[-1])
-                if len(memo) + len(sparse) > max_nodes:
-                    raise too_many_memos()
-            elif kind == _K_EMPTY_TUPLE:
-                append(_Value(1, 1, 1))
-            elif kind == _K_LIST:
-                value = _Value(1, 1, 1, mutable=True)
-                grow(value, pop_mark())
-                append(value)
-            elif kind == _K_DICT:
-                items = pop_mark()
-                cost = key_cost(items[0::2])
-                hashed(cost, items[0::2])
-                value = _Value(1, 1, 1, mutable=True)
-                grow(value, items, cost)
-                append(value)
-            elif kind == _K_FROZENSET:
-                items = pop_mark()
-                hashed(key_cost(items), items)
-                depth, weight, _ = measure(items)
-                append(too_big(_Value(depth + 1, weight + 1, 1 + len(items), collidable=True)))
-            elif kind == _K_APPEND:
-                items = pop(1)
-                if len(stack) <= fence:
-                    raise _Malformed("stack underflow")
-                grow(stack[-1], items)
-            elif kind == _K_SETITEM:
-                items = pop(2)
-                cost = items[0].hcost
-                hashed(cost, items[:1])
-                if len(stack) <= fence:
-                    raise _Malformed("stack underflow")
-                grow(stack[-1], items, cost)
-            elif kind == _K_BUILD:
-                (state,) = pop(1)
-                if len(stack) <= fence:
-                    raise _Malformed("stack underflow")
-                hashed(state.keywork)  # BUILD re-inserts the state's keys into the object's __dict__
-                grow(stack[-1], [state])
-            elif kind == _K_POP:
-                if marks and marks[-1] == len(stack):
-                    marks.pop()
-                    fence = marks[-1] if marks else 0
-                else:
-                    pop(1)
-            elif kind == _K_POP_MARK:
-                pop_mark()
-            elif kind == _K_DUP:
-                if len(stack) <= fence:
-                    raise _Malformed("stack underflow")
-                append(stack[-1])
-            elif kind == _K_STACK_GLOBAL:
-                module, qualname = pop(2)
-                if module.text is None or qualname.text is None:
-                    raise _Malformed("STACK_GLOBAL needs two short strings")
-                _record(seen_globals, module.text, qualname.text)
-                append(_Value(fn=(module.text, qualname.text)))
-            elif kind == _K_CALL3:
-                append(result_of(pop(3)))
-            elif kind == _K_CALL_MARK:
-                append(result_of(pop_mark()))
-            elif kind == _K_TOP:
-                if len(stack) <= fence:
-                    raise _Malformed("stack underflow")
-            elif kind == _K_FRAME:
-                if total is not None and arg > total - pos:
-                    raise _Malformed(f"frame of {arg} bytes runs past the end of the data")
-                frame_end = max(frame_end, pos + 9 + arg)  # a frame may start inside another
-            elif kind == _K_STOP:
-                if len(stack) <= fence:
-                    raise _Malformed("STOP with an empty stack")
-                if frame_end > pos + 1:
-                    raise CorruptCheckpoint(
-                        f"{where}: a pickle FRAME holds {frame_end - pos - 1} bytes after its STOP, which torch reads "
-                        "as the next pickle and other readers skip; refusing an ambiguous file (re-save the original "
-                        "with torch.save)")
-                return
-            elif kind != _K_NOTHING:
-                raise _Malformed(f"unexpected opcode {op.name}")
-        raise _Malformed("no STOP opcode")
-    except (_Malformed, ValueError, KeyError, IndexError, TypeError, EOFError, OverflowError, MemoryError) as exc:
-        raise NotACheckpoint(f"{where}: not a readable checkpoint (malformed pickle near byte {pos}: "
-                             f"{str(exc)[:120]})") from None
+        end = s.run(start)
+    except Exception as exc:
+        exc.roles = s.roles
+        raise
+    return end, {key: Role(bits) for key, bits in s.roles.items()}
 
-
-def _record(seen, module, qualname):
-    if seen is not None and (module, qualname) not in seen:
-        seen.append((module, qualname))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import io
-import os
+import mmap
 import pickle
 from collections import OrderedDict
 
@@ -19,7 +19,9 @@ from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoi
 from ..model import Foreign, GlobalRef, TensorRef, TorchDtype, foreign_class
 from .builders import (BUILTIN_BUILDERS, INT64_MAX, MAX_BUILT_TUPLE, codecs_encode, reconstructor, torch_device,
                        torch_size)
-from .scan import MAX_SAME_HASH, SAFE_INT_BITS, scan
+from .allowlist import Role
+from .scan import scan
+from .shadow import MAX_SAME_HASH, SAFE_INT_BITS
 from .policy import COMPILE_RECORDS, dotted, is_dangerous, valid_name
 
 
@@ -347,63 +349,68 @@ def _rebuild_from_type_v2(func, new_type, args, state):
     return value
 
 
-class _BoundedFile:
-    """A file the C unpickler reads through: no read asks for more than what is left, whatever a length says."""
+PREFETCH = 1 << 17  # the C unpickler reads ahead this much through peek(), instead of one read() per opcode
 
-    def __init__(self, f):
-        self.f = f
-        pos = f.tell()
-        self.size = f.seek(0, os.SEEK_END)
-        f.seek(pos)
 
-    def _left(self, n):
-        left = max(0, self.size - self.f.tell())
-        return left if n is None or n < 0 else min(n, left)
+def _pickle_bytes(source):
+    """(buffer, start, file) for a pickle given as bytes or as a file positioned at it: a read-only map of a real
+    file (nothing is copied until the scan has bounded the pickle), the bytes themselves otherwise."""
+    if isinstance(source, (bytes, bytearray)):
+        return source, 0, None
+    if isinstance(source, memoryview):
+        return bytes(source), 0, None
+    start = source.tell()
+    try:
+        return mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_READ), start, source
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):  # no descriptor (BytesIO), empty file
+        return source.read(), 0, _Offset(source, start)
 
-    def read(self, n=-1):
-        return self.f.read(self._left(n))
 
-    def readinto(self, buf):
-        view = memoryview(buf).cast("B")
-        return self.f.readinto(view[: self._left(len(view))])
+class _Offset:
+    """A file read whole from ``start``: positions in the read bytes are ``start`` further on in the file."""
 
-    def readline(self, limit=-1):
-        return self.f.readline(self._left(limit))
+    def __init__(self, f, start):
+        self.f, self.start = f, start
 
-    def tell(self):
-        return self.f.tell()
-
-    def seek(self, pos, whence=os.SEEK_SET):
-        return self.f.seek(pos, whence)
+    def seek(self, pos):
+        return self.f.seek(self.start + pos)
 
 
 def unpickle(source, *, storage_loader=None, where="", allow_dangerous=False, unpickler_class=None):
     """Run the restricted unpickler on bytes or a file; returns (object, unpickler) so callers see what it saw.
 
     The opcodes are scanned first (:func:`ckconv.pickling.scan.scan`), so nothing that would crash or stall the C
-    unpickler reaches it; a file source is read from its current position and left just after the pickle.
+    unpickler reaches it, and the scan finds where the pickle ends. The C unpickler then reads exactly those bytes
+    (a file is left just after the pickle's STOP, as torch's buffered reads leave it), and the roles the scan saw
+    are attached to the globals the unpickler met (``up.globals``: (module, qualname, Role)).
     ``unpickler_class`` is a :class:`RestrictedUnpickler` subclass with extra builders (DCP metadata).
     """
-    seen: list = []
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        stream = io.BytesIO(source)
-        size = len(source)
-    else:
-        stream = _BoundedFile(source)
-        size = stream.size
-    start = stream.tell()
+    data, start, f = _pickle_bytes(source)
     try:
-        scan(stream, where=where, max_depth=tree.MAX_DEPTH, max_nodes=tree.MAX_NODES, size=size,
-             seen_globals=seen)
-    except CkconvError:
-        dangerous = [f"{m}.{n}" for m, n in seen if is_dangerous(m, n)]
+        end, roles = scan(data, start, where=where, max_depth=tree.MAX_DEPTH, max_nodes=tree.MAX_NODES)
+        body = data[start:end]
+    except CkconvError as exc:
+        dangerous = [f"{m}.{n}" for m, n in getattr(exc, "roles", ()) if is_dangerous(m, n)]
         if dangerous and not allow_dangerous:
             raise refuse(where, dangerous) from None
         raise
-    stream.seek(start)
-    up = (unpickler_class or RestrictedUnpickler)(stream, storage_loader=storage_loader, where=where)
+    finally:
+        if isinstance(data, mmap.mmap):
+            data.close()
+    if f is not None:
+        f.seek(end)
+    up = (unpickler_class or RestrictedUnpickler)(io.BufferedReader(io.BytesIO(body), PREFETCH),
+                                                  storage_loader=storage_loader, where=where)
+    obj = _load(up, where)
+    if up.dangerous and not allow_dangerous:
+        raise refuse(where, up.dangerous)
+    up.globals = [(m, q, roles.get((m, q), Role.REFERENCED)) for m, q in up.globals]
+    return obj, up
+
+
+def _load(up, where):
     try:
-        obj = up.load()
+        return up.load()
     except CkconvError:
         raise
     except RecursionError:
@@ -415,9 +422,6 @@ def unpickle(source, *, storage_loader=None, where="", allow_dangerous=False, un
             raise refuse(where, up.dangerous) from None
         raise NotACheckpoint(f"{where}: not a readable checkpoint (malformed pickle: {type(exc).__name__}: "
                              f"{str(exc)[:160]})") from None
-    if up.dangerous and not allow_dangerous:
-        raise refuse(where, up.dangerous)
-    return obj, up
 
 
 def refuse(where, globals_):

@@ -19,13 +19,20 @@ from .. import dtypes
 from . import policy
 from ..errors import UnsupportedContent
 from ..model import Foreign, TensorRef, TorchDevice, TorchDtype, TorchSize, is_reference
+from .allowlist import Role
 
 
 def write_problems(root, allow=()) -> list:
     """What keeps ``root`` out of a pickle although its globals are allowed (arguments, state): for verdicts."""
+    return dry_run(root, allow).problems
+
+
+def dry_run(root, allow=()) -> "PickleWriter":
+    """Write ``root`` into nothing: the writer then holds every global the tree would name, each with the roles it
+    would be written in (``named``), and the problems that keep it out of a pickle (``problems``)."""
     writer = PickleWriter(lambda storage: "0", allow=allow)
     writer.save(root)
-    return list(writer.problems)
+    return writer
 
 
 def check_writable(root, allow=(), where="") -> None:
@@ -44,6 +51,7 @@ class PickleWriter:
         self.refused: list = []  # global names the policy does not allow
         self.problems: list = []  # allowed globals given what they must not be (arguments, state)
         self.arg_depth = 0  # > 0 while writing a call's arguments: references there must be harmless to call
+        self.named: dict = {}  # (module, qualname) -> Role: every global taken from the tree, in the roles written
 
     def dumps(self, root) -> bytes:
         self.save(root)
@@ -54,8 +62,10 @@ class PickleWriter:
         self.out += b"."
         return bytes(self.out)
 
-    def tree_global(self, module, qualname, role):
-        """A global taken from the tree: written only when the policy allows it for ``role`` ("call"/"class")."""
+    def tree_global(self, module, qualname, role: Role):
+        """A global taken from the tree: written only when the policy allows it in ``role``."""
+        key = (module, qualname)
+        self.named[key] = self.named.get(key, Role(0)) | role
         if not policy.may_write(module, qualname, role, self.allow):
             name = policy.dotted(module, qualname)
             if name not in self.refused:
@@ -188,7 +198,7 @@ class PickleWriter:
             else:
                 self.save_foreign(v)
         elif is_reference(v):
-            self.tree_global(v.module, v.qualname, "arg" if self.arg_depth else "class")
+            self.tree_global(v.module, v.qualname, Role.REBUILD if self.arg_depth else Role.REFERENCED)
         else:
             raise UnsupportedContent(f"cannot write a value of type {type(v).__name__} into a torch checkpoint")
 
@@ -200,7 +210,7 @@ class PickleWriter:
         if not policy.may_write(f.module, f.qualname, role) or policy.allowed_by_user(f.module, f.qualname,
                                                                                     self.allow):
             return
-        if role == "class" and (f.args or f.kwargs):
+        if role == Role.INSTANTIATED and (f.args or f.kwargs):
             problem = f"{f.class_name} made with arguments (NEWOBJ), which torch.save never writes for it"
         elif f.args:
             problem = policy.call_args_problem(f.class_name, f.args)
@@ -264,24 +274,24 @@ class PickleWriter:
 
     def save_foreign(self, f: Foreign):
         if f.reconstructor is not None:  # copyreg._reconstructor(cls, base, state): calls base (an ARG_REFERENCE)
-            self.check_args(f, "class")
+            self.check_args(f, Role.INSTANTIATED)
             self.global_("copyreg", "_reconstructor")
-            self.tree_global(f.module, f.qualname, "class")
+            self.tree_global(f.module, f.qualname, Role.INSTANTIATED)
             with self.arguments():
                 self.save(f.reconstructor[0])
                 self.save(f.reconstructor[1])
             self.out += b"\x87R"
         elif f.newobj:  # cls.__new__(cls, *args): no __init__; NEWOBJ refuses anything that is not a class
-            self.check_args(f, "class")
-            self.tree_global(f.module, f.qualname, "class")
+            self.check_args(f, Role.INSTANTIATED)
+            self.tree_global(f.module, f.qualname, Role.INSTANTIATED)
             with self.arguments():
                 self.tuple_(tuple(f.args))
                 if f.kwargs:
                     self.save(dict(f.kwargs))
             self.out += b"\x92" if f.kwargs else b"\x81"
         else:  # cls(*args) or fn(*args): called, so only allowlisted callables, with arguments that cannot expand
-            self.check_args(f, "call")
-            self.tree_global(f.module, f.qualname, "call")
+            self.check_args(f, Role.CALLED)
+            self.tree_global(f.module, f.qualname, Role.CALLED)
             with self.arguments():
                 self.tuple_(tuple(f.args))
             self.out += b"R"

@@ -14,7 +14,8 @@ from ..contents.layout import describe
 from ..errors import UnsafeCheckpoint
 from ..model import Checkpoint, Foreign, TensorRef, is_reference
 from ..contents.sections import sections
-from ..pickling.verdicts import Verdict
+from ..pickling.allowlist import Role
+from ..pickling.verdicts import Verdict, worst
 
 
 MAX_TENSOR_ROWS = int(os.environ.get("CKCONV_INSPECT_MAX_ROWS", 100_000))  # table rows; counts cover every tensor
@@ -71,10 +72,10 @@ def inspect(path, allow_globals=()) -> Inspection:
     meta = {k: (v if not isinstance(v, str) or len(v) < 200 else v[:200] + "...") for k, v in ckpt.metadata.items()}
     found = verdicts(ckpt, allow_globals)
     return Inspection(str(path), ckpt.format or fmt, sections(ckpt.root), count, total, kinds, infos,
-                      [{"path": p, "class": c} for p, c in ckpt.foreign], found[policy.DANGEROUS], meta,
+                      [{"path": p, "class": c} for p, c in ckpt.foreign], found[Verdict.DANGEROUS], meta,
                       describe(ckpt.root).to_dict(), error=error, modules=modules.describe(ckpt.root),
                       values=glance(ckpt.root),
-                      verdict=policy.worst(v for v in found if found[v]), globals=found,
+                      verdict=worst(v for v in found if found[v]), globals=found,
                       tensors_omitted=count - len(infos))
 
 
@@ -156,50 +157,34 @@ def glance(root, limit=1000) -> list:
     return found
 
 
-def tree_globals(root) -> list:
-    """(module, qualname, role) of every foreign record and reference in a tree (formats without pickle opcodes):
-    role "call" for a record pickle would call, "class" for one made without __init__ and for references."""
-    found: list = []
-
-    def visit(_path, node):
-        if isinstance(node, Foreign) or is_reference(node):
-            call = isinstance(node, Foreign) and not node.newobj and node.reconstructor is None
-            item = (node.module, node.qualname, "call" if call else "class")
-            if item not in found and len(found) < 10_000:
-                found.append(item)
-
-    tree.walk(root, visit)
-    return found
-
-
 def verdicts(ckpt, allow_globals=()) -> dict:
-    """{safe|unknown|dangerous: [dotted names]} for a checkpoint read by any format, and {code: [record names]}
-    for one that holds code (a TorchScript archive, an exported program's graph)."""
+    """{safe|unknown|dangerous: [dotted names]} for a checkpoint read by any format, each name judged in the roles
+    the file gives it: from the pickle's opcodes (``ckpt.globals``), and from the records and references of the tree
+    as ckconv would write them (the only roles formats without pickle opcodes have: safetensors structure, DCP);
+    and {code: [record names]} for one that holds code (a TorchScript archive, an exported program's graph)."""
+    from ..pickling.writer import dry_run  # records torch would rebuild with work their size does not bound
+
+    written = dry_run(ckpt.root, allow_globals)
     if ckpt.globals:  # pickle opcodes, answered by ckconv's unpickler
-        found = policy.classify(ckpt.globals, allow_globals)
+        roles = {(g[0], g[1]): g[2] if len(g) > 2 else Role.REFERENCED for g in ckpt.globals}
+        for key, role in written.named.items():  # calls and instantiations the tree records, however deep
+            if key in roles:
+                roles[key] |= role
+        found = policy.classify([(m, q, r) for (m, q), r in roles.items()], allow_globals)
     else:  # records described by a format's metadata (safetensors structure, DCP): judged as ckconv would write them
-        found = {policy.SAFE: [], policy.UNKNOWN: [], policy.DANGEROUS: []}
-        for module, qualname, role in tree_globals(ckpt.root):
-            if (module, qualname) == ("builtins", "getattr"):
-                v = policy.UNKNOWN  # reading let it through: a method of torch.compile's wrapper (structure.decode)
-            elif policy.is_dangerous(module, qualname):
-                v = policy.DANGEROUS
-            else:
-                v = policy.SAFE if policy.may_write(module, qualname, role, allow_globals) else policy.UNKNOWN
-            name = policy.dotted(module, qualname)
-            if name not in found[v]:
-                found[v].append(name)
+        names = [(m, q, r) for (m, q), r in written.named.items() if (m, q) != ("builtins", "getattr")]
+        found = policy.classify(names, allow_globals, pickled=False)
+        if ("builtins", "getattr") in written.named:  # reading let it through: a method of torch.compile's wrapper
+            found[Verdict.UNKNOWN].append("builtins.getattr")
     for name in ckpt.dangerous:  # what the reader itself judged dangerous (a getattr on a module, DCP metadata)
-        if name not in found[policy.DANGEROUS]:
-            found[policy.DANGEROUS].append(name)
-        for bucket in (policy.SAFE, policy.UNKNOWN):
+        if name not in found[Verdict.DANGEROUS]:
+            found[Verdict.DANGEROUS].append(name)
+        for bucket in (Verdict.SAFE, Verdict.UNKNOWN):
             if name in found[bucket]:
                 found[bucket].remove(name)
-    from ..pickling.writer import write_problems  # records torch would rebuild with work their size does not bound
-
-    for problem in write_problems(ckpt.root, allow_globals):
-        if problem not in found[policy.UNKNOWN]:
-            found[policy.UNKNOWN].append(problem)
+    for problem in written.problems:
+        if problem not in found[Verdict.UNKNOWN]:
+            found[Verdict.UNKNOWN].append(problem)
     if ckpt.code:  # records its own loader would compile and run: a verdict of their own, never "safe"
         found[Verdict.CODE] = list(ckpt.code)
     return found

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..pickling import policy
 from .. import tree
 from ..errors import CkconvError, NotACheckpoint, UnsafeCheckpoint
-from ..pickling.verdicts import Verdict
+from ..pickling.verdicts import Verdict, worst
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".pkl", ".distcp", ".npz")
 BROKEN, SKIPPED = Verdict.BROKEN, Verdict.SKIPPED
@@ -162,8 +162,8 @@ def _scan_one(path: Path, allow, fmt):
     try:
         ckpt = read(path, fmt)
     except UnsafeCheckpoint as exc:
-        found = {policy.SAFE: [], policy.UNKNOWN: [], policy.DANGEROUS: list(exc.globals)}
-        return ScanResult(str(path), policy.DANGEROUS, fmt or "", globals=found, message=str(exc)), failed
+        found = {Verdict.SAFE: [], Verdict.UNKNOWN: [], Verdict.DANGEROUS: list(exc.globals)}
+        return ScanResult(str(path), Verdict.DANGEROUS, fmt or "", globals=found, message=str(exc)), failed
     except CkconvError as exc:
         return ScanResult(str(path), BROKEN, fmt or "", message=str(exc)), failed
     used = _files_read(path, ckpt)
@@ -172,16 +172,21 @@ def _scan_one(path: Path, allow, fmt):
     except CkconvError as exc:
         return ScanResult(str(path), BROKEN, ckpt.format, message=str(exc)), used
     found = verdicts(ckpt, allow)
-    verdict = policy.worst(v for v in found if found[v])
+    verdict = worst(v for v in found if found[v])
     message = ""
-    if verdict == policy.UNKNOWN:
-        message = ("names globals ckconv does not know to be benign: " + ", ".join(found[policy.UNKNOWN][:8])
+    if verdict == Verdict.UNKNOWN:
+        message = ("names globals ckconv does not know to be benign: " + ", ".join(found[Verdict.UNKNOWN][:8])
                    + "; torch.load(weights_only=False) would call them (--allow-global if you trust them)")
+<<<<<<< HEAD
     elif verdict == policy.DANGEROUS:
         message = "would call " + ", ".join(found[policy.DANGEROUS][:8]) + " under torch.load(weights_only=False)"
     elif verdict == Verdict.CODE:
         message = (f"{ckpt.format} archive: holds code its loader compiles and runs ("
                    + ", ".join(found[Verdict.CODE][:3]) + f"); ckconv reads its {count} tensors without it")
+=======
+    elif verdict == Verdict.DANGEROUS:
+        message = "would call " + ", ".join(found[Verdict.DANGEROUS][:8]) + " under torch.load(weights_only=False)"
+>>>>>>> adba656 (pickling: exact allowlists by role, generated and checked (tools/gen_allowlist.py); verdicts follow the role the pickle gives each name; the opcode scan as a table of handlers by opcode byte with NONE-POP floods skipped in C; the C unpickler reads exactly the bytes the scan bounded through a peek-able buffer, and a legacy file is left just after STOP, as torch's buffered reads leave it (issues 21, 22, 24))
     return ScanResult(str(path), verdict, ckpt.format, count, nbytes, found, message), used
 
 
