@@ -178,8 +178,8 @@ def _scan_one(path: Path, allow, fmt):
         message = ("names globals ckconv does not know to be benign: " + ", ".join(found[Verdict.UNKNOWN][:8])
                    + "; torch.load(weights_only=False) would call them (--allow-global if you trust them)")
 <<<<<<< HEAD
-    elif verdict == policy.DANGEROUS:
-        message = "would call " + ", ".join(found[policy.DANGEROUS][:8]) + " under torch.load(weights_only=False)"
+    elif verdict == Verdict.DANGEROUS:
+        message = "would call " + ", ".join(found[Verdict.DANGEROUS][:8]) + " under torch.load(weights_only=False)"
     elif verdict == Verdict.CODE:
         message = (f"{ckpt.format} archive: holds code its loader compiles and runs ("
                    + ", ".join(found[Verdict.CODE][:3]) + f"); ckconv reads its {count} tensors without it")
