@@ -177,16 +177,11 @@ def _scan_one(path: Path, allow, fmt):
     if verdict == Verdict.UNKNOWN:
         message = ("names globals ckconv does not know to be benign: " + ", ".join(found[Verdict.UNKNOWN][:8])
                    + "; torch.load(weights_only=False) would call them (--allow-global if you trust them)")
-<<<<<<< HEAD
     elif verdict == Verdict.DANGEROUS:
         message = "would call " + ", ".join(found[Verdict.DANGEROUS][:8]) + " under torch.load(weights_only=False)"
     elif verdict == Verdict.CODE:
         message = (f"{ckpt.format} archive: holds code its loader compiles and runs ("
                    + ", ".join(found[Verdict.CODE][:3]) + f"); ckconv reads its {count} tensors without it")
-=======
-    elif verdict == Verdict.DANGEROUS:
-        message = "would call " + ", ".join(found[Verdict.DANGEROUS][:8]) + " under torch.load(weights_only=False)"
->>>>>>> adba656 (pickling: exact allowlists by role, generated and checked (tools/gen_allowlist.py); verdicts follow the role the pickle gives each name; the opcode scan as a table of handlers by opcode byte with NONE-POP floods skipped in C; the C unpickler reads exactly the bytes the scan bounded through a peek-able buffer, and a legacy file is left just after STOP, as torch's buffered reads leave it (issues 21, 22, 24))
     return ScanResult(str(path), verdict, ckpt.format, count, nbytes, found, message), used
 
 
