@@ -105,7 +105,8 @@ DECLARED = {
     "timm.utils.model_ema.ModelEmaV2": "i", "timm.utils.model_ema.ModelEmaV3": "i",
     # DeepSpeed's optimizer states: an IntEnum looked up by its value, loss scalers, fragment addresses (issue 25)
     "deepspeed.runtime.zero.config.ZeroStageEnum": "ic", "deepspeed.runtime.fp16.loss_scaler.LossScaler": "i",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": "i", "deepspeed.utils.tensor_fragment.fragment_address": "i",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler": "i",
+    "deepspeed.utils.tensor_fragment.fragment_address": "i",
 }
 # Spellings older releases wrote that now resolve to the same object elsewhere (numpy 1.x pickles name
 # ``numpy.core.multiarray``, numpy 2 moved it to ``numpy._core``): allowed in the roles of the current name, and
