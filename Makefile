@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml $(PLUGINS)
 	$(PIP) install -q --upgrade pip
 	# torch exactly as DEVELOPERS.md says: pip takes these two from local disk (a CUDA build that runs on CPU).
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	DS_BUILD_OPS=0 $(PIP) install -q -e '.[test]' $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	DS_BUILD_OPS=0 $(PIP) install -q -e '.[test,torch]' $(foreach p,$(PLUGINS),-e $(dir $(p)))
 	touch $(STAMP)
 
 install: $(STAMP)

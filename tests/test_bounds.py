@@ -59,9 +59,9 @@ def run_measured(tmp_path, *args, timeout=MAX_SECONDS * 3, env=None) -> Run:
     return Run(proc.returncode, out.read_text(), err.read_text(), usage.ru_maxrss / 1024, time.monotonic() - start)
 
 
-def assert_refused(run: Run, *words):
-    """One ``Error:`` line, exit 1, no traceback, naming what is wrong."""
-    assert run.rc == 1, (run.rc, run.stdout[-500:], run.stderr[-500:])
+def assert_refused(run: Run, *words, code=1):
+    """One ``Error:`` line, exit 1 (2 for a usage error), no traceback, naming what is wrong."""
+    assert run.rc == code, (run.rc, run.stdout[-500:], run.stderr[-500:])
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), run.stderr[-1000:]
     assert "Traceback" not in run.stderr and "internal error" not in run.stderr
@@ -516,7 +516,7 @@ def test_a_fifo_given_as_the_map_is_refused_without_opening_it(tmp_path):
     torch.save({"w": torch.ones(2)}, tmp_path / "src.pth")
     run = run_measured(tmp_path, "convert", tmp_path / "src.pth", tmp_path / "out.pth", "--map",
                        fifo(tmp_path / "map.json"), timeout=MAX_SECONDS)
-    assert_refused(run, "map ", "FIFO")
+    assert_refused(run, "map ", "FIFO", code=2)
     assert not (tmp_path / "out.pth").exists()
 
 

@@ -284,5 +284,5 @@ def test_convert_freeze_refusals_write_nothing(tmp_path, args, message):
 
     torch.save({"model": Net().state_dict(), "epoch": 1}, tmp_path / "b.pth")
     run = CliRunner().invoke(cli, ["convert", str(tmp_path / "b.pth"), str(tmp_path / "out.pth"), *args])
-    assert run.exit_code == 1 and message in run.output, run.output
+    assert run.exit_code == 2 and message in run.output, run.output  # usage errors exit 2
     assert not (tmp_path / "out.pth").exists()

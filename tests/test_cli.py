@@ -50,11 +50,11 @@ def test_missing_source_is_one_line_error(tmp_path):
 
 def test_unknown_output_format_is_a_clear_error(tmp_path):
     result = invoke("convert", FIXTURES / "tiny_bundle.pth", tmp_path / "out.weird")
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error
     assert "pass --to" in result.stderr
     result = invoke("convert", FIXTURES / "tiny_bundle.pth", tmp_path / "out.weird", "--to", "safetensors")
     assert result.exit_code == 0
-    assert invoke("convert", FIXTURES / "tiny_bundle.pth", tmp_path / "o", "--to", "nosuch").exit_code == 1
+    assert invoke("convert", FIXTURES / "tiny_bundle.pth", tmp_path / "o", "--to", "nosuch").exit_code == 2
 
 
 def test_usage_errors_exit_2(tmp_path):

@@ -117,7 +117,7 @@ def test_quiet_scan_drops_the_count_and_group_verbose_lists_skipped_files(tmp_pa
 def test_near_misses_get_a_suggestion(tmp_path, args, suggestion):
     src = tmp_path / "bundle.pth"
     torch.save({"model": small_sd(), "epoch": 1}, src)
-    line = one_error_line(invoke("convert", src, tmp_path / "out.safetensors", *args))
+    line = one_error_line(invoke("convert", src, tmp_path / "out.safetensors", *args), code=2)  # a usage error
     assert suggestion in line
     assert sorted(os.listdir(tmp_path)) == ["bundle.pth"]
 
@@ -125,7 +125,7 @@ def test_near_misses_get_a_suggestion(tmp_path, args, suggestion):
 def test_no_suggestion_for_a_name_far_from_any(tmp_path):
     src = tmp_path / "a.pth"
     torch.save(small_sd(), src)
-    line = one_error_line(invoke("convert", src, tmp_path / "o", "--to", "xyz"))
+    line = one_error_line(invoke("convert", src, tmp_path / "o", "--to", "xyz"), code=2)
     assert "unknown format 'xyz'" in line and "did you mean" not in line
 
 
@@ -178,7 +178,7 @@ def test_a_usage_error_under_json_is_a_json_object_with_exit_2(tmp_path):
 
 def test_json_errors_from_a_real_process(tmp_path):
     result = run_cli("diff", tmp_path / "nope.pth", tmp_path / "nope2.pth", "--json")
-    assert result.returncode == 1 and json.loads(result.stdout)["type"] == "NotACheckpoint"
+    assert result.returncode == 2 and json.loads(result.stdout)["type"] == "NotACheckpoint"
     assert "Traceback" not in result.stderr
 
 
@@ -291,11 +291,11 @@ def test_several_inputs_are_checked_before_any_is_converted(three, tmp_path):
     assert sorted(os.listdir(out)) == ["c.safetensors"]  # a and b were not written either
     (tmp_path / "sub").mkdir()
     torch.save(small_sd(), tmp_path / "sub" / "a.pth")
-    line = one_error_line(invoke("convert", paths[0], tmp_path / "sub" / "a.pth", out, "--to", "safetensors"))
+    line = one_error_line(invoke("convert", paths[0], tmp_path / "sub" / "a.pth", out, "--to", "safetensors"), code=2)
     assert "would both be written to" in line
-    line = one_error_line(invoke("convert", *paths, tmp_path / "nofolder", "--to", "safetensors"))
+    line = one_error_line(invoke("convert", *paths, tmp_path / "nofolder", "--to", "safetensors"), code=2)
     assert "is not a folder" in line and not (tmp_path / "nofolder").exists()
-    line = one_error_line(invoke("convert", *paths, out, "--to", "safetensors", "--max-shard-size", "1MB"))
+    line = one_error_line(invoke("convert", *paths, out, "--to", "safetensors", "--max-shard-size", "1MB"), code=2)
     assert "folder of its own" in line
     line = one_error_line(invoke("convert", paths[0], tmp_path / "missing.pth", out, "--to", "safetensors"))
     assert "missing.pth: no such file or folder" in line

@@ -43,8 +43,8 @@ def snapshot(root: Path) -> dict:
     return out
 
 
-def refused(result, *needles):
-    assert result.exit_code == 1, result.output
+def refused(result, *needles, code=1):
+    assert result.exit_code == code, result.output  # 2 for a usage error
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     for needle in needles:
@@ -286,14 +286,15 @@ def test_a_file_name_for_a_folder_output_is_refused_with_the_right_spelling(tmp_
     torch.save(weights(), tmp_path / "x.pth")
     before = snapshot(tmp_path)
     line = refused(invoke("convert", tmp_path / "x.pth", tmp_path / "out.safetensors", "--max-shard-size", "40KB"),
-                   "--max-shard-size")
+                   "--max-shard-size", code=2)
     assert line.endswith(f"pass {tmp_path / 'out'} instead"), line
-    refused(invoke("convert", tmp_path / "x.pth", tmp_path / "out.pth", "--to", "dcp"), f"pass {tmp_path / 'out'}")
+    refused(invoke("convert", tmp_path / "x.pth", tmp_path / "out.pth", "--to", "dcp"), f"pass {tmp_path / 'out'}",
+            code=2)
     assert snapshot(tmp_path) == before
     (tmp_path / "old.safetensors").write_bytes(b"an existing file")
     before = snapshot(tmp_path)
     refused(invoke("convert", tmp_path / "x.pth", tmp_path / "old.safetensors", "--max-shard-size", "40KB",
-                   "--force"), f"pass {tmp_path / 'old'} instead")
+                   "--force"), f"pass {tmp_path / 'old'} instead", code=2)
     (tmp_path / "plainfile").write_bytes(b"a file without extension")
     before = snapshot(tmp_path)
     refused(invoke("convert", tmp_path / "x.pth", tmp_path / "plainfile", "--to", "dcp", "--force"),

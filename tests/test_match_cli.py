@@ -19,8 +19,8 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-def one_error_line(result):
-    assert result.exit_code == 1, result.output
+def one_error_line(result, code=1):
+    assert result.exit_code == code, result.output  # 2 for a usage error
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     assert "Traceback" not in result.output
@@ -67,7 +67,7 @@ def test_select_prints_that_part_of_the_tree():
     assert "features.18.bias" in out and "classifier" not in out
     single = invoke("match", "--arch", "vgg11", "--select", "classifier[-1]").stdout
     assert "Linear(in_features=4096, out_features=1000, bias=True)" in single
-    assert one_error_line(invoke("match", "--arch", "vgg11", "--select", "features[99]")).endswith(
+    assert one_error_line(invoke("match", "--arch", "vgg11", "--select", "features[99]"), code=2).endswith(
         "index 99 is out of range (features has 21 children)")
 
 
@@ -108,11 +108,12 @@ def test_strict_exit_codes(tuned):
 
 
 def test_errors_are_one_line(tmp_path, wrapped):
-    assert "unknown architecture 'resnet1000'" in one_error_line(invoke("match", wrapped, "--arch", "resnet1000"))
-    assert "--rename" in one_error_line(invoke("match", wrapped, "--arch", "resnet18", "--rename", "nope"))
-    assert "needs a checkpoint" in one_error_line(invoke("match", "--arch", "auto"))
+    assert "unknown architecture 'resnet1000'" in one_error_line(invoke("match", wrapped, "--arch", "resnet1000"),
+                                                                 code=2)
+    assert "--rename" in one_error_line(invoke("match", wrapped, "--arch", "resnet18", "--rename", "nope"), code=2)
+    assert "needs a checkpoint" in one_error_line(invoke("match", "--arch", "auto"), code=2)
     assert "no such file" in one_error_line(invoke("match", tmp_path / "none.pth", "--arch", "resnet18"))
-    assert "KEY=VALUE" in one_error_line(invoke("match", "--arch", "resnet18", "--arch-option", "x"))
+    assert "KEY=VALUE" in one_error_line(invoke("match", "--arch", "resnet18", "--arch-option", "x"), code=2)
     assert invoke("match", wrapped).exit_code == 2  # --arch is required: a usage error
 
 

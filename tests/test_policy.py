@@ -151,13 +151,13 @@ def test_unknown_global_is_refused_for_pickles_with_both_ways_out(tmp_path):
         assert "mylib.records Payload" in pickle_globals(target)
     ckconv.convert(src, tmp_path / "api.pth", allow_globals=["mylib.records.*"])
     # a pattern cannot reach past the prefix it names
-    assert invoke("convert", src, tmp_path / "no.pth", "--allow-global", "mylib.rec*").exit_code == 1
+    assert invoke("convert", src, tmp_path / "no.pth", "--allow-global", "mylib.rec*").exit_code == 2  # usage
 
 
 @pytest.mark.parametrize("pattern", ["os.system\nx", "", "my lib.*", "a..b", "*"])
 def test_invalid_allow_global_is_a_usage_error(tmp_path, pattern):
     result = invoke("convert", _unknown_source(tmp_path), tmp_path / "x.pth", "--allow-global", pattern)
-    assert result.exit_code == 1 and "invalid --allow-global" in result.stderr
+    assert result.exit_code == 2 and "invalid --allow-global" in result.stderr
     assert not (tmp_path / "x.pth").exists()
 
 

@@ -20,8 +20,8 @@ from helpers import run_cli
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Commands the README shows failing on purpose, with their exit status (the rest must exit 0).
-EXIT_STATUS = {"inspect suspicious.pth": 1, "scan downloads/": 1, "convert picture.png.pth": 1,
-               "convert runs/a.pth picture.png.pth": 1, "convert resnet.pth out.safetensors --arch resnt18": 1}
+EXIT_STATUS = {"inspect suspicious.pth": 1, "scan downloads/": 1, "scan . --format sarif": 1, "convert picture.png.pth": 1,
+               "convert runs/a.pth picture.png.pth": 1, "convert resnet.pth out.safetensors --arch resnt18": 2}
 
 
 class Payload:

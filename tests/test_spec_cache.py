@@ -101,10 +101,10 @@ def test_an_architecture_typo_is_answered_from_the_cache_with_a_suggestion(resne
     path, _ = resnet18_pth
     ckconv_cli("match", path, "--arch", "resnet18", cache=cache)  # warms the list of names
     rc, out, errors, imported = ckconv_cli("match", path, "--arch", "vgg61", cache=cache)
-    assert rc == 1 and out == "" and imported == ""
+    assert rc == 2 and out == "" and imported == ""  # a usage error
     assert len(errors) == 1 and errors[0].startswith("Error: unknown architecture 'vgg61'; did you mean vgg16?")
     rc, _, errors, imported = ckconv_cli("match", path, "--arch", "torchvision:resnt18", cache=cache)
-    assert rc == 1 and imported == "" and "did you mean torchvision:resnet18?" in errors[0]
+    assert rc == 2 and imported == "" and "did you mean torchvision:resnet18?" in errors[0]
 
 
 def test_suggestions():

@@ -39,4 +39,9 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'ckconv' has no attribute {name!r}")
 
 
+def __dir__() -> list:
+    """What ``dir(ckconv)`` and editors' completion show: the lazy API too, not only what is imported yet."""
+    return sorted(set(globals()) | set(_API))
+
+
 __all__ = ["hookimpl", "__version__", *_API]

@@ -1,15 +1,19 @@
 """One exception hierarchy for everything ckconv refuses or fails to do.
 
 The message of every error is a single line that says what is wrong and, where it helps, what to do next.
-The CLI prints it as ``Error: <message>`` and exits 1; nothing else in ckconv turns errors into exit codes.
+The CLI prints it as ``Error: <message>`` and exits with the class's ``exit_code`` (1; 2 for a usage error); nothing
+else in ckconv turns errors into exit codes.
 """
 
-__all__ = ["CkconvError", "CkconvWarning", "CorruptCheckpoint", "LimitExceeded", "NotACheckpoint", "OutputExists",
-           "PluginError", "UnsafeCheckpoint", "UnsupportedContent", "UsageError", "WriteFailed", "did_you_mean"]
+__all__ = ["CkconvError", "CkconvWarning", "CorruptCheckpoint", "LimitExceeded", "MissingExtra", "NotACheckpoint",
+           "OutputExists", "PluginError", "UnsafeCheckpoint", "UnsupportedContent", "UsageError", "WriteFailed",
+           "did_you_mean", "import_extra"]
 
 
 class CkconvError(Exception):
     """Base class of every error ckconv raises on bad input or a failed operation."""
+
+    exit_code = 1  # the CLI's exit status for it: 1 a failed command, 2 trouble with the request (as diff, cmp)
 
 
 class NotACheckpoint(CkconvError):
@@ -51,6 +55,26 @@ class PluginError(CkconvError):
 
 class UsageError(CkconvError):
     """The request itself is inconsistent (unknown format, bad option value)."""
+
+    exit_code = 2
+
+
+class MissingExtra(UsageError, ModuleNotFoundError):
+    """A feature needs an optional dependency that is not installed (torch: ``pip install 'ckconv[torch]'``)."""
+
+
+def import_extra(module: str, what: str, extra: str = "torch"):
+    """``import module`` for a feature that needs the ``ckconv[extra]`` extra; :class:`MissingExtra`, one line
+    naming the extra, when it is not installed (``ckconv.load needs torch, which is not installed: ...``)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != module.partition(".")[0]:
+            raise  # something the module itself imports is missing: not ours to rename
+        raise MissingExtra(f"{what} needs {module.partition('.')[0]}, which is not installed: "
+                           f"pip install 'ckconv[{extra}]'", name=exc.name) from None
 
 
 class CkconvWarning(UserWarning):

@@ -64,9 +64,12 @@ def read(path: PathLike, format: str | None = None) -> Checkpoint:
     return ckpt
 
 
-def load(path: PathLike, format: str | None = None) -> Any:
-    """Read a checkpoint into real torch objects (tensors on the CPU; shared storages stay shared)."""
-    return tree.materialize(read(path, format).root)
+def load(path: PathLike, format: str | None = None, *, device=None, map_location=None) -> Any:
+    """Read a checkpoint into real torch objects: tensors on ``device`` (a ``torch.device`` or its name, "cuda:0";
+    default the CPU), shared storages staying shared. ``map_location`` is the same, spelt as for ``torch.load``."""
+    if device is not None and map_location is not None and str(device) != str(map_location):
+        raise UsageError(f"device={device!r} and map_location={map_location!r} disagree; pass one")
+    return tree.materialize(read(path, format).root, device=device if device is not None else map_location)
 
 
 def as_checkpoint(obj) -> Checkpoint:

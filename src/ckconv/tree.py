@@ -7,7 +7,7 @@ import os
 from collections import OrderedDict
 
 from . import dtypes, numpy_values
-from .errors import LimitExceeded, UnsupportedContent
+from .errors import LimitExceeded, UnsupportedContent, UsageError, import_extra
 from .model import Foreign, Storage, TensorRef, TorchDevice, TorchDtype, TorchSize
 
 __all__ = ["foreign_objects", "format_path", "from_torch", "is_flat_state_dict", "materialize", "tensors", "walk"]
@@ -226,10 +226,11 @@ def is_flat_state_dict(root) -> bool:
 
 # --- materialising into torch -------------------------------------------------------------------------------
 
-def materialize(root, budget=None):
-    """Turn a ckconv tree into real torch objects; storages shared in the file stay shared."""
-    import torch
-
+def materialize(root, budget=None, device=None):
+    """Turn a ckconv tree into real torch objects, tensors on ``device`` (default the CPU); storages shared in the
+    file stay shared."""
+    torch = import_extra("torch", "reading into torch tensors (ckconv.load)")
+    target = _device(torch, device)
     storages: dict = {}
 
     def storage_of(ref: TensorRef):
@@ -239,6 +240,8 @@ def materialize(root, budget=None):
                 data = torch.empty(0, dtype=torch.uint8)
             else:
                 data = torch.frombuffer(bytearray(st.read()), dtype=torch.uint8)
+            if target is not None:
+                data = data.to(target)
             storages[id(st)] = data.untyped_storage()
         return storages[id(st)]
 
@@ -248,7 +251,7 @@ def materialize(root, budget=None):
         if id(node) in memo:
             return memo[id(node)]
         if isinstance(node, TensorRef):
-            t = torch.empty(0, dtype=dtypes.torch_dtype(node.dtype))
+            t = torch.empty(0, dtype=dtypes.torch_dtype(node.dtype), device=target)
             t.set_(storage_of(node), node.offset, node.shape, node.stride)
             if node.parameter:
                 t = torch.nn.Parameter(t, requires_grad=node.requires_grad)
@@ -285,6 +288,19 @@ def materialize(root, budget=None):
 
     _check_view_budget(root, budget)
     return convert(root)
+
+
+def _device(torch, device):
+    """``device`` as a torch.device (None: the CPU, where tensors are built); a name torch does not know, or a
+    ``map_location`` dict or function, is a UsageError."""
+    if device is None or (isinstance(device, str) and device == "cpu"):
+        return None
+    if not isinstance(device, (str, torch.device)):
+        raise UsageError(f"device must be a torch.device or its name ('cuda:0', 'cpu'), not {type(device).__name__}")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise UsageError(f"unknown device {device!r}: {' '.join(str(exc).splitlines())}") from None
 
 
 def _check_view_budget(root, budget=None):

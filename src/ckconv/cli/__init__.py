@@ -6,9 +6,11 @@ The group lives here; each command family is a module of its own (``convert_cmd`
 
 from __future__ import annotations
 
+import sys
+
 import click
 
-from .common import RUN, CkconvGroup, reader_went_away
+from .common import RUN, CkconvGroup, interrupted_code, reader_went_away, verbosity_options
 from .convert_cmd import convert
 from .inspect_cmds import diff, inspect, scan
 from .match_cmd import match
@@ -17,34 +19,34 @@ from .plugins_cmd import plugins
 
 @click.group(cls=CkconvGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ckconv")
-@click.option("-q", "--quiet", is_flag=True, help="Only data and errors: no warnings, notes or progress bar.")
-@click.option("-v", "--verbose", "loud", is_flag=True,
-              help="More detail: the keys behind a warning, every unknown global, skipped files.")
-def cli(quiet, loud):
+@verbosity_options
+def cli():
     """Convert, inspect and compare PyTorch checkpoints safely and losslessly.
 
     Data goes to stdout; warnings (`warning: ...`), the progress bar and errors to stderr. Shell completion:
     eval "$(_CKCONV_COMPLETE=bash_source ckconv)" (zsh_source, fish_source for other shells).
     """
-    if quiet and loud:
-        raise click.UsageError("-q and -v contradict each other; pass one")
-    RUN["verbosity"] = -1 if quiet else 1 if loud else 0
 
 
 for command in (convert, match, inspect, diff, scan, plugins):
-    cli.add_command(command)
+    cli.add_command(verbosity_options(command))
 
 
-def _terminated(signum, frame):
-    raise KeyboardInterrupt  # unwinds like Ctrl-C: staged outputs are removed, one line on stderr, exit 1
+def _interrupted(signum, frame):
+    """Ctrl-C, `kill`, a closed terminal, a scheduler's timeout: unwind like Ctrl-C (staged outputs are removed,
+    one line on stderr) and exit 128 + the signal's number."""
+    RUN["signal"] = signum
+    raise KeyboardInterrupt
 
 
 def main():
     import signal
 
-    for sig in (signal.SIGTERM, signal.SIGHUP):  # `kill`, a closed terminal, a scheduler's timeout
-        signal.signal(sig, _terminated)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupted)
     try:
         cli(prog_name="ckconv")
     except BrokenPipeError:
         reader_went_away()
+    except KeyboardInterrupt:  # before or after a command ran (while parsing, while importing)
+        sys.exit(interrupted_code())

@@ -18,14 +18,44 @@ from ..errors import CkconvError, CkconvWarning
 from ..tree import json_safe, key_text
 
 DEBUG = os.environ.get("CKCONV_DEBUG", "") not in ("", "0")
-# This run's output settings: -q (-1) / -v (1), whether --json was asked for, bars still drawn on stderr.
-RUN: dict = {"verbosity": 0, "json": False, "bars": []}
+# This run's output settings: -q (-1) / -v (1) and where they were given, whether --json was asked for, bars still
+# drawn on stderr, the signal that interrupted the run.
+RUN: dict = {"verbosity": 0, "levels": set(), "json": False, "args": [], "bars": [], "signal": None}
+
+# Exit codes, as diff and cmp have them: 0 yes, 1 no (or a failed command), 2 trouble (usage errors, and for
+# commands that answer a question, like diff, any error), 128 + signal number when interrupted.
+EXIT_NO, EXIT_TROUBLE, EXIT_INTERRUPTED = 1, 2, 128 + 2
+
+
+def _set_level(ctx, param, value):
+    """-q/-v before or after the command (``ckconv -q convert ...`` or ``ckconv convert ... -q``)."""
+    if value:
+        RUN["levels"].add(param.name)
+        if len(RUN["levels"]) > 1:
+            raise click.UsageError("-q and -v contradict each other; pass one", ctx)
+        RUN["verbosity"] = -1 if param.name == "quiet" else 1
+
+
+def verbosity_options(command):
+    """The -q/--quiet and -v/--verbose flags, for the group and every command."""
+    command = click.option("-v", "--verbose", is_flag=True, expose_value=False, callback=_set_level,
+                           help="More detail: the keys behind a warning, every unknown global, skipped files.")(command)
+    return click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_level,
+                        help="Only data and errors: no warnings, notes or progress bar.")(command)
+
+
+def trouble_exits(code):
+    """Set the exit code of this command's errors (``diff``: 2, as for diff and cmp; otherwise 1)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.find_root().meta["ckconv.trouble"] = code
 
 
 class CkconvGroup(click.Group):
     """The group every command runs under: resets this run's settings, and turns whatever a command raises into one
-    line on stderr (and an object under ``--json``) with exit 1, or 2 for a usage error; never a traceback. All it
-    prints goes through :class:`Escaped` streams: a name from a file cannot drive the terminal, in any command."""
+    line on stderr (and an object under ``--json``) with exit 1 (2 for a usage error or a command's trouble, 128 +
+    the signal when interrupted); never a traceback. All it prints goes through :class:`Escaped` streams: a name from
+    a file cannot drive the terminal, in any command."""
 
     def main(self, *args, **kwargs):
         streams = sys.stdout, sys.stderr
@@ -35,9 +65,14 @@ class CkconvGroup(click.Group):
         finally:
             sys.stdout, sys.stderr = streams
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        RUN.update(verbosity=0, levels=set(), json=False, bars=[], signal=None)  # before -q/-v are parsed
+        return super().make_context(info_name, args, parent=parent, **extra)
+
     def invoke(self, ctx):
-        args = ctx.args[: ctx.args.index("--")] if "--" in ctx.args else ctx.args
-        RUN.update(verbosity=0, json="--json" in args, bars=[])
+        given = list(ctx.args)  # the command's arguments (its name aside)
+        args = given[: given.index("--")] if "--" in given else given
+        RUN.update(json="--json" in args or _json_format(args), args=args)
         try:
             with warnings.catch_warnings():
                 _warnings_as_lines()
@@ -47,17 +82,21 @@ class CkconvGroup(click.Group):
                 raise
             end_bars()
             echo_json({"error": " ".join(exc.format_message().splitlines()), "type": "UsageError"})
-            sys.exit(2)
+            sys.exit(EXIT_TROUBLE)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except CkconvError as exc:
             if DEBUG:
                 raise
-            fail(str(exc), type(exc).__name__)
+            fail(str(exc), type(exc).__name__, code=exc.exit_code)
         except KeyboardInterrupt:
-            fail("interrupted; nothing was written")
+            fail("interrupted; nothing was written", "Interrupted", code=interrupted_code())
         except BrokenPipeError:
             reader_went_away()
+        except ModuleNotFoundError as exc:
+            if DEBUG or (exc.name or "").partition(".")[0] not in TORCH_EXTRA:
+                raise
+            fail(needs_torch(ctx), "MissingExtra", code=EXIT_TROUBLE)
         except MemoryError:
             fail("out of memory; nothing was written (try a machine with more memory)")
         except RecursionError:
@@ -89,6 +128,20 @@ def _warnings_as_lines():
     warnings.showwarning = show
 
 
+# What `pip install 'ckconv[torch]'` adds; the convert options that need it, named in the message when given.
+TORCH_EXTRA = ("torch", "torchvision")
+TORCH_OPTIONS = ("--arch", "--map", "--only", "--drop", "--freeze", "--dtype", "--dtype-optimizer", "--to")
+
+
+def needs_torch(ctx) -> str:
+    """``ckconv convert --dtype needs torch, which is not installed: pip install 'ckconv[torch]'``."""
+    command = ctx.invoked_subcommand or ""
+    given = [o for o in TORCH_OPTIONS if command == "convert" and any(a == o or a.startswith(o + "=")
+                                                                     for a in RUN.get("args", ()))]
+    what = " ".join(["ckconv", command, *given[:1]]).strip()
+    return f"{what} needs torch, which is not installed: pip install 'ckconv[torch]'"
+
+
 def reader_went_away():
     """``ckconv inspect big.pth | head``: the reader closed the pipe; stop quietly, as cat and ls do."""
     try:
@@ -99,8 +152,20 @@ def reader_went_away():
     sys.exit(0)
 
 
-def fail(message, kind="Error"):
-    """One ``Error:`` line on stderr, exit 1; under ``--json`` the error is also an object on stdout."""
+def _json_format(args) -> bool:
+    """``--format json``/``--format=json`` asks for JSON as ``--json`` does (``scan``)."""
+    return any(a in ("--format=json", "--format=sarif") or (a == "--format" and nxt in ("json", "sarif"))
+               for a, nxt in zip(args, args[1:] + [""]))
+
+
+def interrupted_code() -> int:
+    """128 + the signal's number: 130 for Ctrl-C (SIGINT), 143 for SIGTERM, 129 for SIGHUP."""
+    return 128 + RUN["signal"] if RUN["signal"] else EXIT_INTERRUPTED
+
+
+def fail(message, kind="Error", code=None):
+    """One ``Error:`` line on stderr and exit 1 (2 for a usage error or under ``diff``, ``code`` when given); under
+    ``--json`` the error is also an object on stdout."""
     end_bars()  # a bar on stderr ends its line first: the error starts a line of its own
     text = " ".join(str(message).splitlines())  # one line, whatever a path or a file's names contain
     if RUN["json"]:
@@ -108,7 +173,11 @@ def fail(message, kind="Error"):
         extra = extra.meta.get("ckconv.json_extra", {}) if extra is not None else {}
         echo_json({"error": text, "type": kind, **extra})
     click.echo(f"Error: {text}", err=True)
-    sys.exit(1)
+    if code is None:
+        root = click.get_current_context(silent=True)
+        code = EXIT_TROUBLE if kind == "UsageError" else (
+            root.find_root().meta.get("ckconv.trouble", EXIT_NO) if root is not None else EXIT_NO)
+    sys.exit(code)
 
 
 def end_bars():
@@ -128,7 +197,25 @@ def verbose() -> bool:
 
 
 def echo_json(obj):
-    click.echo(json.dumps(json_safe(obj), indent=2, default=str))
+    click.echo(json_text(obj))
+
+
+def json_text(obj) -> str:
+    return json.dumps(json_safe(obj), indent=2, default=str)
+
+
+def write_report(text, output=None, inputs=()):
+    """A report to stdout, or with ``-o FILE`` to that file, written whole (staged beside it, then renamed over
+    what was there; never over one of the ``inputs``)."""
+    if output is None:
+        if text:
+            click.echo(text)
+        return
+    from ..storage.atomic import identities, staged_file
+
+    with staged_file(output, force=True, protect=identities(inputs)) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text + "\n" if text else "")
 
 
 def table(rows, headers):

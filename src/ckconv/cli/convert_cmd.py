@@ -10,7 +10,7 @@ import time
 import click
 
 from ..errors import CkconvError
-from .common import RUN, echo_json, fail, group_keys, printable, verbose, warn
+from .common import RUN, echo_json, fail, group_keys, interrupted_code, printable, verbose, warn
 
 
 class Progress:
@@ -184,7 +184,7 @@ def _convert_several(sources, folder, options, as_json):
             raise
         except KeyboardInterrupt:
             fail(f"interrupted while converting {src}; nothing of it was written ({len(results)} of "
-                 f"{len(sources)} converted before it)")
+                 f"{len(sources)} converted before it)", "Interrupted", code=interrupted_code())
         progress.finish()
         results.append(result)
         if not as_json:

@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..pickling.verdicts import Verdict
-from .common import RUN, echo_json, printable, table, verbose, warn
+from .common import RUN, echo_json, json_text, printable, table, trouble_exits, verbose, warn, write_report
 
 
 @click.command()
@@ -162,7 +162,7 @@ def _tolerance(ctx, param, value):
 @click.option("--tensors-only", is_flag=True, help="Compare only the tensors, by name; ignore every other value.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 def diff(a, b, atol, rtol, strict, tensors_only, as_json):
-    """Compare two checkpoints in any formats. Exit 0 when equal, 1 when not.
+    """Compare two checkpoints in any formats. Exit 0 when equal, 1 when not, 2 on trouble (as diff and cmp).
 
     Tensors and non-tensor values (epoch, lr) decide; how they are held (dict vs OrderedDict, _metadata) is
     reported as notes, which fail only with --strict.
@@ -170,6 +170,7 @@ def diff(a, b, atol, rtol, strict, tensors_only, as_json):
     from ..reports.diffing import diff as do_diff
     from ..reports.diffing import render
 
+    trouble_exits(2)  # as diff and cmp: 0 same, 1 different, 2 trouble (a missing or unreadable file)
     report = do_diff(a, b, atol=atol, rtol=rtol, strict=strict, tensors_only=tensors_only)
     if as_json:
         echo_json(report.to_dict())
@@ -178,34 +179,58 @@ def diff(a, b, atol, rtol, strict, tensors_only, as_json):
     sys.exit(0 if report.equal else 1)
 
 
+def _format(ctx, param, value):
+    as_json = ctx.params.get("as_json")
+    if as_json and value not in (None, "json"):
+        raise click.BadParameter(f"--json asks for json, --format for {value}; pass one", ctx, param)
+    return "json" if as_json else value or "text"
+
+
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=str, exists=True))
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--json", "as_json", is_flag=True, is_eager=True, help="Print the results as JSON (--format json).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "sarif"]), callback=_format,
+              help="text (default), json, or sarif (SARIF 2.1.0, for GitHub code scanning and security dashboards).")
+@click.option("-o", "--output", type=click.Path(path_type=str, dir_okay=False),
+              help="Write the report to this file instead of stdout (replaced if it exists).")
+@click.option("--include", multiple=True, metavar="PATTERN",
+              help="Scan only files matching this pattern ('*.safetensors'; * crosses /). Repeatable.")
+@click.option("--exclude", multiple=True, metavar="PATTERN",
+              help="Skip files and folders matching this pattern ('tests/fixtures/*'). Repeatable.")
 @click.option("--allow-global", "allow_globals", multiple=True, metavar="NAME",
               help="Count this global (dotted name or 'prefix.*') as safe. Repeatable.")
-@click.option("-v", "--verbose", "loud", is_flag=True, help="Also list files that were skipped (not checkpoints).")
-def scan(paths, as_json, allow_globals, loud):
+def scan(paths, as_json, fmt, output, include, exclude, allow_globals):
     """Check checkpoints for code and damage without writing anything: a CI gate.
 
-    Files and folders (recursively; a huggingface_hub cache too). One line per checkpoint: SAFE, UNKNOWN (names
-    globals ckconv does not know), DANGEROUS (would run code under torch.load) or BROKEN (fails a check convert
-    runs: CRC, bounds, limits, sharded/DCP consistency). Exit 0 only when every checkpoint is safe.
+    Files and folders (recursively). One line per checkpoint: SAFE, UNKNOWN (names globals ckconv does not
+    know), DANGEROUS (would run code under torch.load) or BROKEN (fails a check convert runs: CRC, bounds,
+    limits, sharded/DCP consistency). Files in a huggingface_hub cache are named org/name@revision:file.
+    Exit 0 only when every checkpoint is safe, 1 otherwise, 2 on a usage error.
     """
+    from .. import __version__
+    from ..reports.scan_report import Selection, display_name, scan_json, scan_sarif, summary
     from ..reports.scanning import exit_code, scan_paths
 
-    results = scan_paths(paths, allow_globals)
-    if as_json:
-        echo_json({"results": [r.to_dict() for r in results], "exit_code": exit_code(results)})
+    select = Selection(paths, include, exclude) if include or exclude else None
+    results = scan_paths(paths, allow_globals, select=select)
+    code = exit_code(results)
+    if fmt == "json":
+        text = json_text(scan_json(results, code, __version__))
+    elif fmt == "sarif":
+        text = json_text(scan_sarif(results, paths, __version__))
     else:
+        lines = []
         for r in results:
-            if r.verdict == Verdict.SKIPPED and not (loud or verbose()):
+            if r.verdict == Verdict.SKIPPED and not verbose():
                 continue
             detail = r.message if r.verdict != Verdict.SAFE else f"{r.format}, {r.tensors} tensors"
             detail = detail[len(r.path) + 2:] if detail.startswith(f"{r.path}: ") else detail
-            click.echo(f"{r.verdict.upper():<9} {printable(r.path)}: {printable(detail)}")
-        counts = {v: sum(r.verdict == v for r in results)
-                  for v in (Verdict.SAFE, Verdict.UNKNOWN, Verdict.CODE, Verdict.DANGEROUS, Verdict.BROKEN)}
-        if RUN["verbosity"] >= 0:
-            click.echo(f"scanned {sum(counts.values())} checkpoints: "
-                       + ", ".join(f"{n} {v}" for v, n in counts.items()), err=True)
-    sys.exit(exit_code(results))
+            lines.append(f"{r.verdict.upper():<9} {printable(display_name(r.path))}: {printable(detail)}")
+        text = "\n".join(lines)
+    write_report(text, output, inputs=[*paths, *(r.path for r in results)])
+    if fmt == "text" and RUN["verbosity"] >= 0:
+        counts = summary(results)
+        click.echo(f"scanned {counts['checkpoints']} checkpoints: "
+                   + ", ".join(f"{counts[v]} {v}" for v in ("safe", "unknown", "code", "dangerous", "broken")),
+                   err=True)
+    sys.exit(code)

@@ -27,6 +27,8 @@ class Match:
 class IncompleteMatch(UsageError):
     """``--strict``: some target keys were left unfilled."""
 
+    exit_code = 1  # an answer (no), not trouble with the request
+
 
 @dataclass
 class MatchReport:

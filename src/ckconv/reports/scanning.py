@@ -42,13 +42,16 @@ class ScanResult:
         return asdict(self)
 
 
-def scan_paths(paths, allow_globals=()) -> list:
-    """[ScanResult] for every checkpoint under ``paths`` (files or folders), in a stable order."""
+def scan_paths(paths, allow_globals=(), select=None) -> list:
+    """[ScanResult] for every checkpoint under ``paths`` (files or folders), in a stable order. ``select``, when
+    given (:class:`ckconv.reports.scan_report.Selection`), says which folders are entered (``enter(path)``) and
+    which files and folder checkpoints are scanned (``scan(path, members)``); the ``paths`` folders are always
+    entered."""
     allow = policy.check_patterns(allow_globals)
     results: list = []
     seen: set = set()
     for p in paths:
-        _scan_path(Path(p), allow, results, seen, top=True)
+        _scan_path(Path(p), allow, results, seen, top=True, select=select)
     return results
 
 
@@ -57,7 +60,7 @@ def exit_code(results) -> int:
     return 0 if all(r.verdict <= Verdict.SAFE for r in results) else 1
 
 
-def _scan_path(path: Path, allow, results, seen, top=False):
+def _scan_path(path: Path, allow, results, seen, top=False, select=None):
     from ..io import detect_format
 
     try:
@@ -72,6 +75,12 @@ def _scan_path(path: Path, allow, results, seen, top=False):
     key = (st.st_dev, st.st_ino)
     if key in seen:
         return  # the same bytes reached twice (a snapshot symlink and its blob): scanned once
+    if select is not None and stat.S_ISREG(st.st_mode) and not select.scan(path, ()):
+        if path.is_symlink():
+            seen.add(key)  # an excluded link excludes what it points at (a hub snapshot file and its blob)
+        return
+    if select is not None and not top and stat.S_ISDIR(st.st_mode) and not select.enter(path):
+        return
     seen.add(key)
     try:
         fmt = detect_format(path)
@@ -84,6 +93,8 @@ def _scan_path(path: Path, allow, results, seen, top=False):
     except CkconvError as exc:
         results.append(ScanResult(str(path), BROKEN, message=str(exc)))
         return
+    if fmt is not None and stat.S_ISDIR(st.st_mode) and select is not None and not select.scan(path, _names(path)):
+        fmt = None  # a folder checkpoint (sharded, DCP) whose files the patterns leave out: walked like a folder
     if fmt is not None:
         result, used = scan_one(path, allow, fmt, used_files=True)
         used.discard(key)
@@ -96,6 +107,8 @@ def _scan_path(path: Path, allow, results, seen, top=False):
     # its model.safetensors, an accelerate output, subfolders) is scanned on its own
     try:
         children = sorted(os.scandir(path), key=lambda e: e.name)
+        if {"blobs", "snapshots"} <= {e.name for e in children}:  # a huggingface_hub repo cache: files by their
+            children.sort(key=lambda e: e.name == "blobs")  # snapshot names first, unreferenced blobs after
     except OSError as exc:
         results.append(ScanResult(str(path), BROKEN, message=f"{path}: cannot list it ({exc.strerror})"))
         return
@@ -104,7 +117,14 @@ def _scan_path(path: Path, allow, results, seen, top=False):
                                                               "scan its subfolders one by one"))
         return
     for entry in children:
-        _scan_path(Path(entry.path), allow, results, seen)
+        _scan_path(Path(entry.path), allow, results, seen, select=select)
+
+
+def _names(folder: Path) -> list:
+    try:
+        return [Path(e.path) for e in os.scandir(folder)]
+    except OSError:
+        return []
 
 
 def _member_keys(folder: Path) -> set:
