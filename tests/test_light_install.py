@@ -61,6 +61,8 @@ def test_the_light_install_has_no_torch_and_is_small(light):
     site = subprocess.run([python, "-c", "import ckconv; print(ckconv.__file__)"], capture_output=True, text=True,
                           env=env).stdout
     assert str(venv) in site  # the installed copy, not this checkout
+    licenses = list(venv.glob("lib/python*/site-packages/ckconv-*.dist-info/licenses/LICENSE"))
+    assert licenses and licenses[0].read_text().startswith("MIT License")  # the LICENSE is in the wheel
 
 
 def _run(exe, args, cwd, env):
