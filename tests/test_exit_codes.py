@@ -100,3 +100,15 @@ def test_interrupted_conversion_exits_128_plus_signal_and_leaves_nothing(tmp_pat
     assert proc.returncode == 128 + sig, (proc.returncode, err)
     assert err.splitlines() == ["Error: interrupted; nothing was written"] and out == ""
     assert os.listdir(tmp_path) == [], f"left behind: {os.listdir(tmp_path)} (staged: {staged})"
+
+
+@pytest.mark.parametrize("command", ["", "convert", "match", "inspect", "diff", "scan", "plugins"])
+def test_every_help_has_examples_that_name_the_command(command):
+    from click.testing import CliRunner
+
+    from ckconv.cli import cli
+
+    result = CliRunner().invoke(cli, [*command.split(), "--help"], terminal_width=80)
+    assert result.exit_code == 0
+    examples = result.stdout.split("Examples:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert len(examples) >= 2 and all(line.strip().startswith(f"ckconv {command}".strip()) for line in examples)

@@ -103,3 +103,31 @@ def test_no_bar_with_json_output(source, tmp_path):
     assert code == 0, err
     assert "\r[" not in err
     assert out.lstrip().startswith("{")
+
+
+@pytest.mark.parametrize("width", [200, 80, 60, 40, 30, 20, 12, 5])
+def test_the_bar_fits_any_width_and_keeps_rate_and_time_longest(width):
+    from ckconv.cli.convert_cmd import bar_line
+
+    line = bar_line("a.pth ", 0.45, "120/267 MB", "85 MB/s", "ETA 0:02", width)
+    assert len(line) <= width and "45.0%" in line
+    if width >= 30:
+        assert line.endswith("85 MB/s, ETA 0:02")  # the bar and the amount go before the rate and the time
+    if width >= 80:
+        assert "[#############" in line and "120/267 MB" in line
+
+
+def test_a_shorter_final_line_blanks_the_longer_one_before_it(monkeypatch):
+    import io
+
+    from ckconv.cli import convert_cmd
+
+    err = io.StringIO()
+    monkeypatch.setattr(convert_cmd.sys, "stderr", err)
+    bar = convert_cmd.Progress(False)
+    bar.enabled, bar.total, bar.done = True, 10**9, 10**8
+    bar._draw(bar.t0 + 100)  # ETA 15:00: a longer line than the final one
+    bar.done = 10**9
+    bar._draw(bar.t0 + 3, final=True)  # "in 0:03"
+    last = err.getvalue().split("\r")[-1]
+    assert last.rstrip().endswith("in 0:03") and len(last) >= len(err.getvalue().split("\r")[-2])

@@ -25,6 +25,15 @@ def cli():
 
     Data goes to stdout; warnings (`warning: ...`), the progress bar and errors to stderr. Shell completion:
     eval "$(_CKCONV_COMPLETE=bash_source ckconv)" (zsh_source, fish_source for other shells).
+    Exit codes: 0 yes, 1 no (or a failed command), 2 trouble (usage), 130 interrupted.
+
+    \b
+    Examples:
+      ckconv convert model.pth model.safetensors
+      ckconv inspect model.pth
+      ckconv scan downloads/
+      ckconv diff model.pth model.safetensors
+      ckconv convert --help
     """
 
 

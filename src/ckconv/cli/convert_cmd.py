@@ -27,6 +27,7 @@ class Progress:
         self.t0 = time.monotonic()
         self.last = 0.0
         self.drawn = False
+        self.width = 0  # of the line drawn last
 
     def start(self, total):
         self.total = total
@@ -41,15 +42,15 @@ class Progress:
 
     def _draw(self, now, final=False):
         frac = min(self.done / self.total, 1.0) if self.total else 1.0
-        bar = "#" * int(frac * 30)
         elapsed = max(now - self.t0, 1e-9)
         rate = self.done / elapsed
         when = (f"in {_clock(elapsed)}" if final else
                 f"ETA {_clock((self.total - self.done) / rate)}" if rate > 0 else "ETA ?")
-        text = (f"{self.label}[{bar:<30}] {frac:6.1%} {self.done / 1e6:,.0f}/{self.total / 1e6:,.0f} MB, "
-                f"{rate / 1e6:,.0f} MB/s, {when}")
-        sys.stderr.write("\r" + text[: shutil.get_terminal_size().columns - 1])
+        text = bar_line(self.label, frac, f"{self.done / 1e6:,.0f}/{self.total / 1e6:,.0f} MB",
+                        f"{rate / 1e6:,.0f} MB/s", when, shutil.get_terminal_size().columns - 1)
+        sys.stderr.write("\r" + text.ljust(self.width))  # blanks what a longer line before it left
         sys.stderr.flush()
+        self.width = len(text)
         if not self.drawn:
             self.drawn = True
             RUN["bars"].append(self)
@@ -67,6 +68,23 @@ class Progress:
         if self.drawn:
             self._draw(time.monotonic(), final=True)  # the last update may have been throttled: the final count
         self.close()
+
+
+def bar_line(label, frac, amount, rate, when, width) -> str:
+    """``label[#####     ]  45.0% 120/267 MB, 85 MB/s, ETA 0:02`` in at most ``width`` columns. A narrow terminal
+    loses the bar's length first, then the bar, then the amount, then the label: percent, rate and time go last."""
+    pct = f"{frac:6.1%}"
+    tail = f"{rate}, {when}"
+    for bar_width in (30, 20, 10):
+        bar = "#" * int(frac * bar_width)
+        line = f"{label}[{bar:<{bar_width}}] {pct} {amount}, {tail}"
+        if len(line) <= width:
+            return line
+    for line in (f"{label}{pct.strip()} {amount}, {tail}", f"{label}{pct.strip()}, {tail}", f"{pct.strip()}, {tail}",
+                 f"{pct.strip()} {when}"):
+        if len(line) <= width:
+            return line
+    return pct.strip()[:max(width, 1)]
 
 
 def _clock(seconds) -> str:
@@ -134,6 +152,14 @@ def convert(paths, to, model_only, dtype, dtype_optimizer, max_shard_size, force
 
     With several SRC, DST is an existing folder and each goes to DST/<stem>.<ext>, as cp does (no file replaced
     without --force), one line per file; the first error stops the run and names the files not attempted.
+
+    \b
+    Examples:
+      ckconv convert model.pth model.safetensors
+      ckconv convert run.ckpt out.pth --model-only --dtype bf16
+      ckconv convert ckpt.pth resnet.safetensors --arch resnet50
+      ckconv convert hf/pytorch_model.bin hf --max-shard-size 5GB
+      ckconv convert a.pth b.pth out/ --to safetensors
     """
     from ..api import convert as do_convert
 

@@ -23,6 +23,12 @@ def inspect(src, as_json, allow_globals, summary):
 
     Exit 1 when the file is dangerous (it would run code under torch.load) or unreadable; the report is printed
     first. Globals ckconv does not know (verdict unknown) are a warning on stderr.
+
+    \b
+    Examples:
+      ckconv inspect model.pth
+      ckconv inspect model.safetensors --summary
+      ckconv inspect run.ckpt --json --allow-global 'mmengine.*'
     """
     from ..reports.inspection import inspect as do_inspect
     from ..reports.inspection import size_text
@@ -166,6 +172,12 @@ def diff(a, b, atol, rtol, strict, tensors_only, as_json):
 
     Tensors and non-tensor values (epoch, lr) decide; how they are held (dict vs OrderedDict, _metadata) is
     reported as notes, which fail only with --strict.
+
+    \b
+    Examples:
+      ckconv diff model.pth model.safetensors
+      ckconv diff fp32.pth bf16.safetensors --rtol 0.004
+      ckconv diff a.pth b.pth --tensors-only --json
     """
     from ..reports.diffing import diff as do_diff
     from ..reports.diffing import render
@@ -206,6 +218,12 @@ def scan(paths, as_json, fmt, output, include, exclude, allow_globals):
     know), DANGEROUS (would run code under torch.load) or BROKEN (fails a check convert runs: CRC, bounds,
     limits, sharded/DCP consistency). Files in a huggingface_hub cache are named org/name@revision:file.
     Exit 0 only when every checkpoint is safe, 1 otherwise, 2 on a usage error.
+
+    \b
+    Examples:
+      ckconv scan downloads/
+      ckconv scan ~/.cache/huggingface/hub --include '*.bin'
+      ckconv scan . --format sarif -o ckconv.sarif --exclude 'tests/*'
     """
     from .. import __version__
     from ..reports.scan_report import Selection, display_name, scan_json, scan_sarif, summary

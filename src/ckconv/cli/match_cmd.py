@@ -30,6 +30,12 @@ def match(ckpt, arch, arch_options, rename, selectors, section, ema, no_structur
     """Match CKPT's keys onto an architecture and report how each key was found.
 
     Without CKPT, print the architecture's state_dict spec (with --select, that part of its module tree).
+
+    \b
+    Examples:
+      ckconv match ckpt.pth --arch resnet50
+      ckconv match ckpt.pth --arch auto --save-map map.json
+      ckconv match --arch vgg16 --select 'classifier[-1]'
     """
     if ckpt is None:
         _show_spec(arch, arch_options, selectors, as_json)

@@ -10,7 +10,13 @@ from .common import echo_json, table, warn
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the plugin list as JSON.")
 def plugins(as_json):
-    """List plugins, their versions and what each registers."""
+    """List plugins, their versions and what each registers.
+
+    \b
+    Examples:
+      ckconv plugins
+      ckconv plugins --json
+    """
     from ..plugins import host
 
     h = host()
