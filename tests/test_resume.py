@@ -175,7 +175,7 @@ def test_ambiguous_groups_are_refused_and_optimizer_drop_writes_the_model(tmp_pa
 
     out = tmp_path / "out.pth"
     run = invoke("convert", src, out, "--arch", "resnet18", "--arch-option", "num_classes=10")
-    assert run.exit_code == 1 and not out.exists()
+    assert run.exit_code == 2 and not out.exists()
     (line,) = run.output.strip().splitlines()
     assert "param group 0 (39 parameters, lr=0.001, weight_decay=0.0)" in line
     assert "fits the model's parameters in more than one way" in line
@@ -482,7 +482,7 @@ def test_dtype_casts_the_model_only_and_dtype_optimizer_spares_step(tmp_path, tr
 def test_dtype_optimizer_without_an_optimizer_is_refused(tmp_path):
     torch.save({"model": squeezenet().state_dict()}, tmp_path / "src.pth")
     run = invoke("convert", tmp_path / "src.pth", tmp_path / "out.pth", "--dtype-optimizer", "fp16")
-    assert run.exit_code == 1 and "no optimizer state_dict" in run.output
+    assert run.exit_code == 2 and "no optimizer state_dict" in run.output
     assert not (tmp_path / "out.pth").exists()
 
 
@@ -514,7 +514,7 @@ def test_param_names_that_disagree_with_the_state_are_refused(tmp_path):
                tmp_path / "src.pth")
     run = invoke("convert", tmp_path / "src.pth", tmp_path / "out.pth", "--arch", "squeezenet1_1",
                  "--arch-option", "num_classes=4")
-    assert run.exit_code == 1, run.output
+    assert run.exit_code == 2, run.output
     (line,) = run.output.strip().splitlines()
     assert "by its param_names, but its state has shape" in line and "--optimizer drop" in line
     assert not (tmp_path / "out.pth").exists()

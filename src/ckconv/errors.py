@@ -7,7 +7,7 @@ else in ckconv turns errors into exit codes.
 
 __all__ = ["CkconvError", "CkconvWarning", "CorruptCheckpoint", "LimitExceeded", "MissingExtra", "NotACheckpoint",
            "OutputExists", "PluginError", "UnsafeCheckpoint", "UnsupportedContent", "UsageError", "WriteFailed",
-           "did_you_mean", "import_extra"]
+           "did_you_mean", "import_torch"]
 
 
 class CkconvError(Exception):
@@ -63,18 +63,17 @@ class MissingExtra(UsageError, ModuleNotFoundError):
     """A feature needs an optional dependency that is not installed (torch: ``pip install 'ckconv[torch]'``)."""
 
 
-def import_extra(module: str, what: str, extra: str = "torch"):
-    """``import module`` for a feature that needs the ``ckconv[extra]`` extra; :class:`MissingExtra`, one line
-    naming the extra, when it is not installed (``ckconv.load needs torch, which is not installed: ...``)."""
-    import importlib
-
+def import_torch(what: str):
+    """``import torch`` for a feature that needs the ``ckconv[torch]`` extra; :class:`MissingExtra`, one line
+    naming the extra, when torch is not installed (``... needs torch, which is not installed: ...``)."""
     try:
-        return importlib.import_module(module)
+        import torch  # the caller needs it: the import stays off every path that does not
     except ModuleNotFoundError as exc:
-        if (exc.name or "").partition(".")[0] != module.partition(".")[0]:
-            raise  # something the module itself imports is missing: not ours to rename
-        raise MissingExtra(f"{what} needs {module.partition('.')[0]}, which is not installed: "
-                           f"pip install 'ckconv[{extra}]'", name=exc.name) from None
+        if (exc.name or "").partition(".")[0] != "torch":
+            raise  # something torch itself imports is missing: not ours to rename
+        raise MissingExtra(f"{what} needs torch, which is not installed: pip install 'ckconv[torch]'",
+                           name=exc.name) from None
+    return torch
 
 
 class CkconvWarning(UserWarning):

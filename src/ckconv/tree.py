@@ -7,7 +7,7 @@ import os
 from collections import OrderedDict
 
 from . import dtypes, numpy_values
-from .errors import LimitExceeded, UnsupportedContent, UsageError, import_extra
+from .errors import LimitExceeded, UnsupportedContent, UsageError, import_torch
 from .model import Foreign, Storage, TensorRef, TorchDevice, TorchDtype, TorchSize
 
 __all__ = ["foreign_objects", "format_path", "from_torch", "is_flat_state_dict", "materialize", "tensors", "walk"]
@@ -229,7 +229,7 @@ def is_flat_state_dict(root) -> bool:
 def materialize(root, budget=None, device=None):
     """Turn a ckconv tree into real torch objects, tensors on ``device`` (default the CPU); storages shared in the
     file stay shared."""
-    torch = import_extra("torch", "reading into torch tensors (ckconv.load)")
+    torch = import_torch("reading into torch tensors (ckconv.load)")
     target = _device(torch, device)
     storages: dict = {}
 

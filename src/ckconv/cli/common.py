@@ -88,7 +88,7 @@ class CkconvGroup(click.Group):
         except CkconvError as exc:
             if DEBUG:
                 raise
-            fail(str(exc), type(exc).__name__, code=exc.exit_code)
+            fail(str(exc), type(exc).__name__, code=None if exc.exit_code == EXIT_NO else exc.exit_code)
         except KeyboardInterrupt:
             fail("interrupted; nothing was written", "Interrupted", code=interrupted_code())
         except BrokenPipeError:
