@@ -19,7 +19,7 @@ from .contents.plain import plain as make_plain
 from .contents.unwrap import model_state_dict, refuse_placeholders, replace
 from .errors import UsageError
 from .formats.base import user_metadata
-from .io import PathLike, Progress, output_target, read, write
+from .io import PathLike, Progress, check_extension, output_target, read, write
 from .matching import targets
 from .matching.remap import remap_checkpoint
 from .matching.selectors import _names, freeze as select_frozen, under
@@ -86,6 +86,7 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
     """
     src = Path(src)
     check_patterns(allow_globals)  # a bad pattern is a usage error before anything is read
+    check_extension(Path(dst), to)  # out.safetensors --to torch: refused before anything is read
     if freeze and model_only:
         raise UsageError("--freeze records the frozen parameters in a bundle, but --model-only writes a bare "
                          "state_dict; drop one of the two")

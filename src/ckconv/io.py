@@ -84,7 +84,6 @@ def output_format(dst: Path, to: str | None, max_shard_size) -> str:
     variant (``torch`` -> ``torch-sharded``), refused for a format that cannot shard (never silently ignored)."""
     if to:
         name = host().format(to).name
-        _check_extension(dst, name)
     elif max_shard_size is not None:
         return "safetensors"
     else:
@@ -104,9 +103,12 @@ def output_format(dst: Path, to: str | None, max_shard_size) -> str:
     return sharded
 
 
-def _check_extension(dst: Path, name: str):
-    """An explicit format that contradicts DST's extension (``out.safetensors --to torch``) is refused: a file whose
-    name says one format and whose bytes another is a trap for the next reader (issue 23)."""
+def check_extension(dst: Path, to: str | None):
+    """``convert``'s explicit format that contradicts DST's extension (``out.safetensors --to torch``) is refused: a
+    file whose name says one format and whose bytes another is a trap for the next reader (issue 23)."""
+    if not to:
+        return
+    dst, name = Path(dst), host().format(to).name
     if dst.is_dir():
         return  # cp semantics: the file in the folder takes the format's own extension
     suffix = dst.suffix.lower()
