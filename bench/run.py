@@ -4,6 +4,7 @@
     make bench                                   # everything: vgg16 (0.5), synthetic 1.6 GiB and 4 GiB
     BENCH_SIZES=0.5 .venv/bin/python bench/run.py          # quick: vgg16 only
     .venv/bin/python bench/run.py --sizes 0.5,1.6 --reps 5 --keep --only convert,cli
+    .venv/bin/python bench/run.py --only many --many 100000,1000000     # many tensors (bench/many_tensors.py)
 
 Every measurement is one child process, timed from spawn to exit, with its peak RSS and CPU time taken from
 ``os.wait4``. Contenders run alternately (rotating order) and the table shows medians. Inputs are built here
@@ -26,6 +27,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import many_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -283,7 +286,7 @@ class Bench:
         self.work.mkdir(parents=True, exist_ok=True)
         self.made: list[Path] = []
         self.results: dict = {"convert": [], "other": [], "cli": [], "match": [], "breakdown": [], "targets": [],
-                              "notes": []}
+                              "notes": [], "many": []}
         self.t0 = time.time()
         probe = run_python("from ckconv.storage.fastcopy import crc32_backend; print(crc32_backend())", check=False)
         self.crc = probe.stdout.strip() or "zlib"
@@ -303,6 +306,18 @@ class Bench:
             self.log(f"  built {path.name}: {path.stat().st_size / MIB:,.0f} MiB in {time.perf_counter() - t0:.1f} s")
         self.made.append(path)
         return path
+
+    def build_pair(self, first, second, code, *args):
+        """Two inputs one script writes together (``code first second *args``)."""
+        if first.exists() and second.exists() and self.args.keep:
+            self.log(f"  reusing {first.name}, {second.name}")
+        else:
+            remove(first)
+            remove(second)
+            t0 = time.perf_counter()
+            run_python(code, first, second, *args)
+            self.log(f"  built {first.name}, {second.name} in {time.perf_counter() - t0:.1f} s")
+        self.made += [first, second]
 
     def cleanup(self):
         for tree in getattr(self, "worktrees", []):
@@ -520,6 +535,10 @@ class Bench:
         if "convert" in only:
             self.breakdown(vgg, a.reps)
 
+        if "many" in only:
+            self.log("many tensors")
+            many_tensors.run_section(self, a.reps, sys.modules[__name__])
+
         if "other" in only:
             st = self.work / "vgg16.safetensors"
             remove(st)
@@ -657,6 +676,9 @@ class Bench:
                 targets.append((f"{r['case']}: ckconv / (cp + sync) (both durable; issue 16)", "<= 1.4",
                                 ratio(ck.wall, cps.wall), ck.wall / cps.wall <= 1.4 if group == "convert" else None))
                 targets.append((f"{r['case']}: extra peak RSS", "<= 64 MiB", f"{extra:+.0f} MiB", extra <= 64))
+                if group == "convert" and "vgg16" in r["case"]:
+                    targets.append((f"{r['case']}: ckconv / (cp + sync) (issue 24)", "<= 1.25",
+                                    ratio(ck.wall, cps.wall), ck.wall / cps.wall <= 1.25))
                 if group == "convert":
                     flat.append(extra)
             lines.append("")
@@ -729,7 +751,11 @@ class Bench:
                                     + (", imports torch" if c["torch"] else ""), ok))
             lines.append("")
 
-        lines.append("### Targets (issues 6 and 16)\n")
+        many_lines, many_targets = many_tensors.table(self, sys.modules[__name__])
+        lines += many_lines
+        targets += many_targets
+
+        lines.append("### Targets (issues 6, 16 and 24)\n")
         lines.append("| target | goal | measured | met |")
         lines.append("|---|---|---|---|")
         for name, goal, got, ok in targets:
@@ -799,8 +825,11 @@ def parse_args(argv=None):
                    help="repetitions per contender (env BENCH_REPS; default 3; CLI timings use at least 5)")
     p.add_argument("--big-reps", type=int, default=int(os.environ.get("BENCH_BIG_REPS", 1)),
                    help="repetitions for inputs of 3 GiB and more (env BENCH_BIG_REPS; default 1)")
-    p.add_argument("--only", default=os.environ.get("BENCH_ONLY", "convert,other,cli"),
-                   help="sections to run: convert, other, cli (env BENCH_ONLY)")
+    p.add_argument("--only", default=os.environ.get("BENCH_ONLY", "convert,other,cli,many"),
+                   help="sections to run: convert, other, cli, many (env BENCH_ONLY)")
+    p.add_argument("--many", default=os.environ.get("BENCH_MANY", "100000,1000000"),
+                   help="tensor counts for the many-tensors section: tiny .pth -> .safetensors and inspect, then "
+                        "one-element safetensors -> .pth; 0 skips one (env BENCH_MANY; default 100000,1000000)")
     p.add_argument("--shard", default="200MB", help="--max-shard-size for the sharded case (default 200MB)")
     p.add_argument("--before", default=os.environ.get("BENCH_BEFORE", ""),
                    help="a git revision whose `ckconv match` is timed beside today's (a worktree in the work dir; "

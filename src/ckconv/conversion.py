@@ -24,7 +24,7 @@ from .matching import targets
 from .matching.remap import remap_checkpoint
 from .matching.selectors import _names, freeze as select_frozen, under
 from .matching.report import MatchReport
-from .model import Checkpoint, Note, warning
+from .model import Checkpoint, Note, TensorRef, warning
 from .pickling.policy import check_patterns
 from .storage.atomic import check_destination
 
@@ -191,7 +191,7 @@ def _writer(distributed: bool):
 
 def _unique_tensors(root):
     seen, out = set(), []
-    for _, ref in tree.tensors(root):
+    for ref in tree.instances(root, TensorRef):
         key = ref.view_key()
         if key not in seen:
             seen.add(key)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 from . import tree
 from .errors import NotACheckpoint, OutputExists, UsageError
 from .formats.base import SNIFF_BYTES, WriteOptions
-from .model import Checkpoint
+from .model import Checkpoint, TensorRef
 from .pickling.policy import check_patterns
 from .pickling.writer import check_writable
 from .plugins import host
@@ -213,12 +213,14 @@ def _source_files(ckpt: Checkpoint) -> set:
     """Every file (and folder) the checkpoint's bytes come from: what no output may overwrite."""
     paths = {ckpt.path} if ckpt.path else set()
     seen = set()
-    for _, ref in tree.tensors(ckpt.root):
+    for ref in tree.instances(ckpt.root, TensorRef):
         st = ref.storage
         while st is not None and id(st) not in seen:  # a cast storage reads from another storage
             seen.add(id(st))
-            paths.update(p for p in [getattr(st, "path", None)]
-                         + [getattr(x, "path", None) for x in getattr(st, "pieces", ())] if p)
+            path = getattr(st, "path", None)
+            if path:
+                paths.add(path)
+            paths.update(p for p in [getattr(x, "path", None) for x in getattr(st, "pieces", ())] if p)
             st = getattr(st, "source", None)
     return paths
 

@@ -109,50 +109,64 @@ class TreePath:
 
 
 ROOT = TreePath(None, None)
-_END = object()
 
 
-def walk(root, visit=None):
+def walk(root, visit=None, kinds=None, paths=True):
     """Visit every node depth-first as ``visit(path, node)``; refuse container cycles, depth and size bombs.
 
     Returns the number of nodes visited. Runs iteratively, so hostile nesting cannot overflow the C stack, and
     holds only the current branch: memory is O(depth) beyond what ``visit`` keeps. ``path`` is a
     :class:`TreePath` (a tuple of keys on demand); keep it, not ``tuple(path)``, to stay O(1) per node.
+    ``kinds``: a type or tuple of types: ``visit`` is called only for nodes of those types (the walk, its count
+    and its limits are the same; only the containers' paths are built for the others). ``paths=False``: ``visit``
+    is called as ``visit(node)``.
     """
-    count = 0
-    on_path: set = set()
-    frames: list = []  # (id of an open container, its path, iterator over its (key, child) pairs)
-    path, node = ROOT, root
-    while True:
-        count += 1
-        if count > MAX_NODES:
-            raise LimitExceeded(
-                f"structure too large: more than {MAX_NODES} objects (shared references can expand "
-                "exponentially); raise CKCONV_MAX_NODES if you trust this file")
-        if path.depth > MAX_DEPTH:
-            raise LimitExceeded(f"structure too deep: nesting exceeds {MAX_DEPTH} levels at "
-                                f"{format_path(path.as_tuple()[:5])}...")
-        if visit is not None:
-            visit(path, node)
-        if isinstance(node, CONTAINERS) or isinstance(node, Foreign):
-            if id(node) not in on_path:
-                on_path.add(id(node))
-                frames.append((id(node), path, _iter_children(node)))
-            elif not isinstance(node, Foreign):
-                raise LimitExceeded(f"self-referencing structure at {format_path(path)}: a container contains itself")
-            # an object reached again inside its own state (omegaconf's ``_parent``, a module's back-reference) is
-            # a back-reference, as in pickle's memo: visited, not descended into; writers keep it shared
-        while frames:
-            parent_id, parent, pairs = frames[-1]
-            pair = next(pairs, _END)
-            if pair is _END:
-                frames.pop()
-                on_path.discard(parent_id)
-                continue
-            path, node = TreePath(parent, pair[0]), pair[1]
-            break
+    _check_node(1, ROOT)
+    if visit is not None and (kinds is None or isinstance(root, kinds)):
+        visit(ROOT, root) if paths else visit(root)
+    if not (isinstance(root, CONTAINERS) or isinstance(root, Foreign)):
+        return 1
+    count = 1
+    on_path = {id(root)}
+    frames = [(id(root), ROOT, _iter_children(root))]  # (id of an open container, its path, its (key, child) pairs)
+    while frames:
+        parent_id, parent, pairs = frames[-1]
+        depth = parent.depth + 1
+        for key, node in pairs:
+            count += 1
+            if count > MAX_NODES or depth > MAX_DEPTH:
+                _check_node(count, TreePath(parent, key))
+            path = None
+            if visit is not None and (kinds is None or isinstance(node, kinds)):
+                if paths:
+                    path = TreePath(parent, key)
+                    visit(path, node)
+                else:
+                    visit(node)
+            if isinstance(node, CONTAINERS) or isinstance(node, Foreign):
+                if id(node) not in on_path:
+                    on_path.add(id(node))
+                    frames.append((id(node), path or TreePath(parent, key), _iter_children(node)))
+                    break  # descend; this frame's iterator resumes after the child's subtree
+                if not isinstance(node, Foreign):
+                    raise LimitExceeded(f"self-referencing structure at {format_path(TreePath(parent, key))}: a "
+                                        "container contains itself")
+                # an object reached again inside its own state (omegaconf's ``_parent``, a module's back-reference)
+                # is a back-reference, as in pickle's memo: visited, not descended into; writers keep it shared
         else:
-            return count
+            frames.pop()
+            on_path.discard(parent_id)
+    return count
+
+
+def _check_node(count, path):
+    if count > MAX_NODES:
+        raise LimitExceeded(
+            f"structure too large: more than {MAX_NODES} objects (shared references can expand "
+            "exponentially); raise CKCONV_MAX_NODES if you trust this file")
+    if path.depth > MAX_DEPTH:
+        raise LimitExceeded(f"structure too deep: nesting exceeds {MAX_DEPTH} levels at "
+                            f"{format_path(path.as_tuple()[:5])}...")
 
 
 def format_path(path) -> str:
@@ -209,13 +223,21 @@ def json_safe(obj):
 def tensors(root):
     """[(path, TensorRef)] in file order."""
     found = []
-    walk(root, lambda p, n: found.append((p, n)) if isinstance(n, TensorRef) else None)
+    add = found.append
+    walk(root, lambda p, n: add((p, n)), kinds=TensorRef)
+    return found
+
+
+def instances(root, kinds) -> list:
+    """[node] of every node of ``kinds`` (a type or tuple) in walk order, a shared one once per place; no paths."""
+    found: list = []
+    walk(root, found.append, kinds=kinds, paths=False)
     return found
 
 
 def foreign_objects(root):
     found = []
-    walk(root, lambda p, n: found.append((format_path(p), n.class_name)) if isinstance(n, Foreign) else None)
+    walk(root, lambda p, n: found.append((format_path(p), n.class_name)), kinds=Foreign)
     return found
 
 
@@ -310,13 +332,11 @@ def _check_view_budget(root, budget=None):
 
     seen, excess = set(), 0
 
-    def visit(path, node):
-        nonlocal excess
-        if isinstance(node, TensorRef) and node.view_key() not in seen:
-            seen.add(node.view_key())
+    for node in instances(root, TensorRef):
+        key = node.view_key()
+        if key not in seen:
+            seen.add(key)
             excess += max(0, node.nbytes - node.storage.nbytes)
-
-    walk(root, visit)
     budget = memory_budget() if budget is None else budget
     if excess > budget:
         raise LimitExceeded(f"tensor views would need {excess} bytes beyond their storages, over the memory budget "

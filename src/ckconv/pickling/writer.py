@@ -30,7 +30,7 @@ def write_problems(root, allow=()) -> list:
 def dry_run(root, allow=()) -> "PickleWriter":
     """Write ``root`` into nothing: the writer then holds every global the tree would name, each with the roles it
     would be written in (``named``), and the problems that keep it out of a pickle (``problems``)."""
-    writer = PickleWriter(lambda storage: "0", allow=allow)
+    writer = PickleWriter(lambda storage: "0", allow=allow, tensors=False)  # a tensor names no tree global
     writer.save(root)
     return writer
 
@@ -38,11 +38,13 @@ def dry_run(root, allow=()) -> "PickleWriter":
 def check_writable(root, allow=(), where="") -> None:
     """Refuse, naming them, the globals of ``root`` that a pickle may not carry (see :mod:`ckconv.pickling.policy`); for
     writers that pickle a tree piece by piece and must refuse before their first file."""
-    PickleWriter(lambda storage: "0", allow=allow, where=where).dumps(root)
+    PickleWriter(lambda storage: "0", allow=allow, where=where, tensors=False).dumps(root)
 
 
 class PickleWriter:
-    def __init__(self, storage_key, allow=(), where=""):
+    def __init__(self, storage_key, allow=(), where="", tensors=True):
+        self.tensors = tensors  # False: a check that writes tensors as None (their globals are ckconv's own)
+        self.fragments: dict = {}  # key -> the bytes a run of opcodes comes to (see fragment)
         self.out = bytearray(b"\x80\x02")
         self.memo: dict = {}
         self.storage_key = storage_key  # Storage -> record key (str)
@@ -90,13 +92,13 @@ class PickleWriter:
         self.out += b"q" + bytes([idx]) if idx < 256 else b"r" + struct.pack("<I", idx)
 
     def global_(self, module, name):
-        if not policy.valid_name(module, name):  # never reached by tree names (tree_global checks them first)
-            raise UnsupportedContent(f"refusing to write the invalid global name {policy.dotted(module, name)}")
         key = ("global", module, name)
-        if key in self.memo:
+        if key in self.memo:  # checked when it was first written
             idx = self.memo[key]
             self.out += b"h" + bytes([idx]) if idx < 256 else b"j" + struct.pack("<I", idx)
             return
+        if not policy.valid_name(module, name):  # never reached by tree names (tree_global checks them first)
+            raise UnsupportedContent(f"refusing to write the invalid global name {policy.dotted(module, name)}")
         self.out += b"c" + module.encode() + b"\n" + name.encode() + b"\n"
         self.put_memo(key)
 
@@ -131,7 +133,11 @@ class PickleWriter:
 
     # -- values -----------------------------------------------------------------------------------------------
     def save(self, v):
-        if v is None:
+        if type(v) is TensorRef and self.tensors:  # the common cases first: a million tensors under their names
+            self.save_tensor(v)
+        elif type(v) is str:
+            self.save_str(v)
+        elif v is None:
             self.out += b"N"
         elif v is True:
             self.out += b"\x88"
@@ -166,7 +172,10 @@ class PickleWriter:
             self.tuple_((v.decode("latin1"), "latin1"))
             self.out += b"R"
         elif isinstance(v, TensorRef):
-            self.save_tensor(v)
+            if self.tensors:
+                self.save_tensor(v)
+            else:
+                self.out += b"N"
         elif isinstance(v, OrderedDict):
             self.global_("collections", "OrderedDict")
             self.out += b")R"
@@ -241,26 +250,35 @@ class PickleWriter:
     def save_tensor(self, t: TensorRef):
         # _rebuild_tensor_v2(pid, offset, size, stride, requires_grad, hooks) for dtypes with a typed storage
         # class, _rebuild_tensor_v3(..., dtype) over an UntypedStorage otherwise: what torch.save writes.
-        if t.parameter:
-            self.global_("torch._utils", "_rebuild_parameter")
         st = t.storage
         typed = dtypes.DTYPES[t.dtype][2] if st.dtype == t.dtype else None
+        kind = (t.dtype, typed, t.parameter, bool(t.requires_grad))
+        self.fragment(("head",) + kind, self._tensor_head, t.parameter, typed)
+        self.save_str(self.storage_key(st))
+        self.fragment("cpu", self.save_str, "cpu")
+        self.save_int(st.nbytes // dtypes.itemsize(t.dtype) if typed else st.nbytes)
+        self.out += b"tQ"
+        self.save_int(t.offset)
+        self.fragment(t.shape, self._ints, t.shape)  # tuples of ints: no memo, the same bytes every time
+        self.fragment(t.stride, self._ints, t.stride)
+        self.fragment(("tail",) + kind, self._tensor_tail, t, typed)
+
+    def _ints(self, values):
+        self.tuple_(tuple(values))
+        return all(type(v) is int for v in values)  # (True,) == (1,) as a key: cache exact ints only
+
+    def _tensor_head(self, parameter, typed):
+        if parameter:
+            self.global_("torch._utils", "_rebuild_parameter")
         self.global_("torch._utils", "_rebuild_tensor_v2" if typed else "_rebuild_tensor_v3")
         self.out += b"(("
         self.save_str("storage")
         if typed:
             self.global_("torch", typed)
-            numel = st.nbytes // dtypes.itemsize(t.dtype)
         else:
             self.global_("torch.storage", "UntypedStorage")
-            numel = st.nbytes
-        self.save_str(self.storage_key(st))
-        self.save_str("cpu")
-        self.save_int(numel)
-        self.out += b"tQ"
-        self.save_int(t.offset)
-        self.tuple_(tuple(t.shape))
-        self.tuple_(tuple(t.stride))
+
+    def _tensor_tail(self, t, typed):
         self.save(bool(t.requires_grad) and not t.parameter)
         self.global_("collections", "OrderedDict")
         self.out += b")R"
@@ -271,6 +289,19 @@ class PickleWriter:
             self.save(bool(t.requires_grad))
             self.global_("collections", "OrderedDict")
             self.out += b")R\x87R"
+
+    def fragment(self, key, emit, *args):
+        """Append what ``emit(*args)`` writes, from a cache once it is known. The bytes a run of opcodes comes to
+        are cached only when writing them put nothing in the memo (and ``emit`` did not return False), so they stay
+        right for every later use (the memo only grows). A million tensors cost a few appends each, not dozens of
+        calls."""
+        cached = self.fragments.get(key)
+        if cached is not None:
+            self.out += cached
+            return
+        start, memo = len(self.out), len(self.memo)
+        if emit(*args) is not False and len(self.memo) == memo:
+            self.fragments[key] = bytes(self.out[start:])
 
     def save_foreign(self, f: Foreign):
         if f.reconstructor is not None:  # copyreg._reconstructor(cls, base, state): calls base (an ARG_REFERENCE)

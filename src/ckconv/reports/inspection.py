@@ -12,7 +12,7 @@ from ..pickling import policy
 from .. import tree
 from ..contents.layout import describe
 from ..errors import UnsafeCheckpoint
-from ..model import Checkpoint, Foreign, TensorRef, is_reference
+from ..model import Checkpoint, Foreign, GlobalRef, TensorRef, is_reference
 from ..contents.sections import sections
 from ..pickling.allowlist import Role
 from ..pickling.verdicts import Verdict, worst
@@ -91,17 +91,17 @@ def _tensor_rows(root, limit=None):
 
     def visit(p, ref):
         nonlocal count, total
-        if not isinstance(ref, TensorRef):
-            return
         count += 1
         kinds[ref.dtype] += 1
+        nbytes = ref.nbytes
         if len(infos) < limit:
-            infos.append(TensorInfo(tree.short_path(p), ref.dtype, list(ref.shape), ref.nbytes))
-        if ref.view_key() not in seen:
-            seen.add(ref.view_key())
-            total += ref.nbytes
+            infos.append(TensorInfo(tree.short_path(p), ref.dtype, list(ref.shape), nbytes))
+        key = ref.view_key()
+        if key not in seen:
+            seen.add(key)
+            total += nbytes
 
-    tree.walk(root, visit)
+    tree.walk(root, visit, kinds=TensorRef)
     return count, total, dict(kinds), infos
 
 
@@ -153,7 +153,7 @@ def glance(root, limit=1000) -> list:
             return  # a record inside the last numpy value (its dtype, the ndarray class)
         found.append({"path": where, "kind": kind, "text": text})
 
-    tree.walk(root, visit)
+    tree.walk(root, visit, kinds=(Foreign, GlobalRef, type))  # records and references only (is_reference)
     return found
 
 

@@ -204,6 +204,18 @@ def _buffered_copy_with_crc(src_fd, src_off, dst_fd, dst_off, length, crc, progr
     return crc
 
 
+def _pread_all(fd, length, offset) -> bytes:
+    """Up to ``length`` bytes at ``offset``: fewer only where the file ends."""
+    parts, got = [], 0
+    while got < length:
+        block = os.pread(fd, length - got, offset + got)
+        if not block:
+            break
+        parts.append(block)
+        got += len(block)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 def write_at(fd, data, offset, crc=None):
     """Write a bytes-like block at ``offset``; returns the CRC-32 continued from ``crc`` (None: not computed)."""
     view = memoryview(data).cast("B")
@@ -211,11 +223,31 @@ def write_at(fd, data, offset, crc=None):
     return None if crc is None else _crc32(view, crc)
 
 
+READ_AHEAD = 1 << 20  # small reads are served from one window of this many bytes read ahead
+
+
 class SourceFiles:
     """Read-only descriptors of source files, opened once per path while a writer runs."""
 
     def __init__(self):
         self.fds: dict = {}
+        self.window = (None, 0, b"")  # (path, offset, bytes) last read ahead
+
+    def read(self, path, offset, length) -> bytes:
+        """``length`` bytes at ``offset`` of ``path``. A million tensors of a few bytes each, stored one after the
+        other, cost a read per window of :data:`READ_AHEAD` bytes, not a system call each. Raises
+        :class:`Truncated` when the file ends first."""
+        wpath, wstart, wdata = self.window
+        if wpath == path and wstart <= offset and offset + length <= wstart + len(wdata):
+            return wdata[offset - wstart:offset - wstart + length]
+        fd = self.fd(path)
+        data = _pread_all(fd, max(length, READ_AHEAD) if length <= READ_AHEAD else length, offset)
+        if len(data) < length:
+            raise Truncated
+        if length <= READ_AHEAD:
+            self.window = (path, offset, data)
+            return data[:length]
+        return data
 
     def fd(self, path):
         fd = self.fds.get(path)
