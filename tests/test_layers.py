@@ -184,3 +184,18 @@ def test_the_layers_are_documented():
     undocumented = [m for m, path in modules().items() if m != "ckconv" and not only_a_docstring(path)
                     and f"`{m.removeprefix('ckconv.')}`" not in text]
     assert not undocumented, f"docs/architecture.md has no line for: {undocumented}"
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_over_80_lines():
+    """A function that passes a screenful is asking to be cut along its seams (a dispatch table, named steps)."""
+    long = []
+    for path in sorted([*SRC.rglob("*.py"), *ROOT.glob("plugins/*/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} has {length} lines")
+    assert not long, "\n".join(long)

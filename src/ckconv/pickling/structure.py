@@ -36,26 +36,40 @@ def encode(root, raw_dtypes=frozenset(), namer=None):
     optimizer state by parameter name: ``optimizer.state.features.0.weight.exp_avg``).
     """
     walk(root)  # refuse cycles and bombs before recursing
-    names: dict = {}  # view key -> name
-    objects: dict = {}  # id of a foreign record -> its number, for "$ref"
-    used: set = set()
-    named: list = []
+    encoder = _Encoder(raw_dtypes, namer)
+    structure = encoder.enc(root, ())
+    names, named = encoder.names, encoder.named
+    plain = (type(root) is dict and len(named) == len(root) and bool(root)
+             and all(type(k) is str and isinstance(v, TensorRef) and not v.parameter and not v.requires_grad
+                     and v.dtype not in raw_dtypes and names[v.view_key()] == k for k, v in root.items()))
+    return structure, named, not plain
 
-    def name_for(path, ref):
+
+class _Encoder:
+    """One encoding pass: tensors named once each (tied views share a name), records numbered for ``$ref``."""
+
+    def __init__(self, raw_dtypes, namer):
+        self.raw_dtypes, self.namer = raw_dtypes, namer
+        self.names: dict = {}  # view key -> name
+        self.objects: dict = {}  # id of a foreign record -> its number, for "$ref"
+        self.used: set = set()
+        self.named: list = []
+
+    def name_for(self, path, ref):
         key = ref.view_key()
-        if key in names:
-            return names[key], True
-        base = _utf8_safe((namer(path) if namer else None) or tensor_name(path))
+        if key in self.names:
+            return self.names[key]
+        base = _utf8_safe((self.namer(path) if self.namer else None) or tensor_name(path))
         name, n = base, 1
-        while name in used:
+        while name in self.used:
             n += 1
             name = f"{base}#{n}"
-        used.add(name)
-        names[key] = name
-        named.append((name, ref))
-        return name, False
+        self.used.add(name)
+        self.names[key] = name
+        self.named.append((name, ref))
+        return name
 
-    def enc(node, path):
+    def enc(self, node, path):
         if type(node) is str:
             return node if _utf8_ok(node) else {"$str": base64.b64encode(node.encode("utf-8", "surrogatepass")).decode()}
         if node is None or type(node) is bool:
@@ -65,22 +79,38 @@ def encode(root, raw_dtypes=frozenset(), namer=None):
         if type(node) is float:
             return node if math.isfinite(node) else {"$float": repr(node)}
         if isinstance(node, TensorRef):
-            name, _ = name_for(path, node)
-            out = {"$tensor": name}
-            if node.parameter:
-                out["param"] = True
-            if node.requires_grad:
-                out["requires_grad"] = True
-            if node.dtype in raw_dtypes:
-                out["dtype"] = node.dtype
-                out["shape"] = list(node.shape)
-            return out
+            return self.tensor(node, path)
         if isinstance(node, TorchSize):
             return {"$size": list(node)}
         if isinstance(node, TorchDtype):
             return {"$dtype": str(node)}
         if isinstance(node, TorchDevice):
             return {"$device": str(node)}
+        if isinstance(node, OrderedDict) or type(node) in (dict, list, tuple, set, frozenset):
+            return self.container(node, path)
+        if type(node) in (bytes, bytearray):
+            return {"$" + type(node).__name__: base64.b64encode(node).decode()}
+        if type(node) is complex:
+            return {"$complex": [node.real, node.imag]}
+        if is_reference(node):
+            return {"$class": f"{node.module}:{node.qualname}"}
+        if isinstance(node, Foreign):
+            return self.record(node, path)
+        raise CorruptCheckpoint(f"cannot encode a value of type {type(node).__name__} at {format_path(path)}")
+
+    def tensor(self, node, path):
+        out = {"$tensor": self.name_for(path, node)}
+        if node.parameter:
+            out["param"] = True
+        if node.requires_grad:
+            out["requires_grad"] = True
+        if node.dtype in self.raw_dtypes:
+            out["dtype"] = node.dtype
+            out["shape"] = list(node.shape)
+        return out
+
+    def container(self, node, path):
+        enc = self.enc
         if isinstance(node, OrderedDict):
             out = {"$odict": [[enc(k, path), enc(v, path + (k,))] for k, v in node.items()]}
             if getattr(node, "__dict__", None):
@@ -96,38 +126,28 @@ def encode(root, raw_dtypes=frozenset(), namer=None):
             return {"$tuple": [enc(v, path + (i,)) for i, v in enumerate(node)]}
         if type(node) in (set, frozenset):
             return {"$" + type(node).__name__: [enc(v, path + (i,)) for i, v in enumerate(node)]}
-        if type(node) in (bytes, bytearray):
-            return {"$" + type(node).__name__: base64.b64encode(node).decode()}
-        if type(node) is complex:
-            return {"$complex": [node.real, node.imag]}
-        if is_reference(node):
-            return {"$class": f"{node.module}:{node.qualname}"}
-        if isinstance(node, Foreign):
-            if id(node) in objects:  # shared, or reached again inside its own state (a back-reference)
-                return {"$ref": objects[id(node)]}
-            objects[id(node)] = len(objects)
-            out = {"$object": f"{node.module}:{node.qualname}", "id": objects[id(node)]}
-            out["args"] = [enc(a, path + ("args", i)) for i, a in enumerate(node.args)]
-            if node.newobj:
-                out["new"] = True
-            if node.kwargs:
-                out["kwargs"] = [[enc(k, path), enc(v, path + ("kwargs", k))] for k, v in node.kwargs.items()]
-            if node.reconstructor is not None:
-                out["reconstructor"] = [enc(v, path + ("reconstructor", i)) for i, v in enumerate(node.reconstructor)]
-            if node.state is not None:
-                out["state"] = enc(node.state, path + ("state",))
-            if node.listitems:
-                out["listitems"] = [enc(v, path + ("items", i)) for i, v in enumerate(node.listitems)]
-            if node.dictitems:
-                out["dictitems"] = [[enc(k, path), enc(v, path + (k,))] for k, v in node.dictitems]
-            return out
         raise CorruptCheckpoint(f"cannot encode a value of type {type(node).__name__} at {format_path(path)}")
 
-    structure = enc(root, ())
-    plain = (type(root) is dict and len(named) == len(root) and bool(root)
-             and all(type(k) is str and isinstance(v, TensorRef) and not v.parameter and not v.requires_grad
-                     and v.dtype not in raw_dtypes and names[v.view_key()] == k for k, v in root.items()))
-    return structure, named, not plain
+    def record(self, node, path):
+        enc = self.enc
+        if id(node) in self.objects:  # shared, or reached again inside its own state (a back-reference)
+            return {"$ref": self.objects[id(node)]}
+        self.objects[id(node)] = len(self.objects)
+        out = {"$object": f"{node.module}:{node.qualname}", "id": self.objects[id(node)]}
+        out["args"] = [enc(a, path + ("args", i)) for i, a in enumerate(node.args)]
+        if node.newobj:
+            out["new"] = True
+        if node.kwargs:
+            out["kwargs"] = [[enc(k, path), enc(v, path + ("kwargs", k))] for k, v in node.kwargs.items()]
+        if node.reconstructor is not None:
+            out["reconstructor"] = [enc(v, path + ("reconstructor", i)) for i, v in enumerate(node.reconstructor)]
+        if node.state is not None:
+            out["state"] = enc(node.state, path + ("state",))
+        if node.listitems:
+            out["listitems"] = [enc(v, path + ("items", i)) for i, v in enumerate(node.listitems)]
+        if node.dictitems:
+            out["dictitems"] = [[enc(k, path), enc(v, path + (k,))] for k, v in node.dictitems]
+        return out
 
 
 def decode(structure, tensors: dict, where="", seen_globals=None):

@@ -145,6 +145,31 @@ def interpret_metadata(obj, folder: Path, where: str) -> DcpMetadata:
         raise CorruptCheckpoint(f"{where}: state_dict_metadata is missing")
     if len(sdm) > MAX_ENTRIES:
         raise LimitExceeded(f"{where}: {len(sdm)} entries, over the limit of {MAX_ENTRIES} (CKCONV_MAX_TENSORS)")
+    entries = _entries(sdm, where)
+    paths = _planner_paths(md.get("planner_data"), entries, where)
+    locations = _locations(md.get("storage_data"), folder, where)
+    for fqn, entry in entries.items():
+        keys = [(fqn, None)] if isinstance(entry, BytesEntry) else [(fqn, offs) for offs, _ in entry.chunks]
+        for key in keys:
+            if key not in locations:
+                what = "value" if key[1] is None else f"chunk at {list(key[1])}"
+                raise CorruptCheckpoint(f"{where}: the {what} of {fqn!r:.80} has no storage entry; "
+                                        "a .distcp file or part of the metadata is missing")
+    check_ranges(entries, locations, where)
+    storage_meta = md.get("storage_meta")
+    save_id = ""
+    if _is_record(storage_meta, "StorageMeta"):
+        sid = _state(storage_meta, where, "StorageMeta").get("save_id")
+        save_id = sid if isinstance(sid, str) else ""
+    version = md.get("version")
+    text = md.get(STRUCTURE_ATTR)
+    if text is not None and not isinstance(text, str):
+        raise CorruptCheckpoint(f"{where}: {STRUCTURE_ATTR} must be a string")
+    return DcpMetadata(entries, paths, locations, version if isinstance(version, str) else "", save_id, text,
+                       _user_metadata(md.get(METADATA_ATTR), where))
+
+
+def _entries(sdm, where) -> OrderedDict:
     entries = OrderedDict()
     for fqn, item in sdm.items():
         if not isinstance(fqn, str):
@@ -155,8 +180,11 @@ def interpret_metadata(obj, folder: Path, where: str) -> DcpMetadata:
             entries[fqn] = _tensor_entry(fqn, _state(item, where, "TensorStorageMetadata"), where)
         else:
             raise CorruptCheckpoint(f"{where}: entry {fqn!r:.80} is neither tensor nor bytes metadata")
+    return entries
 
-    planner = md.get("planner_data")
+
+def _planner_paths(planner, entries, where):
+    """fqn -> nesting path from planner_data, or None when it is absent or a custom planner's private data."""
     if planner is not None and not isinstance(planner, dict):
         planner = None  # a custom planner's private data: nothing ckconv can use
     paths = None
@@ -170,8 +198,11 @@ def interpret_metadata(obj, folder: Path, where: str) -> DcpMetadata:
                     or not all(type(c) is str or (type(c) is int and 0 <= c < tree.MAX_NODES) for c in p)):
                 raise CorruptCheckpoint(f"{where}: planner_data path of {fqn!r:.80} is malformed")
             paths[fqn] = tuple(p)
+    return paths
 
-    storage = md.get("storage_data")
+
+def _locations(storage, folder, where) -> dict:
+    """(fqn, chunk offsets or None) -> (file, offset, length), each range checked against its file's size."""
     if not isinstance(storage, dict):
         raise CorruptCheckpoint(f"{where}: storage_data is missing (not written by FileSystemWriter?)")
     locations = {}
@@ -203,27 +234,7 @@ def interpret_metadata(obj, folder: Path, where: str) -> DcpMetadata:
             raise CorruptCheckpoint(f"{where}: {fqn!r:.80} is stored at bytes {off}..{off + length} of {rel}, "
                                     f"which has only {sizes[file]}; the checkpoint is truncated")
         locations[key] = (file, off, length)
-
-    for fqn, entry in entries.items():
-        keys = [(fqn, None)] if isinstance(entry, BytesEntry) else [(fqn, offs) for offs, _ in entry.chunks]
-        for key in keys:
-            if key not in locations:
-                what = "value" if key[1] is None else f"chunk at {list(key[1])}"
-                raise CorruptCheckpoint(f"{where}: the {what} of {fqn!r:.80} has no storage entry; "
-                                        "a .distcp file or part of the metadata is missing")
-    check_ranges(entries, locations, where)
-
-    storage_meta = md.get("storage_meta")
-    save_id = ""
-    if _is_record(storage_meta, "StorageMeta"):
-        sid = _state(storage_meta, where, "StorageMeta").get("save_id")
-        save_id = sid if isinstance(sid, str) else ""
-    version = md.get("version")
-    text = md.get(STRUCTURE_ATTR)
-    if text is not None and not isinstance(text, str):
-        raise CorruptCheckpoint(f"{where}: {STRUCTURE_ATTR} must be a string")
-    return DcpMetadata(entries, paths, locations, version if isinstance(version, str) else "", save_id, text,
-                       _user_metadata(md.get(METADATA_ATTR), where))
+    return locations
 
 
 def _user_metadata(text, where) -> dict:
