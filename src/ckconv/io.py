@@ -117,7 +117,7 @@ def check_extension(dst: Path, to: str | None):
     own = {name, fmt.shards_for}  # torch-sharded writes torch files
     if named and not own.intersection(named):
         exts = tuple(fmt.extensions)
-        better = f"name it {dst.with_suffix(exts[0]).name}" if exts else "drop the extension"
+        better = f"name it {dst.with_suffix(exts[0]).name}" if exts else f"pass {dst.with_suffix('')} instead"
         raise UsageError(f"{dst.name} names a {named[0]} file, but --to {name} writes a {name} checkpoint; {better}, "
                          "or drop --to to write what the name says")
 
