@@ -135,7 +135,8 @@ def test_real_subprocess_error_has_no_traceback(tmp_path):
     assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".out*"))
 
 
-@pytest.mark.parametrize("args", [["--help"], ["plugins"], ["inspect", "{st}"], ["convert", "{pth}", "{out}"]])
+@pytest.mark.parametrize("args", [["--help"], ["plugins"], ["inspect", "{st}"], ["scan", "{pth}"], ["scan", "{st}"],
+                                  ["convert", "{pth}", "{out}"]])
 def test_commands_that_need_no_torch_do_not_import_it(tmp_path, args):
     st = tmp_path / "m.safetensors"
     torch.save({"w": torch.ones(2)}, tmp_path / "m.pth")

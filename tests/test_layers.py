@@ -8,6 +8,9 @@ long as no circle forms. Built-in plugins are reached only through the plugin ho
 from __future__ import annotations
 
 import ast
+import io
+import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -72,26 +75,30 @@ def plugin_of(name: str):
     return found[1]
 
 
+def imported(node, name: str, is_package: bool, known) -> list:
+    """The ckconv modules an ``import`` or ``from ... import`` statement in module ``name`` imports."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name.split(".")[0] == "ckconv"]
+    if node.level:
+        base = name.split(".") if is_package else name.split(".")[:-1]
+        base = base[: len(base) - (node.level - 1)]
+        target = ".".join(base + ([node.module] if node.module else []))
+    else:
+        target = node.module or ""
+    if target.split(".")[0] != "ckconv":
+        return []
+    subs = [f"{target}.{alias.name}" for alias in node.names]  # `from . import tree` imports ckconv.tree
+    return [sub if sub in known else target for sub in subs]
+
+
 def imports(name: str, path: Path) -> list:
     """[(line, imported ckconv module)] of every import statement in the module, wherever it stands."""
     known = modules()
     is_package = path.name == "__init__.py"
     out = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            out += [(node.lineno, a.name) for a in node.names if a.name.split(".")[0] == "ckconv"]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = name.split(".") if is_package else name.split(".")[:-1]
-                base = base[: len(base) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            if target.split(".")[0] != "ckconv":
-                continue
-            for alias in node.names:  # `from . import tree` imports the module ckconv.tree
-                sub = f"{target}.{alias.name}"
-                out.append((node.lineno, sub if sub in known else target))
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            out += [(node.lineno, target) for target in imported(node, name, is_package, known)]
     return sorted(set(out))
 
 
@@ -199,3 +206,85 @@ def test_no_function_over_80_lines():
                 if length > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} has {length} lines")
     assert not long, "\n".join(long)
+
+
+MAX_DEFERRED_IMPORTS = 10
+NOT_A_REASON = re.compile(r"^#\s*(noqa|type:|pragma|fmt:|isort:)|^#\s*$")
+
+
+def deferred_imports(name: str, source: str, is_package: bool = False, known=()) -> list:
+    """[(line, imported ckconv module, reason)] for each import of ckconv's own code inside a function; the reason
+    is the comment on the import's line or on a comment line just above it, '' when there is none."""
+    lines = source.splitlines()
+    comments = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT and not NOT_A_REASON.match(tok.string):
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    out = []
+
+    def visit(node, in_function):
+        if in_function and isinstance(node, (ast.Import, ast.ImportFrom)):
+            above = node.lineno - 1
+            alone = above >= 1 and lines[above - 1].lstrip().startswith("#")
+            reason = next((comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments),
+                          comments.get(above, "") if alone else "")
+            targets = dict.fromkeys(imported(node, name, is_package, known))  # `from .io import read, write`: one
+            out.extend((node.lineno, target, reason) for target in targets)
+        inside = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        for child in ast.iter_child_nodes(node):
+            visit(child, inside)
+
+    visit(ast.parse(source), False)
+    return out
+
+
+def test_few_deferred_imports_below_the_face_each_with_its_reason():
+    """An import inside a function hides an edge of the layering from the reader and costs a lookup per call: below
+    the face (the lazy ``ckconv`` package and the CLI may defer whole commands) it is for keeping torch or a
+    plugin off a fast path, and a comment beside it says which."""
+    face = next(i for i, (name, _) in enumerate(LAYERS) if name == "face")
+    found = []
+    for name, path in modules().items():
+        if layer(name) is not None and layer(name) < face:
+            source = path.read_text(encoding="utf-8")
+            found += [(f"{path.relative_to(ROOT)}:{line} {target}", reason) for line, target, reason in
+                      deferred_imports(name, source, path.name == "__init__.py", modules())]
+    bare = [where for where, reason in found if not reason]
+    assert not bare, ("deferred imports without a comment saying why (import at the top, or say what the "
+                      "deferral keeps off which path):\n" + "\n".join(bare))
+    assert len(found) <= MAX_DEFERRED_IMPORTS, (f"{len(found)} deferred imports below the face (at most "
+                                                f"{MAX_DEFERRED_IMPORTS}):\n" + "\n".join(w for w, _ in found))
+
+
+def test_the_deferred_import_check_finds_and_reads_them():
+    """The check above on a module made to fail it: each kind of deferred import, each place a reason can stand."""
+    source = (
+        "import os\n"
+        "from . import tree  # at the top: not deferred\n"
+        "def bare():\n"
+        "    from .model import Checkpoint\n"
+        "def reason_above():\n"
+        "    x = 1  # a comment on the code above is not the import's\n"
+        "    # keeps torch off the scan path\n"
+        "    from . import tree\n"
+        "def reason_beside():\n"
+        "    def inner():\n"
+        "        import ckconv.io  # plugin loaded only when asked\n"
+        "def not_a_reason():\n"
+        "    x = 1  # about x\n"
+        "    from .errors import CkconvError  # noqa: F401\n"
+        "    import json\n"
+        "class C:\n"
+        "    from .dtypes import DTYPES\n"
+        "    def method(self):\n"
+        "        from .io import (read,  # reads the file\n"
+        "                         write)\n"
+    )
+    known = {"ckconv.tree", "ckconv.model", "ckconv.io", "ckconv.errors", "ckconv.dtypes"}
+    assert deferred_imports("ckconv.example", source, known=known) == [
+        (4, "ckconv.model", ""),
+        (8, "ckconv.tree", "keeps torch off the scan path"),
+        (11, "ckconv.io", "plugin loaded only when asked"),
+        (14, "ckconv.errors", ""),
+        (19, "ckconv.io", "reads the file"),
+    ]

@@ -27,6 +27,7 @@ from .matching.report import MatchReport
 from .model import Checkpoint, Note, TensorRef, warning
 from .pickling.policy import check_patterns
 from .storage.atomic import check_destination
+from .torchrun import world_from_env, write_distributed
 
 
 @dataclass
@@ -181,11 +182,8 @@ def metadata_notes(metadata, fmt) -> list:
 
 def _writer(distributed: bool):
     """``io.write``, or under torchrun (``distributed``, issue 8) the writer that gives each rank its share."""
-    if distributed:
-        from .torchrun import world_from_env, write_distributed  # torchrun imports torch.distributed lazily
-
-        if world_from_env() is not None:
-            return write_distributed
+    if distributed and world_from_env() is not None:
+        return write_distributed
     return write
 
 

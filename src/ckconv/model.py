@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from . import dtypes
 from .errors import CorruptCheckpoint, LimitExceeded
+from .storage import fastcopy
 
 __all__ = ["CHUNK", "Checkpoint", "Foreign", "GlobalRef", "Note", "Storage", "TensorRef", "TorchDevice", "TorchDtype",
            "TorchSize", "contiguous_strides", "gather", "is_reference", "warning"]
@@ -124,8 +125,6 @@ class Storage:
         kernel copy. ``files`` (a :class:`ckconv.storage.fastcopy.SourceFiles`) keeps source descriptors open between
         calls. Storages that override :meth:`chunks` (plugins, casts) are written from their chunks.
         """
-        from .storage import fastcopy
-
         if length is None:
             length = self.nbytes - start
         if self.buffer is not None or self.path is None or type(self).chunks is not Storage.chunks:
@@ -156,8 +155,6 @@ class Storage:
         ``files``' read-ahead window (a :class:`ckconv.storage.fastcopy.SourceFiles`) and checked against its CRC
         when it has one; None for any other storage, which :meth:`copy_to` copies file to file. A million tiny
         storages then cost a read per window, not system calls each."""
-        from .storage import fastcopy
-
         if self.nbytes > limit or self.path is None or self.buffer is not None or type(self).chunks is not Storage.chunks:
             return None
         try:
@@ -266,12 +263,10 @@ def check_budget(ref: TensorRef, budget=None):
 
 def _copy_chunks(chunks, fd, dst_offset, length, want_crc, progress, label):
     """Write an iterable of bytes-like blocks at ``dst_offset``; returns their CRC-32 when ``want_crc``."""
-    from .storage.fastcopy import write_at
-
     crc = 0 if want_crc else None
     written = 0
     for block in chunks:
-        crc = write_at(fd, block, dst_offset + written, crc)
+        crc = fastcopy.write_at(fd, block, dst_offset + written, crc)
         n = memoryview(block).nbytes
         written += n
         if progress:

@@ -8,7 +8,7 @@ from collections import OrderedDict
 
 from . import dtypes, numpy_values
 from .errors import LimitExceeded, UnsupportedContent, UsageError, import_torch
-from .model import Foreign, Storage, TensorRef, TorchDevice, TorchDtype, TorchSize
+from .model import Foreign, Storage, TensorRef, TorchDevice, TorchDtype, TorchSize, foreign_class, memory_budget
 
 __all__ = ["foreign_objects", "format_path", "from_torch", "is_flat_state_dict", "materialize", "tensors", "walk"]
 
@@ -328,8 +328,6 @@ def _device(torch, device):
 def _check_view_budget(root, budget=None):
     """Refuse views that ask for more memory than their storages hold (a stride-0 ``expand`` of 40 GB) when the
     total would exceed the memory budget: a caller that makes them contiguous would allocate it."""
-    from .model import memory_budget
-
     seen, excess = set(), 0
 
     for node in instances(root, TensorRef):
@@ -400,9 +398,7 @@ def from_torch(obj):
         elif node is None or isinstance(node, (bool, int, float, complex, str, bytes, Foreign)):
             out = node
         elif isinstance(node, type) or type(node).__name__ in ("function", "builtin_function_or_method"):
-            from .model import foreign_class  # a class or function as a value: an inert reference by name
-
-            out = foreign_class(node.__module__, node.__qualname__)
+            out = foreign_class(node.__module__, node.__qualname__)  # a class or function: an inert reference
         else:
             out = _reduce_foreign(node, convert)
         memo[id(node)] = out
@@ -413,8 +409,6 @@ def from_torch(obj):
 
 def _reduce_foreign(obj, convert):
     """Record an in-memory object of another class the way pickle would, as an inert Foreign."""
-    from .model import foreign_class
-
     cls = type(obj)
     try:
         reduced = obj.__reduce_ex__(2)

@@ -20,6 +20,7 @@ from .. import dtypes
 from ..errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint
 from ..model import Storage, TensorRef
 from ..pickling.unpickler import short_repr
+from ..storage.fastcopy import SourceFiles, write_at
 from ..storage.files import parse_json
 from .hub_folder import MAX_TENSORS, HubLayout
 
@@ -131,8 +132,6 @@ def header_bytes(named, metadata) -> bytes:
 
 def write_file(path, named, metadata, progress=None):
     """Header, then each tensor's bytes copied straight from its source file (see ckconv.storage.fastcopy)."""
-    from ..storage.fastcopy import SourceFiles, write_at
-
     header = header_bytes(named, metadata)
     with open(path, "wb", buffering=0) as f, SourceFiles() as files:
         fd = f.fileno()

@@ -18,6 +18,7 @@ from ..hookspecs import hookimpl
 from ..model import Checkpoint
 from ..pickling import structure
 from ..storage.atomic import FolderLayout
+from ..storage.fastcopy import SourceFiles
 from ..storage.files import inside_folder, regular_file
 from ..tree import foreign_objects
 from . import hub_folder, safetensors_file
@@ -162,8 +163,6 @@ class _OneFile(RankWrite):
             f.truncate(self.total)
 
     def write(self, path, rank):
-        from ..storage.fastcopy import SourceFiles
-
         head, data = len(self.header), self.total - len(self.header)
         mine = [i for i, s in enumerate(self.starts)
                 if min(self.world - 1, (s - head) * self.world // max(data, 1)) == rank]

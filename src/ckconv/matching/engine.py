@@ -12,10 +12,17 @@ import fnmatch
 import os
 from collections import Counter, defaultdict
 
-from . import alignment, inference
+from . import alignment, inference, targets
 from .report import Match, MatchReport
+from .selectors import filter_keys
+from .. import tree
+from ..architectures import spec_of_model
+from ..contents import ema as ema_weights
+from ..contents.unwrap import unwrap
 from ..errors import UsageError
-from ..model import warning
+from ..io import read
+from ..model import Checkpoint, warning
+from ..plugins import host
 from ..rules import parse_renames, rename, rules_for
 
 NBT = "num_batches_tracked"
@@ -288,14 +295,7 @@ def source_tensors(ckpt, section=None, ema=False):
     """-> (root tree, {name: TensorRef}, where, path, label) for a path, a Checkpoint or torch objects.
 
     ``ema``: the model state_dict with the EMA values in place (:mod:`ckconv.contents.ema`)."""
-    from .. import tree
-    from ..model import Checkpoint
-    from ..contents import ema as ema_weights
-    from ..contents.unwrap import unwrap
-
     if isinstance(ckpt, (str, os.PathLike)):
-        from ..io import read
-
         root, label = read(ckpt).root, str(ckpt)
     elif isinstance(ckpt, Checkpoint):
         root, label = ckpt.root, ckpt.path or "<checkpoint>"
@@ -310,9 +310,6 @@ def source_tensors(ckpt, section=None, ema=False):
 
 def target_spec(arch, arch_options=None):
     """-> (ArchSpec, model or None) for an architecture name or an ``nn.Module``."""
-    from ..architectures import spec_of_model
-    from . import targets
-
     if hasattr(arch, "state_dict") and hasattr(arch, "named_modules"):
         return spec_of_model(arch, type(arch).__name__), arch
     return targets.spec(arch, arch_options), None
@@ -327,10 +324,6 @@ def match(ckpt, arch, *, arch_options=None, rename=(), section=None, only=(), dr
     ``only``/``drop``: selectors limiting the target keys. ``ema``: match the EMA weights (``--ema``).
     Reads no tensor data.
     """
-    from . import targets
-    from ..plugins import host
-    from .selectors import filter_keys
-
     auto = isinstance(arch, str) and (arch == "auto" or arch.startswith("auto:"))
     if isinstance(arch, str) and not auto:
         targets.resolve(arch)  # a typo is told before the checkpoint is read
@@ -345,8 +338,8 @@ def match(ckpt, arch, *, arch_options=None, rename=(), section=None, only=(), dr
         spec, model = target_spec(arch, options)
         wanted = spec.tensors
         if only or drop:
-            tree = model if model is not None else spec.module_tree()  # selectors count modules: no torch needed
-            keep = set(filter_keys([t.name for t in wanted], only=only, drop=drop, model=tree))
+            modules = model if model is not None else spec.module_tree()  # selectors count modules: no torch needed
+            keep = set(filter_keys([t.name for t in wanted], only=only, drop=drop, model=modules))
             wanted = [t for t in wanted if t.name in keep]
         report = MatchReport(spec.arch, label, where, 0, 0, arch_options=options, candidates=ranking[:5],
                              source_tensors=flat, section_path=path)
@@ -372,9 +365,6 @@ def rank(source, patterns="", arch_options=None, rename=(), progress=None, top=N
     only the best ``top`` are sure to be listed (ties included): an architecture whose element counts alone
     prove it cannot score that high is left out without being matched.
     """
-    from . import targets
-    from ..plugins import host
-
     wanted = [p.strip() for p in str(patterns or "").split(",") if p.strip()]
     names = targets.all_architectures(auto=True)
     if wanted:  # bare patterns pick among the auto candidates; "ns:pattern" reaches any namespace

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from .. import dtypes
 from ..errors import UnsafeCheckpoint, UsageError
+from ..model import Foreign
 from .allowlist import PATH_CLASSES, Role, roles_of
 from .verdicts import FINDINGS, Verdict, worst
 
@@ -109,8 +110,6 @@ MAX_CALL_INT = (1 << 32) - 1  # integers passed to a call (deque maxlen, timedel
 
 def call_args_problem(full, args):
     """Why ckconv will not write the call ``full(*args)``, or None (see the "called" role)."""
-    from ..model import Foreign  # here, not at the top: policy sits below the model
-
     allowed = CALL_INSTANCE_ARGS.get(full, ())
     items = list(args)
     for a in args:

@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 from .. import dtypes, tree
 from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsafeCheckpoint, UnsupportedContent
-from ..model import Foreign, GlobalRef, TensorRef, TorchDtype, foreign_class
+from ..model import Foreign, GlobalRef, Storage, TensorRef, TorchDtype, foreign_class
 from .builders import (BUILTIN_BUILDERS, INT64_MAX, MAX_BUILT_TUPLE, codecs_encode, reconstructor, torch_device,
                        torch_size)
 from .allowlist import Role
@@ -240,8 +240,6 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def _rebuild_tensor(self, storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                         dtype=None, metadata=None):
-        from ..model import Storage
-
         if not isinstance(storage, Storage):
             raise CorruptCheckpoint(f"{self.where}: tensor without a storage")
         if dtype is None:

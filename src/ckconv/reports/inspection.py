@@ -9,13 +9,16 @@ from pathlib import Path
 
 from ..contents import modules
 from ..pickling import policy
-from .. import tree
+from .. import numpy_values, tree
 from ..contents.layout import describe
 from ..errors import UnsafeCheckpoint
+from ..io import detect_format, read
 from ..model import Checkpoint, Foreign, GlobalRef, TensorRef, is_reference
 from ..contents.sections import sections
 from ..pickling.allowlist import Role
 from ..pickling.verdicts import Verdict, worst
+from ..pickling.writer import dry_run
+from ..plugins import host
 
 
 MAX_TENSOR_ROWS = int(os.environ.get("CKCONV_INSPECT_MAX_ROWS", 100_000))  # table rows; counts cover every tensor
@@ -56,8 +59,6 @@ class Inspection:
 def inspect(path, allow_globals=()) -> Inspection:
     """What ``path`` holds, with a safety verdict (:mod:`ckconv.pickling.policy`): a dangerous file is still described
     (read with every global inert), and ``verdict``/``globals`` say what ``torch.load`` would call."""
-    from ..io import detect_format, read
-
     path = Path(path)
     fmt = detect_format(path)
     error = None
@@ -109,8 +110,6 @@ def _read_dangerous(path, fmt, exc) -> Checkpoint:
     """Re-read a refused file with dangerous globals recorded instead of refused (everything stays inert), where
     its format can (``Format.read_dangerous``); where that cannot build the tree either (a payload that breaks the
     stand-ins), or the format cannot re-read, only the names are reported."""
-    from ..plugins import host
-
     if Path(path).is_file():
         try:
             again = host().format(fmt).read_dangerous(Path(path))  # None: the format cannot re-read
@@ -124,8 +123,6 @@ def _read_dangerous(path, fmt, exc) -> Checkpoint:
 def glance(root, limit=1000) -> list:
     """[{path, kind, text}] for the numpy values and class references in a tree (never looking inside a numpy
     value's own records), the first ``limit`` of them."""
-    from .. import numpy_values
-
     found: list = []
 
     def visit(path, node):
@@ -162,8 +159,6 @@ def verdicts(ckpt, allow_globals=()) -> dict:
     the file gives it: from the pickle's opcodes (``ckpt.globals``), and from the records and references of the tree
     as ckconv would write them (the only roles formats without pickle opcodes have: safetensors structure, DCP);
     and {code: [record names]} for one that holds code (a TorchScript archive, an exported program's graph)."""
-    from ..pickling.writer import dry_run  # records torch would rebuild with work their size does not bound
-
     written = dry_run(ckpt.root, allow_globals)
     if ckpt.globals:  # pickle opcodes, answered by ckconv's unpickler
         roles = {(g[0], g[1]): g[2] if len(g) > 2 else Role.REFERENCED for g in ckpt.globals}

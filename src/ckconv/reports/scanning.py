@@ -21,7 +21,9 @@ from pathlib import Path
 from ..pickling import policy
 from .. import tree
 from ..errors import CkconvError, NotACheckpoint, UnsafeCheckpoint
+from ..io import detect_format, read
 from ..pickling.verdicts import Verdict, worst
+from .inspection import verdicts
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".pkl", ".distcp", ".npz")
 BROKEN, SKIPPED = Verdict.BROKEN, Verdict.SKIPPED
@@ -61,8 +63,6 @@ def exit_code(results) -> int:
 
 
 def _scan_path(path: Path, allow, results, seen, top=False, select=None):
-    from ..io import detect_format
-
     try:
         st = os.stat(path)  # follows symlinks: what the user (or a snapshot link) points at
     except OSError as exc:
@@ -175,9 +175,6 @@ def scan_one(path: Path, allow=(), fmt=None, used_files=False):
 
 
 def _scan_one(path: Path, allow, fmt):
-    from ..io import read
-    from .inspection import verdicts
-
     failed = _member_keys(path) if path.is_dir() else set()  # a folder that fails is one finding, not many
     try:
         ckpt = read(path, fmt)

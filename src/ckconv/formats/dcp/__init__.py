@@ -27,6 +27,8 @@ from pathlib import Path
 
 from ...hookspecs import hookimpl
 from ...model import Checkpoint
+from ...pickling.writer import check_writable
+from ...storage.atomic import FolderLayout
 from ..base import Format, RankWrite, WriteOptions, user_metadata
 from .metadata import METADATA_NAME
 from .read import read_dcp
@@ -57,13 +59,9 @@ class DcpFormat(Format):
         return True
 
     def folder_layout(self, options: WriteOptions):
-        from ...storage.atomic import FolderLayout
-
         return FolderLayout(index=(METADATA_NAME,), earlier=earlier_output, shards="__{}_{}.distcp")
 
     def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
-        from ...pickling.writer import check_writable
-
         check_writable(checkpoint.root, options.allow_globals, "the DCP checkpoint")  # before any file
         plan = plan_write(checkpoint.root, world=1)
         locations = write_rank_file(path, 0, plan.blobs_for(0), options.progress, allow=options.allow_globals)

@@ -19,6 +19,7 @@ from ... import dtypes, tree
 from ...errors import UnsupportedContent
 from ...model import CHUNK, Storage, TensorRef
 from ...pickling import structure
+from ...storage.fastcopy import SourceFiles
 from ..torch_archive import write_archive
 from .metadata import METADATA_ATTR, METADATA_NAME, STRUCTURE_ATTR, load_metadata
 
@@ -175,8 +176,6 @@ def write_blob(f, blob: Blob, progress, files, allow=()):
 
 def write_rank_file(folder, rank, blobs, progress=None, allow=()) -> dict:
     """Write ``__<rank>_0.distcp`` (non-tensors first, as torch does); -> blob index -> (name, offset, length)."""
-    from ...storage.fastcopy import SourceFiles
-
     name = f"__{rank}_0{SUFFIX}"
     locations = {}
     ordered = [b for b in blobs if b.kind == "bytes"] + [b for b in blobs if b.kind == "tensor"]
