@@ -10,6 +10,8 @@ pickle can rebuild) are left as records.
 
 from __future__ import annotations
 
+import math
+
 from .model import Foreign, is_reference
 
 NUMPY_MODULES = ("numpy.core.multiarray", "numpy._core.multiarray")
@@ -59,10 +61,7 @@ def value(node):
         if (dt is NOT_NUMPY or not isinstance(raw, (bytes, bytearray)) or type(shape) is not tuple
                 or not all(type(s) is int and s >= 0 for s in shape)):
             return NOT_NUMPY
-        count = 1
-        for s in shape:
-            count *= s
-        if count * dt.itemsize != len(raw):
+        if math.prod(shape) * dt.itemsize != len(raw):
             return NOT_NUMPY
         flat = np.frombuffer(bytes(raw), dtype=dt).copy()
         return flat.reshape(shape, order="F" if fortran else "C")

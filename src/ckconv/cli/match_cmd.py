@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 
@@ -117,16 +118,9 @@ def _show_spec(arch, arch_options, selectors, as_json):
     click.echo(table([(t.name, "x".join(map(str, t.shape)) or "scalar", t.dtype, t.kind) for t in tensors],
                      ["name", "shape", "dtype", "kind"]))
     params = [t for t in tensors if t.kind == "parameter"]
-    count = sum(_numel(t.shape) for t in params)
+    count = sum(math.prod(t.shape) for t in params)
     click.echo(f"{len(tensors)} keys: {len(params)} parameters ({count:,} elements), "
                f"{len(tensors) - len(params)} buffers")
-
-
-def _numel(shape):
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _module_repr(sel, picked):

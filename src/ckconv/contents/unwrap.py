@@ -12,6 +12,7 @@ tensors, then the shallower.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 from . import modules
@@ -48,12 +49,9 @@ def refuse_placeholders(root, where="the checkpoint"):
 
 
 def _numel(shape) -> int:
-    if not isinstance(shape, (list, tuple)) or not all(type(d) is int for d in shape):
-        return 0
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    """The element count of a ``param_shapes`` entry; 0 for anything that is not a shape."""
+    is_shape = isinstance(shape, (list, tuple)) and all(type(d) is int for d in shape)
+    return math.prod(shape) if is_shape else 0
 
 
 def unwrap(root, section: str | None = None):

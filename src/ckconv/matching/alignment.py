@@ -12,24 +12,19 @@ counts agree, the leading (output) dimension agrees and the ranks differ (a Line
 
 from __future__ import annotations
 
+from math import prod
+
 MAX_CELLS = 500_000  # groups x groups; beyond this the alignment is skipped with a note
 EXACT, RESHAPE = 2, 1
-
-
-def numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def reshape_ok(src_shape, tgt_shape) -> bool:
     """A Linear <-> conv weight: same element count, same output dimension, different rank."""
     src_shape, tgt_shape = tuple(src_shape), tuple(tgt_shape)
-    if src_shape == tgt_shape or len(src_shape) == len(tgt_shape) or numel(src_shape) != numel(tgt_shape):
+    if src_shape == tgt_shape or len(src_shape) == len(tgt_shape) or prod(src_shape) != prod(tgt_shape):
         return False
     if not src_shape or not tgt_shape:
-        return numel(src_shape) == 1
+        return prod(src_shape) == 1
     return src_shape[0] == tgt_shape[0]
 
 
@@ -86,7 +81,7 @@ def align(src_groups, tgt_groups, allow_reshape=True):
         return ids.setdefault(tuple((leaf, shape) for leaf, shape, _ in items), len(ids))
 
     def numels(items):  # groups that could pair hold the same element counts
-        return tuple(sorted(numel(shape) for _, shape, _ in items))
+        return tuple(sorted(prod(shape) for _, shape, _ in items))
 
     src_sigs = [sig(g) for _, g in src_groups]
     tgt_sigs = [sig(g) for _, g in tgt_groups]

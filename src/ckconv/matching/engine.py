@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from math import prod
 from collections import Counter, defaultdict
 
 from . import alignment, inference, targets
@@ -383,7 +384,7 @@ def rank(source, patterns="", arch_options=None, rename=(), progress=None, top=N
             specs.append((name, targets.spec(name, arch_options)))
         except Exception:  # noqa: BLE001 - one model that cannot be built must not stop the ranking
             continue
-    src_numels = Counter(alignment.numel(shape) for _, shape, _ in source)
+    src_numels = Counter(prod(shape) for _, shape, _ in source)
     bounded = sorted(((_score_bound(src_numels, len(source), spec.tensors), name, spec) for name, spec in specs),
                      key=lambda b: -b[0])
     out = []
@@ -403,7 +404,7 @@ def _score_bound(src_numels: Counter, n_source, wanted) -> float:
     ``num_batches_tracked`` targets may be filled."""
     if not wanted or not n_source:
         return 0.0
-    tgt_numels = Counter(alignment.numel(t.shape) for t in wanted)
+    tgt_numels = Counter(prod(t.shape) for t in wanted)
     pairs = sum(min(n, src_numels.get(k, 0)) for k, n in tgt_numels.items())
     fills = sum(1 for t in wanted if t.name.rpartition(".")[2] == NBT)
     coverage, used = min(1.0, (pairs + fills) / len(wanted)), pairs / n_source

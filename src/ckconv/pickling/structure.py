@@ -257,9 +257,7 @@ def _dec_tensor(d, node, val, depth):
         dt, shape = node["dtype"], node.get("shape")
         if dt not in dtypes.DTYPES or not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
             raise d.bad(f"bad raw tensor description for {val!r}")
-        n = 1
-        for s in shape:
-            n *= s
+        n = math.prod(shape)
         if n * dtypes.itemsize(dt) != ref.storage.nbytes:
             raise d.bad(f"raw tensor {val!r} holds {ref.storage.nbytes} bytes, not {n} x {dt}")
         ref = TensorRef(ref.storage, dt, shape)

@@ -7,13 +7,14 @@ bytes stream from its chunks only when a writer asks, in blocks of bounded size 
 
 from __future__ import annotations
 
+from math import prod
+
 from ... import dtypes
 from ...errors import CorruptCheckpoint, UnsupportedContent
 from ...model import CHUNK, Storage, TensorRef, contiguous_strides
 from ...pickling.unpickler import unpickle
 from ...storage.zipio import ZipRecords, record_bytes
 from ..torch_archive import DATA_PKL, ZIP_MAGIC, storage_loader
-from .metadata import prod
 
 MAX_BLOB_PICKLE = 1 << 31
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from math import prod
 from collections import OrderedDict
 from pathlib import Path
 
@@ -26,13 +27,6 @@ METADATA_ATTR = "ckconv_metadata"  # the source's metadata (safetensors __metada
 MAX_METADATA = int(os.environ.get("CKCONV_MAX_DCP_METADATA", 1 << 30))
 MAX_ENTRIES = int(os.environ.get("CKCONV_MAX_TENSORS", 1_000_000))
 MAX_CORNERS = 1 << 21  # chunk corners checked per tensor (chunks x 2**split dimensions): 8 dims of 8,000 chunks
-
-
-def prod(values):
-    n = 1
-    for v in values:
-        n *= v
-    return n
 
 
 _PATH_CLASSES = {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"}
