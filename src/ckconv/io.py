@@ -188,7 +188,7 @@ def output_target(obj, path, *, format: str | None = None, max_shard_size=None, 
         if path.is_dir():
             raise OutputExists(f"{path} is a folder; ckconv never replaces a folder with a file: name the "
                                "output file")
-    return OutputTarget(path, fmt, folder, identities(_source_files(ckpt)), layout, options)
+    return OutputTarget(path, fmt, folder, identities(source_files(ckpt)), layout, options)
 
 
 def _file_extensions() -> set:
@@ -209,8 +209,9 @@ def _file_name_in_folder(ckpt: Checkpoint, fmt, folder: Path) -> str:
     return stem + (suffix if suffix.lower() in exts else exts[0])  # x.bin stays x.bin as a torch output
 
 
-def _source_files(ckpt: Checkpoint) -> set:
-    """Every file (and folder) the checkpoint's bytes come from: what no output may overwrite."""
+def source_files(ckpt: Checkpoint) -> set:
+    """Every file (and folder) the checkpoint was read from, its path and each storage's: what no output may
+    overwrite, and what ``scan`` need not read again."""
     paths = {ckpt.path} if ckpt.path else set()
     seen = set()
     for ref in tree.instances(ckpt.root, TensorRef):

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ..pickling.verdicts import Verdict
+from ..pickling.verdicts import Verdict, unknown_globals
 from .common import RUN, echo_json, json_text, printable, table, trouble_exits, verbose, warn, write_report
 
 
@@ -42,10 +42,7 @@ def inspect(src, as_json, allow_globals, summary):
             _show_inspection(info, as_json, size_text)
     finally:
         if info.verdict == Verdict.UNKNOWN and not as_json:
-            unknown = info.globals[Verdict.UNKNOWN] if verbose() else info.globals[Verdict.UNKNOWN][:8]
-            warn(f"{src}: names globals ckconv does not know to be benign: {printable(', '.join(unknown))}"
-                 + (", ..." if len(unknown) < len(info.globals[Verdict.UNKNOWN]) else "")
-                 + "; torch.load(weights_only=False) would call them")
+            warn(f"{src}: " + printable(unknown_globals(info.globals[Verdict.UNKNOWN], None if verbose() else 8)))
     if info.verdict == Verdict.DANGEROUS:
         sys.exit(1)
 

@@ -27,7 +27,7 @@ from .. import dtypes
 from ..errors import UnsafeCheckpoint, UsageError
 from ..model import Foreign
 from .allowlist import PATH_CLASSES, Role, roles_of
-from .verdicts import FINDINGS, Verdict, worst
+from .verdicts import FINDINGS, Verdict, unknown_globals, worst
 
 SAFE, UNKNOWN, DANGEROUS = Verdict.SAFE, Verdict.UNKNOWN, Verdict.DANGEROUS
 
@@ -285,10 +285,9 @@ def allowed_by_user(module, qualname, allow) -> bool:
 
 
 def refuse_write(names, where="") -> UnsafeCheckpoint:
-    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
     first = names[0] if names else "x"
     pattern = first.rsplit(".", 1)[0] + ".*" if "." in first else first
     return UnsafeCheckpoint(
-        f"refusing to write {where or 'a pickle'}: it would name {shown}, which ckconv does not know to be benign "
-        f"(torch.load(weights_only=False) would call them); if you trust them pass --allow-global {first!r} "
+        f"refusing to write {where or 'a pickle'}: it {unknown_globals(names)}; if you trust them pass "
+        f"--allow-global {first!r} "
         f"(or {pattern!r}), or write safetensors or --model-only instead", globals_=list(names))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["Verdict", "worst", "FINDINGS"]
+__all__ = ["Verdict", "worst", "FINDINGS", "unknown_globals"]
 
 
 class Verdict(enum.StrEnum):
@@ -44,3 +44,11 @@ FINDINGS = (Verdict.SAFE, Verdict.UNKNOWN, Verdict.DANGEROUS)  # the buckets a f
 def worst(verdicts, default=Verdict.SAFE) -> Verdict:
     """The highest-ranked of ``verdicts`` (strings or members), ``default`` for none."""
     return max((Verdict(v) for v in verdicts), default=Verdict(default))
+
+
+def unknown_globals(names, limit=8) -> str:
+    """The one sentence for an ``unknown`` verdict: ``names globals ckconv does not know to be benign: a, b and 3
+    more; torch.load(weights_only=False) would call them``, naming the first ``limit`` (None: every one)."""
+    more = len(names) - limit if limit is not None and len(names) > limit else 0
+    shown = ", ".join(names[:limit]) + (f" and {more} more" if more else "")
+    return f"names globals ckconv does not know to be benign: {shown}; torch.load(weights_only=False) would call them"

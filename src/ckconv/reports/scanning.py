@@ -21,8 +21,9 @@ from pathlib import Path
 from ..pickling import policy
 from .. import tree
 from ..errors import CkconvError, NotACheckpoint, UnsafeCheckpoint
-from ..io import detect_format, read
-from ..pickling.verdicts import Verdict, worst
+from ..io import detect_format, read, source_files
+from ..pickling.verdicts import Verdict, unknown_globals, worst
+from ..storage.atomic import identities
 from .inspection import verdicts
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors", ".pkl", ".distcp", ".npz")
@@ -145,26 +146,11 @@ def _member_keys(folder: Path) -> set:
 
 def _files_read(path: Path, ckpt) -> set:
     """(device, inode) of the files a checkpoint was read from: its own path (or index), every storage's file."""
-    names = {str(path)} if path.is_file() else set()
-    for _, ref in tree.tensors(ckpt.root):
-        st = ref.storage
-        if getattr(st, "path", None):
-            names.add(str(st.path))
-        for piece in getattr(st, "pieces", ()) or ():
-            if getattr(piece, "path", None):
-                names.add(str(piece.path))
+    names = source_files(ckpt) | ({path} if path.is_file() else set())
     if path.is_dir():  # the index files of a folder layout were read too
-        for entry in os.scandir(path):
-            if entry.name.endswith(".index.json") or entry.name == ".metadata":
-                names.add(entry.path)
-    keys = set()
-    for name in names:
-        try:
-            st = os.stat(name)
-        except OSError:
-            continue
-        keys.add((st.st_dev, st.st_ino))
-    return keys
+        names.update(entry.path for entry in os.scandir(path)
+                     if entry.name.endswith(".index.json") or entry.name == ".metadata")
+    return set(identities(names))
 
 
 def scan_one(path: Path, allow=(), fmt=None, used_files=False):
@@ -192,8 +178,7 @@ def _scan_one(path: Path, allow, fmt):
     verdict = worst(v for v in found if found[v])
     message = ""
     if verdict == Verdict.UNKNOWN:
-        message = ("names globals ckconv does not know to be benign: " + ", ".join(found[Verdict.UNKNOWN][:8])
-                   + "; torch.load(weights_only=False) would call them (--allow-global if you trust them)")
+        message = unknown_globals(found[Verdict.UNKNOWN]) + " (--allow-global if you trust them)"
     elif verdict == Verdict.DANGEROUS:
         message = "would call " + ", ".join(found[Verdict.DANGEROUS][:8]) + " under torch.load(weights_only=False)"
     elif verdict == Verdict.CODE:
