@@ -3,94 +3,12 @@
 from __future__ import annotations
 
 import os
-import shutil
-import sys
-import time
 
 import click
 
 from ..errors import CkconvError
 from .common import RUN, echo_json, fail, group_keys, interrupted_code, printable, verbose, warn
-
-
-class Progress:
-    """A progress bar on stderr, shown only on a TTY and only for conversions that take over a second.
-
-    ``[#####      ]  45.0% 120/267 MB, 85 MB/s, ETA 0:02``, cut to the terminal's width. Its line is ended
-    before anything else is written to stderr (an error, a warning), and on the final count when done.
-    """
-
-    def __init__(self, enabled, label=""):
-        self.enabled = enabled and sys.stderr.isatty() and RUN["verbosity"] >= 0
-        self.label = label
-        self.total = self.done = 0
-        self.t0 = time.monotonic()
-        self.last = 0.0
-        self.drawn = False
-        self.width = 0  # of the line drawn last
-
-    def start(self, total):
-        self.total = total
-
-    def __call__(self, n):
-        self.done += n
-        now = time.monotonic()
-        if not self.enabled or now - self.t0 < 1.0 or now - self.last < 0.1 or not self.total:
-            return
-        self.last = now
-        self._draw(now)
-
-    def _draw(self, now, final=False):
-        frac = min(self.done / self.total, 1.0) if self.total else 1.0
-        elapsed = max(now - self.t0, 1e-9)
-        rate = self.done / elapsed
-        when = (f"in {_clock(elapsed)}" if final else
-                f"ETA {_clock((self.total - self.done) / rate)}" if rate > 0 else "ETA ?")
-        text = bar_line(self.label, frac, f"{self.done / 1e6:,.0f}/{self.total / 1e6:,.0f} MB",
-                        f"{rate / 1e6:,.0f} MB/s", when, shutil.get_terminal_size().columns - 1)
-        sys.stderr.write("\r" + text.ljust(self.width))  # blanks what a longer line before it left
-        sys.stderr.flush()
-        self.width = len(text)
-        if not self.drawn:
-            self.drawn = True
-            RUN["bars"].append(self)
-
-    def close(self):
-        """End the bar's line (where one was drawn), so the next line on stderr starts at column 0."""
-        if self.drawn:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-            self.drawn = False
-            if self in RUN["bars"]:
-                RUN["bars"].remove(self)
-
-    def finish(self):
-        if self.drawn:
-            self._draw(time.monotonic(), final=True)  # the last update may have been throttled: the final count
-        self.close()
-
-
-def bar_line(label, frac, amount, rate, when, width) -> str:
-    """``label[#####     ]  45.0% 120/267 MB, 85 MB/s, ETA 0:02`` in at most ``width`` columns. A narrow terminal
-    loses the bar's length first, then the bar, then the amount, then the label: percent, rate and time go last."""
-    pct = f"{frac:6.1%}"
-    tail = f"{rate}, {when}"
-    for bar_width in (30, 20, 10):
-        bar = "#" * int(frac * bar_width)
-        line = f"{label}[{bar:<{bar_width}}] {pct} {amount}, {tail}"
-        if len(line) <= width:
-            return line
-    for line in (f"{label}{pct.strip()} {amount}, {tail}", f"{label}{pct.strip()}, {tail}", f"{pct.strip()}, {tail}",
-                 f"{pct.strip()} {when}"):
-        if len(line) <= width:
-            return line
-    return pct.strip()[:max(width, 1)]
-
-
-def _clock(seconds) -> str:
-    seconds = int(min(seconds, 359999))
-    h, rest = divmod(seconds, 3600)
-    return (f"{h}:" if h else "") + f"{rest // 60:0{2 if h else 1}d}:{rest % 60:02d}"
+from .progress import Progress
 
 
 # --dtype spellings -> the names the API takes (torch's own names and aliases, and the short ones).

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-import shutil
-import sys
 
 import click
 
-from .common import RUN, echo_json, group_keys, table
+from .common import echo_json, group_keys, table
+from .progress import Progress
 
 
 @click.command()
@@ -43,11 +42,10 @@ def match(ckpt, arch, arch_options, rename, selectors, section, ema, no_structur
         return
     from ..matching.engine import match as do_match
 
-    progress = _RankingProgress() if sys.stderr.isatty() and not as_json and RUN["verbosity"] >= 0 else None
+    progress = Progress(not as_json, "ranking architectures ", keep=False)  # --arch auto on a terminal
     report = do_match(ckpt, arch, arch_options=list(arch_options), rename=list(rename), section=section,
-                      only=list(selectors), structural=not no_structural, progress=progress, ema=ema)
-    if progress is not None:
-        progress.finish()
+                      only=list(selectors), structural=not no_structural, progress=progress.step, ema=ema)
+    progress.finish()
     if save_map:
         from ..matching.mapfile import save_map as write_map
 
@@ -60,31 +58,6 @@ def match(ckpt, arch, arch_options, rename, selectors, section, ema, no_structur
             click.echo(f"wrote the mapping to {save_map}")
     if strict:
         report.check_strict()
-
-
-class _RankingProgress:
-    """``--arch auto`` on a terminal: which architecture is being scored (the first run builds every spec)."""
-
-    def __init__(self):
-        self.width = 0
-
-    def __call__(self, i, n, name):
-        text = f"ranking architectures {i + 1}/{n}: {name}"[: shutil.get_terminal_size().columns - 1]
-        sys.stderr.write("\r" + text.ljust(self.width))
-        sys.stderr.flush()
-        if not self.width:
-            RUN["bars"].append(self)
-        self.width = max(self.width, len(text))
-
-    def close(self):
-        if self.width:
-            sys.stderr.write("\r" + " " * self.width + "\r")  # erased: what follows starts at column 0
-            sys.stderr.flush()
-            self.width = 0
-            if self in RUN["bars"]:
-                RUN["bars"].remove(self)
-
-    finish = close
 
 
 def _show_spec(arch, arch_options, selectors, as_json):
