@@ -63,6 +63,14 @@ def test_export_is_not_written(exported, tmp_path):
     assert r.returncode != 0 and "does not write" in r.stderr and not (tmp_path / "x.pt2").exists()
 
 
+@pytest.mark.parametrize("fmt, what", [("torch-export", "torch.export archives"), ("torchscript", "TorchScript archives")])
+def test_read_only_formats_refuse_to_write_in_one_line(tmp_path, fmt, what):
+    torch.save({"w": torch.ones(2)}, tmp_path / "m.pth")
+    r = run_cli("convert", tmp_path / "m.pth", tmp_path / "x.out", "--to", fmt)
+    assert (r.returncode, r.stderr) == (2, f"Error: ckconv reads {what} but does not write them: pick another --to\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pth"]  # nothing written, nothing staged
+
+
 def _rewrite(src, dst, name_suffix, change):
     """A copy of archive ``src`` with the record ending in ``name_suffix`` replaced by ``change(bytes)``."""
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:

@@ -8,7 +8,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CkconvError, LimitExceeded, NotACheckpoint
+from ..errors import CkconvError, LimitExceeded, NotACheckpoint, UsageError
 from ..pickling import structure
 from ..storage.atomic import FolderLayout
 
@@ -112,6 +112,16 @@ class Format:
 
     def read_dangerous(self, path: Path):
         return None
+
+
+class ReadOnlyFormat(Format):
+    """A format ckconv reads and never writes (an archive whose loader compiles and runs the code it holds):
+    ``write`` refuses in one line, naming what the format holds (``what``)."""
+
+    what = ""  # "TorchScript archives"
+
+    def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
+        raise UsageError(f"ckconv reads {self.what} but does not write them: pick another --to")
 
 
 class RankWrite:

@@ -15,11 +15,11 @@ from collections import OrderedDict
 from pathlib import Path
 
 from .. import dtypes
-from ..errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsupportedContent, UsageError
+from ..errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsupportedContent
 from ..hookspecs import hookimpl
 from ..model import Checkpoint, Storage, TensorRef
 from ..storage.zipio import ZipRecords
-from .base import Format, WriteOptions, guarded
+from .base import ReadOnlyFormat, guarded
 from .safetensors_file import parse_json
 from .torch_archive import ZIP_MAGIC, top_folder
 
@@ -140,19 +140,16 @@ def _module_order(state: OrderedDict, fqns: list) -> OrderedDict:
     return OrderedDict((name, state[name]) for name in sorted(state, key=key))
 
 
-class TorchExportFormat(Format):
+class TorchExportFormat(ReadOnlyFormat):
     name = "torch-export"
     description = "torch.export.save archives (.pt2), read for their state_dict; the graph is never loaded"
-    extensions = ()
+    what = "torch.export archives"
 
     def sniff(self, path: Path, head: bytes) -> bool:
         return sniff(path, head)
 
     def read(self, path: Path) -> Checkpoint:
         return guarded(read, path)
-
-    def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
-        raise UsageError("ckconv reads torch.export archives but does not write them: pick another --to")
 
 
 @hookimpl

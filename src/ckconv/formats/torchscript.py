@@ -18,12 +18,12 @@ import re
 from collections import OrderedDict
 from pathlib import Path
 
-from ..errors import CorruptCheckpoint, LimitExceeded, UnsupportedContent, UsageError
+from ..errors import CorruptCheckpoint, LimitExceeded, UnsupportedContent
 from ..hookspecs import hookimpl
 from ..model import Checkpoint, Foreign
 from ..pickling.unpickler import RestrictedUnpickler, unpickle
 from ..storage.zipio import ZipRecords
-from .base import Format, WriteOptions, guarded
+from .base import ReadOnlyFormat, guarded
 from .torch_archive import ZIP_MAGIC, storage_loader, top_folder
 
 MAX_CODE = 64 << 20  # bytes of TorchScript source inflated in all, to read the declarations
@@ -129,19 +129,16 @@ def _state_dict(obj, classes, prefix, out, active, path):
     active.discard(id(obj))
 
 
-class TorchScriptFormat(Format):
+class TorchScriptFormat(ReadOnlyFormat):
     name = "torchscript"
     description = "torch.jit.save archives, read for the module's state_dict; the code is never run"
-    extensions = ()
+    what = "TorchScript archives"
 
     def sniff(self, path: Path, head: bytes) -> bool:
         return sniff(path, head)
 
     def read(self, path: Path) -> Checkpoint:
         return guarded(read, path)
-
-    def write(self, checkpoint, path: Path, options: WriteOptions) -> None:
-        raise UsageError("ckconv reads TorchScript archives but does not write them: pick another --to")
 
 
 @hookimpl
