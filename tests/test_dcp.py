@@ -31,16 +31,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 # --- building checkpoints ----------------------------------------------------------------------------------
 
-def small_bundle():
-    """A training bundle: model state_dict (OrderedDict with _metadata), Adam state (int keys), scalars, tuples."""
+def small_run():
+    """-> (model, optimizer, bundle): a training bundle of model state_dict (OrderedDict with _metadata), Adam state
+    (int keys), scalars, tuples; and the live model and optimizer it was saved from."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
                                 torch.nn.Linear(4 * 4 * 4, 5))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     model(torch.randn(2, 3, 6, 6)).sum().backward()
     opt.step()
-    return {"model": model.state_dict(), "optim": opt.state_dict(), "epoch": 3, "best": 0.25,
-            "history": [0.5, 0.25], "tag": ("run", 7), "extra": {"note": "hello", "empty": {}}}
+    return model, opt, {"model": model.state_dict(), "optim": opt.state_dict(), "epoch": 3, "best": 0.25,
+                        "history": [0.5, 0.25], "tag": ("run", 7), "extra": {"note": "hello", "empty": {}}}
+
+
+def small_bundle():
+    return small_run()[2]
 
 
 def dcp_save(state, folder):
@@ -172,9 +177,11 @@ def test_convert_dcp_to_safetensors_and_pth(tmp_path):
 def test_pth_to_dcp_round_trip_is_exact_and_torch_reads_it(tmp_path):
     import torch.distributed.checkpoint as dcp
 
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
     import ckconv
 
-    bundle = small_bundle()
+    model, opt, bundle = small_run()
     bundle["tied"] = {"a": bundle["model"]["0.weight"], "b": bundle["model"]["0.weight"]}
     bundle["param"] = torch.nn.Parameter(torch.ones(3))
     bundle[5] = OrderedDict(z=torch.zeros(2, dtype=torch.bfloat16), y=[1, 2, {"k": torch.arange(4)}])
@@ -188,8 +195,11 @@ def test_pth_to_dcp_round_trip_is_exact_and_torch_reads_it(tmp_path):
     assert back["tied"]["a"].data_ptr() == back["tied"]["b"].data_ptr()  # ties survive
     assert back["model"]._metadata == source["model"]._metadata
 
-    # torch sees what it would have written itself, and loads it into a live model
+    # torch sees what it would have written itself (the optimizer keyed by parameter name, as torch's distributed
+    # state_dict API saves it), and loads it into a live model
     plain = {k: (v.detach() if k == "param" else v) for k, v in bundle.items()}
+    plain["optim"] = get_optimizer_state_dict(model, opt)
+    assert set(plain["optim"]["state"]) == {"0.weight", "0.bias", "1.weight", "1.bias", "3.weight", "3.bias"}
     theirs = dcp_save(plain, tmp_path / "theirs")
     ours_via_torch = torch_reference(tmp_path / "out", tmp_path)
     ours_via_torch["param"] = ours_via_torch["param"].detach()
@@ -537,7 +547,8 @@ def test_two_ranks_under_torchrun_match_one_process(tmp_path):
     write_chunked_dcp(work / "chunked_dcp", chunked, {"m.a": [((0, 0), (8, 2)), ((0, 2), (8, 4))],
                                                        "m.b": [((0, 0), (2, 6)), ((2, 0), (3, 6))]}, extra={"it": 4})
     (work / "dist").mkdir()
-    env = {**os.environ, "CKCONV_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    path = os.pathsep.join(p for p in (str(REPO / "src"), str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "CKCONV_LOAD_PLUGINS": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}  # this tree's ckconv
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.run([str(torchrun), "--nnodes", "1", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
                            "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", __file__, str(work)],

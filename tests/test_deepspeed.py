@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import ckconv
+from helpers import assert_deep_equal
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE / "deepspeed_writers"))
@@ -136,6 +137,38 @@ def test_resumed_adamw_step_is_deepspeeds_next_step(ds_runs, run, tmp_path):
     params = dict(model.named_parameters())
     for name in ref["param_names"]:
         torch.testing.assert_close(params[name].detach(), ref["next_fp32"][name], rtol=0, atol=0)
+
+
+def test_fsdp2_resumes_from_the_dcp_output(ds_runs, tmp_path):
+    """``--to dcp`` is a way off DeepSpeed onto torch's own engine: FSDP2 on two ranks loads the folder through
+    ``get_state_dict`` / ``dcp.load`` / ``set_state_dict`` (tests/fsdp_resume.py) and its next AdamW step gives every
+    parameter DeepSpeed's own next value, bit for bit (both jobs average two equal gradients, which is exact, and
+    AdamW's update is elementwise: sharding changes no rounding)."""
+    import fsdp_resume
+
+    folder = ds_runs["zero2-fp32-w2"]
+    ref = reference(folder)
+    ckconv.convert(folder / "ds", tmp_path / "dcp", to="dcp")
+    ckconv.convert(folder / "ds", tmp_path / "bundle.pth")
+    # ckconv reads the optimizer back numbered, as the .pth bundle holds it
+    assert_deep_equal(ckconv.load(tmp_path / "dcp")["optimizer"],
+                      torch.load(tmp_path / "bundle.pth", weights_only=True)["optimizer"])
+    # two ranks share the conversion: each writes its own .distcp, the content is the one process's
+    torchrun = str(Path(PYTHON).with_name("torchrun"))
+    proc = subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", "-m", "ckconv", "convert",
+                           str(folder / "ds"), str(tmp_path / "dist"), "--to", "dcp"], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "dist").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert all((tmp_path / "dist" / f"__{r}_0.distcp").stat().st_size > 2000 for r in (0, 1))
+    assert_deep_equal(ckconv.load(tmp_path / "dist"), ckconv.load(tmp_path / "dcp"))
+    resumed = fsdp_resume.resume("net", tmp_path / "dist", ref["batch"], tmp_path)
+    assert "emb.weight" in resumed["sharded"]
+    for name in ref["param_names"]:
+        assert same_bits(resumed["params"][name], ref["next_fp32"][name]), name
+    for name, value in frozen_values(torch.float32).items():
+        assert same_bits(resumed["params"][name], value), name
+    assert sorted(resumed["optimizer"]["state"]) == sorted(ref["param_names"])
 
 
 @pytest.mark.parametrize("run", ARCH_RUNS)

@@ -15,6 +15,7 @@ from ...model import Checkpoint, TensorRef
 from ...pickling import structure
 from .chunked import DcpTensorStorage, Piece, read_archive
 from .metadata import METADATA_NAME, STRUCTURE_ATTR, BytesEntry, DcpMetadata, load_metadata
+from .optimizers import by_slot
 
 
 def read_dcp(path) -> Checkpoint:
@@ -136,6 +137,8 @@ def _rebuild(skeleton, values, where):
                 value = TensorRef(value.storage, value.dtype, value.shape, value.stride, value.offset,
                                   bool(node.get("requires_grad")), bool(node.get("param")))
             return value
+        if "$slots" in node:  # an optimizer written keyed by parameter name: numbered again (.optimizers)
+            return by_slot(build(node.get("$node"), depth + 1), node["$slots"], where)
         if "$list" in node:
             items = node["$list"]
             if type(items) is not list:

@@ -22,6 +22,7 @@ from ...pickling import structure
 from ...storage.fastcopy import SourceFiles
 from ..torch_archive import write_archive
 from .metadata import METADATA_ATTR, METADATA_NAME, STRUCTURE_ATTR, load_metadata
+from .optimizers import name_slots
 
 SUFFIX = ".distcp"
 DCP_VERSION = "1.0.0"  # what torch's FileSystemWriter writes (CURRENT_DCP_VERSION)
@@ -47,11 +48,13 @@ class WritePlan:
         return [b for b in self.blobs if self.owner[b.index] == rank]
 
 
-def flatten(root):
+def flatten(root, slots=None):
     """DCP's ``flatten_state_dict`` on a ckconv tree: -> ([(fqn, path, leaf)], exact skeleton of the containers).
 
     Mappings are walked with ``str(key)``; a list is walked only when it holds a tensor or a walkable container
     (else it is one leaf); tuples and everything else are leaves -- exactly ``traverse_state_dict``.
+    ``slots``: {key path: [[slot, name], ...]} of the optimizers written keyed by name (:mod:`.optimizers`); their
+    skeleton nodes record it, for the reader to number them again.
     """
     if not isinstance(root, dict):
         raise UnsupportedContent(f"a DCP checkpoint holds a dict at the top level; this checkpoint's root is a "
@@ -87,9 +90,14 @@ def flatten(root):
                 node["requires_grad"] = True
         return node
 
-    def visit(path, v):
+    def visit(path, v, keys=()):
+        if keys in named:
+            return {"$slots": named[keys], "$node": walk(path, v, keys)}
+        return walk(path, v, keys)
+
+    def walk(path, v, keys):
         if isinstance(v, dict):
-            items = [[_plain(k, "a key"), visit(path + (tree.key_text(k),), x)] for k, x in v.items()]
+            items = [[_plain(k, "a key"), visit(path + (tree.key_text(k),), x, keys + (k,))] for k, x in v.items()]
             node = {"$odict" if isinstance(v, OrderedDict) else "$dict": items}
             attrs = getattr(v, "__dict__", None) if isinstance(v, OrderedDict) else None
             if attrs:
@@ -97,8 +105,9 @@ def flatten(root):
             return node
         if terminal(v):
             return leaf(path, v)
-        return {"$list": [visit(path + (i,), x) for i, x in enumerate(v)]}
+        return {"$list": [visit(path + (i,), x, keys + (i,)) for i, x in enumerate(v)]}
 
+    named = {tuple(k): v for k, v in (slots or {}).items()}
     skeleton = visit((), root)
     return leaves, skeleton
 
@@ -111,7 +120,9 @@ def _plain(value, what):
 
 
 def plan_write(root, world=1) -> WritePlan:
-    leaves, skeleton = flatten(root)
+    """The items and who writes them; optimizers keyed by parameter name where their slots can be named."""
+    root, slots = name_slots(root)
+    leaves, skeleton = flatten(root, slots)
     blobs, by_view = [], {}
     for fqn, _, v in leaves:
         if isinstance(v, TensorRef):

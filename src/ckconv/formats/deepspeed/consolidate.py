@@ -198,7 +198,8 @@ def _frozen(zf) -> OrderedDict:
 
 
 def optimizer_state_dict(zf: ZeroFolder, layout: Layout, param_order: list) -> dict:
-    """A torch optimizer state_dict: slot ``i`` is ``param_order[i]`` (the model's ``named_parameters()``)."""
+    """A torch optimizer state_dict: slot ``i`` is ``param_order[i]`` (the model's ``named_parameters()``), named in
+    each group's ``param_names``."""
     bases = [_base_state(zf, r, o) for r, o in enumerate(zf.optims)]
     groups = bases[0]["param_groups"]
     owner = {}  # partition index -> param group index
@@ -228,7 +229,9 @@ def optimizer_state_dict(zf: ZeroFolder, layout: Layout, param_order: list) -> d
     frozen = [slot[n] for n in frozen_shapes(zf) if n in slot]
     if len(groups) == 1:  # torch.optim.AdamW(model.parameters()) lists the frozen parameters too (without state)
         members[0].extend(frozen)
-    out_groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": sorted(m)}
+    # param_names as torch >= 2.6 records them for named optimizers: the slots' names travel with the state
+    out_groups = [{**{k: v for k, v in g.items() if k not in ("params", "param_names")},
+                   "param_names": [param_order[i] for i in sorted(m)], "params": sorted(m)}
                   for g, m in zip(groups, members)]
     return {"state": {i: state[i] for i in sorted(state)}, "param_groups": out_groups}
 
