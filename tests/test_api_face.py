@@ -17,7 +17,7 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 def test_dir_shows_the_lazy_api():
     names = dir(ckconv)
-    for name in ("load", "convert", "load_into", "read", "save", "inspect", "diff", "match", "MatchReport",
+    for name in ("load", "convert", "load_into", "read", "save", "inspect", "diff", "match", "MatchReport", "Match", "Mismatch",
                  "save_bundle", "load_bundle", "freeze", "CkconvError", "__version__", "hookimpl"):
         assert name in names, name
     assert set(ckconv.__all__) <= set(names)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from ckconv.matching.alignment import align, group
 from ckconv.architectures import TensorSpec
 from ckconv.errors import UsageError
 from ckconv.matching.engine import match_keys, pick
-from ckconv.matching.report import MatchReport
+from ckconv.matching.report import MatchReport, Mismatch
 from ckconv.model import Storage, TensorRef
 from ckconv.rules import KeyRule, parse_rename, rename
 from ckconv.contents.unwrap import candidates, replace, unwrap
@@ -97,10 +98,15 @@ def test_shape_conflicts_are_reported_and_skipped():
     target = spec(("fc.weight", (1000, 8)), ("fc.bias", (1000,)), ("conv.weight", (8, 3)))
     r = match_keys(src(("fc.weight", (10, 8)), ("fc.bias", (10,)), ("conv.weight", (8, 3))), target, arch="x")
     assert pairs(r) == {"conv.weight": "conv.weight"}
-    assert r.mismatched == [
+    assert r.mismatched == [Mismatch("fc.weight", "fc.weight", (1000, 8), (10, 8), "exact"),
+                            Mismatch("fc.bias", "fc.bias", (1000,), (10,), "exact")]
+    assert r.to_dict()["mismatched"] == [
         {"target": "fc.weight", "source": "fc.weight", "target_shape": [1000, 8], "source_shape": [10, 8],
          "how": "exact"},
         {"target": "fc.bias", "source": "fc.bias", "target_shape": [1000], "source_shape": [10], "how": "exact"}]
+    assert r.mismatched_keys == ["fc.weight", "fc.bias"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.mismatched[0].source = "other"
     assert not r.missing and not r.unexpected and not r.complete
     assert "num_classes=10" in r.notes[0].text and r.notes[0].warning
 

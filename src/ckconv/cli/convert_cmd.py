@@ -193,7 +193,7 @@ def _match_warnings(match) -> list:
             return ": " + ", ".join(map(printable, groups))
         return ": " + ", ".join(map(printable, groups[:3])) + f", ... (-v lists all {len(names)})"
 
-    unfilled = [e["name"] for e in match.missing] + [e["target"] for e in match.mismatched]
+    unfilled = [e["name"] for e in match.missing] + [m.target for m in match.mismatched]
     if unfilled:
         out.append(f"coverage {match.coverage:.1%}: {len(unfilled)} of {arch}'s {match.target_count} keys "
                    f"not filled ({len(match.missing)} missing, {len(match.mismatched)} with other shapes)"

@@ -134,8 +134,8 @@ def _show_report(report):
     if rows:
         click.echo(table(rows, ["target", "", "source", "how", "shape"]))
     for m in report.mismatched:
-        click.echo(f"mismatched: {m['target']} {_shape(m['target_shape'])} <- {m['source']} "
-                   f"{_shape(m['source_shape'])} ({m['how']}); skipped")
+        click.echo(f"mismatched: {m.target} {_shape(m.target_shape)} <- {m.source} {_shape(m.source_shape)} "
+                   f"({m.how}); skipped")
     for a in report.ambiguous:
         who = a.get("target") or a.get("source")
         click.echo(f"ambiguous ({a['step']}): {who}: {', '.join(map(str, a['candidates']))}; skipped")

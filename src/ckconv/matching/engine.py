@@ -14,7 +14,7 @@ from math import prod
 from collections import Counter, defaultdict
 
 from . import alignment, inference, targets
-from .report import Match, MatchReport
+from .report import Match, MatchReport, Mismatch
 from .selectors import filter_keys
 from .. import tree
 from ..architectures import spec_of_model
@@ -59,8 +59,7 @@ class _Pipeline:
         elif self.allow_reshape and alignment.reshape_ok(sshape, tshape):
             self.matched[t] = Match(t, s, how, tshape, self.steps.get(s, []), sshape, round(confidence - 0.1, 2))
         else:
-            self.mismatched[t] = {"target": t, "source": s, "target_shape": list(tshape),
-                                  "source_shape": list(sshape), "how": how}
+            self.mismatched[t] = Mismatch(t, s, tshape, sshape, how)
 
     def lookup(self, how, proposals=None):
         """Pair each free target with the one free source proposing it (by default: the source's current name)."""
@@ -263,8 +262,8 @@ def _entry(name, shape, dtype):
 
 
 def _hints(report):
-    heads = {(m["source_shape"][0], m["target_shape"][0]) for m in report.mismatched
-             if len(m["source_shape"]) == len(m["target_shape"]) and m["source_shape"][1:] == m["target_shape"][1:]}
+    heads = {(m.source_shape[0], m.target_shape[0]) for m in report.mismatched
+             if len(m.source_shape) == len(m.target_shape) and m.source_shape[1:] == m.target_shape[1:]}
     if len(heads) == 1:
         (have, want), = heads
         return [warning(f"the checkpoint's {have}-way head does not fit the {want}-way head of {report.arch}; "

@@ -45,15 +45,15 @@ def infer_options(report, arch: str, options: dict) -> dict:
         if option in options:
             continue  # the user's choice stands
         dims = dependent_dims(arch, options, option)
-        values = {m["source_shape"][i] for m in report.mismatched if m["target"] in dims
-                  for i in dims[m["target"]] if i < len(m["source_shape"])}
+        values = {m.source_shape[i] for m in report.mismatched if m.target in dims
+                  for i in dims[m.target] if i < len(m.source_shape)}
         if len(values) == 1:
             found[option] = values.pop()
     return found
 
 
 def inference_note(inferred: dict, report) -> Note:
-    where = ", ".join(f"{m['target']} {m['source_shape']}" for m in report.mismatched[:3])
+    where = ", ".join(f"{m.target} {list(m.source_shape)}" for m in report.mismatched[:3])
     chosen = ", ".join(f"{k}={v}" for k, v in inferred.items())
     return Note(f"built {report.arch} with {chosen}, as the checkpoint's {where} say (inferred; "
                 f"--arch-option {chosen.split(', ')[0].split('=')[0]}=N chooses)")

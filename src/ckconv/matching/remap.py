@@ -75,7 +75,7 @@ def remap_checkpoint(ckpt, *, arch=None, arch_options=None, map=None, only=(), d
             notes.append(f"the model sits at {report.section}, inside another section; kept the source layout")
     if report.mismatched:
         notes.append(warning(f"skipped {len(report.mismatched)} keys with other shapes: " + ", ".join(
-            f"{m['target']} {m['source_shape']} vs {m['target_shape']}" for m in report.mismatched[:5])
+            f"{m.target} {list(m.source_shape)} vs {list(m.target_shape)}" for m in report.mismatched[:5])
             + (" ..." if len(report.mismatched) > 5 else "")))
     notes += report.notes
     return root, report, [Note.of(n) for n in notes]
@@ -96,7 +96,7 @@ def remap_optimizers(root, report: MatchReport, options=None, *, frozen=()):
     shapes = {m.target: tuple(m.shape) for m in report.matched}
     source_sd = report.source_tensors or {}
     source_shapes = {n: tuple(ref.shape) for n, ref in source_sd.items()}
-    restart = {m["source"]: m["target"] for m in report.mismatched}  # a new head keeps its group, without state
+    restart = {m.source: m.target for m in report.mismatched}  # a new head keeps its group, without state
     if report.architecture:
         spec = targets.spec(report.arch, options or report.arch_options or None)
         target_params = [t.name for t in spec.tensors if t.kind == "parameter"]

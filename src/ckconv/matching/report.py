@@ -24,6 +24,20 @@ class Match:
                 "confidence": self.confidence}
 
 
+@dataclass(frozen=True)
+class Mismatch:
+    """A target key paired with a checkpoint key (by ``how``) but skipped: their shapes differ and no reshape fits."""
+    target: str
+    source: str
+    target_shape: tuple
+    source_shape: tuple
+    how: str
+
+    def to_dict(self):
+        return {"target": self.target, "source": self.source, "target_shape": list(self.target_shape),
+                "source_shape": list(self.source_shape), "how": self.how}
+
+
 class IncompleteMatch(UsageError):
     """``--strict``: some target keys were left unfilled."""
 
@@ -41,7 +55,7 @@ class MatchReport:
     filled: list = field(default_factory=list)  # [{target, shape, dtype, value}]: num_batches_tracked
     missing: list = field(default_factory=list)  # [{name, shape, dtype}] target keys nothing filled
     unexpected: list = field(default_factory=list)  # [{name, shape, dtype}] checkpoint keys nothing used
-    mismatched: list = field(default_factory=list)  # [{target, source, target_shape, source_shape, how}]
+    mismatched: list = field(default_factory=list)  # [Mismatch] in target order
     ambiguous: list = field(default_factory=list)  # [{step, target|source, candidates}]
     notes: list = field(default_factory=list)  # [Note] (or str)
     arch_options: dict = field(default_factory=dict)
@@ -80,7 +94,7 @@ class MatchReport:
     @property
     def mismatched_keys(self) -> list:
         """Target keys whose checkpoint tensor has another shape (left as they were)."""
-        return [e["target"] for e in self.mismatched]
+        return [m.target for m in self.mismatched]
 
     def skipped_text(self, listed=3) -> str:
         """``2 missing (fc.weight, fc.bias), 3 unexpected (aux.0.weight, ...)`` or "" when nothing was skipped."""
@@ -106,5 +120,5 @@ class MatchReport:
                 "section": self.section, "coverage": round(self.coverage, 6), "used": round(self.used, 6),
                 "complete": self.complete, "target_count": self.target_count, "source_count": self.source_count,
                 "matched": [m.to_dict() for m in self.matched], "filled": self.filled, "missing": self.missing,
-                "unexpected": self.unexpected, "mismatched": self.mismatched, "ambiguous": self.ambiguous,
+                "unexpected": self.unexpected, "mismatched": [m.to_dict() for m in self.mismatched], "ambiguous": self.ambiguous,
                 "notes": [str(n) for n in self.notes], "candidates": self.candidates}
