@@ -232,6 +232,64 @@ def test_tables_fit_the_terminal_width_and_pipes_get_whole_names(big_bundle):
     assert "a_very_long_head_name_that_goes_on_and_on.projection_with_many_words.weight" in piped.stdout
 
 
+LONG_ROWS = [(f"module.backbone.stages.{i}.blocks.{j}.downsample_projection.weight", "<-",
+              f"encoder.layer{i}.{j}.attention.output.dense_projection.weight", "rule", f"{64 * i}x{32 * j}")
+             for i in range(1, 4) for j in range(1, 3)]
+
+
+@pytest.mark.parametrize("width", [80, 200, 40])
+def test_tables_share_the_width_fairly_and_cut_names_in_the_middle(monkeypatch, width):
+    from ckconv.cli.common import table
+
+    monkeypatch.setenv("COLUMNS", str(width))
+    lines = table(LONG_ROWS, ["target", "", "source", "how", "shape"]).splitlines()
+    assert len(lines) == 1 + len(LONG_ROWS)
+    rows = [line.split() for line in lines[1:]]
+    assert all(len(r) == 5 for r in rows)  # each cell fits its column: none runs into the next
+    for row, want in zip(rows, LONG_ROWS):
+        assert row[1:2] + row[3:] == [want[1]] + list(want[3:])  # short columns stay whole
+        for cell, name in ((row[0], want[0]), (row[2], want[2])):
+            if width == 200:
+                assert cell == name
+                continue
+            mark = "\u2026" if "\u2026" in cell else "..."
+            head, _, tail = cell.partition(mark)
+            assert mark in cell and name.startswith(head) and name.endswith(tail), (cell, name)
+            assert len(head) >= 3 and len(tail) >= 3  # both ends readable: prefix and leaf
+    if width == 200:
+        return
+    assert all(len(line) <= width for line in lines)
+    target, source = len(rows[0][0]), len(rows[0][2])  # both long columns shrink, to within one of each other
+    assert abs(target - source) <= 1 and target < len(LONG_ROWS[0][0]) and source < len(LONG_ROWS[0][2])
+
+
+def test_columns_never_shrink_below_their_floor():
+    from ckconv.cli.common import fit_widths
+
+    assert fit_widths([50, 2, 30, 6], [8, 8, 8, 8], 200) == [50, 2, 30, 6]  # room enough: nothing cut
+    assert fit_widths([50, 2, 30, 6], [8, 8, 8, 8], 60) == [26, 2, 26, 6]  # the wide ones meet at one level
+    assert fit_widths([50, 2, 31, 6], [8, 8, 8, 8], 60) == [26, 2, 26, 6]
+    assert fit_widths([50, 2, 20, 6], [8, 8, 8, 8], 60) == [32, 2, 20, 6]  # a column under the level stays whole
+    assert fit_widths([50, 2, 30, 6], [8, 8, 8, 8], 10) == [8, 2, 8, 6]  # floors wider than the room: the floors
+
+
+def test_the_match_table_on_an_80_column_terminal_cuts_both_names(tmp_path):
+    names = list(model("resnet18").state_dict())
+    torch.save({f"module.{k}": v for k, v in model("resnet18").state_dict().items()}, tmp_path / "wrapped.pth")
+    result = invoke("match", tmp_path / "wrapped.pth", "--arch", "resnet18", env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    start = lines.index(next(line for line in lines if line.startswith("target "))) + 1
+    rows = [line.split() for line in lines[start:start + len(names)]]
+    assert all(len(line) <= 80 for line in lines[start - 1:start + len(names)]) and all(len(r) == 5 for r in rows)
+    widths = {(len(r[0]), len(r[2])) for r in rows if "\u2026" in r[0] and "\u2026" in r[2]}
+    assert widths and all(abs(t - s) <= 1 for t, s in widths)  # both names cut, to the same width
+    for row, name in zip(rows, names):  # both ends of each name on both sides
+        for cell, full in ((row[0], name), (row[2], f"module.{name}")):
+            head, _, tail = cell.partition("\u2026")
+            assert full.startswith(head) and full.endswith(tail) and (cell == full or len(tail) >= 8), (cell, full)
+
+
 # --- the progress bar -------------------------------------------------------------------------------------------
 
 def test_the_bar_shows_rate_and_eta_and_ends_its_line_before_an_error(tmp_path):

@@ -219,22 +219,45 @@ def write_report(text, output=None, inputs=()):
 
 
 def table(rows, headers):
-    """Columns padded to their widest cell; on a terminal (or with COLUMNS set) the widest columns are cut with an
-    ellipsis until a row fits the width: a line never wraps. Piped output keeps every cell whole."""
+    """Columns padded to their widest cell; on a terminal (or with COLUMNS set) the columns too wide to fit share
+    the room fairly (:func:`fit_widths`) and their cells are cut in the middle, so both ends of a name stay
+    readable. Piped output keeps every cell whole."""
     rows = [[str(c) for c in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     limit = _columns()
     if limit:
-        floor = [max(len(h), 8) for h in headers]
-        while sum(widths) + 2 * (len(widths) - 1) > limit:
-            i = max(range(len(widths)), key=lambda j: widths[j] - floor[j])
-            if widths[i] <= floor[i]:
-                break
-            widths[i] = max(floor[i], widths[i] - (sum(widths) + 2 * (len(widths) - 1) - limit))
+        widths = fit_widths(widths, [max(len(h), 8) for h in headers], limit - 2 * (len(widths) - 1))
         rows = [[_cut(c, w) for c, w in zip(r, widths)] for r in rows]
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     return "\n".join(lines)
+
+
+def fit_widths(widths, floors, room) -> list:
+    """Column widths that add up to at most ``room``, by water-filling: every column is capped at one level, the
+    highest that fits, so narrow columns stay whole and the wide ones end up equally wide (within one). No column
+    goes below its floor (or its own width, when narrower): when the floors alone are wider than the room, the
+    line is as wide as the floors and wraps rather than losing more of every name."""
+    if sum(widths) <= room:
+        return list(widths)
+    floors = [min(w, f) for w, f in zip(widths, floors)]
+
+    def capped(level):
+        return [max(f, min(w, level)) for w, f in zip(widths, floors)]
+
+    low, high = 0, max(widths)  # sum(capped(low)) <= room < sum(capped(high))
+    if sum(capped(low)) > room:
+        return floors
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if sum(capped(mid)) <= room else (low, mid)
+    out = capped(low)
+    spare = room - sum(out)
+    for i, w in enumerate(widths):  # what is left of the room: one more column each, left to right
+        if spare and out[i] == low < w:
+            out[i] += 1
+            spare -= 1
+    return out
 
 
 def _columns() -> int | None:
