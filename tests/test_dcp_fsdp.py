@@ -61,7 +61,8 @@ def test_optimizer_is_keyed_by_parameter_name_and_reads_back_numbered(bundle_fil
 
     import ckconv
 
-    assert invoke("convert", bundle_file, tmp_path / "a", "--to", "dcp").exit_code == 0
+    result = invoke("convert", bundle_file, tmp_path / "a", "--to", "dcp")
+    assert result.exit_code == 0 and "numbered slots" not in result.stderr, result.output
     source = torch.load(bundle_file, weights_only=True)
     # torch reads what its distributed state_dict API would have saved from the live run
     model, optimizer = trained_mlp()
@@ -91,7 +92,10 @@ def test_an_optimizer_whose_slots_cannot_be_named_stays_numbered(tmp_path):
     optimizer.step()
     bundle = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
     torch.save(bundle, tmp_path / "in.pth")
-    assert invoke("convert", tmp_path / "in.pth", tmp_path / "out", "--to", "dcp").exit_code == 0
+    result = invoke("convert", tmp_path / "in.pth", tmp_path / "out", "--to", "dcp")
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.stderr.splitlines() if "numbered slots" in line]
+    assert len(warned) == 1 and "optimizer at optimizer" in warned[0] and "more than one way" in warned[0], warned
     entries, _, _ = metadata(tmp_path / "out")
     assert "optimizer.state.0.exp_avg" in entries and "optimizer.state.1.exp_avg" in entries
     assert_deep_equal(ckconv.load(tmp_path / "out"), bundle)
@@ -105,7 +109,8 @@ def test_a_torch_saved_fsdp_style_checkpoint_passes_through(tmp_path):
     model, optimizer = trained_mlp()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     theirs = dcp_save({"model": model_sd, "optimizer": optim_sd}, tmp_path / "theirs")
-    assert invoke("convert", theirs, tmp_path / "ours", "--to", "dcp").exit_code == 0
+    result = invoke("convert", theirs, tmp_path / "ours", "--to", "dcp")
+    assert result.exit_code == 0 and "numbered slots" not in result.stderr, result.output
     assert_deep_equal(torch_reference(tmp_path / "ours", tmp_path), torch_reference(theirs, tmp_path))
     assert list(ckconv.load(tmp_path / "ours")["optimizer"]["state"]) == NAMES
 

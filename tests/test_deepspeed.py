@@ -139,14 +139,16 @@ def test_resumed_adamw_step_is_deepspeeds_next_step(ds_runs, run, tmp_path):
         torch.testing.assert_close(params[name].detach(), ref["next_fp32"][name], rtol=0, atol=0)
 
 
-def test_fsdp2_resumes_from_the_dcp_output(ds_runs, tmp_path):
+@pytest.mark.parametrize("run", ["zero2-fp32-w2", "zero3-fp32-w2"])
+def test_fsdp2_resumes_from_the_dcp_output(ds_runs, run, tmp_path):
     """``--to dcp`` is a way off DeepSpeed onto torch's own engine: FSDP2 on two ranks loads the folder through
     ``get_state_dict`` / ``dcp.load`` / ``set_state_dict`` (tests/fsdp_resume.py) and its next AdamW step gives every
     parameter DeepSpeed's own next value, bit for bit (both jobs average two equal gradients, which is exact, and
-    AdamW's update is elementwise: sharding changes no rounding)."""
+    AdamW's update is elementwise: sharding changes no rounding). ZeRO-2 and ZeRO-3 sources, each converted once by
+    one process and once by two ranks sharing the writing."""
     import fsdp_resume
 
-    folder = ds_runs["zero2-fp32-w2"]
+    folder = ds_runs[run]
     ref = reference(folder)
     ckconv.convert(folder / "ds", tmp_path / "dcp", to="dcp")
     ckconv.convert(folder / "ds", tmp_path / "bundle.pth")

@@ -117,6 +117,7 @@ def convert(src: PathLike, dst: PathLike, *, to: str | None = None, model_only: 
     notes += _output_notes(root, refs, target.options.max_shard_size, ckpt.foreign)
     notes += metadata_notes(ckpt.metadata, target.format)
     out = Checkpoint(root=root, format=ckpt.format, path=str(src), metadata=user_metadata(ckpt.metadata))
+    notes += target.format.output_notes(out, target.options)
     total = sum(r.nbytes for r in refs)
     if progress is not None and hasattr(progress, "start"):
         progress.start(total)

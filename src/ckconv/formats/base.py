@@ -78,6 +78,9 @@ class Format:
     * ``plan_ranks(checkpoint, options, world)`` -> :class:`RankWrite`: how ``world`` processes of a torchrun job
       write the output together, each its share (:mod:`ckconv.torchrun`); the default has rank 0 write the whole
       output with ``write`` while the other ranks wait;
+    * ``output_notes(checkpoint, options)`` -> list of :class:`ckconv.model.Note`: what ``convert`` tells the user
+      about this output before it is written (a :func:`ckconv.model.warning` for what a reader of the format will
+      miss); default none;
     * ``read_dangerous(path)`` -> :class:`ckconv.model.Checkpoint` or None: for ``ckconv inspect`` and ``scan``,
       re-read a file that ``read`` refused as unsafe, with the dangerous globals recorded (``dangerous``) as inert
       records instead of refused; it must execute nothing either. The default, None, says the format cannot,
@@ -109,6 +112,9 @@ class Format:
 
     def plan_ranks(self, checkpoint, options: WriteOptions, world: int) -> RankWrite:
         return _RankZero(self, checkpoint, options)
+
+    def output_notes(self, checkpoint, options: WriteOptions) -> list:
+        return []
 
     def read_dangerous(self, path: Path):
         return None

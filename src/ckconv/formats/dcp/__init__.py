@@ -26,11 +26,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...hookspecs import hookimpl
-from ...model import Checkpoint
+from ...model import Checkpoint, warning
 from ...pickling.writer import check_writable
 from ...storage.atomic import FolderLayout
 from ..base import Format, RankWrite, WriteOptions, user_metadata
 from .metadata import METADATA_NAME
+from .optimizers import unnamed_optimizers
 from .read import read_dcp
 from .write import earlier_output, plan_write, write_metadata, write_rank_file
 
@@ -66,6 +67,12 @@ class DcpFormat(Format):
         plan = plan_write(checkpoint.root, world=1)
         locations = write_rank_file(path, 0, plan.blobs_for(0), options.progress, allow=options.allow_globals)
         write_metadata(path, plan, locations, user_metadata(checkpoint.metadata))
+
+    def output_notes(self, checkpoint, options: WriteOptions) -> list:
+        return [warning(f"the optimizer at {where} is written with numbered slots, which FSDP2 and torch's "
+                        f"get_state_dict cannot resume from (they key optimizer state by parameter name): {problem}; "
+                        "an optimizer built from model.named_parameters() (torch >= 2.6) names its slots")
+                for where, problem in unnamed_optimizers(checkpoint.root)]
 
     def plan_ranks(self, checkpoint, options: WriteOptions, world: int) -> RankWrite:
         return _RankFiles(plan_write(checkpoint.root, world), options, user_metadata(checkpoint.metadata))

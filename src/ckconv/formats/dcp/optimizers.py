@@ -43,7 +43,7 @@ def name_slots(root):
         osd = _at(root, path)
         slots = _numbered(osd)
         names = info.names
-        if not slots or slots - set(names) or len({names[s] for s in slots}) != len(slots):
+        if not slots or not _named(slots, names):
             continue
         found[path] = [[slot, names[slot]] for slot in sorted(slots)]
     if not found:
@@ -53,6 +53,32 @@ def name_slots(root):
         parent = _at(out, path[:-1])
         parent[path[-1]] = by_name(_at(root, path), dict(pairs))
     return out, found
+
+
+def unnamed_optimizers(root) -> list:
+    """[(where, why)] for each numbered optimizer :func:`name_slots` leaves numbered."""
+    if not isinstance(root, dict):
+        return []
+    out = []
+    for path, info in zip(_optimizer_paths(root), describe(root).optimizers):
+        osd = _at(root, path)
+        slots = _numbered(osd)
+        if slots is None and not _keyed_by_name(osd):
+            out.append((".".join(map(str, path)), "its slots are neither all numbers nor all names"))
+        elif slots and not _named(slots, info.names):
+            out.append((".".join(map(str, path)), info.problem or "ckconv cannot tell which parameter each slot is"))
+    return out
+
+
+def _keyed_by_name(osd) -> bool:
+    """Already as ``get_state_dict`` keys it: every ``params`` entry and ``state`` key a name."""
+    names = [n for g in osd["param_groups"] for n in g["params"]]
+    known = {n for n in names if isinstance(n, str)}
+    return len(known) == len(names) and all(isinstance(k, str) and k in known for k in osd["state"])
+
+
+def _named(slots, names) -> bool:
+    return not slots - set(names) and len({names[s] for s in slots}) == len(slots)
 
 
 def by_name(osd, names: dict):
