@@ -140,12 +140,17 @@ def _index_of(path: Path) -> Path:
     return single
 
 
-def read_shard(path: Path, fname: str) -> tuple:
-    """-> ({name: TensorRef} in file order, notes) of one shard, read by the torch reader with all its checks."""
+def read_shard(path: Path, fname: str, globals_: list | None = None) -> tuple:
+    """-> ({name: TensorRef} in file order, notes) of one shard, read by the torch reader with all its checks; the
+    globals its pickle names (with their roles) are added to ``globals_``: torch.load runs each shard's pickle,
+    whatever of it the shard's dict keeps."""
     if not _is_torch_file(path):
         raise CorruptCheckpoint(f"{path}: is not a torch.save file; every shard of a torch index must be one "
                                 "(a safetensors index is read as safetensors)")
-    root = torch_file.read(path).root
+    ckpt = torch_file.read(path)
+    if globals_ is not None:
+        globals_ += ckpt.globals
+    root = ckpt.root
     if not isinstance(root, dict):
         raise CorruptCheckpoint(f"{path}: shard holds {short_repr(root, 60)}, not a dict of name -> tensor")
     for key, value in root.items():
@@ -164,9 +169,10 @@ def read_sharded(path: Path) -> Checkpoint:
         ckpt = torch_file.read(index_path)
         ckpt.format, ckpt.path = "torch-sharded", str(path)
         return ckpt
-    root, metadata, notes = hub_folder.read_index_folder(index_path, read_shard)
+    names: list = []
+    root, metadata, notes = hub_folder.read_index_folder(index_path, lambda p, f: read_shard(p, f, names))
     return Checkpoint(root=root, format="torch-sharded", path=str(path), notes=notes, metadata=metadata,
-                      foreign=tree.foreign_objects(root))
+                      foreign=tree.foreign_objects(root), globals=names)
 
 
 # --- writing -------------------------------------------------------------------------------------------------

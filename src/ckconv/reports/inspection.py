@@ -16,7 +16,7 @@ from ..io import detect_format, read
 from ..model import Checkpoint, Foreign, GlobalRef, TensorRef, is_reference
 from ..contents.sections import sections
 from ..pickling.allowlist import Role
-from ..pickling.verdicts import Verdict, worst
+from ..pickling.verdicts import FINDINGS, Verdict, worst
 from ..pickling.writer import dry_run
 from ..plugins import host
 
@@ -154,23 +154,32 @@ def glance(root, limit=1000) -> list:
     return found
 
 
+GETATTR = ("builtins", "getattr")
+
+
 def verdicts(ckpt, allow_globals=()) -> dict:
     """{safe|unknown|dangerous: [dotted names]} for a checkpoint read by any format, each name judged in the roles
     the file gives it: from the pickle's opcodes (``ckpt.globals``), and from the records and references of the tree
     as ckconv would write them (the only roles formats without pickle opcodes have: safetensors structure, DCP);
     and {code: [record names]} for one that holds code (a TorchScript archive, an exported program's graph)."""
     written = dry_run(ckpt.root, allow_globals)
-    if ckpt.globals:  # pickle opcodes, answered by ckconv's unpickler
-        roles = {(g[0], g[1]): g[2] if len(g) > 2 else Role.REFERENCED for g in ckpt.globals}
-        for key, role in written.named.items():  # calls and instantiations the tree records, however deep
-            if key in roles:
-                roles[key] |= role
-        found = policy.classify([(m, q, r) for (m, q), r in roles.items()], allow_globals)
-    else:  # records described by a format's metadata (safetensors structure, DCP): judged as ckconv would write them
-        names = [(m, q, r) for (m, q), r in written.named.items() if (m, q) != ("builtins", "getattr")]
-        found = policy.classify(names, allow_globals, pickled=False)
-        if ("builtins", "getattr") in written.named:  # reading let it through: a method of torch.compile's wrapper
-            found[Verdict.UNKNOWN].append("builtins.getattr")
+    roles: dict = {}  # pickle opcodes, answered by ckconv's unpickler: every role any of its pickles gives a name
+    for g in ckpt.globals:  # (a folder's files are many pickles: a name called in one and referenced in another
+        key = (g[0], g[1])  # is called)
+        roles[key] = roles.get(key, Role.REFERENCED) | (g[2] if len(g) > 2 else Role.REFERENCED)
+    for key, role in written.named.items():  # calls and instantiations the tree records, however deep
+        if key in roles:
+            roles[key] |= role
+    found = policy.classify([(m, q, r) for (m, q), r in roles.items()], allow_globals)
+    # records no pickle named (safetensors structure, DCP's structure record): judged as ckconv would write them
+    names = [(m, q, r) for (m, q), r in written.named.items() if (m, q) not in roles and (m, q) != GETATTR]
+    described = policy.classify(names, allow_globals, pickled=False)
+    if GETATTR in written.named and GETATTR not in roles:  # reading let it through: a method of torch.compile's wrapper
+        described[Verdict.UNKNOWN].append("builtins.getattr")
+    for bucket, listed in described.items():
+        found[bucket] += [n for n in listed if n not in found[bucket]]
+    for v in (Verdict.SAFE, Verdict.UNKNOWN):  # a name judged two ways is judged by its worst
+        found[v] = [n for n in found[v] if not any(n in found[w] for w in FINDINGS if w > v)]
     for name in ckpt.dangerous:  # what the reader itself judged dangerous (a getattr on a module, DCP metadata)
         if name not in found[Verdict.DANGEROUS]:
             found[Verdict.DANGEROUS].append(name)

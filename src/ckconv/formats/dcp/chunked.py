@@ -19,9 +19,10 @@ from ..torch_archive import DATA_PKL, ZIP_MAGIC, storage_loader
 MAX_BLOB_PICKLE = 1 << 31
 
 
-def read_archive(path, start, length, where):
+def read_archive(path, start, length, where, globals_=None):
     """The object the torch.save archive at bytes [start, start + length) of ``path`` holds, read with ckconv's
-    restricted unpickler."""
+    restricted unpickler; the globals its pickle names (with their roles) are added to ``globals_`` when given
+    (DCP loads a bytes item with ``torch.load(weights_only=False)``: its pickle runs, whatever of it is kept)."""
     with open(path, "rb") as f:
         f.seek(start)
         magic = f.read(4) if length >= 4 else b""
@@ -43,7 +44,9 @@ def read_archive(path, start, length, where):
             raise UnsupportedContent(f"{where}: big-endian data is not supported")
     load_storage = storage_loader(path, records, prefix, where, label=where)
     data = record_bytes(path, records[prefix + "data.pkl"], f"{where}: record data.pkl", MAX_BLOB_PICKLE)
-    root, _ = unpickle(data, storage_loader=load_storage, where=where)
+    root, up = unpickle(data, storage_loader=load_storage, where=where)
+    if globals_ is not None:
+        globals_ += up.globals
     return root
 
 

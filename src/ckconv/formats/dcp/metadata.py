@@ -17,7 +17,7 @@ from ... import dtypes, tree
 from ...errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsupportedContent
 from ...model import Foreign
 from ...pickling import policy
-from ...pickling.unpickler import RestrictedUnpickler, unpickle
+from ...pickling.unpickler import RestrictedUnpickler, refuse, unpickle
 from ...storage.files import inside_folder, read_sized, regular_file
 from ...storage.files import parse_json
 
@@ -61,12 +61,38 @@ class MetadataUnpickler(RestrictedUnpickler):
                 return _layout_builder
             # torch reads .metadata with a plain pickle.load: any global beyond DCP's own records and benign
             # data would run when torch loads this checkpoint, wherever it hides (planner_data, storage_meta...).
-            if not (module.startswith("torch.distributed.checkpoint.") and policy.valid_name(module, name)
-                    or policy.verdict(module, name) == policy.SAFE):
+            # Here by name; the roles the pickle gives each are checked after it is read (dangerous_roles).
+            if not (_dcp_record(module, name) or policy.verdict(module, name) == policy.SAFE):
                 full = policy.dotted(module, name)
                 if full not in self.dangerous:
                     self.dangerous.append(full)
         return super().find_class(module, name)
+
+
+def _dcp_record(module, name) -> bool:
+    """A class DCP's own modules define (a record of data): a plain name, no attribute path through it."""
+    return module.startswith("torch.distributed.checkpoint.") and "." not in name and policy.valid_name(module, name)
+
+
+DCP_CALLED = frozenset({("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING")})  # an enum, by value
+
+
+def dangerous_roles(up_globals) -> list:
+    """The globals of a ``.metadata`` pickle used in a role that runs code under ``pickle.load``: a DCP name other
+    than instantiated or referenced (``FileSystem.mkdir(None, path)``, ``save_state_dict`` called), any other name
+    in a role ckconv does not know it in (``numpy.ndarray.tofile`` called). The builders' names are answered here."""
+    bad = []
+    for module, name, role in up_globals:
+        if module.startswith("pathlib") and name in _PATH_CLASSES or (module, name) == (
+                "torch.serialization", "_get_layout") or (module, name) in DCP_CALLED:
+            continue
+        if _dcp_record(module, name):
+            ok = not role & ~(policy.R | policy.I)
+        else:
+            ok = policy.verdict(module, name, roles=role) == policy.SAFE
+        if not ok:
+            bad.append(policy.dotted(module, name))
+    return bad
 
 
 class TensorEntry:
@@ -126,7 +152,10 @@ def load_metadata(folder: Path) -> DcpMetadata:
         raise LimitExceeded(f"{where}: {size} bytes of metadata, over the limit of {MAX_METADATA} "
                             "(CKCONV_MAX_DCP_METADATA)")
     data = read_sized(mpath, size, where)
-    obj, _ = unpickle(data, where=where, unpickler_class=MetadataUnpickler)  # opcode pre-scan, then restricted
+    obj, up = unpickle(data, where=where, unpickler_class=MetadataUnpickler)  # opcode pre-scan, then restricted
+    bad = dangerous_roles(up.globals)
+    if bad:
+        raise refuse(where, bad)
     return interpret_metadata(obj, folder, where)
 
 

@@ -24,11 +24,12 @@ def read_dcp(path) -> Checkpoint:
         folder = folder.parent
     meta = load_metadata(folder)
     values = {}
+    names: list = []  # the globals of the bytes items' pickles
     shared: dict = {}  # identical chunk layouts (ties written by ckconv) share one storage
     for fqn, entry in meta.entries.items():
         if isinstance(entry, BytesEntry):
             file, off, length = meta.locations[(fqn, None)]
-            values[fqn] = read_archive(file, off, length, f"{file} ({fqn})")
+            values[fqn] = read_archive(file, off, length, f"{file} ({fqn})", names)
             continue
         layout = (entry.dtype, entry.shape, tuple(
             (offs, sz, meta.locations[(fqn, offs)]) for offs, sz in entry.chunks))
@@ -47,7 +48,8 @@ def read_dcp(path) -> Checkpoint:
     info = {**meta.user_metadata, "dcp.version": meta.version, "dcp.entries": str(len(meta.entries)), "dcp.files": str(len(files))}
     if meta.save_id:
         info["dcp.save_id"] = meta.save_id
-    return Checkpoint(root=root, format="dcp", path=str(folder), metadata=info, foreign=tree.foreign_objects(root))
+    return Checkpoint(root=root, format="dcp", path=str(folder), metadata=info, foreign=tree.foreign_objects(root),
+                      globals=names)
 
 
 def _unflatten(meta: DcpMetadata, values, where):

@@ -1,0 +1,181 @@
+"""Third red-team pass: pickles a folder checkpoint's own loader runs, which ckconv's verdict did not see.
+
+A folder is many pickles: each shard of a sharded ``.bin`` folder (``torch.load`` of every shard), each bytes item
+of a DCP folder (``torch.load(weights_only=False)`` in DCP's ``load_bytes``) and DCP's ``.metadata``
+(``pickle.load``). A payload whose result the pickle discards (``REDUCE POP``) never reaches the tree ckconv builds,
+so only the pickle's own globals, with their roles, can say what loading it runs. Every case has its positive
+control (the loader, in a subprocess, creates the canary file) and ckconv's answer: ``scan`` exits 1 naming the
+global, ``convert`` refuses a dangerous one with one line and writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ckconv.cli import cli
+from ckconv.model import Checkpoint
+from ckconv.reports.inspection import verdicts
+
+HOSTILE = Path(__file__).resolve().parents[1] / "fixtures" / "hostile"
+_spec = importlib.util.spec_from_file_location("make_hostile", HOSTILE / "make_hostile.py")
+GEN = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(GEN)
+CANARY = GEN.CANARY
+FILE_HANDLER = GEN.call("logging", "FileHandler", CANARY) + b"0"  # opens (creates) the canary; result popped
+
+
+def _dcp_folder(folder: Path, state) -> pickle.Unpickler:
+    import torch.distributed.checkpoint as dcp
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save(state, checkpoint_id=str(folder), no_dist=True)
+    with open(folder / ".metadata", "rb") as f:
+        return pickle.load(f)  # our own, just written
+
+
+def _metadata_with(folder: Path, payload: bytes):
+    """DCP's .metadata re-pickled (protocol 2 opcodes under a protocol 4 header, so dotted GLOBAL names resolve)
+    with ``payload`` run first."""
+    meta = _dcp_folder(folder, {"w": torch.zeros(2)})
+    (folder / ".metadata").write_bytes(b"\x80\x04" + payload + pickle.dumps(meta, protocol=2)[2:])
+
+
+def build_sharded(folder: Path):
+    folder.mkdir()
+    w = GEN.D((GEN.S("w"), GEN.tensor("0", 2, [2], [1])))
+    v = GEN.D((GEN.S("v"), GEN.tensor("0", 2, [2], [1])))
+    (folder / "pytorch_model-00001-of-00002.bin").write_bytes(GEN.torch_zip(GEN.P(FILE_HANDLER + w), {"0": b"\0" * 8}))
+    (folder / "pytorch_model-00002-of-00002.bin").write_bytes(GEN.torch_zip(GEN.P(v), {"0": b"\0" * 8}))
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {"total_size": 16}, "weight_map": {
+        "w": "pytorch_model-00001-of-00002.bin", "v": "pytorch_model-00002-of-00002.bin"}}))
+
+
+def build_dcp_bytes_item(folder: Path):
+    """A DCP bytes item (a non-tensor value) whose torch.save archive runs a payload and keeps only an int."""
+    meta = _dcp_folder(folder, {"w": torch.zeros(2), "extra": {"a": 1}})
+    crafted = GEN.torch_zip(GEN.P(FILE_HANDLER + b"K\x07"))
+    (index, info), = [(i, s) for i, s in meta.storage_data.items() if i.fqn == "extra.a"]
+    file = folder / info.relative_path
+    meta.storage_data[index] = dataclasses.replace(info, offset=file.stat().st_size, length=len(crafted))
+    with open(file, "ab") as f:
+        f.write(crafted)
+    (folder / ".metadata").write_bytes(pickle.dumps(meta))
+
+
+def build_dcp_mkdir(folder: Path):
+    """DCP's own module, but a function of it called: FileSystem.mkdir(None, path) makes the folder."""
+    _metadata_with(folder, b"ctorch.distributed.checkpoint.filesystem\nFileSystem.mkdir\n(N" + GEN.S(CANARY) + b"tR0")
+
+
+def build_dcp_save(folder: Path):
+    """save_state_dict({}, FileSystemWriter(path), None, 0, True): writes a whole checkpoint while loading one."""
+    _metadata_with(folder, b"ctorch.distributed.checkpoint.state_dict_saver\nsave_state_dict\n(}"
+                   b"ctorch.distributed.checkpoint.filesystem\nFileSystemWriter\n(" + GEN.S(CANARY)
+                   + b"tRNK\x00\x88tR0")
+
+
+def build_dcp_tofile(folder: Path):
+    """numpy.ndarray.tofile, safe as a reference, called: writes the array to the canary."""
+    array = pickle.dumps(np.zeros(2, dtype=np.uint8), protocol=2)[2:-1]
+    _metadata_with(folder, b"cnumpy\nndarray.tofile\n(" + array + GEN.S(CANARY) + b"tR0")
+
+
+TORCH_LOAD = "import sys, torch; torch.load(sys.argv[1], weights_only=False)"
+DCP_LOAD = ("import sys, warnings, torch, torch.distributed.checkpoint as dcp; warnings.simplefilter('ignore');"
+            "dcp.load({'w': torch.ones(2), 'extra': {'a': 5}}, checkpoint_id=sys.argv[1], no_dist=True)")
+# name -> (builder, what torch runs: code and the file it loads (relative to the folder), scan's verdict, needle)
+CASES = {
+    "sharded_shard_payload": (build_sharded, TORCH_LOAD, "pytorch_model-00001-of-00002.bin", "UNKNOWN",
+                              "logging.FileHandler"),
+    "dcp_bytes_item_payload": (build_dcp_bytes_item, DCP_LOAD, ".", "UNKNOWN", "logging.FileHandler"),
+    "dcp_metadata_filesystem_mkdir": (build_dcp_mkdir, DCP_LOAD, ".", "DANGEROUS",
+                                      "torch.distributed.checkpoint.filesystem.FileSystem.mkdir"),
+    "dcp_metadata_save_state_dict": (build_dcp_save, DCP_LOAD, ".", "DANGEROUS",
+                                     "torch.distributed.checkpoint.state_dict_saver.save_state_dict"),
+    "dcp_metadata_ndarray_tofile": (build_dcp_tofile, DCP_LOAD, ".", "DANGEROUS", "numpy.ndarray.tofile"),
+}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("redteam3")
+    out = {}
+    for name, (build, *_) in CASES.items():
+        build(root / name)
+        out[name] = root / name
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_positive_control_the_loader_runs_the_payload(name, folders, tmp_path):
+    _, code, target, _, _ = CASES[name]
+    path = (folders[name] / target).resolve()
+    subprocess.run([sys.executable, "-c", code, str(path)], cwd=tmp_path, capture_output=True, timeout=300)
+    assert (tmp_path / CANARY).exists(), f"torch did not run the payload of {name}: the fixture proves nothing"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_scan_names_the_payload(name, folders, tmp_path):
+    _, _, _, verdict, needle = CASES[name]
+    result = CliRunner().invoke(cli, ["scan", str(folders[name])])
+    assert result.exit_code == 1, result.output
+    line = result.stdout.splitlines()[0]
+    assert line.startswith(verdict) and needle in line, line
+    assert not (Path.cwd() / CANARY).exists()
+
+
+@pytest.mark.parametrize("name", sorted(n for n in CASES if CASES[n][3] == "DANGEROUS"))
+def test_convert_refuses_a_dangerous_metadata(name, folders, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    result = CliRunner().invoke(cli, ["convert", str(folders[name]), str(out / "x.pth")])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: refusing to load") and CASES[name][4] in lines[0], lines
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["sharded_shard_payload", "dcp_bytes_item_payload"])
+def test_convert_output_runs_nothing(name, folders, tmp_path):
+    """The discarded call is not in the tree: the converted file holds the weights and nothing that runs."""
+    out = tmp_path / "out.pth"
+    result = CliRunner().invoke(cli, ["convert", str(folders[name]), str(out)])
+    assert result.exit_code == 0, result.output
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    subprocess.run([sys.executable, "-c", TORCH_LOAD, str(out)], cwd=sandbox, check=True, timeout=300)
+    assert not (sandbox / CANARY).exists()
+
+
+def test_a_name_called_in_one_file_and_referenced_in_another_is_called():
+    """A folder's globals come from many pickles (DeepSpeed's rank files): the roles add up, the last does not win.
+    ``numpy.ndarray.tofile`` referenced is safe, called it writes a file."""
+    called = ("numpy", "ndarray.tofile", pickle_role("CALLED"))
+    referenced = ("numpy", "ndarray.tofile", pickle_role("REFERENCED"))
+    for order in ([called, referenced], [referenced, called]):
+        found = verdicts(Checkpoint(root={}, format="deepspeed", path="x", globals=order))
+        assert "numpy.ndarray.tofile" in found["unknown"] and "numpy.ndarray.tofile" not in found["safe"], found
+
+
+def pickle_role(name):
+    from ckconv.pickling.allowlist import Role
+
+    return Role[name]
+
+
+def test_canary_absent_from_the_test_folder():
+    assert not (Path(os.getcwd()) / CANARY).exists()
