@@ -179,3 +179,59 @@ def pickle_role(name):
 
 def test_canary_absent_from_the_test_folder():
     assert not (Path(os.getcwd()) / CANARY).exists()
+
+
+# --- a torch.export archive that torch.load reads as a torch.save file -------------------------------------------
+
+PT2_CONFIG = {"config": {"w": {"path_name": "weight_0", "is_param": True, "use_pickle": False, "tensor_meta": {
+    "dtype": 7, "sizes": [{"as_int": 2}], "requires_grad": False, "device": {"type": "cpu"},
+    "strides": [{"as_int": 1}], "storage_offset": {"as_int": 0}, "layout": 7}}}}
+
+
+def pt2_polyglot(path: Path, pickle_name="archive/DATA.PKL"):
+    """A .pt2 (archive_format, weights config, a weight) that also holds a data.pkl spelt in capitals: ckconv read it
+    as torch.export (its data.pkl regex was case-sensitive) and said SAFE; torch.load finds the record ignoring case
+    (miniz) and runs the pickle."""
+    path.write_bytes(GEN.zip_bytes([
+        ("archive/archive_format", b"pt2"), (pickle_name, GEN.P(GEN.call("os", "system", GEN.SHELL))),
+        ("archive/data/weights/model_weights_config.json", json.dumps(PT2_CONFIG).encode()),
+        ("archive/data/weights/weight_0", b"\0" * 8), ("archive/version", b"3\n")]))
+    return path
+
+
+@pytest.mark.parametrize("name", ["archive/DATA.PKL", "archive/Data.pkl"])
+def test_pt2_with_a_data_pkl_in_capitals(name, tmp_path):
+    src = pt2_polyglot(tmp_path / "m.pt2", name)
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    subprocess.run([sys.executable, "-c", TORCH_LOAD, str(src)], cwd=sandbox, capture_output=True, timeout=300)
+    assert (sandbox / CANARY).exists(), "torch did not run the payload: the fixture proves nothing"
+    result = CliRunner().invoke(cli, ["scan", str(src)])
+    assert result.exit_code == 1 and result.stdout.startswith("BROKEN") and "is stored as" in result.stdout, \
+        result.output
+    out = tmp_path / "out"
+    out.mkdir()
+    result = CliRunner().invoke(cli, ["convert", str(src), str(out / "x.safetensors")])
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and "is stored as" in lines[0], result.output
+    assert list(out.iterdir()) == []
+
+
+def test_a_torch_file_whose_name_claims_nothing_is_still_scanned(tmp_path):
+    """In a folder walk, files that are not checkpoints are skipped: one torch.load reads (its data.pkl in another
+    case) is a checkpoint, whatever its name."""
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    (folder / "weights.data").write_bytes(GEN.zip_bytes([
+        ("archive/DATA.PKL", GEN.P(GEN.call("os", "system", GEN.SHELL))), ("archive/version", b"3\n")]))
+    result = CliRunner().invoke(cli, ["scan", str(folder)])
+    assert result.exit_code == 1 and "weights.data" in result.stdout and "BROKEN" in result.stdout, result.output
+
+
+def test_pt2_forced_reading_refuses_a_data_pkl(tmp_path):
+    from ckconv.errors import CorruptCheckpoint
+    from ckconv.formats import torch_export
+
+    src = pt2_polyglot(tmp_path / "m.pt2", "archive/data.pkl")
+    with pytest.raises(CorruptCheckpoint, match="holding a data.pkl"):
+        torch_export.read(src)

@@ -24,7 +24,7 @@ from ..storage.zipio import ZipWriter
 from ..storage.files import parse_json
 
 ZIP_MAGIC = b"PK\x03\x04"
-DATA_PKL = re.compile(r"^([^/]+)/data\.pkl$")
+DATA_PKL = re.compile(r"^([^/]+)/data\.pkl$", re.IGNORECASE | re.ASCII)  # miniz finds it in any ASCII case
 # The source's metadata (safetensors __metadata__, a hub index's metadata) in a .pth: a JSON object in a record
 # torch.load never reads, so the file loads as before and ckconv finds the metadata again (issue 23).
 METADATA_RECORD = ".data/ckconv_metadata.json"

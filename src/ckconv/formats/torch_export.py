@@ -51,6 +51,9 @@ def read(path: Path) -> Checkpoint:
     top = top_folder(list(records.records))
     if top is None or records.read(top + "archive_format", limit=16).strip() != b"pt2":
         raise NotACheckpoint(f"{path}: not a torch.export archive (no pt2 archive_format)")
+    if top + "data.pkl" in records.records:  # (any other spelling is refused by the lookup itself)
+        raise CorruptCheckpoint(f"{path}: a torch.export archive holding a data.pkl, which torch.load reads as a "
+                                "torch.save file; refusing a file with two readings (re-save the original)")
     config = _json(records, top + WEIGHTS_CONFIG, path).get("config")
     if not isinstance(config, dict):
         raise CorruptCheckpoint(f"{path}: {WEIGHTS_CONFIG} has no config mapping")
