@@ -97,3 +97,39 @@ def test_frames_that_end_at_stop_are_read():
     data = pickle.dumps({"a": list(range(5))}, protocol=4)
     assert unpickle(data, where="x")[0] == {"a": [0, 1, 2, 3, 4]}
     assert unpickle(M.reframe(pickle.dumps({"a": 1}, protocol=2)), where="x")[0] == {"a": 1}
+
+
+def test_detection_and_reading_parse_the_directory_once(tmp_path, monkeypatch):
+    """Every zip plugin's sniff and the reader share one parse of the central directory (issue 24); a file
+    rewritten between them is parsed again, and what it now holds is what is read."""
+    import ckconv
+    from ckconv.storage import zipdir
+
+    path = tmp_path / "a.pth"
+    torch.save({f"w{i}": torch.full((2,), float(i)) for i in range(5)}, path)
+    parses = []
+    real = zipdir._directory
+    monkeypatch.setattr(zipdir, "_directory", lambda *a: parses.append(a[2]) or real(*a))
+    ckpt = ckconv.read(path)
+    assert ckpt.format == "torch" and sorted(ckpt.root) == [f"w{i}" for i in range(5)]
+    assert len(parses) == 1
+    assert not zipdir._last  # taken by the reader: nothing kept once it is read
+
+    assert zipdir.directory_names(path)  # kept for a reader
+    torch.save({"other": torch.zeros(3)}, path)  # rewritten: another size and modification time
+    os.utime(path, ns=(1, 1))
+    assert sorted(ckconv.read(path).root) == ["other"]
+
+
+def test_a_zip_that_reading_refuses_is_still_named_by_its_sniff(tmp_path):
+    """An archive ckconv's directory parse refuses (a comment after the end record) still reaches the plugin whose
+    sniff recognises it through Python's zipfile, which says what is wrong, as before the shared parse."""
+    from ckconv.storage import zipdir
+
+    path = tmp_path / "a.pth"
+    torch.save({"w": torch.ones(2)}, path)
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.comment = b"appended"
+    with pytest.raises(CorruptCheckpoint, match="comment"):
+        zipdir.directory_names(path)
+    assert any(n.endswith("/data.pkl") for n in zipdir.sniffed_names(path))

@@ -58,8 +58,9 @@ def read(path: PathLike, format: str | None = None) -> Checkpoint:
     path = Path(path)
     if format and not path.is_dir():
         regular_file(path)
-    name = format or detect_format(path)
-    ckpt = host().format(name).read(path)
+    with tree.gc_paused():
+        name = format or detect_format(path)
+        ckpt = host().format(name).read(path)
     ckpt.format = ckpt.format or name
     return ckpt
 
@@ -139,8 +140,8 @@ def write(ckpt: Checkpoint, target: "OutputTarget", *, force: bool = False) -> s
     fmt = target.format
     if fmt.writes_pickles:  # refuse unknown globals before anything is staged
         check_writable(ckpt.root, target.options.allow_globals, f"the {fmt.name} checkpoint")
-    with staged(target.path, directory=target.folder, force=force, protect=target.protect,
-                layout=target.layout) as tmp:
+    with tree.gc_paused(), staged(target.path, directory=target.folder, force=force, protect=target.protect,
+                                  layout=target.layout) as tmp:
         fmt.write(ckpt, tmp, target.options)
     return fmt.name
 

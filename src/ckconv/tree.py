@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import os
 from collections import OrderedDict
@@ -10,11 +12,26 @@ from . import dtypes, numpy_values
 from .errors import LimitExceeded, UnsupportedContent, UsageError, import_torch
 from .model import Foreign, Storage, TensorRef, TorchDevice, TorchDtype, TorchSize, foreign_class, memory_budget
 
-__all__ = ["foreign_objects", "format_path", "from_torch", "is_flat_state_dict", "materialize", "tensors", "walk"]
+__all__ = ["foreign_objects", "format_path", "from_torch", "gc_paused", "is_flat_state_dict", "materialize", "tensors",
+           "walk"]
 
 MAX_DEPTH = int(os.environ.get("CKCONV_MAX_DEPTH", 200))
 MAX_NODES = int(os.environ.get("CKCONV_MAX_NODES", 5_000_000))
 CONTAINERS = (dict, list, tuple, set, frozenset)
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """The cycle collector off while a checkpoint's records are built or written: a collection pass every few
+    thousand new objects would rescan all the earlier ones (a fifth of the time for 100k tensors), and ckconv's
+    records hold no cycles. Nests; the collector is back on after the outermost one if it was on before."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def children(node):

@@ -12,16 +12,18 @@ dtype x shape equal to the byte length. Non-tensor structure travels in ``__meta
 from __future__ import annotations
 
 import json
+import operator
 import os
 import struct
 from pathlib import Path
 
 from .. import dtypes
 from ..errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint
-from ..model import Storage, TensorRef
+from ..model import Storage, TensorRef, contiguous_strides
 from ..pickling.unpickler import short_repr
 from ..storage.fastcopy import SourceFiles, write_at
 from ..storage.files import parse_json
+from ..tree import gc_paused
 from .hub_folder import MAX_TENSORS, HubLayout
 
 MAX_HEADER = 100_000_000  # the Rust implementation's cap
@@ -59,7 +61,10 @@ def parse_header(path):
                              "(CKCONV_MAX_TENSORS)")
     if raw.count(b'"data_offsets"') > MAX_TENSORS:
         raise too_many
-    header = parse_json(raw, MAX_TENSORS + 2, too_many, f"{path}: safetensors header")
+    header = parse_json(raw, MAX_TENSORS + 2, too_many, f"{path}: safetensors header", compact=_entry_compactor())
+    del raw
+    if type(header) is _Entry:
+        raise CorruptCheckpoint(f"{path}: safetensors header is one tensor's description, not a map of tensor names")
     if not isinstance(header, dict):
         raise CorruptCheckpoint(f"{path}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -69,31 +74,13 @@ def parse_header(path):
     if len(header) > MAX_TENSORS:
         raise LimitExceeded(f"{path}: declares {len(header)} tensors, over the limit of {MAX_TENSORS} (CKCONV_MAX_TENSORS)")
     entries = []
+    add = entries.append
     for name, info in header.items():
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} needs exactly dtype, shape and data_offsets")
-        code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if type(code) is not str or code not in dtypes.SAFETENSORS_TO_DTYPE:
-            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} has unknown dtype {short_repr(code, 20)}")
-        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
-            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} has an invalid shape")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
-                and offsets[0] <= offsets[1]):
-            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} has invalid data_offsets")
-        dtype = dtypes.SAFETENSORS_TO_DTYPE[code]
-        numel = 1
-        for s in shape:
-            numel *= s
-            if numel > MAX_BYTES or s > MAX_BYTES:  # checked as it grows: a 3,000-dim shape is a bignum bomb
-                raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} is too large: its shape overflows 64 bits")
-        if offsets[1] > MAX_BYTES:
-            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} is too large: its data_offsets overflow 64 bits")
-        if numel * dtypes.itemsize(dtype) != offsets[1] - offsets[0]:
-            raise CorruptCheckpoint(
-                f"{path}: tensor {name!r:.80} is {shape} x {code} = {numel * dtypes.itemsize(dtype)} bytes but "
-                f"data_offsets span {offsets[1] - offsets[0]}")
-        entries.append((name, dtype, tuple(shape), offsets[0], offsets[1]))
-    entries.sort(key=lambda e: (e[3], e[4]))
+        if type(info) is not _Entry:  # the parse left it as it was: say what is wrong with it
+            _refuse_entry(path, name, info)
+        add((name, *info))
+    header = None
+    entries.sort(key=_by_offsets)
     pos = 0
     for name, _, _, begin, end in entries:
         if begin != pos:
@@ -108,12 +95,94 @@ def parse_header(path):
     return entries, metadata, data_start
 
 
+class _Entry(tuple):
+    """(dtype, shape, begin, end) of one tensor, checked as the JSON was parsed: no dict or lists kept per tensor."""
+
+    __slots__ = ()
+
+
+_ENTRY_KEYS = frozenset(("dtype", "shape", "data_offsets"))
+_CODES = {code: (name, dtypes.itemsize(name)) for code, name in dtypes.SAFETENSORS_TO_DTYPE.items()}
+_by_offsets = operator.itemgetter(3, 4)
+
+
+def _entry_compactor():
+    """For one parse: ``compact(pairs)`` turns an object of exactly dtype/shape/data_offsets that passes every check
+    into an :class:`_Entry`, and returns None for anything else (which stays a dict: :func:`_refuse_entry` names
+    what is wrong with it). Equal shapes share one tuple."""
+    shapes: dict = {}
+
+    def compact(pairs):
+        if len(pairs) != 3:
+            return None
+        (k0, code), (k1, shape), (k2, offsets) = pairs
+        if not (k0 == "dtype" and k1 == "shape" and k2 == "data_offsets"):  # the usual order, else any order
+            info = dict(pairs)
+            if info.keys() != _ENTRY_KEYS:
+                return None
+            code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        known = _CODES.get(code) if type(code) is str else None
+        if known is None or type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
+            return None
+        begin, end = offsets
+        if type(begin) is not int or type(end) is not int or not 0 <= begin <= end <= MAX_BYTES:
+            return None
+        numel = 1
+        for s in shape:
+            if type(s) is not int or s < 0 or s > MAX_BYTES:
+                return None
+            numel *= s
+            if numel > MAX_BYTES:
+                return None
+        if numel * known[1] != end - begin:
+            return None
+        key = tuple(shape)
+        return _Entry((known[0], shapes.setdefault(key, key), begin, end))
+
+    return compact
+
+
+def _refuse_entry(path, name, info):
+    """Name what is wrong with a tensor's description that :func:`_entry_compactor` did not accept (the same checks, in the order they always ran)."""
+    if not isinstance(info, dict) or set(info) != _ENTRY_KEYS:
+        raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} needs exactly dtype, shape and data_offsets")
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if type(code) is not str or code not in dtypes.SAFETENSORS_TO_DTYPE:
+        raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} has unknown dtype {short_repr(code, 20)}")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} has an invalid shape")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} has invalid data_offsets")
+    dtype = dtypes.SAFETENSORS_TO_DTYPE[code]
+    numel = 1
+    for s in shape:
+        numel *= s
+        if numel > MAX_BYTES or s > MAX_BYTES:  # checked as it grows: a 3,000-dim shape is a bignum bomb
+            raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} is too large: its shape overflows 64 bits")
+    if offsets[1] > MAX_BYTES:
+        raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} is too large: its data_offsets overflow 64 bits")
+    raise CorruptCheckpoint(
+        f"{path}: tensor {name!r:.80} is {shape} x {code} = {numel * dtypes.itemsize(dtype)} bytes but "
+        f"data_offsets span {offsets[1] - offsets[0]}")
+
+
 def read_file(path):
+    with gc_paused():  # a million small records, no cycles: a collection pass per few thousand would rescan them all
+        return _read_file(path)
+
+
+def _read_file(path):
     entries, metadata, data_start = parse_header(path)
     tensors = {}
+    where = str(path)
+    strides: dict = {}  # one stride tuple per distinct shape
     for name, dtype, shape, begin, end in entries:
-        st = Storage(name, dtype, end - begin, path=str(path), offset=data_start + begin, label=name)
-        tensors[name] = TensorRef(st, dtype, shape)
+        st = Storage(name, dtype, end - begin, path=where, offset=data_start + begin, label=name)
+        stride = strides.get(shape)
+        if stride is None:
+            stride = strides[shape] = contiguous_strides(shape)
+        tensors[name] = TensorRef(st, dtype, shape, stride)
     return tensors, metadata
 
 

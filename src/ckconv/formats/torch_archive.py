@@ -73,9 +73,12 @@ def storage_loader(path, records: dict, prefix: str, where: str, label: str | No
         if key in storages:
             return storages[key]
         name = prefix + "data/" + key
-        if name not in records:
-            raise CorruptCheckpoint(f"{where}: storage {key!r:.80} is referenced but missing from the archive")
-        start, size, crc = records[name]
+        record = dict.get(records, name)  # a name stored as spelt: no other spelling of it is (RecordTable)
+        if record is None:
+            if name not in records:  # or found only under another spelling: RecordTable refuses that
+                raise CorruptCheckpoint(f"{where}: storage {key!r:.80} is referenced but missing from the archive")
+            record = records[name]
+        start, size, crc = record
         if numel * dtypes.itemsize(stype.dtype) != size:
             raise CorruptCheckpoint(
                 f"{where}: storage {key:.80} declares {numel} x {stype.dtype} "
@@ -156,8 +159,7 @@ class _ArchiveWriter(ZipWriter):
         """A record whose bytes and CRC-32 are known: header and bytes written in sequence, no seek back."""
         bname, extra, zip64 = self._layout(name, len(data))
         self.entries.append((bname, self.pos, len(data), crc, zip64))
-        self._write(self._local_header(bname, extra, len(data), crc, zip64))
-        self._write(data)
+        self._write(self._local_header(bname, extra, len(data), crc, zip64) + data)
 
 
 def write_zip(root, path, options=None, metadata=None):

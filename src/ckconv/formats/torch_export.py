@@ -10,7 +10,6 @@ order (each module's parameters, then its buffers, module by module). The graph 
 
 from __future__ import annotations
 
-import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from .. import dtypes
 from ..errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsupportedContent
 from ..hookspecs import hookimpl
 from ..model import Checkpoint, Storage, TensorRef
+from ..storage.zipdir import sniffed_names
 from ..storage.zipio import ZipRecords
 from .base import ReadOnlyFormat, guarded
 from .safetensors_file import parse_json
@@ -38,8 +38,7 @@ def sniff(path: Path, head: bytes) -> bool:
     if path.is_dir() or not head.startswith(ZIP_MAGIC):
         return False
     try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
+        names = sniffed_names(path)
     except Exception:  # noqa: BLE001 - not a zip this plugin reads; another plugin may say why
         return False
     top = top_folder(names)

@@ -22,6 +22,7 @@ from ..errors import CorruptCheckpoint, LimitExceeded, UnsupportedContent
 from ..hookspecs import hookimpl
 from ..model import Checkpoint, Foreign
 from ..pickling.unpickler import RestrictedUnpickler, unpickle
+from ..storage.zipdir import sniffed_names
 from ..storage.zipio import ZipRecords
 from .base import ReadOnlyFormat, guarded
 from .torch_archive import ZIP_MAGIC, storage_loader, top_folder
@@ -43,11 +44,8 @@ def is_torchscript(names) -> bool:
 def sniff(path: Path, head: bytes) -> bool:
     if path.is_dir() or not head.startswith(ZIP_MAGIC):
         return False
-    import zipfile
-
     try:
-        with zipfile.ZipFile(path) as zf:
-            return is_torchscript(zf.namelist())
+        return is_torchscript(sniffed_names(path))
     except Exception:  # noqa: BLE001 - not a zip this plugin reads; the torch plugin says what is wrong
         return False
 

@@ -383,6 +383,11 @@ def unpickle(source, *, storage_loader=None, where="", allow_dangerous=False, un
     are attached to the globals the unpickler met (``up.globals``: (module, qualname, Role)).
     ``unpickler_class`` is a :class:`RestrictedUnpickler` subclass with extra builders (DCP metadata).
     """
+    with tree.gc_paused():
+        return _unpickle(source, storage_loader, where, allow_dangerous, unpickler_class)
+
+
+def _unpickle(source, storage_loader, where, allow_dangerous, unpickler_class):
     data, start, f = _pickle_bytes(source)
     try:
         end, roles = scan(data, start, where=where, max_depth=tree.MAX_DEPTH, max_nodes=tree.MAX_NODES)

@@ -85,17 +85,20 @@ def read_sized(path, size, what=None) -> bytes:
 
 
 def no_duplicates(pairs):
-    seen = {}
-    for k, v in pairs:
-        if k in seen:
-            raise CorruptCheckpoint(f"duplicate name {k!r:.80} in JSON header")
-        seen[k] = v
+    seen = dict(pairs)
+    if len(seen) != len(pairs):  # a key repeats: find the first, to name it
+        seen = {}
+        for k, v in pairs:
+            if k in seen:
+                raise CorruptCheckpoint(f"duplicate name {k!r:.80} in JSON header")
+            seen[k] = v
     return seen
 
 
-def parse_json(raw: bytes, max_objects: int, too_many: Exception, what: str):
+def parse_json(raw: bytes, max_objects: int, too_many: Exception, what: str, compact=None):
     """``raw`` as JSON, refusing duplicate keys and more than ``max_objects`` objects (``too_many`` is raised)
-    while parsing, so a hostile header or index never builds millions of dicts. ``what`` opens each message."""
+    while parsing, so a hostile header or index never builds millions of dicts. ``what`` opens each message.
+    ``compact(pairs)``: a smaller value to keep for an object instead of its dict, or None to keep the dict."""
     objects = 0
 
     def hook(pairs):
@@ -103,6 +106,10 @@ def parse_json(raw: bytes, max_objects: int, too_many: Exception, what: str):
         objects += 1
         if objects > max_objects:
             raise too_many
+        if compact is not None:
+            small = compact(pairs)
+            if small is not None:
+                return small
         return no_duplicates(pairs)
 
     try:

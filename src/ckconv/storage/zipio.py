@@ -21,19 +21,12 @@ import struct
 import zlib
 
 from ..errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsupportedContent
+from .zipdir import (_LOCAL, AMBIGUOUS, DESCRIPTOR, FLAG_DESCRIPTOR, FLAG_ENCRYPTED, FLAG_DEFLATE_OPTIONS, FLAG_UTF8,
+                     LOCAL, SATURATED, _Broken, _fields, directory, directory_names)
+
+__all__ = ["ZipRecords", "ZipWriter", "directory_names", "record_bytes"]
 
 ALIGN = 64
-LOCAL, CENTRAL, END, END64, LOCATOR64, DESCRIPTOR = (
-    0x04034B50, 0x02014B50, 0x06054B50, 0x06064B50, 0x07064B50, 0x08074B50)
-_LOCAL = struct.Struct("<IHHHHHIIIHH")  # 30 bytes
-_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")  # 46 bytes
-_END = struct.Struct("<IHHHHIIH")  # 22 bytes
-_END64 = struct.Struct("<IQHHIIQQQQ")  # 56 bytes
-_LOCATOR64 = struct.Struct("<IIQI")  # 20 bytes
-FLAG_ENCRYPTED, FLAG_DEFLATE_OPTIONS, FLAG_DESCRIPTOR, FLAG_UTF8 = 0x1, 0x6, 0x8, 0x800
-SATURATED = 0xFFFFFFFF
-AMBIGUOUS = ("torch and other zip readers could read it differently, so ckconv refuses it "
-             "(re-save the original with torch.save)")
 
 
 def fold(name: str) -> bytes:
@@ -98,10 +91,6 @@ class RecordTable(dict):
         return dict.__getitem__(self, name)
 
 
-class _Entry:  # one central directory entry
-    __slots__ = ("name", "raw", "version", "flags", "method", "crc", "size", "csize", "offset")
-
-
 class ZipRecords:
     """Name -> (data offset, size, crc) for every record of a torch zip archive, read as torch reads it.
 
@@ -127,7 +116,7 @@ class ZipRecords:
                     base, length = window
                     f = _Window(f, base, length)
                 self.file_size = f.seek(0, 2)
-                entries, self.directory_offset = _directory(f, self.file_size, self.where)
+                entries, self.directory_offset = directory(f, self.file_size, self.where)
                 names = [e.name for e in entries]
                 if check_names is not None:
                     check_names(names)
@@ -263,129 +252,6 @@ class ZipRecords:
         return data
 
 
-class _Broken(Exception):
-    """The bytes do not parse as a zip archive at all."""
-
-
-def directory_names(path) -> list:
-    """The record names of the zip archive ``path`` as its central directory lists them (no other check)."""
-    with open(path, "rb") as f:
-        size = f.seek(0, 2)
-        try:
-            return [e.name for e in _directory(f, size, str(path))[0]]
-        except _Broken:
-            return []
-
-
-def _directory(f, size, where):
-    """The central directory entries and its offset, found where the end record (or the zip64 end record)
-    declares, as miniz finds it; it must fill exactly the bytes between there and the end records."""
-    if size < 22:
-        raise _Broken("too short for a zip archive")
-    f.seek(size - 22)
-    sig, disk, cd_disk, n_disk, n, cd_size, cd_offset, comment = _END.unpack(f.read(22))
-    if sig != END:
-        f.seek(max(0, size - 22 - 0xFFFF))
-        found = f.read().rfind(END.to_bytes(4, "little"))
-        if found < 0:
-            raise _Broken("no end of central directory record")
-        raise CorruptCheckpoint(f"{where}: bytes after the zip end record (appended data or an archive comment); "
-                                f"{AMBIGUOUS}")
-    if comment:
-        raise CorruptCheckpoint(f"{where}: the zip end record carries a {comment}-byte comment; {AMBIGUOUS}")
-    end_start = size - 22
-    if size >= 22 + 20 + 56:
-        f.seek(size - 42)
-        lsig, l_disk, z64_offset, disks = _LOCATOR64.unpack(f.read(20))
-        if lsig == LOCATOR64:
-            end_start = size - 42 - 56
-            f.seek(end_start)
-            z = _END64.unpack(f.read(56))
-            if (z64_offset != end_start or z[0] != END64 or z[1] != 44 or (l_disk, disks) != (0, 1)
-                    or (z[4], z[5]) != (0, 0) or z[6] != z[7]):
-                raise CorruptCheckpoint(f"{where}: the zip64 end records do not agree on where they are; {AMBIGUOUS}")
-            wide = (z[7], z[8], z[9])
-            for short, value, top in ((n, wide[0], 0xFFFF), (n_disk, wide[0], 0xFFFF), (cd_size, wide[1], SATURATED),
-                                      (cd_offset, wide[2], SATURATED)):
-                if short not in (value, top):
-                    raise CorruptCheckpoint(f"{where}: the zip end record and the zip64 end record disagree; "
-                                            f"{AMBIGUOUS}")
-            n, n_disk, cd_size, cd_offset = wide[0], wide[0], wide[1], wide[2]
-    if (disk, cd_disk) != (0, 0) or n_disk != n:
-        raise _Broken("multi-disk archives are not supported")
-    if cd_offset + cd_size > end_start:
-        raise _Broken("the central directory lies past the end of the file")
-    if cd_offset + cd_size != end_start:
-        raise CorruptCheckpoint(f"{where}: {end_start - cd_offset - cd_size} bytes between the central directory "
-                                f"at its declared offset and the end record; {AMBIGUOUS}")
-    if n * 46 > cd_size:
-        raise _Broken(f"{n} entries do not fit a central directory of {cd_size} bytes")
-    f.seek(cd_offset)
-    return _entries(f.read(cd_size), n, where), cd_offset
-
-
-def _entries(cd: bytes, n: int, where) -> list:
-    entries = []
-    pos = 0
-    for _ in range(n):
-        if pos + 46 > len(cd):
-            raise _Broken("the central directory is truncated")
-        (sig, _, version, flags, method, _, _, crc, csize, size, name_len, extra_len, comment_len, disk, _, _,
-         offset) = _CENTRAL.unpack_from(cd, pos)
-        if sig != CENTRAL:
-            raise _Broken("broken central directory entry")
-        raw = cd[pos + 46:pos + 46 + name_len]
-        extra = _fields(cd[pos + 46 + name_len:pos + 46 + name_len + extra_len], extra_len)
-        pos += 46 + name_len + extra_len + comment_len
-        if pos > len(cd) or extra is None or disk != 0:
-            raise _Broken("broken central directory entry")
-        if comment_len:
-            raise CorruptCheckpoint(f"{where}: zip record {raw!r:.80} carries a comment; {AMBIGUOUS}")
-        e = _Entry()
-        try:
-            e.name = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise CorruptCheckpoint(f"{where}: zip record name {raw!r:.80} is not UTF-8; {AMBIGUOUS}") from None
-        e.raw, e.version, e.flags, e.method, e.crc = raw, version, flags, method, crc
-        e.size, e.csize, e.offset = _wide(extra, (size, csize, offset), where, e.name)
-        entries.append(e)
-    if pos != len(cd):
-        raise CorruptCheckpoint(f"{where}: the central directory holds {len(cd) - pos} bytes past its {n} declared "
-                                f"entries; {AMBIGUOUS}")
-    return entries
-
-
-def _fields(extra: bytes, length: int):
-    """{field id: data} of a zip extra block, or None when it is truncated, malformed or repeats a field."""
-    if len(extra) != length:
-        return None
-    fields, pos = {}, 0
-    while pos < len(extra):
-        if pos + 4 > len(extra):
-            return None
-        fid, flen = struct.unpack_from("<HH", extra, pos)
-        if fid in fields or pos + 4 + flen > len(extra):
-            return None
-        fields[fid] = extra[pos + 4:pos + 4 + flen]
-        pos += 4 + flen
-    return fields
-
-
-def _wide(extra: dict, values, where, name):
-    """The (size, compressed size, offset) of an entry: each saturated 32-bit value taken, in order, from the
-    zip64 extra field, as miniz and zipfile both read it."""
-    z64 = extra.get(1, b"")
-    out, pos = [], 0
-    for value in values:
-        if value == SATURATED:
-            if pos + 8 > len(z64):
-                raise _Broken(f"zip record {name!r:.80} lacks its zip64 sizes")
-            value = int.from_bytes(z64[pos:pos + 8], "little")
-            pos += 8
-        out.append(value)
-    return out
-
-
 def _local_sizes_agree(e, crc, csize, size, extra) -> bool:
     """A local header without a data descriptor must carry the entry's own CRC and sizes (zip64 when saturated)."""
     if crc != e.crc:
@@ -481,13 +347,22 @@ class ZipWriter:
 
     def close(self):
         cd_start = self.pos
+        entry = struct.Struct("<IHHHHHHIIIHHHHHII").pack
+        block = bytearray()  # the directory written a MiB at a time: a million entries, a few dozen writes
         for bname, offset, size, crc, _ in self.entries:
             big = size >= 0xFFFFFFFF or offset >= 0xFFFFFFFF
             extra = struct.pack("<HHQQQ", 1, 24, size, size, offset) if big else b""
             sz = 0xFFFFFFFF if big else size
             off = 0xFFFFFFFF if big else offset
-            self._write(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45 if big else 20, 45 if big else 20, 0, 0,
-                                    0, 0x21, crc, sz, sz, len(bname), len(extra), 0, 0, 0, 0, off) + bname + extra)
+            block += entry(0x02014B50, 45 if big else 20, 45 if big else 20, 0, 0, 0, 0x21, crc, sz, sz, len(bname),
+                           len(extra), 0, 0, 0, 0, off)
+            block += bname
+            block += extra
+            if len(block) >= 1 << 20:
+                self._write(block)
+                block = bytearray()
+        if block:
+            self._write(block)
         cd_size = self.pos - cd_start
         n = len(self.entries)
         if n >= 0xFFFF or cd_start >= 0xFFFFFFFF or cd_size >= 0xFFFFFFFF:
