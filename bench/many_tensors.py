@@ -61,6 +61,16 @@ def run_section(bench, reps, run):
 
     rows = bench.results.setdefault("many", [])
     work = bench.work
+    rev = bench.args.before
+    before = bench.before_tree(rev) if rev else None
+
+    def earlier(contenders, args, out):
+        """With --before REV: the same command run with the code of REV, one more contender (its Series)."""
+        if before is None:
+            return None
+        series = Series(f"ckconv at {rev}")
+        contenders.append((series, lambda: (["env", f"PYTHONPATH={before}", PY, "-m", "ckconv", *args], out)))
+        return series
     small, big = (counts(bench.args.many) + [0, 0])[:2]
     if small:
         pth, st = work / f"tiny_{small}.pth", work / f"tiny_{small}.safetensors"
@@ -68,24 +78,31 @@ def run_section(bench, reps, run):
         label = f"{small:,} tiny tensors"
         warm(pth)
         ck, nv = Series("ckconv convert"), Series("naive torch script")
-        alternate([(ck, lambda: ([CKCONV, "convert", pth, work / "out_many.safetensors"], work / "out_many.safetensors")),
-                   (nv, lambda: ([PY, "-c", run.NAIVE_PTH_TO_ST, pth, work / "out_many_naive.safetensors"],
-                                 work / "out_many_naive.safetensors"))], reps, bench.log)
-        rows.append({"case": f"{label}, .pth -> .safetensors", "ck": ck, "ref": nv, "goal": 0.15, "rss": None})
+        out, naive_out = work / "out_many.safetensors", work / "out_many_naive.safetensors"
+        contenders = [(ck, lambda: ([CKCONV, "convert", pth, out], out)),
+                      (nv, lambda: ([PY, "-c", run.NAIVE_PTH_TO_ST, pth, naive_out], naive_out))]
+        bf = earlier(contenders, ["convert", pth, out], out)
+        alternate(contenders, reps, bench.log)
+        rows.append({"case": f"{label}, .pth -> .safetensors", "ck": ck, "ref": nv, "goal": 0.15, "rss": None,
+                     "before": bf})
         warm(st)
         summary = Series("ckconv inspect --summary")
-        alternate([(summary, lambda: ([CKCONV, "inspect", "--summary", st], None))], reps, bench.log)
+        contenders = [(summary, lambda: ([CKCONV, "inspect", "--summary", st], None))]
+        bf = earlier(contenders, ["inspect", "--summary", st], None)
+        alternate(contenders, reps, bench.log)
         rows.append({"case": f"{label}, `inspect --summary` of the .safetensors", "ck": summary, "ref": None,
-                     "goal": None, "seconds": 1.0, "rss": None})
+                     "goal": None, "seconds": 1.0, "rss": None, "before": bf})
     if big:
         st = bench.build(f"one_element_{big}.safetensors", MAKE_ONE_ELEMENT, big)
         warm(st)
         ck, nv = Series("ckconv convert"), Series("naive torch script")
-        alternate([(ck, lambda: ([CKCONV, "convert", st, work / "out_many.pth"], work / "out_many.pth")),
-                   (nv, lambda: ([PY, "-c", run.NAIVE_ST_TO_PTH, st, work / "out_many_naive.pth"], work / "out_many_naive.pth"))],
-                  reps, bench.log)
+        out, naive_out = work / "out_many.pth", work / "out_many_naive.pth"
+        contenders = [(ck, lambda: ([CKCONV, "convert", st, out], out)),
+                      (nv, lambda: ([PY, "-c", run.NAIVE_ST_TO_PTH, st, naive_out], naive_out))]
+        bf = earlier(contenders, ["convert", st, out], out)
+        alternate(contenders, reps, bench.log)
         rows.append({"case": f"{big:,} one-element tensors, safetensors -> .pth", "ck": ck, "ref": nv, "goal": 0.25,
-                     "rss": 512})
+                     "rss": 512, "before": bf})
     bombs = [bench.build(f"shared_refs_{n}.safetensors", MAKE_SHARED_REFS, n) for n in (64, 128)]
     series = [Series(f"ckconv convert, {n} levels ({p.stat().st_size:,} bytes, 2**{n} nodes expanded)")
               for n, p in zip((64, 128), bombs)]
@@ -117,6 +134,11 @@ def table(bench, run) -> tuple:
         rv = ck.wall / ref.wall if ref is not None and ref.samples else None
         lines.append(f"| {r['case']} | {ck.wall:.2f} | {ck.spread} | {ck.cpu:.2f} | {ck.rss / MIB:,.0f} | {refcells} | "
                      f"{'-' if rv is None else f'{rv:.2f}'} |")
+        bf = r.get("before")
+        if bf is not None and bf.samples:
+            bv = bf.wall / ref.wall if ref is not None and ref.samples else None
+            lines.append(f"| {r['case']}, {bf.label} (before) | {bf.wall:.2f} | {bf.spread} | {bf.cpu:.2f} | "
+                         f"{bf.rss / MIB:,.0f} | {refcells} | {'-' if bv is None else f'{bv:.2f}'} |")
         if r.get("goal") is not None and rv is not None:
             targets.append((f"{r['case']}: ckconv / naive", f"<= {r['goal']}", f"{rv:.2f}", rv <= r["goal"]))
             cpu = ck.cpu / ref.cpu

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from ..errors import CorruptCheckpoint
 from .allowlist import Role
+from .records import LAZY, Restart, tensor_record
 from .shadow import (_F8, _I4, _LEAF, _U4, _U8, ONE_BYTE_PUSHES, SAFE_INT_BITS, C, I, Scanner, _line, _Malformed,
                      _measure, _Stop, _Value, skip_popped)
 
 __all__ = ["scan"]
 
 _POP = 0x30  # b"0"
+_MARK = 0x28  # b"("
 
 
 def _number(value):
@@ -148,6 +150,8 @@ def _memo_ops(s: Scanner, table):
         value = memo[index] if 0 <= index < len(memo) else sparse.get(index)
         if value is None:
             raise _Malformed(f"memo index {index} was never stored")
+        if value is LAZY:  # stored by a record the fast path read without building its values
+            raise Restart
         push(value)
 
     def binget(pos):
@@ -310,8 +314,13 @@ def _control(s: Scanner, table):
     data, stack, marks = s.data, s.stack, s.marks
 
     def mark(pos):
-        if data[pos] == _POP:
+        following = data[pos]
+        if following == _POP:
             return skip_popped(data, pos - 1, 2, ONE_BYTE_PUSHES)
+        if following == _MARK and s.fast:  # perhaps torch's record of a tensor: read whole, or by the handlers
+            end = tensor_record(s, pos - 1)
+            if end is not None:
+                return end
         marks.append(len(stack))
         s.fence = len(stack)
         return pos
@@ -377,12 +386,17 @@ def scan(data, start=0, *, where, max_depth, max_nodes):
     """Walk the opcodes of the pickle at ``data[start:]`` (bytes, or a read-only mmap of the file); raise a
     CkconvError for a hostile one (with ``roles``: the globals seen so far, so a caller can name dangerous ones).
     Returns (position after STOP, {(module, qualname): Role} of every global, in first-seen order)."""
-    s = Scanner(data, where, max_depth, max_nodes)
-    s.table = _table(s)
-    try:
-        end = s.run(start)
-    except Exception as exc:
-        exc.roles = s.roles
-        raise
+    for fast in (True, False):  # without the fast path when a pickle reads back what it skipped building
+        s = Scanner(data, where, max_depth, max_nodes)
+        s.fast = fast
+        s.table = _table(s)
+        try:
+            end = s.run(start)
+            break
+        except Restart:
+            continue
+        except Exception as exc:
+            exc.roles = s.roles
+            raise
     return end, {key: Role(bits) for key, bits in s.roles.items()}
 

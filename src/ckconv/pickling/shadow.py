@@ -125,6 +125,7 @@ class Scanner:
         self.roles: dict = {}  # (module, qualname) -> Role, in first-seen order
         self.frame_end = 0
         self.table: list = []  # set by ckconv.pickling.scan: a handler per opcode byte
+        self.fast = True  # tensor records read whole (ckconv.pickling.records)
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def run(self, pos):

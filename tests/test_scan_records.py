@@ -1,0 +1,133 @@
+"""The scan's fast path for torch's tensor records (pickling.records) gives exactly the handlers' answers.
+
+Differential: every pickle is scanned twice, with the fast path and with the handlers alone, and everything the
+scan decides must agree: where the pickle ends, each global's role, the measures of the value left on the stack
+(which the limits of everything around it add up), and, swept across every limit value near the thresholds, which
+limit refuses and with which message. Positive controls show the fast path really read the records.
+"""
+
+from __future__ import annotations
+
+import io
+import pickletools
+import zipfile
+
+import pytest
+import torch
+
+from ckconv.errors import CkconvError
+from ckconv.pickling import records, scan as scan_module
+from ckconv.pickling.scan import _table
+from ckconv.pickling.shadow import Scanner
+
+
+def data_pkl(obj, legacy=False) -> bytes:
+    buf = io.BytesIO()
+    if legacy:  # the legacy format: magic, protocol and sys-info pickles before the object's
+        torch.save(obj, buf, _use_new_zipfile_serialization=False)
+        raw = buf.getvalue()
+        f = io.BytesIO(raw)
+        import pickle
+        for _ in range(3):
+            pickle.load(f)
+        return raw[f.tell():]
+    torch.save(obj, buf)
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as zf:
+        return zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
+
+
+def run(data, fast, max_depth=200, max_nodes=5_000_000):
+    """Everything a scan decides: (end, roles, measures of the stack's values), or the refusal's type and text."""
+    s = Scanner(data, "x", max_depth, max_nodes)
+    s.fast = fast
+    s.table = _table(s)
+    try:
+        end = s.run(0)
+    except records.Restart:
+        return "restart"
+    except CkconvError as exc:
+        return type(exc).__name__, str(exc), dict(s.roles)
+    values = [(v.depth, v.weight, v.hcost, v.keywork, v.mutable, v.collidable, v.fn, v.text) for v in s.stack]
+    return end, dict(s.roles), values
+
+
+def used_fast_path(data, monkeypatch) -> int:
+    hits = []
+    real = scan_module.tensor_record
+
+    def counting(s, pos):
+        end = real(s, pos)
+        hits.append(end is not None)
+        return end
+
+    monkeypatch.setattr(scan_module, "tensor_record", counting)
+    run(data, True)
+    return sum(hits)
+
+
+g = torch.Generator().manual_seed(0)
+CASES = {
+    "tiny tensors": {f"layers.{i // 10}.w{i % 10}": torch.randn(4, generator=g) for i in range(40)},
+    "shapes of 0 to 9 dimensions": {f"t{n}": torch.zeros((2,) * n) for n in range(10)},
+    "large dimensions (BININT2, BININT)": {"wide": torch.zeros(300, 2), "long": torch.zeros(70000, 1),
+                                           "strided": torch.zeros(70000, 3).t()},
+    "dtypes": {f"{d}{i}": torch.ones(3, dtype=d) for d in (torch.float16, torch.bfloat16, torch.int64, torch.bool,
+                                                           torch.uint8, torch.float64) for i in range(2)},
+    "views and shared storages": (lambda base: {"a": base, "b": base[1:], "c": base.view(2, 5), "d": base[::2]})(
+        torch.arange(10.0)),
+    "parameters": {"p": torch.nn.Parameter(torch.ones(2, 3)), "q": torch.nn.Parameter(torch.ones(4),
+                                                                                      requires_grad=False)},
+    "a tensor saved twice": (lambda t: {"first": torch.zeros(1), "a": t, "b": t, "c": [t, t]})(torch.ones(3)),
+    "over 256 memo entries (LONG_BINPUT)": {f"k{i}": torch.full((2,), float(i)) for i in range(300)},
+    "long names": {"n" * 250: torch.ones(1), "m" * 300: torch.ones(2)},
+    "an optimizer's state": (lambda m: (lambda o: (m(torch.ones(2, 4)).sum().backward(), o.step(),
+                                                   o.state_dict())[-1])(torch.optim.Adam(m.parameters())))(
+        torch.nn.Linear(4, 3)),
+    "a model's state_dict": torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).state_dict(),
+}
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_the_fast_path_decides_what_the_handlers_decide(case, legacy, monkeypatch):
+    data = data_pkl(CASES[case], legacy)
+    assert run(data, True) == run(data, False)
+    assert used_fast_path(data, monkeypatch) > 0  # the records after the first were read whole
+
+
+@pytest.mark.parametrize("case", ["tiny tensors", "views and shared storages", "a tensor saved twice",
+                                  "an optimizer's state"])
+def test_every_limit_near_its_threshold_refuses_the_same_way(case):
+    """Every value of max_nodes up to past the pickle's size, and of max_depth up to past its depth: the same
+    refusals, the same messages, the same roles seen when refused."""
+    data = data_pkl(CASES[case])
+    end, _, values = run(data, False)
+    top_weight = max(v[1] for v in values)
+    memo_entries = sum(1 for op, _, _ in pickletools.genops(data) if "PUT" in op.name or op.name == "MEMOIZE")
+    for max_nodes in sorted({*range(1, 40), *range(top_weight - 30, top_weight + 3),
+                             *range(memo_entries - 5, memo_entries + 3)} - {0}):
+        if max_nodes > 0:
+            assert run(data, True, max_nodes=max_nodes) == run(data, False, max_nodes=max_nodes), max_nodes
+    for max_depth in range(0, 8):
+        assert run(data, True, max_depth=max_depth) == run(data, False, max_depth=max_depth), max_depth
+
+
+def test_a_pickle_that_reads_back_an_unbuilt_value_is_scanned_again_by_the_handlers(monkeypatch):
+    """A BINGET of a memo entry the fast path did not build (the second record's storage reference here)
+    restarts the scan without it: the same answer as the handlers alone, and the restart really happened."""
+    data = data_pkl({"w": torch.ones(2), "v": torch.ones(3)})
+    ops = list(pickletools.genops(data))
+    key = next(i for i, (op, arg, _) in enumerate(ops) if arg == "v")
+    pid = next(i for i in range(key, len(ops)) if ops[i][0].name == "TUPLE")
+    assert ops[pid + 1][0].name == "BINPUT" and ops[pid + 2][0].name == "BINPERSID"
+    index = ops[pid + 1][1]
+    assert data.endswith(b"u.")
+    crafted = data[:-2] + b"X\x01\x00\x00\x00z" + b"h" + bytes([index]) + b"u."
+    scanners = []
+    monkeypatch.setattr(scan_module, "Scanner", lambda *a: scanners.append(1) or Scanner(*a))
+    end, roles = scan_module.scan(crafted, where="x", max_depth=200, max_nodes=5_000_000)
+    assert len(scanners) == 2  # restarted
+    assert end == len(crafted) and roles == scan_module.scan(crafted, where="x", max_depth=200,
+                                                              max_nodes=5_000_000)[1]
+    assert run(crafted, True) == "restart"
+    assert run(crafted, False)[0] == len(crafted)
