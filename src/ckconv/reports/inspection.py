@@ -67,9 +67,11 @@ def inspect(path, allow_globals=()) -> Inspection:
     except UnsafeCheckpoint as exc:
         error = str(exc)
         ckpt = _read_dangerous(path, fmt, exc)
-    count, total, kinds, _ = _tensor_rows(ckpt.root)
+    count, total, kinds, infos = _tensor_rows(ckpt.root)
     # a pickled module's tensors under the names model.state_dict() gives them, not the record's inner path
-    infos = _tensor_rows(modules.with_state_dicts(ckpt.root))[3]
+    named = modules.with_state_dicts(ckpt.root)
+    if named is not ckpt.root:  # the same tree when it holds no module: its rows are those just made
+        infos = _tensor_rows(named)[3]
     meta = {k: (v if not isinstance(v, str) or len(v) < 200 else v[:200] + "...") for k, v in ckpt.metadata.items()}
     found = verdicts(ckpt, allow_globals)
     return Inspection(str(path), ckpt.format or fmt, sections(ckpt.root), count, total, kinds, infos,
