@@ -12,8 +12,7 @@ from . import dtypes, numpy_values
 from .errors import LimitExceeded, UnsupportedContent, UsageError, import_torch
 from .model import Foreign, Storage, TensorRef, TorchDevice, TorchDtype, TorchSize, foreign_class, memory_budget
 
-__all__ = ["foreign_objects", "format_path", "from_torch", "gc_paused", "is_flat_state_dict", "materialize", "tensors",
-           "walk"]
+__all__ = ["foreign_objects", "format_path", "from_torch", "is_flat_state_dict", "materialize", "tensors", "walk"]
 
 MAX_DEPTH = int(os.environ.get("CKCONV_MAX_DEPTH", 200))
 MAX_NODES = int(os.environ.get("CKCONV_MAX_NODES", 5_000_000))
