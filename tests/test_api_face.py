@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,24 @@ FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 def test_dir_shows_the_lazy_api():
     names = dir(ckconv)
-    for name in ("load", "convert", "load_into", "read", "save", "inspect", "diff", "match", "MatchReport", "Match", "Mismatch",
-                 "save_bundle", "load_bundle", "freeze", "CkconvError", "__version__", "hookimpl"):
+    for name in ("load", "convert", "load_into", "read", "save", "inspect", "diff", "match", "MatchReport", "Match",
+                 "Mismatch", "Filled", "KeyEntry", "Ambiguity", "Candidate", "save_bundle", "load_bundle", "freeze",
+                 "CkconvError", "__version__", "hookimpl"):
         assert name in names, name
     assert set(ckconv.__all__) <= set(names)
     assert all(callable(getattr(ckconv, n)) for n in ("load", "convert", "load_into"))
+
+
+def test_every_report_type_is_exported_and_documented():
+    """Each dataclass a MatchReport holds is ``ckconv.<name>``, in ``dir(ckconv)`` and named in docs/matching.md."""
+    from ckconv.matching import report
+
+    kinds = [n for n, v in vars(report).items() if dataclasses.is_dataclass(v) and v.__module__ == report.__name__]
+    assert {"MatchReport", "Match", "Mismatch", "Filled", "KeyEntry", "Ambiguity", "Candidate"} <= set(kinds)
+    docs = (FIXTURES.parent / "docs" / "matching.md").read_text(encoding="utf-8")
+    for name in kinds:
+        assert getattr(ckconv, name) is getattr(report, name) and name in dir(ckconv), name
+        assert f"`{name}`" in docs, f"docs/matching.md does not name {name}"
 
 
 def test_import_and_dir_do_not_import_torch():

@@ -129,7 +129,7 @@ def test_legacy_densenet_keys_use_torchvision_rule(tmp_path):
 def test_partial_backbone_reports_missing_head(resnet18):
     sd = {k: v for k, v in state("resnet18").items() if not k.startswith("fc.")}
     report = ckconv.match(sd, "resnet18")
-    assert [m["name"] for m in report.missing] == ["fc.weight", "fc.bias"]
+    assert [m.name for m in report.missing] == ["fc.weight", "fc.bias"]
     assert not report.complete and report.used == 1.0
     with pytest.raises(IncompleteMatch):
         report.check_strict()
@@ -322,5 +322,5 @@ def test_auto_picks_the_architecture():
     sd = {f"net.{k}": v for k, v in tuned.state_dict().items()}
     report = ckconv.match(sd, "auto:resnet18,resnet34,mobilenet_v3_small", arch_options={"num_classes": 10})
     assert report.arch == "torchvision:resnet18" and report.complete
-    assert [c["arch"] for c in report.candidates][:2] == ["torchvision:resnet18", "torchvision:resnet34"]
-    assert report.candidates[0]["coverage"] == 1.0 and report.candidates[1]["coverage"] < 0.7
+    assert [c.arch for c in report.candidates][:2] == ["torchvision:resnet18", "torchvision:resnet34"]
+    assert report.candidates[0].coverage == 1.0 and report.candidates[1].coverage < 0.7

@@ -13,7 +13,7 @@ from ckconv.matching.alignment import align, group
 from ckconv.architectures import TensorSpec
 from ckconv.errors import UsageError
 from ckconv.matching.engine import match_keys, pick
-from ckconv.matching.report import MatchReport, Mismatch
+from ckconv.matching.report import Candidate, Filled, MatchReport, Mismatch
 from ckconv.model import Storage, TensorRef
 from ckconv.rules import KeyRule, parse_rename, rename
 from ckconv.contents.unwrap import candidates, replace, unwrap
@@ -37,11 +37,11 @@ def test_exact_and_wrappers_and_common_prefix():
     r = match_keys(src(("module._orig_mod.features.0.weight", (4, 3)), ("module._orig_mod.features.0.bias", (4,)),
                        ("module._orig_mod.fc.weight", (2, 4))), target)
     assert r.complete and {m.how for m in r.matched} == {"prefix"}
-    assert r.matched[0].steps == ["strip 'module.', '_orig_mod.'"]
+    assert r.matched[0].steps == ("strip 'module.', '_orig_mod.'",)
     r = match_keys(src(("vgg.0.weight", (4, 3)), ("vgg.0.bias", (4,)), ("fc.weight", (2, 4))), target)
     assert pairs(r) == {"features.0.weight": "vgg.0.weight", "features.0.bias": "vgg.0.bias",
                         "fc.weight": "fc.weight"}
-    assert r.matched[0].steps == ["prefix 'vgg.' -> 'features.'"]
+    assert r.matched[0].steps == ("prefix 'vgg.' -> 'features.'",)
 
 
 def test_wrapper_names_the_target_uses_are_kept():
@@ -58,8 +58,9 @@ def test_suffix_longest_wins_and_ambiguity_is_reported():
     # one source key claiming two target keys: an ambiguity, never a guess
     target = spec(("a.head.fc.weight", (3,)), ("b.head.fc.weight", (3,)))
     r = match_keys(src(("head.fc.weight", (3,)),), target)
-    assert not r.matched and r.ambiguous and r.ambiguous[0]["step"] == "suffix"
-    assert sorted(r.ambiguous[0]["candidates"]) == ["a.head.fc.weight", "b.head.fc.weight"]
+    assert not r.matched and r.ambiguous and r.ambiguous[0].step == "suffix"
+    assert r.ambiguous[0].source == "head.fc.weight"
+    assert sorted(r.ambiguous[0].candidates) == ["a.head.fc.weight", "b.head.fc.weight"]
 
 
 def test_structural_alignment_needs_an_unambiguous_order():
@@ -74,7 +75,7 @@ def test_structural_alignment_needs_an_unambiguous_order():
     assert {m.how for m in r.matched} == {"structural"}
     # two identical candidate layers for one target layer: reported, not guessed
     r = match_keys(src(("a.weight", (3, 3)), ("b.weight", (3, 3))), spec(("x.weight", (3, 3)), ("y.bias", (7,))))
-    assert not r.matched and r.ambiguous[0]["step"] == "structural"
+    assert not r.matched and r.ambiguous[0].step == "structural"
 
 
 def test_structural_crossing_orders_are_ambiguous():
@@ -115,8 +116,8 @@ def test_num_batches_tracked_is_filled_not_missing():
     target = [TensorSpec("bn.running_mean", (4,), "float32", "buffer", "bn"),
               TensorSpec("bn.num_batches_tracked", (), "int64", "buffer", "bn")]
     r = match_keys(src(("bn.running_mean", (4,))), target)
-    assert r.complete and r.filled == [{"target": "bn.num_batches_tracked", "shape": [], "dtype": "int64",
-                                        "value": 0}]
+    assert r.complete and r.filled == [Filled("bn.num_batches_tracked", (), "int64", 0)]
+    assert r.to_dict()["filled"] == [{"target": "bn.num_batches_tracked", "shape": [], "dtype": "int64", "value": 0}]
     assert r.coverage == 1.0
 
 
@@ -129,7 +130,7 @@ def test_plugin_rules_apply_after_prefixes_and_only_to_their_arch():
     r = match_keys(source, target, arch="torchvision:densenet121", rules=[rule], structural=False)
     assert r.complete
     m = r.mapping()["features.layer.norm1.weight"]
-    assert m.how == "rule" and m.steps == ["prefix 'net.' -> ''", "rule t.legacy"]
+    assert m.how == "rule" and m.steps == ("prefix 'net.' -> ''", "rule t.legacy")
     r = match_keys(source, target, arch="torchvision:resnet18", rules=[rule], structural=False)
     assert "features.layer.norm1.weight" not in pairs(r)
 
@@ -171,11 +172,11 @@ def test_report_json_shape():
 
 
 def test_auto_pick_refuses_ties_and_no_match():
-    assert pick([{"arch": "a", "score": 0.9, "coverage": 1}, {"arch": "b", "score": 0.5, "coverage": 1}]) == "a"
+    assert pick([Candidate("a", 1, 1, 0.9), Candidate("b", 1, 1, 0.5)]) == "a"
     with pytest.raises(UsageError, match="ambiguous"):
-        pick([{"arch": "a", "score": 0.9, "coverage": 1}, {"arch": "b", "score": 0.9, "coverage": 1}])
+        pick([Candidate("a", 1, 1, 0.9), Candidate("b", 1, 1, 0.9)])
     with pytest.raises(UsageError, match="no registered architecture"):
-        pick([{"arch": "a", "score": 0.0, "coverage": 0}])
+        pick([Candidate("a", 0, 0, 0.0)])
 
 
 # --- unwrapping -----------------------------------------------------------------------------------------------

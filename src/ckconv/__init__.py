@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # what type checkers and editors see; at run time each name i
     from .errors import CkconvError
     from .reports.inspection import inspect
     from .matching.engine import match
-    from .matching.report import Match, MatchReport, Mismatch
+    from .matching.report import Ambiguity, Candidate, Filled, KeyEntry, Match, MatchReport, Mismatch
     from .matching.apply import load_into
     from .matching.selectors import freeze
 
@@ -26,8 +26,9 @@ _API = {
     "inspect": "reports.inspection", "diff": "reports.diffing",
     "CkconvError": "errors",
     "save_bundle": "bundles", "load_bundle": "bundles", "describe": "contents.layout",
-    "match": "matching.engine", "MatchReport": "matching.report", "Match": "matching.report",
-    "Mismatch": "matching.report", "load_into": "matching.apply",
+    "match": "matching.engine", "load_into": "matching.apply",
+    **dict.fromkeys(("MatchReport", "Match", "Mismatch", "Filled", "KeyEntry", "Ambiguity", "Candidate"),
+                    "matching.report"),
     "freeze": "matching.selectors",
 }
 

@@ -193,12 +193,12 @@ def _match_warnings(match) -> list:
             return ": " + ", ".join(map(printable, groups))
         return ": " + ", ".join(map(printable, groups[:3])) + f", ... (-v lists all {len(names)})"
 
-    unfilled = [e["name"] for e in match.missing] + [m.target for m in match.mismatched]
+    unfilled = match.missing_keys + match.mismatched_keys
     if unfilled:
         out.append(f"coverage {match.coverage:.1%}: {len(unfilled)} of {arch}'s {match.target_count} keys "
                    f"not filled ({len(match.missing)} missing, {len(match.mismatched)} with other shapes)"
                    + keys(unfilled))
     if match.unexpected:
         out.append(f"{len(match.unexpected)} checkpoint keys left out (no place in {arch})"
-                   + keys([e["name"] for e in match.unexpected]))
+                   + keys(match.unexpected_keys))
     return out

@@ -122,7 +122,7 @@ def _shape(shape):
 
 def _show_report(report):
     if report.candidates:
-        click.echo(table([(c["arch"], f"{c['coverage']:.1%}", f"{c['used']:.1%}", f"{c['score']:.3f}")
+        click.echo(table([(c.arch, f"{c.coverage:.1%}", f"{c.used:.1%}", f"{c.score:.3f}")
                           for c in report.candidates], ["candidate", "fills", "uses", "score"]))
         click.echo()
     click.echo(f"{report.source} [{report.section}] -> {report.arch}")
@@ -137,13 +137,12 @@ def _show_report(report):
         click.echo(f"mismatched: {m.target} {_shape(m.target_shape)} <- {m.source} {_shape(m.source_shape)} "
                    f"({m.how}); skipped")
     for a in report.ambiguous:
-        who = a.get("target") or a.get("source")
-        click.echo(f"ambiguous ({a['step']}): {who}: {', '.join(map(str, a['candidates']))}; skipped")
-    for label, items, key in (("filled with 0", report.filled, "target"), ("missing", report.missing, "name"),
-                              ("unexpected", report.unexpected, "name")):
-        if items:
-            click.echo(f"{label} ({len(items)}):")
-            for line in group_keys([e[key] for e in items]):
+        click.echo(f"ambiguous ({a.step}): {a.name}: {', '.join(map(str, a.candidates))}; skipped")
+    for label, names in (("filled with 0", [f.target for f in report.filled]), ("missing", report.missing_keys),
+                         ("unexpected", report.unexpected_keys)):
+        if names:
+            click.echo(f"{label} ({len(names)}):")
+            for line in group_keys(names):
                 click.echo(f"  {line}")
     for note in report.notes:  # part of the report (its data), not warnings
         click.echo(f"note: {note}")

@@ -39,7 +39,7 @@ def remap_tensors(report: MatchReport, tensors) -> OrderedDict:
 
 def _remapped(report, values, reshape, zero):
     mapping = report.mapping()
-    filled = {f["target"] for f in report.filled}
+    filled = {f.target for f in report.filled}
     out = OrderedDict()
     for t in report.targets:
         if t in mapping:

@@ -14,7 +14,7 @@ from math import prod
 from collections import Counter, defaultdict
 
 from . import alignment, inference, targets
-from .report import Match, MatchReport, Mismatch
+from .report import Ambiguity, Candidate, Filled, KeyEntry, Match, MatchReport, Mismatch
 from .selectors import filter_keys
 from .. import tree
 from ..architectures import spec_of_model
@@ -22,7 +22,7 @@ from ..contents import ema as ema_weights
 from ..contents.unwrap import unwrap
 from ..errors import UsageError
 from ..io import read
-from ..model import Checkpoint, warning
+from ..model import Checkpoint, Note, warning
 from ..plugins import host
 from ..rules import parse_renames, rename, rules_for
 
@@ -73,7 +73,7 @@ class _Pipeline:
             if len(sources) == 1:
                 self.pair(t, sources[0], how)
             else:
-                self.ambiguous.append({"step": how, "target": t, "candidates": sources})
+                self.ambiguous.append(Ambiguity(how, sources, target=t))
 
     def renamed(self, s, new, note):
         if new != self.name[s]:
@@ -203,7 +203,7 @@ class _Pipeline:
             for s in src_tail.get(t, ())[:MAX_FANOUT + 1]:
                 scores[t][s] = max(scores[t].get(s, 0), t.count(".") + 1)
         for s in too_wide:
-            self.ambiguous.append({"step": "suffix", "source": s, "candidates": by_tail[self.name[s]][:5] + ["..."]})
+            self.ambiguous.append(Ambiguity("suffix", by_tail[self.name[s]][:5] + ["..."], source=s))
         claims = defaultdict(list)
         for t, by_source in scores.items():
             best = max(by_source.values())
@@ -211,12 +211,12 @@ class _Pipeline:
             if len(top) == 1:
                 claims[top[0]].append(t)
             else:
-                self.ambiguous.append({"step": "suffix", "target": t, "candidates": top})
+                self.ambiguous.append(Ambiguity("suffix", top, target=t))
         for s, claimed in claims.items():
             if len(claimed) == 1:
                 self.pair(claimed[0], s, "suffix")
             else:
-                self.ambiguous.append({"step": "suffix", "source": s, "candidates": claimed})
+                self.ambiguous.append(Ambiguity("suffix", claimed, source=s))
 
     # 6: structural alignment of what is left
     def structure(self):
@@ -228,37 +228,32 @@ class _Pipeline:
         tgt_groups = alignment.group(tgt_items, lambda n: self.tgt[n].module)
         accepted, ambiguous, note = alignment.align(src_groups, tgt_groups, self.allow_reshape)
         if note:
-            self.notes.append(note)
+            self.notes.append(Note(note))
         for src_module, tgt_module, pairs, by_name in accepted:
             for s, t, _ in pairs:
                 self.steps[s].append(f"aligned {src_module or '<root>'} -> {tgt_module or '<root>'}"
                                      + ("" if by_name else " by shape"))
                 self.pair(t, s, "structural", 0.8 if by_name else 0.7)
         for src_module, tgt_modules in ambiguous:
-            self.ambiguous.append({"step": "structural", "source": src_module, "candidates": tgt_modules})
+            self.ambiguous.append(Ambiguity("structural", tgt_modules, source=src_module))
 
     def finish(self, report: MatchReport):
         order = report.targets = list(self.tgt)
         report.matched = [self.matched[t] for t in order if t in self.matched]
         report.mismatched = [self.mismatched[t] for t in order if t in self.mismatched]
-        report.filled = [{"target": t, "shape": [], "dtype": "int64", "value": 0}
-                         for t in self.free_tgt if t.rpartition(".")[2] == NBT and not self.tgt[t].shape]
-        filled = {f["target"] for f in report.filled}
-        report.missing = [_entry(t, self.tgt[t].shape, self.tgt[t].dtype) for t in self.free_tgt if t not in filled]
-        report.unexpected = [_entry(s, *self.src[s]) for s in self.free_src]
+        report.filled = [Filled(t) for t in self.free_tgt if t.rpartition(".")[2] == NBT and not self.tgt[t].shape]
+        filled = {f.target for f in report.filled}
+        report.missing = [KeyEntry(t, self.tgt[t].shape, self.tgt[t].dtype) for t in self.free_tgt if t not in filled]
+        report.unexpected = [KeyEntry(s, *self.src[s]) for s in self.free_src]
         report.ambiguous = self.ambiguous
-        report.notes += self.notes + _hints(report) + self._dtype_notes(report)
+        report.notes = [Note.of(n) for n in report.notes] + self.notes + _hints(report) + self._dtype_notes(report)
         return report
 
     def _dtype_notes(self, report):
         cast = Counter((self.src[m.source][1], self.tgt[m.target].dtype) for m in report.matched
                        if self.src[m.source][1] != self.tgt[m.target].dtype)
-        return [f"{n} matched tensors are {have} where {report.arch} has {want}; they are written as they are "
-                f"(load_state_dict casts them; convert --dtype changes them)" for (have, want), n in cast.items()]
-
-
-def _entry(name, shape, dtype):
-    return {"name": name, "shape": list(shape), "dtype": dtype}
+        return [Note(f"{n} matched tensors are {have} where {report.arch} has {want}; they are written as they are "
+                     f"(load_state_dict casts them; convert --dtype changes them)") for (have, want), n in cast.items()]
 
 
 def _hints(report):
@@ -360,7 +355,7 @@ def match(ckpt, arch, *, arch_options=None, rename=(), section=None, only=(), dr
 def rank(source, patterns="", arch_options=None, rename=(), progress=None, top=None) -> list:
     """Score every registered architecture (or those matching ``patterns``) by how well ``source`` fills it.
 
-    -> [{arch, coverage, used, score}] best first; ``score`` is the harmonic mean of the share of target keys
+    -> [Candidate] best first; ``score`` is the harmonic mean of the share of target keys
     filled and the share of checkpoint keys used. Architectures that fail to build are skipped. With ``top``
     only the best ``top`` are sure to be listed (ties included): an architecture whose element counts alone
     prove it cannot score that high is left out without being matched.
@@ -388,13 +383,12 @@ def rank(source, patterns="", arch_options=None, rename=(), progress=None, top=N
                      key=lambda b: -b[0])
     out = []
     for bound, name, spec in bounded:
-        if top and len(out) >= top and bound < sorted(c["score"] for c in out)[-top] - 1e-6:
+        if top and len(out) >= top and bound < sorted(c.score for c in out)[-top] - 1e-6:
             break  # sorted by bound: no architecture left can reach the top
         r = match_keys(source, spec.tensors, arch=name, rules=rules, renames=rename, structural=False)
         score = 2 * r.coverage * r.used / (r.coverage + r.used) if r.coverage + r.used else 0.0
-        out.append({"arch": name, "coverage": round(r.coverage, 6), "used": round(r.used, 6),
-                    "score": round(score, 6)})
-    out.sort(key=lambda c: (-c["score"], -c["coverage"], c["arch"]))
+        out.append(Candidate(name, round(r.coverage, 6), round(r.used, 6), round(score, 6)))
+    out.sort(key=lambda c: (-c.score, -c.coverage, c.arch))
     return out
 
 
@@ -412,12 +406,12 @@ def _score_bound(src_numels: Counter, n_source, wanted) -> float:
 
 def pick(ranking) -> str:
     """The best architecture of a ranking, when it is unambiguous."""
-    if not ranking or ranking[0]["score"] == 0:
+    if not ranking or ranking[0].score == 0:
         raise UsageError("no registered architecture matches this checkpoint's keys; name one with --arch and "
                          "use --rename")
     best = ranking[0]
-    ties = [c["arch"] for c in ranking if c["score"] == best["score"]]
+    ties = [c.arch for c in ranking if c.score == best.score]
     if len(ties) > 1:
         raise UsageError(f"--arch auto is ambiguous: {', '.join(ties[:6])} fit equally well "
-                         f"({best['coverage']:.0%} of their keys); name one with --arch")
-    return best["arch"]
+                         f"({best.coverage:.0%} of their keys); name one with --arch")
+    return best.arch

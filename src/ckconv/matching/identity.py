@@ -31,7 +31,7 @@ def restrict(report: MatchReport, only, drop, model):
     dropped = [t for t in report.targets if t not in keep]
     report.targets = [t for t in report.targets if t in keep]
     report.matched = [m for m in report.matched if m.target in keep]
-    report.filled = [f for f in report.filled if f["target"] in keep]
-    report.missing = [e for e in report.missing if e["name"] in keep]
+    report.filled = [f for f in report.filled if f.target in keep]
+    report.missing = [e for e in report.missing if e.name in keep]
     report.target_count = len(report.targets) + len(report.missing)
     return dropped

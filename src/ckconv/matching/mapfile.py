@@ -11,7 +11,7 @@ from ..errors import CkconvError, UsageError
 from ..storage.atomic import staged
 from ..storage.files import read_capped
 from .engine import source_tensors, target_spec
-from .report import Match, MatchReport
+from .report import Filled, KeyEntry, Match, MatchReport
 
 MAP_VERSION = 1
 MAX_MAP_BYTES = 64 * 2**20  # a map of 100,000 tensors is a few MB
@@ -19,7 +19,7 @@ MAX_MAP_BYTES = 64 * 2**20  # a map of 100,000 tensors is a few MB
 
 def map_dict(report: MatchReport) -> dict:
     mapping = report.mapping()
-    filled = {f["target"] for f in report.filled}
+    filled = {f.target for f in report.filled}
     entries = []
     for t in report.targets:
         if t in mapping:
@@ -72,7 +72,7 @@ def report_from_map(data, ckpt, *, arch=None, arch_options=None, section=None) -
             raise UsageError(f"the map names target key {t!r}, which {report.arch} does not have")
         report.targets.append(t)
         if "fill" in e and "source" not in e:
-            report.filled.append({"target": t, "shape": [], "dtype": "int64", "value": 0})
+            report.filled.append(Filled(t))
             continue
         s = e["source"]
         if s not in flat:
@@ -83,13 +83,11 @@ def report_from_map(data, ckpt, *, arch=None, arch_options=None, section=None) -
         reshape = tuple(flat[s].shape) if shape != tuple(flat[s].shape) else None
         if reshape is not None and math.prod(reshape) != math.prod(shape):
             raise UsageError(f"the map reshapes {s!r} from {list(reshape)} to {list(shape)}: element counts differ")
-        report.matched.append(Match(t, s, "map", shape, [], reshape, 1.0))
+        report.matched.append(Match(t, s, "map", shape, (), reshape, 1.0))
     if spec is not None:
         done = set(report.targets)
-        report.missing = [{"name": n, "shape": list(v.shape), "dtype": v.dtype} for n, v in spec.items()
-                          if n not in done]
+        report.missing = [KeyEntry(n, v.shape, v.dtype) for n, v in spec.items() if n not in done]
     used = {m.source for m in report.matched}
-    report.unexpected = [{"name": k, "shape": list(v.shape), "dtype": v.dtype} for k, v in flat.items()
-                         if k not in used]
+    report.unexpected = [KeyEntry(k, v.shape, v.dtype) for k, v in flat.items() if k not in used]
     report.target_count = len(report.targets) + len(report.missing)
     return report

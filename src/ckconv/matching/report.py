@@ -1,21 +1,35 @@
-"""What matching found, key by key: :class:`MatchReport` (rendered by ``ckconv match``, written by ``--save-map``)."""
+"""What matching found, key by key: :class:`MatchReport` (rendered by ``ckconv match``, written by ``--save-map``).
+
+Each of its lists holds one kind of frozen dataclass, shapes (and lists of names) as tuples, with ``to_dict()``
+for ``--json``; ``notes`` holds :class:`~ckconv.model.Note`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
+from ..model import Note
 
 
-@dataclass
+def _as_tuples(item, *names):
+    """Store the named fields of a frozen dataclass as tuples (a shape or a list given as a list)."""
+    for name in names:
+        object.__setattr__(item, name, tuple(getattr(item, name)))
+
+
+@dataclass(frozen=True)
 class Match:
+    """A target key filled from a checkpoint key: paired at step ``how`` after the renames ``steps``."""
     target: str
     source: str
     how: str
     shape: tuple
-    steps: list = field(default_factory=list)
+    steps: tuple = ()
     reshape: tuple | None = None  # the source shape, when the tensor is reshaped to ``shape``
     confidence: float = 1.0
+
+    def __post_init__(self):
+        _as_tuples(self, "shape", "steps", *(() if self.reshape is None else ("reshape",)))
 
     def to_dict(self):
         return {"target": self.target, "source": self.source, "how": self.how, "steps": list(self.steps),
@@ -33,9 +47,78 @@ class Mismatch:
     source_shape: tuple
     how: str
 
+    def __post_init__(self):
+        _as_tuples(self, "target_shape", "source_shape")
+
     def to_dict(self):
         return {"target": self.target, "source": self.source, "target_shape": list(self.target_shape),
                 "source_shape": list(self.source_shape), "how": self.how}
+
+
+@dataclass(frozen=True)
+class Filled:
+    """A target key no checkpoint key filled, set to a known value: ``num_batches_tracked`` to 0."""
+    target: str
+    shape: tuple = ()
+    dtype: str = "int64"
+    value: int = 0
+
+    def __post_init__(self):
+        _as_tuples(self, "shape")
+
+    def to_dict(self):
+        return {"target": self.target, "shape": list(self.shape), "dtype": self.dtype, "value": self.value}
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    """A key left alone: a target key nothing filled (``missing``) or a checkpoint key nothing used (``unexpected``)."""
+    name: str
+    shape: tuple
+    dtype: str
+
+    def __post_init__(self):
+        _as_tuples(self, "shape")
+
+    def to_dict(self):
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class Ambiguity:
+    """A pairing refused at ``step`` because more than one was possible: a ``target`` key (or a ``source`` key or
+    module) and the ``candidates`` it could have been paired with."""
+    step: str
+    candidates: tuple
+    target: str | None = None
+    source: str | None = None
+
+    def __post_init__(self):
+        _as_tuples(self, "candidates")
+        if (self.target is None) == (self.source is None):
+            raise ValueError("an Ambiguity names a target or a source, one of them")
+
+    @property
+    def name(self) -> str:
+        """The key (or module) that could not be paired: ``target`` or ``source``, whichever is set."""
+        return self.target if self.target is not None else self.source
+
+    def to_dict(self):
+        side = "target" if self.target is not None else "source"
+        return {"step": self.step, side: self.name, "candidates": list(self.candidates)}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An architecture ``--arch auto`` ranked: the share of its keys filled (``coverage``), the share of checkpoint
+    keys used (``used``) and their harmonic mean (``score``), each rounded to 6 places."""
+    arch: str
+    coverage: float
+    used: float
+    score: float
+
+    def to_dict(self):
+        return {"arch": self.arch, "coverage": self.coverage, "used": self.used, "score": self.score}
 
 
 class IncompleteMatch(UsageError):
@@ -52,17 +135,20 @@ class MatchReport:
     target_count: int
     source_count: int
     matched: list = field(default_factory=list)  # [Match] in target order
-    filled: list = field(default_factory=list)  # [{target, shape, dtype, value}]: num_batches_tracked
-    missing: list = field(default_factory=list)  # [{name, shape, dtype}] target keys nothing filled
-    unexpected: list = field(default_factory=list)  # [{name, shape, dtype}] checkpoint keys nothing used
+    filled: list = field(default_factory=list)  # [Filled]: num_batches_tracked
+    missing: list = field(default_factory=list)  # [KeyEntry] target keys nothing filled
+    unexpected: list = field(default_factory=list)  # [KeyEntry] checkpoint keys nothing used
     mismatched: list = field(default_factory=list)  # [Mismatch] in target order
-    ambiguous: list = field(default_factory=list)  # [{step, target|source, candidates}]
-    notes: list = field(default_factory=list)  # [Note] (or str)
+    ambiguous: list = field(default_factory=list)  # [Ambiguity]
+    notes: list = field(default_factory=list)  # [Note]
     arch_options: dict = field(default_factory=dict)
-    candidates: list = field(default_factory=list)  # --arch auto: [{arch, coverage, used, score}]
+    candidates: list = field(default_factory=list)  # --arch auto: [Candidate], best first
     source_tensors: dict = field(default=None, repr=False, compare=False)  # {name: TensorRef}
     targets: list = field(default_factory=list, repr=False, compare=False)  # target names in state_dict order
     section_path: tuple = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self):
+        self.notes = [Note.of(n) for n in self.notes]
 
     @property
     def architecture(self) -> str | None:
@@ -84,12 +170,12 @@ class MatchReport:
     @property
     def missing_keys(self) -> list:
         """Target keys nothing filled, as ``load_state_dict``'s result names them."""
-        return [e["name"] for e in self.missing]
+        return [e.name for e in self.missing]
 
     @property
     def unexpected_keys(self) -> list:
         """Checkpoint keys nothing used."""
-        return [e["name"] for e in self.unexpected]
+        return [e.name for e in self.unexpected]
 
     @property
     def mismatched_keys(self) -> list:
@@ -119,6 +205,6 @@ class MatchReport:
         return {"arch": self.arch, "arch_options": self.arch_options, "source": self.source,
                 "section": self.section, "coverage": round(self.coverage, 6), "used": round(self.used, 6),
                 "complete": self.complete, "target_count": self.target_count, "source_count": self.source_count,
-                "matched": [m.to_dict() for m in self.matched], "filled": self.filled, "missing": self.missing,
-                "unexpected": self.unexpected, "mismatched": [m.to_dict() for m in self.mismatched], "ambiguous": self.ambiguous,
-                "notes": [str(n) for n in self.notes], "candidates": self.candidates}
+                **{key: [item.to_dict() for item in getattr(self, key)]
+                   for key in ("matched", "filled", "missing", "unexpected", "mismatched", "ambiguous")},
+                "notes": [str(n) for n in self.notes], "candidates": [c.to_dict() for c in self.candidates]}
