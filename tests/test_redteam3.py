@@ -124,8 +124,9 @@ def folders(tmp_path_factory):
 def test_positive_control_the_loader_runs_the_payload(name, folders, tmp_path):
     _, code, target, _, _ = CASES[name]
     path = (folders[name] / target).resolve()
-    subprocess.run([sys.executable, "-c", code, str(path)], cwd=tmp_path, capture_output=True, timeout=300)
-    assert (tmp_path / CANARY).exists(), f"torch did not run the payload of {name}: the fixture proves nothing"
+    ran = subprocess.run([sys.executable, "-c", code, str(path)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert (tmp_path / CANARY).exists(), f"torch did not run the payload of {name}: {ran.stderr[-2000:]}"
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -235,3 +236,31 @@ def test_pt2_forced_reading_refuses_a_data_pkl(tmp_path):
     src = pt2_polyglot(tmp_path / "m.pt2", "archive/data.pkl")
     with pytest.raises(CorruptCheckpoint, match="holding a data.pkl"):
         torch_export.read(src)
+
+
+# --- a .metadata torch cannot read: DCP falls back to a rank's __0.metadata ----------------------------------------
+
+def build_rank_fallback(folder: Path):
+    """.metadata names a DCP class that does not exist (ckconv read it as an inert record); torch's pickle.load fails
+    on it, and DCP reads ``__0.metadata`` instead, here one that runs a payload: two readings of one folder."""
+    meta = _dcp_folder(folder, {"w": torch.zeros(2)})
+    body = pickle.dumps(meta, protocol=2)[2:]
+    (folder / "__0.metadata").write_bytes(b"\x80\x04" + FILE_HANDLER + body)
+    (folder / ".metadata").write_bytes(b"\x80\x04ctorch.distributed.checkpoint.metadata\nNoSuchRecord\n)\x810" + body)
+
+
+def test_dcp_metadata_torch_cannot_read_is_refused(tmp_path):
+    folder = tmp_path / "ckpt"
+    build_rank_fallback(folder)
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    ran = subprocess.run([sys.executable, "-c", DCP_LOAD, str(folder)], cwd=sandbox, capture_output=True, text=True,
+                         timeout=300)
+    assert (sandbox / CANARY).exists(), f"torch did not fall back to __0.metadata: {ran.stderr[-2000:]}"
+    out = tmp_path / "out"
+    out.mkdir()
+    result = CliRunner().invoke(cli, ["convert", str(folder), str(out / "x.safetensors")])
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "torch.distributed.checkpoint.metadata.NoSuchRecord" in lines[0], lines
+    assert list(out.iterdir()) == []

@@ -69,9 +69,19 @@ class MetadataUnpickler(RestrictedUnpickler):
         return super().find_class(module, name)
 
 
+# the records torch.distributed.checkpoint pickles in .metadata, by exact name: a name DCP does not define makes
+# torch's pickle.load fail, and DCP then reads a rank's __0.metadata instead (a second reading of the folder)
+DCP_RECORDS = frozenset({
+    *(("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+})
+
+
 def _dcp_record(module, name) -> bool:
-    """A class DCP's own modules define (a record of data): a plain name, no attribute path through it."""
-    return module.startswith("torch.distributed.checkpoint.") and "." not in name and policy.valid_name(module, name)
+    """One of the classes DCP pickles in its metadata (a record of data)."""
+    return (module, name) in DCP_RECORDS
 
 
 DCP_CALLED = frozenset({("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING")})  # an enum, by value
