@@ -264,3 +264,32 @@ def test_dcp_metadata_torch_cannot_read_is_refused(tmp_path):
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert "torch.distributed.checkpoint.metadata.NoSuchRecord" in lines[0], lines
     assert list(out.iterdir()) == []
+
+
+# --- a legacy torch.save file is five pickles, and torch.load runs every one -----------------------------------------
+
+LEGACY_PARTS = ("magic", "protocol", "sys_info", "object", "storage_keys")
+
+
+def legacy_with_payload_in(part: str) -> bytes:
+    """A legacy (torch < 1.6) file of ``{"a": 1}`` with a popped payload at the start of one of its five pickles;
+    ckconv judged only the fourth (the object)."""
+    pickles = [pickle.dumps(0x1950A86A20F9469CFC6C, 2), pickle.dumps(1001, 2),
+               pickle.dumps({"little_endian": True}, 2), pickle.dumps({"a": 1}, 2), pickle.dumps([], 2)]
+    i = LEGACY_PARTS.index(part)
+    pickles[i] = pickles[i][:2] + FILE_HANDLER + pickles[i][2:]
+    return b"".join(pickles)
+
+
+@pytest.mark.parametrize("part", LEGACY_PARTS)
+def test_legacy_payload_in_any_of_its_pickles(part, tmp_path):
+    src = tmp_path / "old.pth"
+    src.write_bytes(legacy_with_payload_in(part))
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    ran = subprocess.run([sys.executable, "-c", TORCH_LOAD, str(src)], cwd=sandbox, capture_output=True, text=True,
+                         timeout=300)
+    assert (sandbox / CANARY).exists(), f"torch did not run the payload: {ran.stderr[-2000:]}"
+    result = CliRunner().invoke(cli, ["scan", str(src)])
+    assert result.exit_code == 1, result.output
+    assert result.stdout.startswith("UNKNOWN") and "logging.FileHandler" in result.stdout.splitlines()[0], result.output

@@ -123,10 +123,13 @@ def read_legacy(path, allow_dangerous=False) -> Checkpoint:
             if f.read(1):
                 raise CorruptCheckpoint(f"{path}: trailing bytes after the pickle; the file was altered")
             return _finish(first, up, "torch", path)
-        protocol, _ = unpickle(f, where=where)
+        aux = list(up.globals)  # torch.load runs all five pickles of a legacy file: every one's globals count
+        protocol, up = unpickle(f, where=where)
+        aux += up.globals
         if not (type(protocol) is int and protocol == LEGACY_PROTOCOL):
             raise UnsupportedContent(f"{path}: legacy checkpoint protocol {short_repr(protocol)} is not supported")
-        sys_info, _ = unpickle(f, where=where)
+        sys_info, up = unpickle(f, where=where)
+        aux += up.globals
         if type(sys_info) is dict and sys_info.get("little_endian", True) is False:
             raise UnsupportedContent(f"{path}: big-endian checkpoints are not supported: re-save on a little-endian machine")
         storages: dict = {}
@@ -146,7 +149,8 @@ def read_legacy(path, allow_dangerous=False) -> Checkpoint:
             return storages[key]
 
         root, up = unpickle(f, storage_loader=load_storage, where=where, allow_dangerous=allow_dangerous)
-        keys, _ = unpickle(f, where=where)
+        keys, keys_up = unpickle(f, where=where)
+        aux += keys_up.globals
         if (type(keys) is not list or not all(type(k) is str for k in keys) or set(keys) != set(storages)
                 or len(keys) != len(set(keys))):
             raise CorruptCheckpoint(f"{path}: legacy storage table does not match the tensors it should hold")
@@ -174,4 +178,6 @@ def read_legacy(path, allow_dangerous=False) -> Checkpoint:
             last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
             if ref.numel and (last + 1) * dtypes.itemsize(ref.dtype) > ref.storage.nbytes:
                 raise CorruptCheckpoint(f"{path}: a tensor view reaches past the end of its storage")
-    return _finish(root, up, "torch", path)
+    ckpt = _finish(root, up, "torch", path)
+    ckpt.globals = aux + ckpt.globals
+    return ckpt
