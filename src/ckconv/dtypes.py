@@ -33,6 +33,10 @@ DTYPES = {
 
 QUANTIZED = {"qint8", "qint32", "quint8", "quint4x2", "quint2x4"}
 QUANTIZED_STORAGES = {"QInt8Storage", "QInt32Storage", "QUInt8Storage", "QUInt4x2Storage", "QUInt2x4Storage"}
+# a quantized dtype's bytes: the dtype of its integer representation (sub-byte dtypes pack into uint8)
+QUANTIZED_REPR = {"qint8": "int8", "quint8": "uint8", "qint32": "int32", "quint4x2": "uint8", "quint2x4": "uint8"}
+STORAGE_TO_QUANTIZED = {"QInt8Storage": "qint8", "QInt32Storage": "qint32", "QUInt8Storage": "quint8",
+                        "QUInt4x2Storage": "quint4x2", "QUInt2x4Storage": "quint2x4"}
 
 STORAGE_TO_DTYPE = {storage: name for name, (_, _, storage) in DTYPES.items() if storage}
 SAFETENSORS_TO_DTYPE = {code: name for name, (_, code, _) in DTYPES.items() if code}
@@ -47,7 +51,8 @@ CAST_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "fp64": 
 
 
 def itemsize(dtype: str) -> int:
-    return DTYPES[dtype][0]
+    """Bytes per element; a quantized dtype's are its integer representation's (one byte for packed ones)."""
+    return DTYPES[dtype][0] if dtype in DTYPES else DTYPES[QUANTIZED_REPR[dtype]][0]
 
 
 def safetensors_code(dtype: str):

@@ -8,7 +8,7 @@ import itertools
 import os
 from collections import OrderedDict
 
-from . import dtypes, numpy_values
+from . import dtypes, numpy_values, tensor_kinds
 from .errors import LimitExceeded, UnsupportedContent, UsageError, import_torch
 from .model import Foreign, Storage, TensorRef, TorchDevice, TorchDtype, TorchSize, foreign_class, memory_budget
 
@@ -288,7 +288,9 @@ def materialize(root, budget=None, device=None):
     def convert(node):
         if id(node) in memo:
             return memo[id(node)]
-        if isinstance(node, TensorRef):
+        if tensor_kinds.is_special(node) or isinstance(node, (tensor_kinds.TorchQScheme, tensor_kinds.TorchLayout)):
+            out = tensor_kinds.to_torch(node, storage_of, convert)
+        elif isinstance(node, TensorRef):
             t = torch.empty(0, dtype=dtypes.torch_dtype(node.dtype), device=target)
             t.set_(storage_of(node), node.offset, node.shape, node.stride)
             if node.parameter:
@@ -367,6 +369,7 @@ def from_torch(obj):
 
     storages: dict = {}
     memo: dict = {}
+    alive: list = []  # tensors made while converting (a quantized tensor's int view): their ids must stay unique
 
     def storage_of(t):
         us = t.untyped_storage()
@@ -374,8 +377,6 @@ def from_torch(obj):
         if key not in storages:
             if us.device.type != "cpu":
                 us = us.cpu()
-            if t.is_quantized:
-                raise UnsupportedContent("quantized tensors are not supported: dequantize them before saving")
             n = us.nbytes()
             buf = (ctypes.c_char * n).from_address(us.data_ptr()) if n else b""
             st = Storage(str(len(storages)), dtypes.dtype_name(t.dtype), n, buffer=buf)
@@ -387,10 +388,13 @@ def from_torch(obj):
         if id(node) in memo:
             return memo[id(node)]
         if isinstance(node, torch.Tensor):
-            if node.layout != torch.strided:
-                raise UnsupportedContent(f"{node.layout} tensors are not supported: call .to_dense() before saving")
-            if node.is_quantized:
-                raise UnsupportedContent("quantized tensors are not supported: dequantize them before saving")
+            alive.append(node)
+        if isinstance(node, torch.Tensor) and (node.layout != torch.strided or node.is_quantized):
+            out = tensor_kinds.from_torch(node, convert)
+        elif isinstance(node, (torch.qscheme, torch.layout)):
+            out = (tensor_kinds.TorchQScheme if isinstance(node, torch.qscheme) else tensor_kinds.TorchLayout)(
+                str(node)[6:])
+        elif isinstance(node, torch.Tensor):
             out = TensorRef(storage_of(node), dtypes.dtype_name(node.dtype), tuple(node.shape), node.stride(),
                             node.storage_offset(), node.requires_grad, isinstance(node, torch.nn.Parameter))
         elif isinstance(node, torch.Size):

@@ -18,6 +18,7 @@ from collections import OrderedDict
 from . import modules
 from ..errors import UnsupportedContent, UsageError, did_you_mean
 from ..model import TensorRef
+from ..tensor_kinds import SparseTensor, packed_param
 from ..tree import is_flat_state_dict
 
 MODEL_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "net", "module", "network", "weights",
@@ -141,12 +142,13 @@ def _search(root):
 
 
 def _flatten(node):
-    """Tensors under string keys; nested dicts whose leaves are all tensors join with dots."""
+    """Tensors under string keys; nested dicts whose leaves are all tensors join with dots. A quantized model's
+    packed parameters (``fc._packed_params._packed_params``: a (weight, bias) tuple) are weights too."""
     flat = OrderedDict() if isinstance(node, OrderedDict) else {}
     for key, value in node.items():
         if not isinstance(key, str):
             continue
-        if isinstance(value, TensorRef):
+        if isinstance(value, (TensorRef, SparseTensor)) or packed_param(key, value):
             flat[key] = value
         elif isinstance(value, dict) and value and key not in SECTION_KEYS and _all_tensors(value, 0):
             for sub, ref in _flatten(value).items():

@@ -22,7 +22,7 @@ from ..contents import ema as ema_weights
 from ..contents.unwrap import unwrap
 from ..errors import UsageError
 from ..io import read
-from ..model import Checkpoint, Note, warning
+from ..model import Checkpoint, Note, TensorRef, warning
 from ..plugins import host
 from ..rules import parse_renames, rename, rules_for
 
@@ -300,6 +300,11 @@ def source_tensors(ckpt, section=None, ema=False):
         ema_weights.refuse_section(section)
         root, _ = ema_weights.apply(root)
     flat, where, path = unwrap(root, section)
+    packed = next((k for k, v in flat.items() if not isinstance(v, TensorRef)), None)
+    if packed is not None:  # a quantized model's packed parameters (tensor_kinds.packed_param): no shape to match
+        raise UsageError(f"the model state_dict at {where} is a quantized model's ({packed} holds packed "
+                         "parameters); remapping it onto an architecture is not supported: convert it without "
+                         "--arch, --map, --rename, --only, --drop or --section")
     return root, flat, where, path, label
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from ..errors import CorruptCheckpoint
 from ..model import Foreign, TorchDevice, TorchSize, is_reference
+from ..tensor_kinds import (LAYOUTS, QDTYPES, SPARSE_COMPONENTS, QuantizedRef, SparseTensor, TorchLayout, TorchQScheme,
+                            check_qtensor, check_sparse)
 
 INT64_MAX = (1 << 63) - 1
 MAX_BUILT_TUPLE = 512  # elements of a tuple built by a ``builtins.tuple`` call (it may be hashed many times)
@@ -100,3 +102,54 @@ def reconstructor(cls, base, state=None):
         object.__setattr__(obj, "reconstructor", (base, state))
         return obj
     raise CorruptCheckpoint("malformed object record")
+
+
+# --- quantized and sparse tensors (ckconv.tensor_kinds): records checked as torch checks them, nothing called ----
+
+def qscheme(name):
+    """``torch.per_channel_affine`` and the other qschemes torch's weights_only loader allows, as values."""
+    return TorchQScheme(name)
+
+
+def get_layout(name):
+    """``torch.serialization._get_layout('torch.sparse_coo')``: a layout by name, as torch looks it up."""
+    if type(name) is not str or not name.startswith("torch.") or name[6:] not in LAYOUTS:
+        raise CorruptCheckpoint(f"malformed layout record {name!r:.40}")
+    return TorchLayout(name[6:])
+
+
+def rebuild_qtensor(rebuild_tensor, where):
+    """``torch._utils._rebuild_qtensor(storage, offset, size, stride, qparams, requires_grad, hooks)``;
+    ``rebuild_tensor`` checks the view against the storage as for any tensor."""
+
+    def build(storage, storage_offset, size, stride, quantizer_params, requires_grad=False, backward_hooks=None):
+        qdtype = getattr(storage, "dtype", None)
+        if qdtype not in QDTYPES:
+            raise CorruptCheckpoint(f"{where}: a quantized tensor over a storage of {qdtype}; torch cannot load it "
+                                    "either, the file is corrupt")
+        ref = rebuild_tensor(storage, storage_offset, size, stride, quantized=True)
+        if not isinstance(quantizer_params, tuple):
+            raise CorruptCheckpoint(f"{where}: malformed quantizer parameters")
+        return check_qtensor(QuantizedRef(ref.storage, qdtype, ref.shape, ref.stride, ref.offset, bool(requires_grad),
+                                          qparams=quantizer_params), where)
+
+    return build
+
+
+def rebuild_sparse_tensor(where):
+    """``torch._utils._rebuild_sparse_tensor(layout, data)`` for COO, CSR, CSC, BSR and BSC."""
+
+    def build(layout, data):
+        if not isinstance(layout, TorchLayout) or layout not in SPARSE_COMPONENTS or not isinstance(data, tuple):
+            raise CorruptCheckpoint(f"{where}: malformed sparse tensor record")
+        coo = layout == "sparse_coo"
+        if len(data) not in ((3, 4) if coo else (4,)):
+            raise CorruptCheckpoint(f"{where}: malformed {layout} tensor record")
+        coalesced = data[3] if coo and len(data) == 4 else None
+        comps, size = (data[:2], data[2]) if coo else (data[:3], data[3])
+        if not isinstance(size, (tuple, list)) or len(size) > MAX_BUILT_TUPLE:
+            raise CorruptCheckpoint(f"{where}: malformed {layout} tensor size")
+        sp = SparseTensor(layout, comps, size, coalesced, type(size) if type(size) in (TorchSize, tuple) else list)
+        return check_sparse(sp, where)
+
+    return build

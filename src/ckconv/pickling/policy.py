@@ -26,6 +26,7 @@ from __future__ import annotations
 from .. import dtypes
 from ..errors import UnsafeCheckpoint, UsageError
 from ..model import Foreign
+from ..tensor_kinds import QSCHEMES
 from .allowlist import PATH_CLASSES, Role, roles_of
 from .verdicts import FINDINGS, Verdict, unknown_globals, worst
 
@@ -91,7 +92,14 @@ IMPLEMENTED = {
     **{f"torch.{n}": R for n in (*dtypes.DTYPES, *dtypes.ALIASES, *dtypes.QUANTIZED)},
     **{f"{m}.{n}": R for m in ("torch", "torch.cuda") for n in dtypes.STORAGE_TO_DTYPE},
     **{f"torch.{n}": R for n in ("strided", "sparse_coo", "sparse_csr", "_mkldnn")},
+    # quantized and sparse tensors (ckconv.tensor_kinds): their rebuilds, typed storages, qschemes and layouts
+    **{f"torch._utils.{n}": C | F for n in ("_rebuild_qtensor", "_rebuild_sparse_tensor")},
+    "torch.serialization._get_layout": C, **{f"torch.{n}": R for n in dtypes.QUANTIZED_STORAGES},
+    **{f"torch.{n}": R for n in QSCHEMES},
 }
+# Exact names inside a dangerous module that ckconv's unpickler answers itself in the roles above (a layout by name:
+# ``torch.save`` pickles ``torch.sparse_coo`` as ``_get_layout('torch.sparse_coo')``).
+IMPLEMENTED_DATA = frozenset({"torch.serialization._get_layout"})
 # builtins that run nothing when called (anything else in builtins is dangerous)
 BENIGN_BUILTINS = frozenset(_PLAIN) | {"object", "range", "slice"}
 
@@ -152,7 +160,7 @@ def is_dangerous(module, qualname) -> bool:
     full = f"{module}.{qualname}"
     if full in DANGEROUS_NAMES:
         return True
-    if full in COMPILE_RECORDS or full in SAFE_PATHS:
+    if full in COMPILE_RECORDS or full in SAFE_PATHS or full in IMPLEMENTED_DATA:
         return False
     if module in ("builtins", "__builtin__", "__builtins__"):
         return qualname not in BENIGN_BUILTINS

@@ -39,7 +39,9 @@ DATA_CALLEES = frozenset((
     *(("builtins", n) for n in ("set", "frozenset", "list", "tuple", "dict", "str", "int", "float", "bool",
                                 "bytes", "bytearray", "complex")),
     *(("torch._utils", n) for n in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3",
-                                     "_rebuild_parameter", "_rebuild_parameter_with_state")),
+                                     "_rebuild_parameter", "_rebuild_parameter_with_state", "_rebuild_qtensor",
+                                     "_rebuild_sparse_tensor")),
+    ("torch.serialization", "_get_layout"),
 ))
 # callees whose arguments have roles by position: _reconstructor(cls, base, state) makes cls and calls base;
 # _rebuild_from_type_v2(func, new_type, args, state) calls func and makes new_type

@@ -13,7 +13,7 @@ import json
 import math
 from collections import OrderedDict
 
-from .. import dtypes, tree
+from .. import dtypes, tensor_kinds, tree
 from . import policy
 from ..errors import CorruptCheckpoint, LimitExceeded, UnsafeCheckpoint
 from ..model import Foreign, TensorRef, TorchDevice, TorchDtype, TorchSize, foreign_class, is_reference
@@ -40,7 +40,7 @@ def encode(root, raw_dtypes=frozenset(), namer=None):
     structure = encoder.enc(root, ())
     names, named = encoder.names, encoder.named
     plain = (type(root) is dict and len(named) == len(root) and bool(root)
-             and all(type(k) is str and isinstance(v, TensorRef) and not v.parameter and not v.requires_grad
+             and all(type(k) is str and type(v) is TensorRef and not v.parameter and not v.requires_grad
                      and v.dtype not in raw_dtypes and names[v.view_key()] == k for k, v in root.items()))
     return structure, named, not plain
 
@@ -78,6 +78,8 @@ class _Encoder:
             return node if node.bit_length() <= BIG_INT_BITS else {"$int": format(node, "x")}
         if type(node) is float:
             return node if math.isfinite(node) else {"$float": repr(node)}
+        if isinstance(node, tensor_kinds.KINDS):  # quantized and sparse tensors, qschemes, layouts
+            return tensor_kinds.encode_record(node, path, self.enc, self.name_for)
         if isinstance(node, TensorRef):
             return self.tensor(node, path)
         if isinstance(node, TorchSize):
@@ -338,7 +340,7 @@ def _dec_size(d, node, val, depth):
 
 
 def _dec_dtype(d, node, val, depth):
-    if val not in dtypes.DTYPES:
+    if val not in dtypes.DTYPES and val not in dtypes.QUANTIZED:
         raise d.bad("unknown dtype")
     return TorchDtype(val)
 
@@ -416,6 +418,17 @@ _TAGS = {
     "$device": _dec_device, "$class": lambda d, node, val, depth: d.global_ref(val), "$ref": _dec_ref,
     "$object": _dec_object,
 }
+
+
+def _dec_kind(tag):
+    """Quantized and sparse tensors, qschemes and layouts: :func:`ckconv.tensor_kinds.decode_record`."""
+    def dec(d, node, val, depth):
+        return tensor_kinds.decode_record(tag, node, lambda v: d.dec(v, depth + 1),
+                                          lambda name: _dec_tensor(d, {"$tensor": name}, name, depth), d.bad)
+    return dec
+
+
+_TAGS.update((tag, _dec_kind(tag)) for tag in tensor_kinds.TAGS)
 
 
 def _utf8_ok(text: str) -> bool:

@@ -17,8 +17,9 @@ from collections import OrderedDict
 from .. import dtypes, tree
 from ..errors import CkconvError, CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsafeCheckpoint, UnsupportedContent
 from ..model import Foreign, GlobalRef, Storage, TensorRef, TorchDtype, foreign_class
-from .builders import (BUILTIN_BUILDERS, INT64_MAX, MAX_BUILT_TUPLE, codecs_encode, reconstructor, torch_device,
-                       torch_size)
+from .builders import (BUILTIN_BUILDERS, INT64_MAX, MAX_BUILT_TUPLE, codecs_encode, get_layout, qscheme,
+                       rebuild_qtensor, rebuild_sparse_tensor, reconstructor, torch_device, torch_size)
+from ..tensor_kinds import QDTYPES, QSCHEMES
 from .allowlist import Role
 from .scan import scan
 from .shadow import MAX_SAME_HASH, SAFE_INT_BITS
@@ -28,9 +29,9 @@ from .policy import COMPILE_RECORDS, dotted, is_dangerous, valid_name
 # Globals whose meaning ckconv implements itself (never calling the named object).
 SAFE_BUILTINS = {"set", "frozenset", "complex", "bytearray", "slice", "range", "bool", "int", "float", "str",
                  "tuple", "list", "dict", "bytes", "object"}
-SPARSE = {"_rebuild_sparse_tensor", "_rebuild_sparse_csr"}
 UNSUPPORTED_REBUILDS = {
-    "_rebuild_qtensor": "quantized tensors are not supported: dequantize with .dequantize() before saving",
+    "_rebuild_sparse_csr": "sparse CSR tensors of torch before 1.13 are not supported: load and re-save them with a "
+                           "current torch",
     "_rebuild_nested_tensor": "nested tensors are not supported: save their components as a list",
     "_rebuild_wrapper_subclass": "tensor subclasses with custom storage (DTensor, fake tensors) are not supported: "
                                  "save .full_tensor() or plain tensors",
@@ -164,6 +165,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             return self._builder(codecs_encode, full)
         if module == "copyreg" and name == "_reconstructor":
             return self._builder(reconstructor, full)
+        if module == "torch.serialization" and name == "_get_layout":
+            return self._builder(get_layout, full)
         if module in ("torch._utils", "torch._tensor", "torch", "torch.nn.parameter", "torch.storage",
                       "torch.cuda"):
             builder = self._torch_global(module, name)
@@ -199,9 +202,10 @@ class RestrictedUnpickler(pickle.Unpickler):
                 return self._rebuild_tensor
             if name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
                 return _rebuild_parameter
-            if name in SPARSE:
-                raise UnsupportedContent(
-                    f"{self.where}: sparse tensors are not supported: convert them with .to_dense() before saving")
+            if name == "_rebuild_qtensor":
+                return rebuild_qtensor(self._rebuild_tensor, self.where)
+            if name == "_rebuild_sparse_tensor":
+                return rebuild_sparse_tensor(self.where)
             if name in UNSUPPORTED_REBUILDS:
                 raise UnsupportedContent(f"{self.where}: {UNSUPPORTED_REBUILDS[name]}")
             return None
@@ -216,8 +220,10 @@ class RestrictedUnpickler(pickle.Unpickler):
             return StorageType("uint8")
         if module in ("torch", "torch.cuda") and name in dtypes.STORAGE_TO_DTYPE:
             return StorageType(dtypes.STORAGE_TO_DTYPE[name])
-        if module == "torch" and name in dtypes.QUANTIZED_STORAGES:
-            raise UnsupportedContent(f"{self.where}: quantized tensors are not supported: dequantize before saving")
+        if module == "torch" and name in dtypes.STORAGE_TO_QUANTIZED:
+            return StorageType(dtypes.STORAGE_TO_QUANTIZED[name])
+        if module == "torch" and name in QSCHEMES:
+            return qscheme(name)
         if module == "torch":
             if name == "Size":
                 return torch_size
@@ -239,15 +245,16 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self.storage_loader(pid)
 
     def _rebuild_tensor(self, storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
-                        dtype=None, metadata=None):
+                        dtype=None, metadata=None, *, quantized=False):
         if not isinstance(storage, Storage):
             raise CorruptCheckpoint(f"{self.where}: tensor without a storage")
         if dtype is None:
             dtype = TorchDtype(storage.dtype)
         if not isinstance(dtype, TorchDtype) or str(dtype) not in dtypes.DTYPES and str(dtype) not in dtypes.QUANTIZED:
             raise CorruptCheckpoint(f"{self.where}: tensor dtype {short_repr(dtype)} is not a torch dtype")
-        if str(dtype) in dtypes.QUANTIZED:
-            raise UnsupportedContent(f"{self.where}: quantized tensors are not supported: dequantize before saving")
+        if str(dtype) in dtypes.QUANTIZED and not quantized:
+            raise UnsupportedContent(f"{self.where}: a {dtype} storage rebuilt as a plain tensor (torch.save writes "
+                                     "quantized tensors with their quantizer) is not supported: re-save the tensor")
         size = _ints(size, "shape", self.where)
         stride = _ints(stride, "stride", self.where)
         if type(storage_offset) is not int or not 0 <= storage_offset <= INT64_MAX or len(size) != len(stride):
@@ -259,7 +266,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             if numel * item > INT64_MAX:
                 raise CorruptCheckpoint(f"{self.where}: tensor of shape {short_repr(list(size))} holds more than "
                                         "the int64 maximum of bytes; the file is corrupt")
-        if 0 not in size and storage.nbytes >= 0:  # legacy files learn storage sizes after the pickle
+        packed = quantized and QDTYPES[str(dtype)][1] < 8  # sub-byte elements: tensor_kinds checks the packing
+        if 0 not in size and storage.nbytes >= 0 and not packed:  # legacy files learn storage sizes after the pickle
             last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
             if (last + 1) * item > storage.nbytes:
                 raise CorruptCheckpoint(

@@ -20,6 +20,7 @@ from . import policy
 from ..errors import UnsupportedContent
 from ..model import Foreign, TensorRef, TorchDevice, TorchDtype, TorchSize, is_reference
 from .allowlist import Role
+from ..tensor_kinds import QDTYPES, QuantizedRef, SparseTensor, TorchLayout, TorchQScheme, check_indices
 
 
 def write_problems(root, allow=()) -> list:
@@ -143,6 +144,8 @@ class PickleWriter:
             self.out += b"\x88"
         elif v is False:
             self.out += b"\x89"
+        elif isinstance(v, (SparseTensor, TorchLayout, TorchQScheme)):
+            self.save_kind(v)
         elif isinstance(v, TorchDtype):
             self.global_("torch", str(v))
         elif isinstance(v, TorchDevice):
@@ -171,6 +174,11 @@ class PickleWriter:
             self.global_("builtins", "bytearray")
             self.tuple_((v.decode("latin1"), "latin1"))
             self.out += b"R"
+        elif isinstance(v, QuantizedRef):
+            if self.tensors:
+                self.save_qtensor(v)
+            else:
+                self.out += b"N"
         elif isinstance(v, TensorRef):
             if self.tensors:
                 self.save_tensor(v)
@@ -302,6 +310,50 @@ class PickleWriter:
         start, memo = len(self.out), len(self.memo)
         if emit(*args) is not False and len(self.memo) == memo:
             self.fragments[key] = bytes(self.out[start:])
+
+    def save_qtensor(self, t: QuantizedRef):
+        # _rebuild_qtensor(QInt8Storage pid, offset, size, stride, qparams, requires_grad, OrderedDict()), exactly
+        # as torch.save writes it (Parameter-wrapped when it was one); scales and zero points as the file had them
+        if t.parameter:
+            self.global_("torch._utils", "_rebuild_parameter")
+        self.global_("torch._utils", "_rebuild_qtensor")
+        self.out += b"(("
+        self.save_str("storage")
+        self.global_("torch", QDTYPES[t.dtype][2])
+        self.save_str(self.storage_key(t.storage))
+        self.save_str("cpu")
+        self.save_int(t.storage.nbytes // dtypes.itemsize(t.dtype))
+        self.out += b"tQ"
+        self.save_int(t.offset)
+        self.tuple_(tuple(t.shape))
+        self.tuple_(tuple(t.stride))
+        self.tuple_(t.qparams)
+        self.save(bool(t.requires_grad) and not t.parameter)
+        self.global_("collections", "OrderedDict")
+        self.out += b")RtR"
+        if t.parameter:
+            self.save(bool(t.requires_grad))
+            self.global_("collections", "OrderedDict")
+            self.out += b")R\x87R"
+
+    def save_kind(self, v):
+        """A sparse tensor, a layout or a qscheme, in the words torch.save uses (tensor_kinds)."""
+        if isinstance(v, TorchQScheme):
+            self.global_("torch", str(v))
+        elif isinstance(v, TorchLayout):  # torch pickles a layout as _get_layout('torch.sparse_coo')
+            self.global_("torch.serialization", "_get_layout")
+            self.tuple_((f"torch.{v}",))
+            self.out += b"R"
+        else:  # _rebuild_sparse_tensor(layout, (indices..., values, size[, is_coalesced])); torch validates them
+            check_indices(v)  # in a check without tensors too: a sharded writer refuses before its first file
+            if not self.tensors:
+                self.out += b"N"
+                return
+            self.global_("torch._utils", "_rebuild_sparse_tensor")
+            size = TorchSize(v.size) if v.size_type is TorchSize else v.size_type(v.size)
+            data = v.components + (size,) + ((v.coalesced,) if v.coalesced is not None else ())
+            self.tuple_((v.layout, data))
+            self.out += b"R"
 
     def save_foreign(self, f: Foreign):
         if f.reconstructor is not None:  # copyreg._reconstructor(cls, base, state): calls base (an ARG_REFERENCE)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 
-from .. import tree
+from .. import tensor_kinds, tree
 from ..model import Foreign, TensorRef
 from .diff_names import ATTRS, Named, Value, is_container, same_value, type_name
 from .diff_report import DiffReport, Note, TensorDiff
@@ -73,7 +73,9 @@ class Lockstep:
     # one pair of nodes at the same path
 
     def _node(self, path, a, b):
-        if isinstance(a, TensorRef) and isinstance(b, TensorRef):
+        if tensor_kinds.is_special(a) or tensor_kinds.is_special(b):
+            self.kind(path, a, b)
+        elif isinstance(a, TensorRef) and isinstance(b, TensorRef):
             self.tensor(path, a, b)
         elif is_container(a) and is_container(b):
             yield from self._containers(path, a, b)
@@ -106,6 +108,24 @@ class Lockstep:
         flags_a, flags_b = _flags(a), _flags(b)
         if flags_a != flags_b:
             self.note(name, "flags", f"{flags_a} in A, {flags_b} in B")
+
+    def kind(self, path, a, b):
+        """Quantized or sparse tensors (tensor_kinds), part by part: the tensors among the parts compared as
+        tensors, the rest (qscheme, axis, layout, size) as values; a kind against another kind is one value."""
+        if type(a) is not type(b) or len(tensor_kinds.parts(a)) != len(tensor_kinds.parts(b)):
+            self.r.values_compared += 1
+            what = (tensor_kinds.describe(a), tensor_kinds.describe(b))
+            self.r.add("values_differ", lambda: {"name": _name(path), "a": what[0], "b": what[1]})
+            return
+        for (name, x), (_, y) in zip(tensor_kinds.parts(a), tensor_kinds.parts(b)):
+            where = path if name is None else tree.TreePath(path, name)
+            if isinstance(x, TensorRef) and isinstance(y, TensorRef):
+                self.tensor(where, x, y)
+            elif self.values or isinstance(x, TensorRef) or isinstance(y, TensorRef):
+                self.r.values_compared += 1
+                if not same_value(x, y):
+                    self.r.add("values_differ", lambda w=where, x=x, y=y: {"name": _name(w), "a": _short(x),
+                                                                           "b": _short(y)})
 
     def value(self, path, a, b):
         if not self.values:
@@ -148,7 +168,9 @@ class Lockstep:
     def _pair(self, path, key, x, y, tangled):
         """Children of a pair under one key: compared here when both are leaves of one kind, else descended into;
         a tensor against a value (or a container against a leaf) joins the by-name ``tangled`` lists."""
-        if isinstance(x, TensorRef) and isinstance(y, TensorRef):
+        if tensor_kinds.is_special(x) or tensor_kinds.is_special(y):
+            self.kind(tree.TreePath(path, key), x, y)
+        elif isinstance(x, TensorRef) and isinstance(y, TensorRef):
             self.tensor(tree.TreePath(path, key), x, y)
         elif is_container(x) and is_container(y):
             return self._containers(tree.TreePath(path, key), x, y)

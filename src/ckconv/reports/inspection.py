@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..contents import modules
 from ..pickling import policy
-from .. import numpy_values, tree
+from .. import numpy_values, tensor_kinds, tree
 from ..contents.layout import describe
 from ..errors import UnsafeCheckpoint
 from ..io import detect_format, read
@@ -95,16 +95,21 @@ def _tensor_rows(root, limit=None):
     def visit(p, ref):
         nonlocal count, total
         count += 1
-        kinds[ref.dtype] += 1
+        kind = ref.dtype
+        if type(ref) is not TensorRef:  # qint8 per_channel_affine axis 0, sparse_csr float32 nnz 5 (tensor_kinds)
+            kind = tensor_kinds.describe(ref)
+            kinds[kind.split(" per_")[0].split(" nnz")[0]] += 1
+        else:
+            kinds[kind] += 1
         nbytes = ref.nbytes
         if len(infos) < limit:
-            infos.append(TensorInfo(tree.short_path(p), ref.dtype, list(ref.shape), nbytes))
+            infos.append(TensorInfo(tree.short_path(p), kind, list(ref.shape), nbytes))
         key = ref.view_key()
         if key not in seen:
             seen.add(key)
             total += nbytes
 
-    tree.walk(root, visit, kinds=TensorRef)
+    tree.walk(root, visit, kinds=(TensorRef, tensor_kinds.SparseTensor))
     return count, total, dict(kinds), infos
 
 

@@ -15,7 +15,7 @@ import uuid
 from collections import OrderedDict
 from pathlib import Path
 
-from ... import dtypes, tree
+from ... import dtypes, tensor_kinds, tree
 from ...errors import UnsupportedContent
 from ...model import CHUNK, Storage, TensorRef
 from ...pickling import structure
@@ -81,6 +81,10 @@ def flatten(root, slots=None):
             raise UnsupportedContent(f"two entries are both named {fqn!r:.80} once flattened for DCP (keys "
                                      f"{seen[fqn]!r:.60} and {path!r:.60}); rename one")
         seen[fqn] = path
+        if tensor_kinds.is_special(v):
+            kind = "sparse" if isinstance(v, tensor_kinds.SparseTensor) else "quantized"
+            raise UnsupportedContent(f"{fqn!r:.80} is a {kind} tensor ({tensor_kinds.describe(v)}), which a DCP "
+                                     "checkpoint cannot hold; write .pth or .safetensors instead")
         leaves.append((fqn, path, v))
         node = {"$leaf": fqn}
         if isinstance(v, TensorRef):
