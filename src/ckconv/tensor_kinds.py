@@ -206,8 +206,8 @@ def check_qtensor(ref: QuantizedRef, where="") -> QuantizedRef:
         raise _refuse(where, "a quantized tensor without a qscheme")
     if ref.requires_grad:
         raise _refuse(where, "a quantized tensor that requires grad")
-    if ref.packed and (ref.offset or not ref.is_contiguous
-                       or math.ceil(ref.numel * QDTYPES[ref.dtype][1] / 8) > ref.storage.nbytes):
+    if ref.packed and (ref.offset or not ref.is_contiguous or 0 <= ref.storage.nbytes < math.ceil(
+            ref.numel * QDTYPES[ref.dtype][1] / 8)):  # a legacy file's storage sizes come later: views() checks
         raise UnsupportedContent(f"{where}: a {ref.dtype} tensor that is a view into its storage is not supported "
                                  "(torch.save writes them whole): save a .clone() of it")
     if q[0] == "per_tensor_affine":
@@ -469,3 +469,18 @@ def packed_param(key, value) -> bool:
         return (isinstance(value, tuple) and 0 < len(value) <= 2
                 and all(isinstance(v, TensorRef) or v is None for v in value))
     return False
+
+
+def views(value) -> list:
+    """The strided tensor views inside ``value`` whose bounds need checking once storage sizes are known (legacy
+    files learn them after the pickle): a plain tensor itself, a quantized tensor's integer view and per-channel
+    tensors, a sparse tensor's components. A packed quantized tensor is checked here and contributes its
+    per-channel tensors only."""
+    if isinstance(value, QuantizedRef):
+        if value.packed:
+            check_qtensor(value)
+        inner = [p for p in value.qparams if isinstance(p, TensorRef)]
+        return inner if value.packed else [value.int_repr(), *inner]
+    if isinstance(value, SparseTensor):
+        return list(value.components)
+    return [value]

@@ -13,9 +13,9 @@ import struct
 import tarfile
 from pathlib import Path
 
-from .. import dtypes, tree
+from .. import dtypes, tensor_kinds, tree
 from ..errors import CkconvError, CorruptCheckpoint, NotACheckpoint, UnsupportedContent
-from ..model import Checkpoint, Foreign, Storage
+from ..model import Checkpoint, Foreign, Storage, TensorRef
 from ..pickling.unpickler import PARAMETER, StorageType, short_repr, unpickle
 from ..storage.zipio import ZipRecords, directory_names
 from .base import guarded
@@ -174,7 +174,9 @@ def read_legacy(path, allow_dangerous=False) -> Checkpoint:
             raise CorruptCheckpoint(f"{path}: {size - pos} bytes after the last storage, which torch.save never writes "
                                     "and other readers could take for a second file; refusing an ambiguous file "
                                     "(re-save the original with torch.save)")
-        for _, ref in tree.tensors(root):
+        found: list = []
+        tree.walk(root, lambda _, n: found.append(n) if isinstance(n, (TensorRef, tensor_kinds.SparseTensor)) else None)
+        for ref in (view for n in found for view in tensor_kinds.views(n)):
             last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
             if ref.numel and (last + 1) * dtypes.itemsize(ref.dtype) > ref.storage.nbytes:
                 raise CorruptCheckpoint(f"{path}: a tensor view reaches past the end of its storage")
