@@ -418,3 +418,18 @@ def test_legacy_views_inside_them_are_bounds_checked(tmp_path):
         torch.load(tmp_path / "bad.pth", weights_only=True)
     with pytest.raises(CorruptCheckpoint, match="past the end"):
         ckconv.read(tmp_path / "bad.pth")
+
+
+def test_records_out_of_torch_range_are_refused_before_any_work(kinds_file):
+    from ckconv.tensor_kinds import TorchQScheme, check_qtensor, check_sparse
+
+    root = ckconv.read(kinds_file).root
+    coo, q = root["coo"], root["per_tensor_quint8"]
+    with pytest.raises(CorruptCheckpoint, match="size"):
+        check_sparse(SparseTensor("sparse_coo", coo.components, (1 << 64, 4), True))
+    with pytest.raises(CorruptCheckpoint, match="values"):
+        check_sparse(SparseTensor("sparse_coo", coo.components[::-1], (4, 4), True))
+    for qparams in [(TorchQScheme("per_tensor_affine"), 0.1, 1 << 70), (TorchQScheme("per_tensor_symmetric"), 0.1, 0),
+                    ("per_tensor_affine", 0.1, 0), (TorchQScheme("per_channel_affine"), [0.1] * 3, [0] * 4, 0)]:
+        with pytest.raises(CorruptCheckpoint, match="torch cannot load it either"):
+            check_qtensor(QuantizedRef(q.storage, q.dtype, q.shape, qparams=qparams))

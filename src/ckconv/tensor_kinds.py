@@ -39,6 +39,7 @@ SPARSE_COMPONENTS = {"sparse_coo": ("indices", "values"), "sparse_csr": ("crow_i
                      "sparse_bsr": ("crow_indices", "col_indices", "values"),
                      "sparse_bsc": ("ccol_indices", "row_indices", "values")}
 LAYOUTS = frozenset(SPARSE_COMPONENTS) | {"strided", "_mkldnn", "jagged"}
+INT64_MAX = (1 << 63) - 1
 INDEX_DTYPES = ("int64", "int32")
 
 
@@ -211,7 +212,8 @@ def check_qtensor(ref: QuantizedRef, where="") -> QuantizedRef:
         raise UnsupportedContent(f"{where}: a {ref.dtype} tensor that is a view into its storage is not supported "
                                  "(torch.save writes them whole): save a .clone() of it")
     if q[0] == "per_tensor_affine":
-        if len(q) != 3 or type(q[1]) not in (float, int) or type(q[2]) is not int:
+        if len(q) != 3 or type(q[1]) not in (float, int) or type(q[2]) is not int or not all(
+                type(v) is float or -INT64_MAX - 1 <= v <= INT64_MAX for v in q[1:]):
             raise _refuse(where, "a per-tensor quantized tensor whose scale or zero point is not a number")
         return ref
     if q[0] not in ("per_channel_affine", "per_channel_affine_float_qparams"):
@@ -225,7 +227,8 @@ def check_qtensor(ref: QuantizedRef, where="") -> QuantizedRef:
                 raise _refuse(where, f"per-channel {what} of {values.dtype} {list(values.shape)} for "
                                      f"{channels} channels")
         elif type(values) is list:
-            if len(values) != channels or not all(type(v) in (float, int) for v in values):
+            if len(values) != channels or not all(type(v) is float or type(v) is int and -INT64_MAX - 1 <= v
+                                                  <= INT64_MAX for v in values):
                 raise _refuse(where, f"{len(values)} per-channel {what} for {channels} channels")
         else:
             raise _refuse(where, f"per-channel {what} that are neither a list nor a tensor")
@@ -238,7 +241,7 @@ def check_sparse(sp: SparseTensor, where="") -> SparseTensor:
     comps, size = sp.components, sp.size
     if not all(isinstance(c, TensorRef) and not is_special(c) for c in comps) or len(comps) != len(sp.names):
         raise _refuse(where, f"a {sp.layout} tensor whose components are not {len(sp.names)} tensors")
-    if not all(type(n) is int and n >= 0 for n in size):
+    if not all(type(n) is int and 0 <= n <= INT64_MAX for n in size):
         raise _refuse(where, f"a {sp.layout} tensor with size {list(size)[:8]}")
     values = comps[-1]
     if values.dtype not in dtypes.DTYPES:

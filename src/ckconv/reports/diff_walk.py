@@ -121,7 +121,7 @@ class Lockstep:
             where = path if name is None else tree.TreePath(path, name)
             if isinstance(x, TensorRef) and isinstance(y, TensorRef):
                 self.tensor(where, x, y)
-            elif self.values or isinstance(x, TensorRef) or isinstance(y, TensorRef):
+            else:  # a scale or a size is part of the tensor's value: compared with --tensors-only too
                 self.r.values_compared += 1
                 if not same_value(x, y):
                     self.r.add("values_differ", lambda w=where, x=x, y=y: {"name": _name(w), "a": _short(x),
