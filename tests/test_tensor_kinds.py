@@ -171,28 +171,63 @@ def test_safetensors_encoding_is_readable_without_ckconv(kinds_file, tmp_path):
     assert record["coo"]["$sparse"] == "sparse_coo" and record["coo"]["coalesced"] is True
 
 
-def test_outputs_never_run_code(kinds_file, tmp_path):
+def test_outputs_never_run_code(kinds_file, quantized_resnet, tmp_path):
     """Everything ckconv writes loads with weights_only=True, and with weights_only=False in a fresh process it
-    creates no canary (the positive control shows the canary check works)."""
+    creates no canary (the positive control shows the canary check works): .pth from .pth, from safetensors and
+    from a torch-sharded folder's shards, of every kind and of a quantized model's state_dict."""
     ckconv.convert(kinds_file, tmp_path / "out.safetensors")
     ckconv.convert(tmp_path / "out.safetensors", tmp_path / "out.pth")
-    torch.load(tmp_path / "out.pth", weights_only=True)
+    ckconv.convert(kinds_file, tmp_path / "direct.pth")
+    ckconv.convert(kinds_file, tmp_path / "shards", to="torch-sharded", max_shard_size=200)
+    torch.save({"model": quantized_resnet.state_dict()}, tmp_path / "q.pth")
+    ckconv.convert(tmp_path / "q.pth", tmp_path / "q.safetensors", model_only=True)
+    ckconv.convert(tmp_path / "q.safetensors", tmp_path / "q_back.pth")
+    outputs = [tmp_path / "out.pth", tmp_path / "direct.pth", tmp_path / "q_back.pth",
+               *sorted((tmp_path / "shards").glob("*.bin"))]
+    assert len(outputs) > 4
+    for out in outputs:
+        torch.load(out, weights_only=True)
     canary = tmp_path / "CKCONV_PWNED"
-    check = ("import sys, torch, os; torch.load(sys.argv[1], weights_only=False); "
-             "print('pwned' if os.path.exists(sys.argv[2]) else 'clean')")
+    check = ("import sys, torch, os; [torch.load(f, weights_only=False) for f in sys.argv[2:]]; "
+             "print('pwned' if os.path.exists(sys.argv[1]) else 'clean')")
 
     class Payload:
         def __reduce__(self):
             return (open, (str(canary), "w"))
 
     torch.save({"x": Payload()}, tmp_path / "control.pth")
-    control = subprocess.run([sys.executable, "-c", check, str(tmp_path / "control.pth"), str(canary)],
+    control = subprocess.run([sys.executable, "-c", check, str(canary), str(tmp_path / "control.pth")],
                              capture_output=True, text=True, timeout=120)
     assert control.stdout.strip() == "pwned"
     canary.unlink()
-    run = subprocess.run([sys.executable, "-c", check, str(tmp_path / "out.pth"), str(canary)],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run([sys.executable, "-c", check, str(canary), *map(str, outputs)],
+                         capture_output=True, text=True, timeout=300)
     assert run.stdout.strip() == "clean", run.stderr
+
+
+def test_scan_verdicts(kinds_file, tmp_path):
+    """``scan`` says SAFE (exit 0) for torch.save's files of every kind and for ckconv's outputs of them, because
+    each global is one ckconv's unpickler reproduces, in the role torch.save gives it; the same names in another
+    role, or their dangerous neighbours, are not safe."""
+    from ckconv.pickling import policy
+    from ckconv.pickling.allowlist import Role
+
+    ckconv.convert(kinds_file, tmp_path / "out.safetensors")
+    ckconv.convert(tmp_path / "out.safetensors", tmp_path / "out.pth")
+    for path in (kinds_file, tmp_path / "out.safetensors", tmp_path / "out.pth"):
+        proc = run_cli("scan", path)
+        assert proc.returncode == 0 and "SAFE" in proc.stdout, (path, proc.stdout, proc.stderr)
+    assert policy.verdict("torch.serialization", "_get_layout", roles=Role.CALLED) == "safe"
+    assert policy.verdict("torch.serialization", "_get_layout", roles=Role.REBUILD) == "unknown"
+    assert policy.verdict("torch.serialization", "_get_layout", pickled=False, roles=Role.CALLED) == "unknown"
+    assert policy.verdict("torch.serialization", "load", roles=Role.CALLED) == "dangerous"
+    assert policy.verdict("torch.serialization", "_get_layout.__globals__", roles=Role.CALLED) == "dangerous"
+    assert policy.verdict("torch._utils", "_rebuild_qtensor", roles=Role.INSTANTIATED) == "unknown"
+    assert policy.verdict("torch", "per_channel_affine", roles=Role.CALLED) == "unknown"
+    # ckconv never writes these names from a record: only its own writer emits them, from its own values
+    for name in ("_rebuild_qtensor", "_rebuild_sparse_tensor"):
+        assert not policy.may_write("torch._utils", name, Role.CALLED)
+    assert not policy.may_write("torch.serialization", "_get_layout", Role.CALLED)
 
 
 def test_scan_and_inspect_show_them_sensibly(kinds_file):

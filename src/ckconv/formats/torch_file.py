@@ -174,8 +174,7 @@ def read_legacy(path, allow_dangerous=False) -> Checkpoint:
             raise CorruptCheckpoint(f"{path}: {size - pos} bytes after the last storage, which torch.save never writes "
                                     "and other readers could take for a second file; refusing an ambiguous file "
                                     "(re-save the original with torch.save)")
-        found: list = []
-        tree.walk(root, lambda _, n: found.append(n) if isinstance(n, (TensorRef, tensor_kinds.SparseTensor)) else None)
+        found = tree.instances(root, (TensorRef, tensor_kinds.SparseTensor))
         for ref in (view for n in found for view in tensor_kinds.views(n)):
             last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride))
             if ref.numel and (last + 1) * dtypes.itemsize(ref.dtype) > ref.storage.nbytes:

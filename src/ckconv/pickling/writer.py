@@ -144,7 +144,7 @@ class PickleWriter:
             self.out += b"\x88"
         elif v is False:
             self.out += b"\x89"
-        elif isinstance(v, (SparseTensor, TorchLayout, TorchQScheme)):
+        elif isinstance(v, (QuantizedRef, SparseTensor, TorchLayout, TorchQScheme)):
             self.save_kind(v)
         elif isinstance(v, TorchDtype):
             self.global_("torch", str(v))
@@ -174,11 +174,6 @@ class PickleWriter:
             self.global_("builtins", "bytearray")
             self.tuple_((v.decode("latin1"), "latin1"))
             self.out += b"R"
-        elif isinstance(v, QuantizedRef):
-            if self.tensors:
-                self.save_qtensor(v)
-            else:
-                self.out += b"N"
         elif isinstance(v, TensorRef):
             if self.tensors:
                 self.save_tensor(v)
@@ -337,8 +332,13 @@ class PickleWriter:
             self.out += b")R\x87R"
 
     def save_kind(self, v):
-        """A sparse tensor, a layout or a qscheme, in the words torch.save uses (tensor_kinds)."""
-        if isinstance(v, TorchQScheme):
+        """A quantized or sparse tensor, a layout or a qscheme, in the words torch.save uses (tensor_kinds)."""
+        if isinstance(v, QuantizedRef):
+            if self.tensors:
+                self.save_qtensor(v)
+            else:  # a check without tensors: their globals are ckconv's own
+                self.out += b"N"
+        elif isinstance(v, TorchQScheme):
             self.global_("torch", str(v))
         elif isinstance(v, TorchLayout):  # torch pickles a layout as _get_layout('torch.sparse_coo')
             self.global_("torch.serialization", "_get_layout")
