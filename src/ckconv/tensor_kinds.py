@@ -17,10 +17,11 @@ them too). Index *values* are checked where ckconv materialises a sparse tensor 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 from . import dtypes
 from .errors import CorruptCheckpoint, UnsupportedContent
-from .model import TensorRef, TorchSize
+from .model import TensorRef, TorchDtype, TorchSize
 
 __all__ = ["QDTYPES", "QuantizedRef", "SPARSE_COMPONENTS", "SparseTensor", "TorchLayout", "TorchQScheme",
            "check_qtensor", "check_sparse", "describe", "is_special"]
@@ -329,8 +330,6 @@ def to_torch(value, untyped_storage, convert):
         storage = torch.TypedStorage(wrap_storage=untyped_storage(value), dtype=getattr(torch, value.dtype),
                                      _internal=True)
         params = tuple(convert(p) for p in value.qparams)
-        from collections import OrderedDict
-
         out = torch._utils._rebuild_qtensor(storage, value.offset, value.shape, value.stride, params, False,
                                             OrderedDict())
         return torch.nn.Parameter(out, requires_grad=False) if value.parameter else out
@@ -462,8 +461,6 @@ def packed_param(key, value) -> bool:
     """Whether ``key: value`` is one of the non-tensor entries ``torch.ao.quantization``'s modules put in a
     state_dict (``LinearPackedParams._save_to_state_dict``): ``*_packed_params.dtype`` (``torch.qint8``) and
     ``*_packed_params._packed_params`` (the ``(weight, bias)`` tuple). They are part of the model's weights."""
-    from .model import TorchDtype
-
     if not isinstance(key, str):
         return False
     if key == "_packed_params.dtype" or key.endswith("._packed_params.dtype"):
