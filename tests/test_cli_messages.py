@@ -63,6 +63,27 @@ def test_convert_warnings_go_to_stderr_and_data_to_stdout(partial_resnet, tmp_pa
     assert "  note: " in result.stdout  # what was written: data
 
 
+def test_the_library_result_carries_the_same_warnings(partial_resnet, tmp_path):
+    """ckconv.convert's result names what --arch left unfilled and what fits nowhere (issue 23): warnings with
+    the count and the first few keys, every key in ``names``; --json and the text show the same ones."""
+    result = ckconv.convert(partial_resnet, tmp_path / "out.safetensors", arch="resnet18")
+    warnings = {n.text: n for n in result.warnings}
+    left_out = warnings["3 checkpoint keys left out (no place in torchvision:resnet18): aux.0.weight, aux.0.bias, "
+                        "aux.1.weight"]
+    assert left_out.names == ("aux.0.weight", "aux.0.bias", "aux.1.weight")
+    unfilled = next(n for n in result.warnings if n.text.startswith("coverage 98.4%: 2 of torchvision:resnet18's"))
+    assert unfilled.names == ("fc.weight", "fc.bias")
+    data = json.loads(invoke("convert", partial_resnet, tmp_path / "j.safetensors", "--arch", "resnet18",
+                             "--json").stdout)
+    assert set(data["warnings"]) == set(warnings)
+    sd = {f"extra{i}.weight": torch.ones(2) for i in range(6)} | dict(model("resnet18").state_dict())
+    torch.save(sd, tmp_path / "extra.pth")
+    result = ckconv.convert(tmp_path / "extra.pth", tmp_path / "extra.safetensors", arch="resnet18")
+    assert [n.text for n in result.warnings] == ["6 checkpoint keys left out (no place in torchvision:resnet18): "
+                                                 "extra0.weight, extra1.weight, extra2.weight and 3 more"]
+    assert len(result.warnings[0].names) == 6
+
+
 def test_a_warning_is_a_warning_by_its_severity_not_its_wording(tmp_path):
     """--json lists warnings apart from notes; the text shows them on stderr (issue 22 item 2)."""
     torch.save(model("resnet18", num_classes=10).state_dict(), tmp_path / "ft.pth")

@@ -136,7 +136,7 @@ def _restructure(ckpt, notes, *, arch, arch_options, map, only, drop, rename, se
         root, report, remap_notes = remap_checkpoint(
             ckpt, arch=arch, arch_options=arch_options, map=map, only=only, drop=drop, rename=rename,
             section=section, strict=strict, model_only=model_only, optimizer=optimizer, keep_layout=keep_layout)
-        notes += remap_notes
+        notes += remap_notes + report.fit_warnings()  # what --arch left unfilled, what fits nowhere in it
     elif model_only:
         root, where = model_state_dict(root)
         notes.append(f"wrote only the model state_dict (found at {where})")

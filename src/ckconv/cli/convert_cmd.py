@@ -170,35 +170,18 @@ def _report_conversion(result):
 
     click.echo(f"Converted {result.source} ({result.source_format}) -> {result.destination} "
                f"({result.destination_format}): {result.tensors} tensors, {size_text(result.bytes)}")
-    for message in _match_warnings(result.match):
-        warn(message)
     for note in result.notes:
         if note.warning:
-            warn(note)
+            warn(note.head + _keys(note.names) if getattr(note, "names", ()) else note)
         elif RUN["verbosity"] >= 0:
             click.echo(f"  note: {note}")
     for change in getattr(result, "changes", ()):
         click.echo(f"  plain: {printable(change)}")
 
 
-def _match_warnings(match) -> list:
-    """``coverage 80.0%``, ``198 checkpoint keys left out``: what --arch did not fill or did not use."""
-    if match is None or match.architecture is None:
-        return []
-    arch, out = match.arch, []
-
-    def keys(names):
-        groups = group_keys(names)
-        if verbose() or len(groups) <= 3:
-            return ": " + ", ".join(map(printable, groups))
-        return ": " + ", ".join(map(printable, groups[:3])) + f", ... (-v lists all {len(names)})"
-
-    unfilled = match.missing_keys + match.mismatched_keys
-    if unfilled:
-        out.append(f"coverage {match.coverage:.1%}: {len(unfilled)} of {arch}'s {match.target_count} keys "
-                   f"not filled ({len(match.missing)} missing, {len(match.mismatched)} with other shapes)"
-                   + keys(unfilled))
-    if match.unexpected:
-        out.append(f"{len(match.unexpected)} checkpoint keys left out (no place in {arch})"
-                   + keys(match.unexpected_keys))
-    return out
+def _keys(names) -> str:
+    """``: layer1.0.bn1.{weight,bias}, ..., fc.weight, ... (-v lists all 198)``: a warning's keys, all with -v."""
+    groups = group_keys(names)
+    if verbose() or len(groups) <= 3:
+        return ": " + ", ".join(map(printable, groups))
+    return ": " + ", ".join(map(printable, groups[:3])) + f", ... (-v lists all {len(names)})"

@@ -121,6 +121,21 @@ class Candidate:
         return {"arch": self.arch, "coverage": self.coverage, "used": self.used, "score": self.score}
 
 
+@dataclass(frozen=True)
+class KeysNote(Note):
+    """A warning about a list of keys: ``text`` gives their count and the first few; ``head`` (the text before the
+    list) and ``names`` (every key) let a renderer list them all (``ckconv convert -v``)."""
+
+    head: str = ""
+    names: tuple = ()
+
+
+def keys_note(head: str, names, listed=3) -> KeysNote:
+    names = tuple(names)
+    shown = ", ".join(names[:listed]) + (f" and {len(names) - listed} more" if len(names) > listed else "")
+    return KeysNote(f"{head}: {shown}", warning=True, head=head, names=names)
+
+
 class IncompleteMatch(UsageError):
     """``--strict``: some target keys were left unfilled."""
 
@@ -190,6 +205,22 @@ class MatchReport:
             if names:
                 parts.append(f"{len(names)} {what} ({', '.join(names[:listed])}{', ...' if len(names) > listed else ''})")
         return "; ".join(parts)
+
+    def fit_warnings(self) -> list:
+        """[KeysNote] warnings for what an architecture left unfilled and for the checkpoint's tensors that fit
+        nowhere in it (left out of the output): part of a conversion's result, for the library and the CLI alike."""
+        if self.architecture is None:
+            return []
+        out = []
+        unfilled = self.missing_keys + self.mismatched_keys
+        if unfilled:
+            out.append(keys_note(f"coverage {self.coverage:.1%}: {len(unfilled)} of {self.arch}'s {self.target_count} "
+                                 f"keys not filled ({len(self.missing)} missing, {len(self.mismatched)} with other "
+                                 "shapes)", unfilled))
+        if self.unexpected:
+            out.append(keys_note(f"{len(self.unexpected)} checkpoint keys left out (no place in {self.arch})",
+                                 self.unexpected_keys))
+        return out
 
     def mapping(self) -> dict:
         return {m.target: m for m in self.matched}
