@@ -34,12 +34,19 @@ SECTION_KEYS = frozenset(MODEL_KEYS + EMA_KEYS + OPTIMIZER_KEYS + SCHEDULER_KEYS
 def refuse_placeholders(root, where="the checkpoint"):
     """A DeepSpeed ZeRO-3 model-states file (``zero_pp_rank_0_mp_rank_00_model_states.pt``) is refused: its
     ``module`` holds shape-[0] placeholders of the partitioned parameters (their real shapes are in
-    ``param_shapes``, their values in the ranks' optimizer-state files). Output made from it cannot be the model."""
+    ``param_shapes``, ``frozen_param_shapes`` and, for tied weights, ``shared_params``; their values in the ranks'
+    optimizer-state files). Output made from it cannot be the model."""
     if not isinstance(root, dict) or not isinstance(root.get("module"), dict) or "param_shapes" not in root:
         return
     groups = root["param_shapes"]
     groups = groups if isinstance(groups, (list, tuple)) else [groups]
     shapes = {name: shape for group in groups if isinstance(group, dict) for name, shape in group.items()}
+    frozen, shared = root.get("frozen_param_shapes"), root.get("shared_params")
+    for name, shape in (frozen.items() if isinstance(frozen, dict) else ()):  # frozen parameters are partitioned too
+        shapes.setdefault(name, shape)
+    for alias, name in (shared.items() if isinstance(shared, dict) else ()):  # a tied weight: its source's shape
+        if isinstance(name, str) and name in shapes:
+            shapes.setdefault(alias, shapes[name])
     empty = [name for name, ref in root["module"].items()
              if isinstance(ref, TensorRef) and ref.numel == 0 and _numel(shapes.get(name)) > 0]
     if empty:
