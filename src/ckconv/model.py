@@ -23,8 +23,8 @@ from . import dtypes
 from .errors import CorruptCheckpoint, LimitExceeded
 from .storage import fastcopy
 
-__all__ = ["CHUNK", "Checkpoint", "Foreign", "GlobalRef", "Note", "Storage", "TensorRef", "TorchDevice", "TorchDtype",
-           "TorchSize", "contiguous_strides", "gather", "is_reference", "warning"]
+__all__ = ["CHUNK", "Checkpoint", "Foreign", "GlobalRef", "KeysNote", "Note", "Storage", "TensorRef", "TorchDevice",
+           "TorchDtype", "TorchSize", "contiguous_strides", "gather", "is_reference", "warning"]
 
 CHUNK = 8 << 20  # bytes moved per read/write when streaming tensor data
 DEFAULT_MEMORY_BUDGET = 4 << 30
@@ -431,6 +431,15 @@ class Note:
     def of(cls, value) -> "Note":
         """A note as it is, or a plugin's plain string as a note."""
         return value if isinstance(value, Note) else cls(str(value))
+
+
+@dataclass(frozen=True)
+class KeysNote(Note):
+    """A note about a list of keys: ``text`` gives their count and the first few; ``head`` (the text before the
+    list) and ``names`` (every key) let a renderer list them all (``ckconv convert -v``)."""
+
+    head: str = ""
+    names: tuple = ()
 
 
 def warning(text: str) -> Note:

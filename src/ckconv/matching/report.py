@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..errors import UsageError
-from ..model import Note
+from ..model import KeysNote, Note
 
 
 def _as_tuples(item, *names):
@@ -119,15 +119,6 @@ class Candidate:
 
     def to_dict(self):
         return {"arch": self.arch, "coverage": self.coverage, "used": self.used, "score": self.score}
-
-
-@dataclass(frozen=True)
-class KeysNote(Note):
-    """A warning about a list of keys: ``text`` gives their count and the first few; ``head`` (the text before the
-    list) and ``names`` (every key) let a renderer list them all (``ckconv convert -v``)."""
-
-    head: str = ""
-    names: tuple = ()
 
 
 def keys_note(head: str, names, listed=3) -> KeysNote:
