@@ -23,8 +23,8 @@ from . import dtypes
 from .errors import CorruptCheckpoint, LimitExceeded
 from .storage import fastcopy
 
-__all__ = ["CHUNK", "Checkpoint", "Foreign", "GlobalRef", "KeysNote", "Note", "Storage", "TensorRef", "TorchDevice",
-           "TorchDtype", "TorchSize", "contiguous_strides", "gather", "is_reference", "warning"]
+__all__ = ["CHUNK", "Checkpoint", "Foreign", "GlobalRef", "Note", "Storage", "TensorRef", "TorchDevice", "TorchDtype",
+           "TorchSize", "contiguous_strides", "gather", "is_reference", "warning"]
 
 CHUNK = 8 << 20  # bytes moved per read/write when streaming tensor data
 DEFAULT_MEMORY_BUDGET = 4 << 30
