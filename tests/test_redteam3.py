@@ -262,8 +262,28 @@ def test_dcp_metadata_torch_cannot_read_is_refused(tmp_path):
     result = CliRunner().invoke(cli, ["convert", str(folder), str(out / "x.safetensors")])
     lines = result.stderr.splitlines()
     assert result.exit_code == 1 and len(lines) == 1, result.output
-    assert "torch.distributed.checkpoint.metadata.NoSuchRecord" in lines[0], lines
+    assert "also holds __0.metadata" in lines[0], lines  # whatever makes torch fail on .metadata
+    (folder / "__0.metadata").unlink()
+    result = CliRunner().invoke(cli, ["convert", str(folder), str(out / "x.safetensors")])
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "torch.distributed.checkpoint.metadata.NoSuchRecord" in lines[0], lines  # a name DCP does not define
     assert list(out.iterdir()) == []
+
+
+def test_dcp_metadata_beside_a_rank_metadata_is_refused(tmp_path):
+    """An enum value DCP does not define (torch's pickle.load raises) in a .metadata ckconv reads: with a
+    __0.metadata beside it, torch reads that one instead."""
+    folder = tmp_path / "ckpt"
+    meta = _dcp_folder(folder, {"w": torch.zeros(2)})
+    body = pickle.dumps(meta, protocol=2)[2:]
+    (folder / "__0.metadata").write_bytes(b"\x80\x02" + body)
+    (folder / ".metadata").write_bytes(
+        b"\x80\x02ctorch.distributed.checkpoint.metadata\n_MEM_FORMAT_ENCODING\n(K\x63tR0" + body)
+    with pytest.raises(ValueError):
+        pickle.loads((folder / ".metadata").read_bytes())  # what torch meets first
+    result = CliRunner().invoke(cli, ["scan", str(folder)])
+    assert result.exit_code == 1 and "also holds __0.metadata" in result.stdout, result.output
 
 
 # --- a legacy torch.save file is five pickles, and torch.load runs every one -----------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from math import prod
 from collections import OrderedDict
 from pathlib import Path
@@ -22,6 +23,7 @@ from ...storage.files import inside_folder, read_sized, regular_file
 from ...storage.files import parse_json
 
 METADATA_NAME = ".metadata"
+RANK_METADATA = re.compile(r"__\d+\.metadata")  # a rank's own metadata (saved without collectives)
 STRUCTURE_ATTR = "ckconv_structure"
 METADATA_ATTR = "ckconv_metadata"  # the source's metadata (safetensors __metadata__, ...) as a JSON object text
 MAX_METADATA = int(os.environ.get("CKCONV_MAX_DCP_METADATA", 1 << 30))
@@ -161,6 +163,11 @@ def load_metadata(folder: Path) -> DcpMetadata:
     if size > MAX_METADATA:
         raise LimitExceeded(f"{where}: {size} bytes of metadata, over the limit of {MAX_METADATA} "
                             "(CKCONV_MAX_DCP_METADATA)")
+    rank_files = sorted(e.name for e in os.scandir(folder) if RANK_METADATA.fullmatch(e.name))
+    if rank_files:
+        raise CorruptCheckpoint(f"{where}: the folder also holds {rank_files[0]}, which torch.distributed.checkpoint "
+                                "reads instead when .metadata fails to load: two readings of one folder, so ckconv "
+                                "refuses it (keep the metadata file of the save you mean)")
     data = read_sized(mpath, size, where)
     obj, up = unpickle(data, where=where, unpickler_class=MetadataUnpickler)  # opcode pre-scan, then restricted
     bad = dangerous_roles(up.globals)
