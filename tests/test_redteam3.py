@@ -313,3 +313,23 @@ def test_legacy_payload_in_any_of_its_pickles(part, tmp_path):
     result = CliRunner().invoke(cli, ["scan", str(src)])
     assert result.exit_code == 1, result.output
     assert result.stdout.startswith("UNKNOWN") and "logging.FileHandler" in result.stdout.splitlines()[0], result.output
+
+
+@pytest.mark.parametrize("module, refused", [("pathlib", False), ("pathlib._local", False), ("pathlib.evil", True),
+                                             ("pathlib_evil", True)])
+def test_dcp_metadata_path_classes_only_from_the_modules_that_define_them(module, refused, tmp_path):
+    """A checkpoint_id pickles as ``pathlib.PosixPath`` (``pathlib._local`` from Python 3.13); any other module of
+    that spelling is a global like every other, judged by the allowlist."""
+    folder = tmp_path / "ckpt"
+    meta = _dcp_folder(folder, {"w": torch.zeros(2)})
+    body = pickle.dumps(meta, protocol=2)[2:]
+    path = b"c" + module.encode() + b"\nPosixPath\n(X\x02\x00\x00\x00/atR0"  # called, then popped
+    (folder / ".metadata").write_bytes(b"\x80\x02" + path + body)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = CliRunner().invoke(cli, ["convert", str(folder), str(out / "x.safetensors")])
+    if refused:
+        assert result.exit_code == 1 and f"{module}.PosixPath" in result.stderr, result.output
+        assert list(out.iterdir()) == []
+    else:
+        assert result.exit_code == 0, result.output

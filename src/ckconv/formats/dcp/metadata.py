@@ -32,6 +32,8 @@ MAX_CORNERS = 1 << 21  # chunk corners checked per tensor (chunks x 2**split dim
 
 
 _PATH_CLASSES = {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"}
+# the modules that define them: pathlib up to Python 3.12, pathlib._local from 3.13 (pickles name the defining one)
+_PATH_MODULES = {"pathlib", "pathlib._local"}
 
 
 def _path_builder(*parts):
@@ -57,7 +59,7 @@ class MetadataUnpickler(RestrictedUnpickler):
 
     def find_class(self, module, name):
         if isinstance(module, str) and isinstance(name, str):
-            if (module == "pathlib" or module.startswith("pathlib.")) and name in _PATH_CLASSES:
+            if module in _PATH_MODULES and name in _PATH_CLASSES:
                 return _path_builder
             if module == "torch.serialization" and name == "_get_layout":
                 return _layout_builder
@@ -95,7 +97,7 @@ def dangerous_roles(up_globals) -> list:
     in a role ckconv does not know it in (``numpy.ndarray.tofile`` called). The builders' names are answered here."""
     bad = []
     for module, name, role in up_globals:
-        if module.startswith("pathlib") and name in _PATH_CLASSES or (module, name) == (
+        if module in _PATH_MODULES and name in _PATH_CLASSES or (module, name) == (
                 "torch.serialization", "_get_layout") or (module, name) in DCP_CALLED:
             continue
         if _dcp_record(module, name):
