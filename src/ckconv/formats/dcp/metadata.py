@@ -48,6 +48,16 @@ def _layout_builder(name):
     return name
 
 
+def _builder_for(module, name):
+    """The builder that answers one of the two non-DCP globals DCP metadata names (a path class from the module that
+    defines it, torch's layout lookup), or None."""
+    if module in _PATH_MODULES and name in _PATH_CLASSES:
+        return _path_builder
+    if (module, name) == ("torch.serialization", "_get_layout"):
+        return _layout_builder
+    return None
+
+
 class MetadataUnpickler(RestrictedUnpickler):
     """ckconv's restricted unpickler plus the two harmless globals DCP metadata names.
 
@@ -59,10 +69,9 @@ class MetadataUnpickler(RestrictedUnpickler):
 
     def find_class(self, module, name):
         if isinstance(module, str) and isinstance(name, str):
-            if module in _PATH_MODULES and name in _PATH_CLASSES:
-                return _path_builder
-            if module == "torch.serialization" and name == "_get_layout":
-                return _layout_builder
+            builder = _builder_for(module, name)
+            if builder is not None:
+                return builder
             # torch reads .metadata with a plain pickle.load: any global beyond DCP's own records and benign
             # data would run when torch loads this checkpoint, wherever it hides (planner_data, storage_meta...).
             # Here by name; the roles the pickle gives each are checked after it is read (dangerous_roles).
@@ -97,8 +106,7 @@ def dangerous_roles(up_globals) -> list:
     in a role ckconv does not know it in (``numpy.ndarray.tofile`` called). The builders' names are answered here."""
     bad = []
     for module, name, role in up_globals:
-        if module in _PATH_MODULES and name in _PATH_CLASSES or (module, name) == (
-                "torch.serialization", "_get_layout") or (module, name) in DCP_CALLED:
+        if _builder_for(module, name) is not None or (module, name) in DCP_CALLED:
             continue
         if _dcp_record(module, name):
             ok = not role & ~(policy.R | policy.I)
