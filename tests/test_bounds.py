@@ -624,3 +624,24 @@ def test_a_name_that_repeats_a_long_key_at_every_level_is_shortened():
     assert tree.short_path(("a", 1, "b")) == "a.1.b" and tree.short_path(()) == "<root>"
     report = ckconv.diff(node, {key: {}})
     assert len(report.only_in_a) == 1 and len(report.only_in_a[0]) < tree.MAX_NAME_CHARS + 100
+
+
+def test_a_walks_remembered_names_are_the_names_short_path_gives():
+    """TreePath.name() joins a remembered parent name and a key (issue 24): the same text as short_path of the whole
+    key tuple, at every length around the limit, for paths asked in any order (parents first or last)."""
+    import random
+
+    rng = random.Random(24)
+    near = [tree.MAX_NAME_CHARS - 2, tree.MAX_NAME_CHARS - 1, tree.MAX_NAME_CHARS, tree.MAX_NAME_CHARS + 1]
+    keys = ["a", "b.c", "", 3, -7, 2 ** 20_000, "x" * 30_000, *("k" * n for n in near)]
+    for _ in range(400):
+        path, made = tree.ROOT, []
+        for _ in range(rng.randint(1, 12)):
+            path = tree.TreePath(path, rng.choice(keys))
+            made.append(path)
+        rng.shuffle(made)
+        for p in made + made:
+            assert p.name() == tree.short_path(p.as_tuple()) == tree.short_path(p)
+    assert tree.ROOT.name() == "<root>" == tree.short_path(tree.ROOT)
+    long = tree.TreePath(tree.TreePath(tree.ROOT, "k" * tree.MAX_NAME_CHARS), "b")  # 65,538 characters: shortened
+    assert "...<65538 characters>..." in long.name() and len(long.name()) < tree.MAX_NAME_CHARS + 100

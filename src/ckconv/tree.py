@@ -71,11 +71,33 @@ class TreePath:
     is built only when asked for, so a wide tree 200 levels deep never holds 200 keys per node.
     """
 
-    __slots__ = ("parent", "key", "depth")
+    __slots__ = ("parent", "key", "depth", "_name")
 
     def __init__(self, parent, key):
         self.parent, self.key = parent, key
         self.depth = 0 if parent is None else parent.depth + 1
+        self._name = None
+
+    def name(self) -> str:
+        """:func:`short_path` of this path, remembered: a node's name is its parent's remembered name, a dot and its
+        key, so naming every tensor of a container costs one join each, not a walk to the root. A name over
+        :data:`MAX_NAME_CHARS` is not remembered: it and its descendants' are shortened by :func:`short_path`."""
+        if self._name is not None:
+            return self._name
+        chain = []  # this path and its ancestors without a remembered name, nearest first
+        p = self
+        while p.parent is not None and p._name is None:
+            chain.append(p)
+            p = p.parent
+        if not chain:
+            return "<root>"
+        head = p._name  # None: the chain starts at the root
+        for p in reversed(chain):
+            key = key_text(p.key)
+            if head is not None and len(head) + 1 + len(key) > MAX_NAME_CHARS or len(key) > MAX_NAME_CHARS:
+                return short_path(self.as_tuple())
+            head = p._name = key if head is None else head + "." + key
+        return head
 
     def as_tuple(self) -> tuple:
         keys = []
@@ -195,6 +217,8 @@ MAX_NAME_CHARS = 65_536
 def short_path(path, limit=MAX_NAME_CHARS) -> str:
     """:func:`format_path` for a report, at most about ``limit`` characters: a path that repeats a long key at every
     level (one string, shared through the pickle memo) is shortened in the middle instead of built whole."""
+    if type(path) is TreePath and limit == MAX_NAME_CHARS:
+        return path.name()
     texts = [key_text(k) for k in path]
     total = sum(map(len, texts)) + len(texts) - 1
     if total <= limit:
@@ -258,8 +282,9 @@ def foreign_objects(root):
 
 
 def is_flat_state_dict(root) -> bool:
-    return isinstance(root, dict) and bool(root) and all(
-        isinstance(k, str) and isinstance(v, TensorRef) for k, v in root.items())
+    """Whether ``root`` is a non-empty dict of tensors under string keys (checked in C: ``map``, not a generator)."""
+    return isinstance(root, dict) and bool(root) and all(map(isinstance, root, itertools.repeat(str))) and all(
+        map(isinstance, root.values(), itertools.repeat(TensorRef)))
 
 
 # --- materialising into torch -------------------------------------------------------------------------------
