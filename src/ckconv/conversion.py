@@ -189,13 +189,11 @@ def _writer(distributed: bool):
 
 
 def _unique_tensors(root):
-    seen, out = set(), []
+    """The distinct tensors of ``root`` (tied views once), each the first place it is found."""
+    unique: dict = {}
     for ref in tree.instances(root, TensorRef):
-        key = ref.view_key()
-        if key not in seen:
-            seen.add(key)
-            out.append(ref)
-    return out
+        unique.setdefault(ref.view_key(), ref)
+    return list(unique.values())
 
 
 def record_freeze(root, selectors, *, arch=None, arch_options=None):

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 from . import tree
 from .errors import NotACheckpoint, OutputExists, UsageError
 from .formats.base import SNIFF_BYTES, WriteOptions
-from .model import Checkpoint, TensorRef
+from .model import Checkpoint, Storage, TensorRef
 from .pickling.policy import check_patterns
 from .pickling.writer import check_writable
 from .plugins import host
@@ -214,9 +214,11 @@ def source_files(ckpt: Checkpoint) -> set:
     """Every file (and folder) the checkpoint was read from, its path and each storage's: what no output may
     overwrite, and what ``scan`` need not read again."""
     paths = {ckpt.path} if ckpt.path else set()
-    seen = set()
-    for ref in tree.instances(ckpt.root, TensorRef):
-        st = ref.storage
+    storages = {id(ref.storage): ref.storage for ref in tree.instances(ckpt.root, TensorRef)}
+    plain = [st for st in storages.values() if type(st) is Storage]  # a byte range of one file (or memory)
+    paths.update(st.path for st in plain if st.path)
+    seen = set(map(id, plain))
+    for st in storages.values():
         while st is not None and id(st) not in seen:  # a cast storage reads from another storage
             seen.add(id(st))
             path = getattr(st, "path", None)

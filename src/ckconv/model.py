@@ -238,6 +238,23 @@ class TensorRef:
                                         progress=progress, files=files)
         return _copy_chunks(self.chunks(budget), fd, dst_offset, self.nbytes, want_crc, progress, repr(self))
 
+    def read_small(self, files, nbytes, limit=1 << 16):
+        """The tensor's ``nbytes`` bytes (its :attr:`nbytes`, which the caller has) when it is a contiguous view
+        inside a storage that :meth:`Storage.read_small` reads (its CRC checked); None otherwise, for
+        :meth:`copy_to`. A writer gathers a million tiny tensors a MiB per write this way."""
+        st = self.storage
+        if st.nbytes > limit or type(self).copy_to is not TensorRef.copy_to or not self.is_contiguous:
+            return None
+        data = st.read_small(files, limit)
+        if data is None:
+            return None
+        start = self.offset * dtypes.itemsize(self.dtype)
+        if start == 0 and nbytes == len(data):
+            return data
+        if start + nbytes > len(data):  # readers refuse such a view; a plugin's record might still hold one
+            raise CorruptCheckpoint(f"tensor view {list(self.shape)} reaches past the end of storage {st.label}")
+        return data[start:start + nbytes]
+
     def __repr__(self):
         return f"TensorRef({self.dtype}, {list(self.shape)})"
 

@@ -18,7 +18,7 @@ import struct
 from pathlib import Path
 
 from .. import dtypes
-from ..errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint
+from ..errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint, UnsupportedContent
 from ..model import Storage, TensorRef, contiguous_strides
 from ..pickling.unpickler import short_repr
 from ..storage.fastcopy import SourceFiles, write_at
@@ -186,26 +186,78 @@ def _read_file(path):
     return tensors, metadata
 
 
-def header_bytes(named, metadata) -> bytes:
-    header = {"__metadata__": metadata}
+def header_bytes(named, metadata, sizes=None) -> bytes:
+    """The 8-byte length and the JSON header of ``named`` ([(name, TensorRef)]; ``sizes``: their nbytes when the
+    caller has them), padded with spaces to a multiple of 8 as the Rust implementation writes it.
+
+    The text ``json.dumps`` gives for ``{"__metadata__": metadata, name: {"dtype", "shape", "data_offsets"}...}``,
+    built a tensor at a time: each name JSON-escaped, each dtype's and each distinct shape's text made once."""
+    sizes = [ref.nbytes for _, ref in named] if sizes is None else sizes
+    parts = ['{"__metadata__":' + json.dumps(metadata, ensure_ascii=False, separators=(",", ":"))]
+    add = parts.append
+    codes: dict = {}  # dtype -> '"dtype":"F32","shape":' ("" for raw bytes: "U8", shape [nbytes])
+    shapes: dict = {}  # shape -> its JSON text
     pos = 0
-    for name, ref in named:
-        code = dtypes.safetensors_code(ref.dtype)
-        shape = list(ref.shape) if code else [ref.nbytes]
-        header[name] = {"dtype": code or "U8", "shape": shape, "data_offsets": [pos, pos + ref.nbytes]}
-        pos += ref.nbytes
-    raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    for (name, ref), n in zip(named, sizes):
+        if name == "__metadata__":
+            raise UnsupportedContent("a tensor named __metadata__ cannot be stored in a safetensors header")
+        dtype, end = ref.dtype, pos + n
+        code = codes.get(dtype)
+        if code is None:
+            found = dtypes.safetensors_code(dtype)
+            code = codes[dtype] = f'"dtype":"{found}","shape":' if found else ""
+        if code:
+            shape = shapes.get(ref.shape)
+            if shape is None:
+                shape = shapes[ref.shape] = json.dumps(list(ref.shape), separators=(",", ":"))
+            add(f'{_json_string(name)}:{{{code}{shape},"data_offsets":[{pos},{end}]}}')
+        else:
+            add(f'{_json_string(name)}:{{"dtype":"U8","shape":[{n}],"data_offsets":[{pos},{end}]}}')
+        pos = end
+    raw = (",".join(parts) + "}").encode("utf-8")
     raw += b" " * (-len(raw) % 8)
     return struct.pack("<Q", len(raw)) + raw
 
 
+_json_string = json.encoder.encode_basestring  # a str as JSON text, non-ASCII kept (ensure_ascii=False)
+
+
+SMALL = 1 << 16  # tensors up to this size (in storages up to this size) are gathered and written a MiB at a time
+GATHER = 1 << 20
+
+
 def write_file(path, named, metadata, progress=None):
-    """Header, then each tensor's bytes copied straight from its source file (see ckconv.storage.fastcopy)."""
-    header = header_bytes(named, metadata)
+    """Header, then each tensor's bytes copied straight from its source file (see ckconv.storage.fastcopy).
+
+    Small tensors (a state_dict of a hundred thousand biases and norms) are read through one read-ahead window
+    of their source and gathered into one buffer written a MiB at a time (:meth:`TensorRef.read_small`: each source
+    record's CRC is still checked); the others go file to file in the kernel."""
+    sizes = [ref.nbytes for _, ref in named]
+    header = header_bytes(named, metadata, sizes)
     with open(path, "wb", buffering=0) as f, SourceFiles() as files:
         fd = f.fileno()
         write_at(fd, header, 0)
-        pos = len(header)
-        for _, ref in named:
-            ref.copy_to(fd, pos, progress=progress, files=files)
-            pos += ref.nbytes
+        pos = start = len(header)
+        pending = bytearray()
+        for (_, ref), n in zip(named, sizes):
+            data = ref.read_small(files, n, SMALL) if n <= SMALL else None
+            if data is not None:
+                pending += data
+                if len(pending) >= GATHER:
+                    _flush(fd, pending, start, progress)
+                    start = pos + n
+            else:
+                _flush(fd, pending, start, progress)
+                ref.copy_to(fd, pos, progress=progress, files=files)
+                start = pos + n
+            pos += n
+        _flush(fd, pending, start, progress)
+
+
+def _flush(fd, pending, offset, progress):
+    """Write the gathered bytes at ``offset`` and empty the buffer."""
+    if pending:
+        write_at(fd, pending, offset)
+        if progress:
+            progress(len(pending))
+        pending.clear()

@@ -27,6 +27,7 @@ from .hub_folder import HubShards, assemble
 from .safetensors_file import LAYOUT, header_bytes, read_file
 
 RAW_DTYPES = frozenset(name for name, (_, code, _) in dtypes.DTYPES.items() if code is None)
+RESERVED = frozenset({"__metadata__"})  # the header's own key: a tensor of that name is stored under another
 SHARD_METADATA = {"format": "pt"}  # every shard's header, as huggingface_hub writes it
 
 
@@ -88,7 +89,11 @@ def plan_output(root, options: WriteOptions, world: int, metadata: dict | None =
 
 def _encode(root):
     """-> ([(name, TensorRef)] in file order, the ``ckconv.structure`` text or None when names say it all)."""
-    encoded, named, needs_structure = structure.encode(root, raw_dtypes=RAW_DTYPES, namer=optimizer_namer(root))
+    named = structure.flat_state_dict(root, RAW_DTYPES, RESERVED)
+    if named is not None:  # a plain state_dict: its names say it all (and it has no optimizer state to name)
+        return named, None
+    encoded, named, needs_structure = structure.encode(root, raw_dtypes=RAW_DTYPES, namer=optimizer_namer(root),
+                                                        reserved=RESERVED)
     return named, structure.dumps(encoded) if needs_structure else None
 
 

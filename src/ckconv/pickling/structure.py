@@ -28,15 +28,19 @@ def tensor_name(path) -> str:
     return format_path(path) if path else "tensor"
 
 
-def encode(root, raw_dtypes=frozenset(), namer=None):
+def encode(root, raw_dtypes=frozenset(), namer=None, reserved=frozenset()):
     """-> (json-able structure, [(name, TensorRef)] of distinct tensors in order, needs_structure).
 
     ``raw_dtypes``: dtypes the target cannot name; their tensors are described in the structure (dtype, shape) so
     a format can store them as raw bytes. ``namer(path)`` may return a better name than the path (bundles name
-    optimizer state by parameter name: ``optimizer.state.features.0.weight.exp_avg``).
+    optimizer state by parameter name: ``optimizer.state.features.0.weight.exp_avg``). ``reserved``: names the
+    target keeps for itself (safetensors' ``__metadata__``): a tensor under such a key gets another name.
     """
+    named = flat_state_dict(root, raw_dtypes, reserved)
+    if named is not None:  # the same answer as below, in one pass: names are the keys, the structure says nothing
+        return {name: {"$tensor": name} for name, _ in named}, named, False
     walk(root)  # refuse cycles and bombs before recursing
-    encoder = _Encoder(raw_dtypes, namer)
+    encoder = _Encoder(raw_dtypes, namer, reserved)
     structure = encoder.enc(root, ())
     names, named = encoder.names, encoder.named
     plain = (type(root) is dict and len(named) == len(root) and bool(root)
@@ -45,14 +49,33 @@ def encode(root, raw_dtypes=frozenset(), namer=None):
     return structure, named, not plain
 
 
+def flat_state_dict(root, raw_dtypes=frozenset(), reserved=frozenset()):
+    """[(key, TensorRef)] when ``root`` is a state_dict whose keys say all a structure record would (a dict of
+    distinct plain tensors under str keys that are their own names: no ``$`` prefix, valid UTF-8, none
+    ``reserved``, no dtype of ``raw_dtypes``); None for anything else, which :func:`encode` describes. No namer
+    renames such a dict: it holds no optimizer state."""
+    if type(root) is not dict or not root or len(root) >= tree.MAX_NODES:  # the walk's count, refused by encode
+        return None
+    named = list(root.items())
+    views = set()
+    for key, ref in named:
+        if (type(key) is not str or type(ref) is not TensorRef or ref.parameter or ref.requires_grad
+                or ref.dtype in raw_dtypes or key[:1] == "$"):
+            return None
+        views.add(ref.view_key())
+    if len(views) != len(named) or not _utf8_ok("".join(root)) or any(k in root for k in reserved):
+        return None  # a tied tensor; a lone surrogate in a key; a name the target keeps for itself
+    return named
+
+
 class _Encoder:
     """One encoding pass: tensors named once each (tied views share a name), records numbered for ``$ref``."""
 
-    def __init__(self, raw_dtypes, namer):
+    def __init__(self, raw_dtypes, namer, reserved=frozenset()):
         self.raw_dtypes, self.namer = raw_dtypes, namer
         self.names: dict = {}  # view key -> name
         self.objects: dict = {}  # id of a foreign record -> its number, for "$ref"
-        self.used: set = set()
+        self.used: set = set(reserved)
         self.named: list = []
 
     def name_for(self, path, ref):
