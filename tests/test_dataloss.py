@@ -516,3 +516,23 @@ def test_a_layout_replaces_only_its_own_names(tmp_path):
     assert atomic.FolderLayout(index=("i",), earlier=hostile, shards="s{}").survey(tmp_path) == ([], [])
     assert atomic.FolderLayout(earlier=lambda f: ["precious.safetensors"]).survey(tmp_path) == \
         ([], ["precious.safetensors"])  # no shard template: an index replaces nothing
+
+
+def test_a_user_file_with_the_staged_name_is_never_touched(tmp_path, monkeypatch):
+    """The temporary name beside the output is made exclusively: a file already there with the name the random draw
+    gives (however unlikely) is skipped, never written over nor removed, whether the write succeeds or fails."""
+    names = iter(["taken", "taken", "free-1", "taken", "free-2"])
+    monkeypatch.setattr(atomic, "_tmp_name", lambda stem: f".{stem}.ckconv-tmp-{next(names)}")
+    theirs = tmp_path / ".out.bin.ckconv-tmp-taken"
+    theirs.write_bytes(b"user data")
+    dst = tmp_path / "out.bin"
+    with atomic.staged_file(dst, force=False) as tmp:
+        assert tmp.name.endswith("free-1")
+        tmp.write_bytes(b"new")
+    with pytest.raises(RuntimeError):
+        with atomic.staged_file(dst, force=True) as tmp:
+            assert tmp.name.endswith("free-2")
+            tmp.write_bytes(b"half")
+            raise RuntimeError("writer failed")
+    assert theirs.read_bytes() == b"user data" and dst.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.bin.ckconv-tmp-taken", "out.bin"]

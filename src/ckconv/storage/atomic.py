@@ -61,6 +61,21 @@ def _tmp_name(stem: str) -> str:
     return f".{stem[:100]}.ckconv-tmp-{os.getpid()}-{os.urandom(4).hex()}"  # 255-byte names leave room
 
 
+def _reserve(dst: Path) -> Path:
+    """A new empty file beside ``dst`` with a name of :func:`_tmp_name`, made exclusively (``O_EXCL``): whatever
+    happens to the staged path later, no file of anyone else's ever had its name."""
+    for _ in range(8):
+        tmp = dst.parent / _tmp_name(dst.name)
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise _os_error(dst, exc) from None
+    raise WriteFailed(f"cannot write {dst}: no free temporary name beside it after 8 tries")
+
+
 def identities(paths: Iterable) -> frozenset:
     """The (device, inode) of every existing path in ``paths``: what ``protect`` takes."""
     out = set()
@@ -115,7 +130,7 @@ def staged_file(dst, *, force: bool, protect: frozenset = frozenset()):
     ``dst`` is as it was, and an ``OSError`` becomes one :class:`WriteFailed` line."""
     dst = Path(dst)
     check_destination(dst, force, protect)
-    tmp = dst.parent / _tmp_name(dst.name)
+    tmp = _reserve(dst)
     try:
         yield tmp
         _fsync_tree(tmp)
