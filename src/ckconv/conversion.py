@@ -189,11 +189,26 @@ def _writer(distributed: bool):
 
 
 def _unique_tensors(root):
-    """The distinct tensors of ``root`` (tied views once), each the first place it is found."""
-    unique: dict = {}
+    """The distinct tensors of ``root`` (equal :meth:`TensorRef.view_key`: tied views once), each the first place it
+    is found. A storage one ref reaches costs a dict slot holding that ref, no key tuple: view keys are made only
+    for storages that several refs reach (a million tensors, a million tuples and ints less)."""
+    first: dict = {}  # storage (or its id(), for a class that defines equality) -> its ref, or the set of view keys
+    out = []
     for ref in tree.instances(root, TensorRef):
-        unique.setdefault(ref.view_key(), ref)
-    return list(unique.values())
+        st = ref.storage
+        slot = st if type(st).__eq__ is object.__eq__ else id(st)
+        seen = first.get(slot)
+        if seen is None:
+            first[slot] = ref
+        else:
+            if type(seen) is not set:
+                seen = first[slot] = {seen.view_key()}
+            key = ref.view_key()
+            if key in seen:
+                continue
+            seen.add(key)
+        out.append(ref)
+    return out
 
 
 def record_freeze(root, selectors, *, arch=None, arch_options=None):

@@ -214,11 +214,15 @@ def source_files(ckpt: Checkpoint) -> set:
     """Every file (and folder) the checkpoint was read from, its path and each storage's: what no output may
     overwrite, and what ``scan`` need not read again."""
     paths = {ckpt.path} if ckpt.path else set()
-    storages = {id(ref.storage): ref.storage for ref in tree.instances(ckpt.root, TensorRef)}
-    plain = [st for st in storages.values() if type(st) is Storage]  # a byte range of one file (or memory)
-    paths.update(st.path for st in plain if st.path)
-    seen = set(map(id, plain))
-    for st in storages.values():
+    others = []  # storages that may read from others; a plain Storage is a byte range of one file (or memory)
+    for ref in tree.instances(ckpt.root, TensorRef):  # no id() or set slot per storage: a million cost nothing
+        st = ref.storage
+        if type(st) is not Storage:
+            others.append(st)
+        elif st.path:
+            paths.add(st.path)
+    seen = set()
+    for st in others:
         while st is not None and id(st) not in seen:  # a cast storage reads from another storage
             seen.add(id(st))
             path = getattr(st, "path", None)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -42,8 +43,8 @@ def sniff(path: Path, head: bytes) -> bool:
     return len(head) >= 9 and head[8:9] == b"{"
 
 
-def parse_header(path):
-    """-> (ordered [(name, dtype, shape, begin, end)], metadata, data_start). Refuses every malformed header."""
+def _header_bytes(path):
+    """-> (the header's bytes, where the data starts, the file's size); its length checked before it is read."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -54,13 +55,31 @@ def parse_header(path):
             raise CorruptCheckpoint(f"{path}: safetensors header declares {n} bytes, over the {MAX_HEADER}-byte limit")
         if 8 + n > size:
             raise CorruptCheckpoint(f"{path}: safetensors header length {n} runs past the end of the file; truncated?")
-        raw = f.read(n)
-    # Refuse millions of tensors before parsing them: an unescaped "data_offsets" key is one per tensor (inside a
-    # JSON string its quotes would be escaped), and the hook below counts objects for headers that escape it.
+        return f.read(n), 8 + n, size
+
+
+def _too_many(path, raw):
+    """The tensor-count refusal, raised before parsing when ``raw`` holds more tensor descriptions than allowed (an
+    unescaped "data_offsets" key is one per tensor: inside a JSON string its quotes would be escaped); returned
+    for the parse's object count to raise on headers that escape it."""
     too_many = LimitExceeded(f"{path}: declares more than {MAX_TENSORS} tensors, over the limit of {MAX_TENSORS} "
                              "(CKCONV_MAX_TENSORS)")
     if raw.count(b'"data_offsets"') > MAX_TENSORS:
         raise too_many
+    return too_many
+
+
+def _data_end(path, data_start, end, size):
+    if data_start + end != size:
+        raise CorruptCheckpoint(
+            f"{path}: tensor data ends at byte {data_start + end} but the file has {size} bytes "
+            "(trailing or missing data); the file was altered or truncated")
+
+
+def parse_header(path):
+    """-> (ordered [(name, dtype, shape, begin, end)], metadata, data_start). Refuses every malformed header."""
+    raw, data_start, size = _header_bytes(path)
+    too_many = _too_many(path, raw)  # refused before parsing; the hook below counts objects for escaped keys
     header = parse_json(raw, MAX_TENSORS + 2, too_many, f"{path}: safetensors header", compact=_entry_compactor())
     del raw
     if type(header) is _Entry:
@@ -87,11 +106,7 @@ def parse_header(path):
             what = "overlaps the previous tensor" if begin < pos else "leaves a gap before it"
             raise CorruptCheckpoint(f"{path}: tensor {name!r:.80} {what} (offset {begin}, expected {pos})")
         pos = end
-    data_start = 8 + n
-    if data_start + pos != size:
-        raise CorruptCheckpoint(
-            f"{path}: tensor data ends at byte {data_start + pos} but the file has {size} bytes "
-            "(trailing or missing data); the file was altered or truncated")
+    _data_end(path, data_start, pos, size)
     return entries, metadata, data_start
 
 
@@ -168,11 +183,23 @@ def _refuse_entry(path, name, info):
 
 
 def read_file(path):
+    """-> ({name: TensorRef} in file order, metadata)."""
     with gc_paused():  # a million small records, no cycles: a collection pass per few thousand would rescan them all
         return _read_file(path)
 
 
 def _read_file(path):
+    raw, data_start, size = _header_bytes(path)
+    _too_many(path, raw)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    del raw  # the header is held once: as text, or (below) not at all
+    read = None if text is None else _read_usual(text, str(path), data_start, size)
+    del text
+    if read is not None:
+        return read
     entries, metadata, data_start = parse_header(path)
     tensors = {}
     where = str(path)
@@ -183,6 +210,114 @@ def _read_file(path):
         if stride is None:
             stride = strides[shape] = contiguous_strides(shape)
         tensors[name] = TensorRef(st, dtype, shape, stride)
+    return tensors, metadata
+
+
+# A header as safetensors and ckconv write it, read in one pass straight into the tensor records (no parsed dict,
+# no list of entries beside them: a million tensors cost their records only): "__metadata__" first if present,
+# then each tensor's dtype, shape and data_offsets in that order, names without escapes, the tensors in offset
+# order. Anything else, valid or not, goes to parse_header, which accepts or refuses it as always; this reading
+# accepts a subset of what parse_header accepts and gives the same result for it (tests/test_safetensors_header.py).
+_WS = r"[ \t\n\r]*"
+_INT = r"(0|[1-9][0-9]{0,19})"
+_USUAL_ENTRY = re.compile(
+    rf'{_WS}"([^"\\\x00-\x1f]*)"{_WS}:{_WS}\{{{_WS}"dtype"{_WS}:{_WS}"([A-Z0-9_]{{1,16}})"{_WS},{_WS}"shape"{_WS}:'
+    rf'{_WS}\[([0-9, \t\n\r]*)\]{_WS},{_WS}"data_offsets"{_WS}:{_WS}\[{_WS}{_INT}{_WS},{_WS}{_INT}{_WS}\]{_WS}'
+    rf'\}}{_WS}([,}}])')
+_USUAL_METADATA = re.compile(rf'{_WS}\{{{_WS}"__metadata__"{_WS}:{_WS}')
+_USUAL_OPEN = re.compile(rf"{_WS}\{{")
+_USUAL_NEXT = re.compile(rf"{_WS}([,}}])")
+_USUAL_DIM = re.compile(rf"{_WS}{_INT}{_WS}")
+_USUAL_END = re.compile(_WS)
+
+
+class _Unusual(Exception):
+    """A metadata object that is not a flat map of strings to strings: parse_header says what it is."""
+
+
+def _flat_strings(pairs):
+    if not all(type(v) is str for _, v in pairs):
+        raise _Unusual
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise _Unusual
+    return out
+
+
+_METADATA_DECODER = json.JSONDecoder(object_pairs_hook=_flat_strings)
+
+
+def _usual_shape(dims: str):
+    """-> (shape, contiguous strides, numel) of the text between a shape's brackets, or None."""
+    shape = []
+    numel = 1
+    if dims.strip(" \t\n\r"):
+        for part in dims.split(","):
+            m = _USUAL_DIM.fullmatch(part)
+            if m is None:
+                return None
+            s = int(m.group(1))
+            numel *= s
+            if s > MAX_BYTES or numel > MAX_BYTES:
+                return None
+            shape.append(s)
+    shape = tuple(shape)
+    return shape, contiguous_strides(shape), numel
+
+
+def _read_usual(text: str, where: str, data_start: int, size: int):
+    """-> (tensors, metadata) of a header written the usual way (see above), or None for parse_header to read."""
+    metadata = {}
+    m = _USUAL_METADATA.match(text)
+    if m is not None:
+        try:
+            metadata, pos = _METADATA_DECODER.raw_decode(text, m.end())
+        except (ValueError, RecursionError, _Unusual):
+            return None
+        if type(metadata) is not dict:
+            return None
+        m = _USUAL_NEXT.match(text, pos)
+        if m is None:
+            return None
+        more = m.group(1) == ","
+    else:
+        m = _USUAL_OPEN.match(text)
+        if m is None:
+            return None
+        more = True
+    pos = m.end()
+    tensors: dict = {}
+    shapes: dict = {}  # the text of a shape -> (shape, strides, numel): equal shapes share their tuples
+    codes = _CODES
+    entry = _USUAL_ENTRY.match
+    count = end = 0
+    while more:
+        m = entry(text, pos)
+        if m is None:
+            return None
+        name, code, dims, begin, stop, sep = m.groups()
+        known = codes.get(code)
+        described = shapes.get(dims)
+        if described is None:
+            described = shapes[dims] = _usual_shape(dims)
+        if known is None or described is None or name == "__metadata__":
+            return None
+        begin, stop = int(begin), int(stop)
+        nbytes = stop - begin
+        if begin != end or nbytes != described[2] * known[1] or stop > MAX_BYTES:
+            return None  # out of offset order, a gap, an overlap or a size mismatch: parse_header says which
+        end = stop
+        dtype = known[0]
+        tensors[name] = TensorRef(Storage(name, dtype, nbytes, path=where, offset=data_start + begin, label=name),
+                                  dtype, described[0], described[1])
+        count += 1
+        if len(tensors) != count:
+            return None  # a duplicate name
+        pos = m.end()
+        more = sep == ","
+    if _USUAL_END.match(text, pos).end() != len(text):
+        return None
+    _data_end(where, data_start, end, size)
     return tensors, metadata
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import struct
 import zlib
 
 from .. import dtypes
@@ -121,27 +122,29 @@ def write_archive(f, root, *, files, allow=(), where="the torch checkpoint", pro
     lays it out. Storage bytes go file to file (``files``: a :class:`ckconv.storage.fastcopy.SourceFiles`), a zip
     source's CRC checked in the same pass that yields the output CRC; pickles name only globals the writing
     policy allows (``allow``: the user's additions; ``where`` names the output in a refusal). ``metadata``: the
-    source's metadata to keep (:data:`METADATA_RECORD`)."""
-    order: dict = {}
-
-    def key_of(storage):
-        return order.setdefault(id(storage), (str(len(order)), storage))[0]
-
-    pickled = PickleWriter(key_of, allow=allow, where=where).dumps(root)
+    source's metadata to keep (:data:`METADATA_RECORD`). The pickle streams into the archive as it is written;
+    ``f`` is a staged file (:func:`ckconv.io.write`), which a refusal discards."""
     out = _Relative(f)
     zw = _ArchiveWriter(out)
-    zw.add("archive/data.pkl", [pickled], len(pickled))
+    keys = _StorageKeys()
+
+    def pickle(sink):
+        keys.__init__()  # a second pass (a pickle over 4 GiB, see add_streamed) numbers the storages again
+        PickleWriter(keys, allow=allow, where=where, sink=sink).dumps(root)
+
+    zw.add_streamed("archive/data.pkl", pickle)
     zw.add("archive/.format_version", [b"1"], 1)
     zw.add("archive/.storage_alignment", [b"64"], 2)
     zw.add("archive/byteorder", [b"little"], 6)
-    for key, storage in order.values():
+    for i, storage in enumerate(keys.order):
+        key = f"archive/data/{i}"
         small = storage.read_small(files)
         if small is not None:  # bytes in hand: one buffered write, no system call of its own
-            zw.add_bytes(f"archive/data/{key}", small, zlib.crc32(small))
+            zw.add_bytes(key, small, zlib.crc32(small))
             if progress:
                 progress(len(small))
             continue
-        zw.add_copy(f"archive/data/{key}", storage.nbytes,
+        zw.add_copy(key, storage.nbytes,
                     lambda fd, pos, st=storage: st.copy_to(fd, out.base + pos, want_crc=True, progress=progress,
                                                            files=files))
     zw.add("archive/version", [b"3\n"], 2)
@@ -152,14 +155,70 @@ def write_archive(f, root, *, files, allow=(), where="the torch checkpoint", pro
     zw.close()
 
 
+class _StorageKeys:
+    """Storage -> its record key, "0", "1", ... in the order the pickle first names them, as torch.save numbers
+    them. A storage costs one slot of ``order``, keyed by the storage itself (no id() int, no tuple); the key of
+    one named a second time (tied weights) is found through ``index``, made the first time that happens."""
+
+    def __init__(self):
+        self.order: dict = {}  # storage (or its id(), for a class that defines equality) -> None, in key order
+        self.index: dict | None = None  # the same keys -> position
+
+    def __call__(self, storage) -> str:
+        slot = storage if type(storage).__eq__ is object.__eq__ else id(storage)
+        order = self.order
+        n = len(order)
+        order.setdefault(slot, None)
+        if len(order) > n:
+            if self.index is not None:
+                self.index[slot] = n
+            return str(n)
+        if self.index is None:
+            self.index = {s: i for i, s in enumerate(order)}
+        return str(self.index[slot])
+
+
 class _ArchiveWriter(ZipWriter):
-    """The zip writer, plus records whose bytes are in hand: a million small storages written in sequence."""
+    """The zip writer, plus records whose bytes are in hand: a million small storages written in sequence; and a
+    record streamed in pieces of unknown total size (the pickle)."""
 
     def add_bytes(self, name: str, data, crc: int):
         """A record whose bytes and CRC-32 are known: header and bytes written in sequence, no seek back."""
         bname, extra, zip64 = self._layout(name, len(data))
-        self.entries.append((bname, self.pos, len(data), crc, zip64))
+        self.entry(bname, self.pos, len(data), crc)
         self._write(self._local_header(bname, extra, len(data), crc, zip64) + data)
+
+    def add_streamed(self, name: str, write, size: int = 0):
+        """A record that ``write(sink)`` produces, calling ``sink`` with each piece: the local header goes first
+        with its sizes and CRC patched in afterwards. Its layout depends on whether the size needs zip64 (4 GiB or
+        more): when the guess (``size``) was wrong, the record is written again over itself with the size known
+        (``write`` must give the same bytes again)."""
+        start = self.pos
+        bname, extra, zip64 = self._layout(name, size)
+        self._write(self._local_header(bname, extra, 0, 0, zip64))
+        crc = total = 0
+
+        def sink(data):
+            nonlocal crc, total
+            crc = zlib.crc32(data, crc)
+            total += len(data)
+            self._write(data)
+
+        write(sink)
+        end, self.pos = self.pos, start
+        again = self._layout(name, total)[1] != extra
+        if again:
+            self._moved = True
+            return self.add_streamed(name, write, total)
+        self.pos = end
+        self.f.seek(start + 14)
+        self.f.write(struct.pack("<III", crc, 0xFFFFFFFF, 0xFFFFFFFF) if zip64 else
+                     struct.pack("<III", crc, total, total))
+        if zip64:
+            self.f.seek(start + 30 + len(bname) + 4)
+            self.f.write(struct.pack("<QQ", total, total))
+        self._moved = True
+        self.entry(bname, start, total, crc)
 
 
 def write_zip(root, path, options=None, metadata=None):

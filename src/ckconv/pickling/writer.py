@@ -6,7 +6,10 @@ Written by hand (not ``pickle.Pickler``) because the globals it names -- ``torch
 
 Every global that comes from the tree (a foreign record's class, a reference) passes :mod:`ckconv.pickling.policy` first:
 only allowlisted or user-allowed names, validated as dotted identifiers, are written; anything else makes
-:meth:`PickleWriter.dumps` refuse, naming them all, before a single byte reaches a file.
+:meth:`PickleWriter.dumps` refuse, naming them all, before a single byte reaches a file. A writer given a ``sink``
+streams the pickle through it a MiB at a time instead of holding it whole (a million tensors' pickle is ~90 MB);
+it refuses the same way at the end, so it writes into a staged file that a refusal discards, after
+:func:`check_writable` (which streams into nothing) refused what it could before anything was staged.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import struct
 from collections import OrderedDict
 from contextlib import contextmanager
+from itertools import islice
 
 from .. import dtypes
 from . import policy
@@ -31,7 +35,7 @@ def write_problems(root, allow=()) -> list:
 def dry_run(root, allow=()) -> "PickleWriter":
     """Write ``root`` into nothing: the writer then holds every global the tree would name, each with the roles it
     would be written in (``named``), and the problems that keep it out of a pickle (``problems``)."""
-    writer = PickleWriter(lambda storage: "0", allow=allow, tensors=False)  # a tensor names no tree global
+    writer = PickleWriter(lambda storage: "0", allow=allow, tensors=False, sink=_discard)  # a tensor names no tree global
     writer.save(root)
     return writer
 
@@ -39,11 +43,18 @@ def dry_run(root, allow=()) -> "PickleWriter":
 def check_writable(root, allow=(), where="") -> None:
     """Refuse, naming them, the globals of ``root`` that a pickle may not carry (see :mod:`ckconv.pickling.policy`); for
     writers that pickle a tree piece by piece and must refuse before their first file."""
-    PickleWriter(lambda storage: "0", allow=allow, where=where, tensors=False).dumps(root)
+    PickleWriter(lambda storage: "0", allow=allow, where=where, tensors=False, sink=_discard).dumps(root)
+
+
+def _discard(data):
+    pass
+
+
+FLUSH = 1 << 20  # bytes a streaming writer holds before handing them to its sink
 
 
 class PickleWriter:
-    def __init__(self, storage_key, allow=(), where="", tensors=True):
+    def __init__(self, storage_key, allow=(), where="", tensors=True, sink=None):
         self.tensors = tensors  # False: a check that writes tensors as None (their globals are ckconv's own)
         self.fragments: dict = {}  # key -> the bytes a run of opcodes comes to (see fragment)
         self.out = bytearray(b"\x80\x02")
@@ -55,15 +66,29 @@ class PickleWriter:
         self.problems: list = []  # allowed globals given what they must not be (arguments, state)
         self.arg_depth = 0  # > 0 while writing a call's arguments: references there must be harmless to call
         self.named: dict = {}  # (module, qualname) -> Role: every global taken from the tree, in the roles written
+        self.sink = sink  # called with the pickle a MiB at a time; None: dumps returns it whole
+        self.flushed = 0  # bytes handed to the sink so far
 
     def dumps(self, root) -> bytes:
+        """The pickle of ``root``, or (with a sink) b"" once the sink has had all of it."""
         self.save(root)
         if self.refused:
             raise policy.refuse_write(self.refused, self.where)
         if self.problems:
             raise policy.refuse_records(self.problems, self.where)
         self.out += b"."
-        return bytes(self.out)
+        if self.sink is None:
+            return bytes(self.out)
+        self.flush()
+        return b""
+
+    def flush(self):
+        """Hand what is written so far to the sink. Called between the items of a dict or list only, never inside a
+        :meth:`fragment`."""
+        if self.out:
+            self.sink(self.out)
+            self.flushed += len(self.out)
+            self.out = bytearray()
 
     def tree_global(self, module, qualname, role: Role):
         """A global taken from the tree: written only when the policy allows it in ``role``."""
@@ -190,12 +215,7 @@ class PickleWriter:
             self.out += b"}"
             self.setitems(v)
         elif isinstance(v, list):
-            self.out += b"]"
-            for start in range(0, len(v), 1000):
-                self.out += b"("
-                for item in v[start:start + 1000]:
-                    self.save(item)
-                self.out += b"e"
+            self.save_list(v)
         elif isinstance(v, tuple):
             self.tuple_(tuple(v))
         elif isinstance(v, (set, frozenset)):
@@ -241,14 +261,30 @@ class PickleWriter:
         finally:
             self.arg_depth -= 1
 
-    def setitems(self, d):
-        items = list(d.items())
-        for start in range(0, len(items), 1000):
+    def save_list(self, v):
+        self.out += b"]"
+        for start in range(0, len(v), 1000):
             self.out += b"("
-            for k, val in items[start:start + 1000]:
+            for item in v[start:start + 1000]:
+                self.save(item)
+            self.out += b"e"
+            if self.sink is not None and len(self.out) >= FLUSH:
+                self.flush()
+
+    def setitems(self, d):
+        items = iter(d.items())  # no list of a million pairs beside the dict
+        stream = self.sink is not None
+        while True:
+            batch = list(islice(items, 1000))
+            if not batch:
+                return
+            self.out += b"("
+            for k, val in batch:
                 self.save(k)
                 self.save(val)
             self.out += b"u"
+            if stream and len(self.out) >= FLUSH:
+                self.flush()
 
     def save_tensor(self, t: TensorRef):
         # _rebuild_tensor_v2(pid, offset, size, stride, requires_grad, hooks) for dtypes with a typed storage
@@ -302,8 +338,8 @@ class PickleWriter:
         if cached is not None:
             self.out += cached
             return
-        start, memo = len(self.out), len(self.memo)
-        if emit(*args) is not False and len(self.memo) == memo:
+        start, memo, flushed = len(self.out), len(self.memo), self.flushed
+        if emit(*args) is not False and len(self.memo) == memo and self.flushed == flushed:
             self.fragments[key] = bytes(self.out[start:])
 
     def save_qtensor(self, t: QuantizedRef):

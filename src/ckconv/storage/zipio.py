@@ -277,13 +277,21 @@ def record_bytes(path, record, where, limit) -> bytes:
     return data
 
 
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII").pack
+
+
 class ZipWriter:
     """Streams stored, 64-byte-aligned records the way torch's PyTorchFileWriter lays them out."""
 
     def __init__(self, f):
         self.f = f
         self.pos = f.tell()
-        self.entries = []  # (name bytes, offset, size, crc, zip64)
+        # The central directory, each record's entry packed as it is added and kept deflated a MiB at a time:
+        # a million entries that differ in a few bytes each hold ~8 MB, not a 65 MB directory or a tuple each.
+        self.directory = bytearray()  # entries not yet deflated
+        self._deflate = zlib.compressobj(1)
+        self._deflated: list = []
+        self.count = 0
         self._moved = False  # True after add_copy wrote through the descriptor: f's own position is behind
 
     def add(self, name: str, chunks, size: int, expected_crc: int | None = None):
@@ -303,7 +311,7 @@ class ZipWriter:
         self.f.seek(header_pos + 14)
         self.f.write(struct.pack("<I", crc))
         self.f.seek(self.pos)
-        self.entries.append((bname, header_pos, size, crc, zip64))
+        self.entry(bname, header_pos, size, crc)
 
     def add_copy(self, name: str, size: int, copy):
         """Write a record of ``size`` bytes that ``copy(fd, offset)`` puts at ``offset`` of the file's descriptor.
@@ -322,7 +330,21 @@ class ZipWriter:
         self.f.write(self._local_header(bname, extra, size, crc, zip64))
         self.pos = header_pos + header_len + size
         self._moved = True
-        self.entries.append((bname, header_pos, size, crc, zip64))
+        self.entry(bname, header_pos, size, crc)
+
+    def entry(self, bname, offset, size, crc):
+        """The record's central directory entry, packed now: a million records hold no tuple each."""
+        big = size >= 0xFFFFFFFF or offset >= 0xFFFFFFFF
+        extra = struct.pack("<HHQQQ", 1, 24, size, size, offset) if big else b""
+        sz = 0xFFFFFFFF if big else size
+        self.directory += _CENTRAL(0x02014B50, 45 if big else 20, 45 if big else 20, 0, 0, 0, 0x21, crc, sz, sz,
+                                   len(bname), len(extra), 0, 0, 0, 0, 0xFFFFFFFF if big else offset)
+        self.directory += bname
+        self.directory += extra
+        self.count += 1
+        if len(self.directory) >= 1 << 20:
+            self._deflated.append(self._deflate.compress(self.directory))
+            self.directory = bytearray()
 
     def _layout(self, name, size):
         bname = name.encode()
@@ -347,24 +369,15 @@ class ZipWriter:
 
     def close(self):
         cd_start = self.pos
-        entry = struct.Struct("<IHHHHHHIIIHHHHHII").pack
-        block = bytearray()  # the directory written a MiB at a time: a million entries, a few dozen writes
-        for bname, offset, size, crc, _ in self.entries:
-            big = size >= 0xFFFFFFFF or offset >= 0xFFFFFFFF
-            extra = struct.pack("<HHQQQ", 1, 24, size, size, offset) if big else b""
-            sz = 0xFFFFFFFF if big else size
-            off = 0xFFFFFFFF if big else offset
-            block += entry(0x02014B50, 45 if big else 20, 45 if big else 20, 0, 0, 0, 0x21, crc, sz, sz, len(bname),
-                           len(extra), 0, 0, 0, 0, off)
-            block += bname
-            block += extra
-            if len(block) >= 1 << 20:
-                self._write(block)
-                block = bytearray()
-        if block:
-            self._write(block)
+        deflated = self._deflated + [self._deflate.compress(self.directory), self._deflate.flush()]
+        self._deflated, self.directory = [], bytearray()
+        inflate = zlib.decompressobj()
+        for piece in deflated:  # written a MiB at a time
+            while piece:
+                self._write(inflate.decompress(piece, 1 << 20))
+                piece = inflate.unconsumed_tail
         cd_size = self.pos - cd_start
-        n = len(self.entries)
+        n = self.count
         if n >= 0xFFFF or cd_start >= 0xFFFFFFFF or cd_size >= 0xFFFFFFFF:
             eocd64 = self.pos
             self._write(struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, n, n, cd_size, cd_start))
