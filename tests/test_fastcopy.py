@@ -1,4 +1,4 @@
-"""The write/stream path: kernel copies, the CRC pipeline, fallbacks, and that a tampered source is still caught."""
+"""The write/stream path: kernel copies, the one-pass copy with CRC, fallbacks, and that a tampered source is still caught."""
 
 from __future__ import annotations
 
@@ -19,13 +19,12 @@ from helpers import assert_deep_equal
 
 @pytest.fixture(params=["copy_file_range", "sendfile", "buffer"])
 def copy_mode(request, monkeypatch):
-    """Run a test with each way of moving bytes, and with the CRC pipeline on small ranges too."""
+    """Run a test with each way of moving bytes, in many small blocks and buffers."""
     flags = {"copy_file_range": request.param == "copy_file_range",
              "sendfile": request.param in ("copy_file_range", "sendfile")}
     flags = {k: v and fastcopy._kernel_copy[k] for k, v in flags.items()}
     monkeypatch.setattr(fastcopy, "_kernel_copy", flags)
     monkeypatch.setattr(fastcopy, "BLOCK", 4096 + 64)  # many blocks, a ragged last one
-    monkeypatch.setattr(fastcopy, "PIPELINE_MIN", 1000)
     monkeypatch.setattr(fastcopy, "BUF", 1000)
     return request.param
 
@@ -146,7 +145,7 @@ def test_every_crc32_backend_gives_zlibs_crc_and_catches_tampering(tmp_path, mon
     if name != backend:
         pytest.skip(f"{backend} is not installed")  # zlib always is; isal is a dependency where it has wheels
     monkeypatch.setattr(fastcopy, "_crc32", crc32)
-    data = os.urandom(3 * fastcopy.PIPELINE_MIN + 12_345)  # the pipelined path, a ragged last block
+    data = os.urandom(3 * fastcopy.BUF + 12_345)  # several buffers, a ragged last one
     (tmp_path / "src").write_bytes(data)
     src, dst = os.open(tmp_path / "src", os.O_RDONLY), os.open(tmp_path / "dst", os.O_RDWR | os.O_CREAT)
     try:

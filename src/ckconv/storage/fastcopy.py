@@ -4,11 +4,10 @@ Every copy names explicit offsets on both sides, so the file positions of the de
 
 * No checksum wanted (a safetensors or legacy source going to safetensors): the kernel copies the range
   (``os.copy_file_range``, else ``os.sendfile``, else a bounded buffer).
-* A CRC-32 wanted (to verify a zip record of the source, or to write a zip record): the kernel copies the range
-  while a helper thread runs the CRC-32 over the same range. The two passes never wait for each other (only at the
-  end), both release the GIL, and whichever reaches a page first brings it into the page cache, so the file is
-  read from disk once. Small ranges use one thread and a reused buffer. The CRC-32 is ISA-L's (``isal``) or
-  zlib-ng's when installed, zlib's otherwise.
+* A CRC-32 wanted (to verify a zip record of the source, or to write a zip record): one pass through a reused
+  1 MiB buffer: read, CRC-32 while the bytes are in the CPU cache, write. It moves the bytes through memory once
+  less than a kernel copy beside a second reading for the CRC, and needs no second core. The CRC-32 is ISA-L's
+  (``isal``) or zlib-ng's when installed, zlib's otherwise.
 
 Measured on the 2-core benchmark machine: see bench/README.md and bench/RESULTS.md ("where the time goes").
 """
@@ -17,12 +16,10 @@ from __future__ import annotations
 
 import errno
 import os
-import threading
 import zlib
 
 BLOCK = 32 << 20  # bytes per kernel copy call (one progress tick)
 BUF = 1 << 20  # bytes per read when the data must pass through user space (fits in L2, so crc32 + write stay hot)
-PIPELINE_MIN = 8 << 20  # below this a helper thread costs more than it saves
 # ckconv fsyncs every output before renaming it into place. Asking the kernel to start writing each copied block
 # to disk right away overlaps that disk write with the rest of the copy instead of leaving it all to the final
 # fsync. Set CKCONV_EARLY_WRITEBACK=0 to leave writeback to the kernel's own schedule.
@@ -136,61 +133,15 @@ def _pwrite_all(fd, view, offset):
         offset += n
 
 
-def crc_range(fd, offset, length, crc=0, buf=None):
-    """CRC-32 of ``length`` bytes of ``fd`` at ``offset``, read through a reused buffer."""
-    buf = buf or bytearray(BUF)
-    view = memoryview(buf)
-    end = offset + length
-    while offset < end:
-        n = os.preadv(fd, [view[:min(len(buf), end - offset)]], offset)
-        if n == 0:
-            raise Truncated
-        crc = _crc32(view[:n], crc)
-        offset += n
-    return crc
-
-
 def copy_with_crc(src_fd, src_off, dst_fd, dst_off, length, crc=0, progress=None):
-    """Copy ``length`` bytes and return their CRC-32 (seeded with ``crc``), reading the source from disk once."""
+    """Copy ``length`` bytes and return their CRC-32 (seeded with ``crc``), in one pass: each MiB is read into a
+    reused buffer, checksummed while it is still in the CPU cache and written from there; the destination's
+    writeback is started every :data:`BLOCK` bytes (:func:`start_writeback`)."""
     progress = progress or _no_progress
-    if length < PIPELINE_MIN:
-        return _buffered_copy_with_crc(src_fd, src_off, dst_fd, dst_off, length, crc, progress)
-    # Two independent passes at once: the kernel copies the range while a helper thread checksums it. Neither waits
-    # for the other until the end (the slower one sets the pace); whichever reaches a page first brings it into the
-    # page cache, so the file is read from disk once.
-    state = {"crc": crc, "error": None}
-    stop = threading.Event()  # the copy failed (or Ctrl-C): the checksum is not wanted any more
-
-    def checksum():
-        try:
-            value, off, end = crc, src_off, src_off + length
-            buf = bytearray(BUF)
-            while off < end and not stop.is_set():
-                n = min(PIPELINE_MIN, end - off)
-                value = crc_range(src_fd, off, n, value, buf)
-                off += n
-            state["crc"] = value
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the calling thread
-            state["error"] = exc
-
-    helper = threading.Thread(target=checksum, daemon=True)
-    helper.start()
-    try:
-        kernel_copy(src_fd, src_off, dst_fd, dst_off, length, progress)
-    except BaseException:
-        stop.set()
-        raise
-    finally:
-        helper.join()
-    if state["error"] is not None:
-        raise state["error"]
-    return state["crc"]
-
-
-def _buffered_copy_with_crc(src_fd, src_off, dst_fd, dst_off, length, crc, progress):
     buf = bytearray(min(BUF, max(length, 1)))
     view = memoryview(buf)
     end = src_off + length
+    pending = dst_off  # where the written range whose writeback is not started yet begins
     while src_off < end:
         n = os.preadv(src_fd, [view[:min(len(buf), end - src_off)]], src_off)
         if n == 0:
@@ -201,6 +152,11 @@ def _buffered_copy_with_crc(src_fd, src_off, dst_fd, dst_off, length, crc, progr
         src_off += n
         dst_off += n
         progress(n)
+        if dst_off - pending >= BLOCK:
+            start_writeback(dst_fd, pending, dst_off - pending)
+            pending = dst_off
+    if length > BUF:
+        start_writeback(dst_fd, pending, dst_off - pending)
     return crc
 
 
