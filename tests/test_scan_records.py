@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import pickletools
+import re
 import zipfile
 
 import pytest
@@ -51,6 +52,27 @@ def run(data, fast, max_depth=200, max_nodes=5_000_000):
     return end, dict(s.roles), values
 
 
+def decided(data, fast, **limits):
+    """What ckconv.pickling.scan.scan decides: a restart is the handlers' answer."""
+    answer = run(data, fast, **limits)
+    return run(data, False, **limits) if answer == "restart" else answer
+
+
+def entries_read(data, monkeypatch) -> int:
+    """How many bytes the runs of entries (pickling.records.entries) read."""
+    read = []
+    real = scan_module.entries
+
+    def counting(s, pos):
+        end = real(s, pos)
+        read.append(end - pos)
+        return end
+
+    monkeypatch.setattr(scan_module, "entries", counting)
+    run(data, True)
+    return sum(read)
+
+
 def used_fast_path(data, monkeypatch) -> int:
     hits = []
     real = scan_module.tensor_record
@@ -84,7 +106,17 @@ CASES = {
                                                    o.state_dict())[-1])(torch.optim.Adam(m.parameters())))(
         torch.nn.Linear(4, 3)),
     "a model's state_dict": torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).state_dict(),
+    # runs of entries (pickling.records.entries): past 256 memo entries, every PUT a LONG_BINPUT
+    "key strings shared by two dicts (BINGET keys)": (lambda keys: {
+        "model": {k: torch.randn(2, generator=g) for k in keys},
+        "ema": {k: torch.randn(3, generator=g) for k in keys}})([f"block.{i}.weight" for i in range(48)]),
+    "a run of views and long names": (lambda base: {
+        **{f"w{i}": torch.zeros((1,) * (i % 10)) for i in range(40)}, **{f"v{i}": base[i:] for i in range(40)},
+        **{"n" * (195 + i) + str(i): torch.ones(i % 3 + 1) for i in range(12)}, "é€🙂": torch.ones(1)})(
+        torch.arange(60.0)),
 }
+RUNS = ["over 256 memo entries (LONG_BINPUT)", "key strings shared by two dicts (BINGET keys)",
+        "a run of views and long names"]
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
@@ -95,8 +127,15 @@ def test_the_fast_path_decides_what_the_handlers_decide(case, legacy, monkeypatc
     assert used_fast_path(data, monkeypatch) > 0  # the records after the first were read whole
 
 
+@pytest.mark.parametrize("case", RUNS)
+def test_runs_of_entries_are_read_whole(case, monkeypatch):
+    """Positive control: most of each pickle is read by the runs of entries, not the handlers."""
+    data = data_pkl(CASES[case])
+    assert entries_read(data, monkeypatch) > len(data) // 2
+
+
 @pytest.mark.parametrize("case", ["tiny tensors", "views and shared storages", "a tensor saved twice",
-                                  "an optimizer's state"])
+                                  "an optimizer's state", *RUNS])
 def test_every_limit_near_its_threshold_refuses_the_same_way(case):
     """Every value of max_nodes up to past the pickle's size, and of max_depth up to past its depth: the same
     refusals, the same messages, the same roles seen when refused."""
@@ -131,3 +170,57 @@ def test_a_pickle_that_reads_back_an_unbuilt_value_is_scanned_again_by_the_handl
                                                               max_nodes=5_000_000)[1]
     assert run(crafted, True) == "restart"
     assert run(crafted, False)[0] == len(crafted)
+
+
+def test_every_memo_limit_refuses_a_run_where_the_handlers_do():
+    """Every value of max_nodes from 1 to past the memo's size: a run of entries stops before the entry whose PUT
+    would reach the limit, at every entry, and the handlers refuse it with their message."""
+    data = data_pkl(CASES["key strings shared by two dicts (BINGET keys)"])
+    memo_entries = sum(1 for op, _, _ in pickletools.genops(data) if "PUT" in op.name)
+    for max_nodes in range(1, memo_entries + 3):
+        assert run(data, True, max_nodes=max_nodes) == run(data, False, max_nodes=max_nodes), max_nodes
+
+
+def _entry_bytes(data: bytes) -> range:
+    """Three entries well inside the first run of a pickle: their keys, BINGETs, records and PUTs."""
+    start = data.index(b"block.40.weight") - 5
+    return range(start, data.index(b"block.43.weight") - 5)
+
+
+@pytest.mark.parametrize("replacement", [lambda b: (b + 1) % 256, lambda b: (b - 1) % 256, lambda b: 0,
+                                         lambda b: 0xFF, lambda b: ord("h"), lambda b: ord("r"), lambda b: ord("X")],
+                         ids=["+1", "-1", "0", "0xff", "BINGET", "LONG_BINPUT", "BINUNICODE"])
+def test_every_byte_of_a_run_mutated_decides_as_the_handlers_do(replacement):
+    """Each byte of three entries of a run replaced (memo indices out of order or naming the record's own
+    values, lengths that disagree with the string, strings that are not UTF-8, other opcodes): the scan decides
+    exactly what the handlers alone decide, refusal messages included."""
+    data = data_pkl(CASES["key strings shared by two dicts (BINGET keys)"])
+    for i in _entry_bytes(data):
+        mutant = data[:i] + bytes([replacement(data[i])]) + data[i + 1:]
+        assert decided(mutant, True) == run(mutant, False), (i, data[i - 8:i + 8])
+
+
+@pytest.mark.parametrize("which", ["one entry", "every entry"])
+@pytest.mark.parametrize("named", ["a deep tuple", "a heavy tuple"])
+def test_a_storage_key_that_names_another_value_is_measured_as_the_handlers_measure_it(named, which):
+    """A storage key that is a BINGET of a value other than a string, in the middle of a run or in every entry of
+    it: a tuple deeper (((((((((),),),),),),),),) or larger (2000 ints) than anything else in the pickle, stored
+    as memo entry 0 and popped before the state_dict. The persistent id's depth and size limits refuse exactly
+    where the handlers' do, at and around their thresholds."""
+    data = data_pkl(CASES["a run of views and long names"])
+    assert data.startswith(b"\x80\x02}q\x00(")  # the top-level dict is memo entry 0, never read back
+    value = b")" + b"\x85" * 9 if named == "a deep tuple" else b"(" + b"K\x00" * 2000 + b"t"
+    data = data[:2] + value + b"q\x000}" + data[5:]
+    keys = [m.start(1) for m in re.finditer(rb"\(\(h.h.j(....)h", data, re.DOTALL)]  # the views' storage key
+    later = [k for k in keys if k > data.index(b"v20")]
+    assert len(later) > 5
+    crafted = bytearray(data)
+    for k in later[:1] if which == "one entry" else later:
+        crafted[k:k + 4] = bytes(4)
+    crafted = bytes(crafted)
+    assert decided(crafted, True) == run(crafted, False) and run(crafted, False)[0] == len(crafted)
+    for max_depth in range(0, 14):
+        assert decided(crafted, True, max_depth=max_depth) == run(crafted, False, max_depth=max_depth), max_depth
+    for max_nodes in (*range(1, 20), *range(1990, 2012)):
+        assert decided(crafted, True, max_nodes=max_nodes) == run(crafted, False, max_nodes=max_nodes), max_nodes
+    assert "too large" in run(crafted, False, max_nodes=2005)[1] if named == "a heavy tuple" else True

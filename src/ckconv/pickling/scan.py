@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from ..errors import CorruptCheckpoint
 from .allowlist import Role
-from .records import LAZY, Restart, tensor_record
+from .records import LAZY, Restart, entries, tensor_record
 from .shadow import (_F8, _I4, _LEAF, _U4, _U8, ONE_BYTE_PUSHES, SAFE_INT_BITS, C, I, Scanner, _line, _Malformed,
-                     _measure, _Stop, _Value, skip_popped)
+                     _measure, _Stop, _Text, _Value, skip_popped)
 
 __all__ = ["scan"]
 
@@ -64,7 +64,7 @@ def _leaves(s: Scanner, table):
             if n < 0 or end > len(data):
                 raise _Malformed(f"a length of {n} bytes runs past the end of the data")
             if kind == "str":
-                push(_Value(text=str(data[start:end], "utf-8", "surrogatepass")) if n < 200 else _LEAF)
+                push(_Text(data[start:end], "utf-8", "surrogatepass") if n < 200 else _LEAF)
             elif kind == "long":
                 push(_number(int.from_bytes(data[start:end], "little", signed=True)))
             else:
@@ -100,7 +100,7 @@ def _leaves(s: Scanner, table):
                 push(_number(float(raw)))
             elif kind == "unicode":
                 value = raw.decode("raw-unicode-escape")
-                push(_Value(text=value) if len(value) < 200 else _LEAF)
+                push(_Text(value) if len(value) < 200 else _LEAF)
             else:
                 push(_LEAF)
             return pos
@@ -320,7 +320,7 @@ def _control(s: Scanner, table):
         if following == _MARK and s.fast:  # perhaps torch's record of a tensor: read whole, or by the handlers
             end = tensor_record(s, pos - 1)
             if end is not None:
-                return end
+                return entries(s, end)  # and the state_dict entries after it
         marks.append(len(stack))
         s.fence = len(stack)
         return pos

@@ -72,16 +72,31 @@ _F8 = struct.Struct(">d").unpack_from
 class _Value:
     """What the shadow stack knows about one value: nesting depth, expanded size, cost to hash."""
 
-    __slots__ = ("depth", "weight", "hcost", "keywork", "mutable", "text", "hkey", "collidable", "fn", "items")
+    __slots__ = ("depth", "weight", "hcost", "keywork", "mutable", "hkey", "collidable", "fn", "items")
+    text = None  # only a short string's shadow (_Text) has one
 
-    def __init__(self, depth=0, weight=1, hcost=1, mutable=False, text=None, hkey=None, collidable=False, fn=None,
-                 items=None):
+    def __init__(self, depth=0, weight=1, hcost=1, mutable=False, hkey=None, collidable=False, fn=None, items=None):
         self.depth, self.weight, self.hcost, self.keywork = depth, weight, hcost, 0
-        self.mutable, self.text = mutable, text
+        self.mutable = mutable
         self.hkey = hkey  # the hash of a number whose hash an attacker can choose (floats, ints past 2**61)
         self.collidable = collidable  # tuples and frozensets: deterministic hashes, collisions can be crafted
         self.fn = fn  # (module, name) of a global
         self.items = items  # a short tuple's items (a call's arguments), for their roles
+
+
+class _Text(str):
+    """The shadow of a string under 200 bytes: the string itself (a global's name for STACK_GLOBAL, an attribute's
+    for getattr), measured as a leaf. Built in one C call, where a _Value costs a Python ``__init__``: a state_dict
+    holds two for each tensor (its key and its storage's)."""
+
+    __slots__ = ()
+    depth, weight, hcost, keywork = 0, 1, 1, 0
+    mutable = collidable = False
+    hkey = fn = items = None
+
+    @property
+    def text(self) -> str:
+        return str(self)
 
 
 class _Malformed(Exception):
@@ -173,7 +188,7 @@ class Scanner:
             raise LimitExceeded(f"{self.where}: structure too large: hashing its dictionary keys would take more "
                                 f"than {self.max_nodes} steps (shared references can expand exponentially)")
         for k in keys:
-            if k is _LEAF or k.text is not None:
+            if k is _LEAF or type(k) is _Text:  # str hashes are salted: no crafted collisions
                 continue
             if k.hkey is not None:
                 n = self.same_hash[k.hkey] = self.same_hash.get(k.hkey, 0) + 1
