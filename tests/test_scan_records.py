@@ -224,3 +224,16 @@ def test_a_storage_key_that_names_another_value_is_measured_as_the_handlers_meas
     for max_nodes in (*range(1, 20), *range(1990, 2012)):
         assert decided(crafted, True, max_nodes=max_nodes) == run(crafted, False, max_nodes=max_nodes), max_nodes
     assert "too large" in run(crafted, False, max_nodes=2005)[1] if named == "a heavy tuple" else True
+
+
+@pytest.mark.parametrize("grow", [b"K\x01a", b"}b", b"(K\x01K\x02u"], ids=["APPEND", "BUILD", "SETITEMS"])
+def test_a_pickle_that_grows_a_tensor_of_a_run_is_scanned_again_by_the_handlers(grow):
+    """The tensors of a run share one value (equal measures); a pickle that then grows one of them (an APPEND, a
+    BUILD, a SETITEMS onto it, which torch.save never writes) restarts the scan without the fast path: each
+    tensor measured on its own, the same answer as the handlers alone."""
+    data = data_pkl(CASES["over 256 memo entries (LONG_BINPUT)"])
+    last = re.compile(rb"Rr(....)u\.$", re.DOTALL).search(data)  # the last entry's tensor, read by a run
+    crafted = data[:-1] + b"j" + last.group(1) + grow + b"0" + b"."
+    assert run(crafted, True) == "restart"
+    assert decided(crafted, True) == run(crafted, False) and run(crafted, False)[0] == len(crafted)
+    assert scan_module.scan(crafted, where="x", max_depth=200, max_nodes=5_000_000)[0] == len(crafted)

@@ -28,15 +28,11 @@ from __future__ import annotations
 
 import re
 
-from .shadow import _LEAF, BUILDS_HASHABLE, OBJECT_HASH_COST, RECORDED_ONLY, C, R, _Text, _Value
+from .shadow import _LEAF, BUILDS_HASHABLE, OBJECT_HASH_COST, RECORDED_ONLY, C, R, Restart, _Shared, _Text, _Value
 
 __all__ = ["LAZY", "Restart", "entries", "tensor_record"]
 
 LAZY = object()  # a memo entry of a record read by the fast path: its value was never built
-
-
-class Restart(Exception):
-    """A BINGET of a :data:`LAZY` memo entry: the scan starts again without the fast path."""
 
 
 _GET = rb"(h.|j....)"
@@ -193,13 +189,18 @@ def entries(s, pos: int) -> int:
         (kput, kget, rebuild, storage, kind, sn, sb, sput, sget, location, view, pput, shape, shput, stride, stput,
          od, oput, aput, rput, following) = m.groups()
         e = len(memo)
-        puts = b"".join(filter(None, (kput, sput, pput, shput, stput, oput, aput, rput)))
-        count = len(puts) >> 2
-        if e + count > room or int.from_bytes(puts, "little") != e * _ONES[count] + _STEPS[count]:
-            return pos
         if n >= 0:
             if kput is None:
                 return pos
+            puts = (kput, sput, pput, shput, stput, oput, aput, rput) if sget is None else (
+                kput, pput, shput, stput, oput, aput, rput)
+        else:
+            puts = (sput, pput, shput, stput, oput, aput, rput) if sget is None else (
+                pput, shput, stput, oput, aput, rput)
+        count = len(puts)
+        if e + count > room or int.from_bytes(b"".join(puts), "little") != e * _ONES[count] + _STEPS[count]:
+            return pos
+        if n >= 0:
             if n < 200:
                 try:
                     key = _Text(data[pos + 5:pos + 5 + n], "utf-8", "surrogatepass")
@@ -232,10 +233,11 @@ def entries(s, pos: int) -> int:
             if plan is None or not _key_fits(skey, plan, s):
                 return pos
             _called(s, callee, hooks_class)  # the same for every entry of the plan: once is enough
-            plans[grouped] = plan
+            depth, weight, hcost, collidable = plan[2:]
+            plan = plans[grouped] = (*plan[:2], _Shared(depth, weight, hcost, True, None, collidable))
         elif sget is not None and not _key_fits(skey, plan, s):
             return pos
-        result = _Value(plan[2], plan[3], plan[4], True, None, plan[5])
+        result = plan[2]
         if n >= 0:
             memo.append(key)
         if sget is None:

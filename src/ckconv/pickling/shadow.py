@@ -99,6 +99,18 @@ class _Text(str):
         return str(self)
 
 
+class Restart(Exception):
+    """The scan starts again without its fast path (:mod:`ckconv.pickling.records`): the pickle reads back a value
+    the fast path did not build, or grows one it shares."""
+
+
+class _Shared(_Value):
+    """The value the fast path gives every tensor of one run with the same measures (tensors are never grown in
+    what torch.save writes): growing one restarts the scan, where each has its own."""
+
+    __slots__ = ()
+
+
 class _Malformed(Exception):
     pass
 
@@ -227,6 +239,8 @@ class Scanner:
 
     def grow(self, target, items, keycost=0):
         if target.mutable:
+            if type(target) is _Shared:
+                raise Restart
             depth, weight, _ = _measure(items)
             if depth + 1 > target.depth:
                 target.depth = depth + 1
