@@ -645,3 +645,13 @@ def test_a_walks_remembered_names_are_the_names_short_path_gives():
     assert tree.ROOT.name() == "<root>" == tree.short_path(tree.ROOT)
     long = tree.TreePath(tree.TreePath(tree.ROOT, "k" * tree.MAX_NAME_CHARS), "b")  # 65,538 characters: shortened
     assert "...<65538 characters>..." in long.name() and len(long.name()) < tree.MAX_NAME_CHARS + 100
+
+
+def test_records_of_a_flat_state_dict_are_found_without_a_walk_but_within_its_node_limit(monkeypatch):
+    """tree.foreign_objects answers a dict of tensors without walking it (issue 24), only where the walk would not
+    have refused it: at MAX_NODES nodes (the root and its tensors) it is still refused."""
+    ref = ckconv.model.TensorRef(ckconv.model.Storage("0", "float32", 4, buffer=bytearray(4)), "float32", (1,))
+    monkeypatch.setattr(tree, "MAX_NODES", 10)
+    assert tree.foreign_objects({str(i): ref for i in range(9)}) == []  # 10 nodes
+    with pytest.raises(LimitExceeded, match="more than 10 objects"):
+        tree.foreign_objects({str(i): ref for i in range(10)})

@@ -84,6 +84,14 @@ class TreePath:
         :data:`MAX_NAME_CHARS` is not remembered: it and its descendants' are shortened by :func:`short_path`."""
         if self._name is not None:
             return self._name
+        parent, key = self.parent, self.key
+        if type(key) is str and parent is not None:  # the common cases first: a key under a named parent or the root
+            if parent._name is not None and len(parent._name) + len(key) < MAX_NAME_CHARS:
+                self._name = parent._name + "." + key
+                return self._name
+            if parent.parent is None and len(key) <= MAX_NAME_CHARS:
+                self._name = key
+                return key
         chain = []  # this path and its ancestors without a remembered name, nearest first
         p = self
         while p.parent is not None and p._name is None:
@@ -276,6 +284,9 @@ def instances(root, kinds) -> list:
 
 
 def foreign_objects(root):
+    """[(dotted path, class name)] of the records in ``root``, in file order."""
+    if is_flat_state_dict(root) and len(root) < MAX_NODES and MAX_DEPTH >= 1:
+        return []  # tensors only, and a walk would stay within its limits: nothing to walk for
     found = []
     walk(root, lambda p, n: found.append((format_path(p), n.class_name)), kinds=Foreign)
     return found

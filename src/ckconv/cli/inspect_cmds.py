@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import sys
+from collections import Counter
+from dataclasses import replace
+from operator import attrgetter
 
 import click
 
@@ -33,13 +36,15 @@ def inspect(src, as_json, allow_globals, summary):
     from ..reports.inspection import inspect as do_inspect
     from ..reports.inspection import size_text
     from ..pickling.policy import check_patterns
+    from ..tree import gc_paused
 
     info = do_inspect(src, allow_globals=check_patterns(allow_globals))
     try:
-        if summary:
-            _show_summary(info, as_json, size_text)
-        else:
-            _show_inspection(info, as_json, size_text)
+        with gc_paused():  # a dict per row, no cycles: collection passes would rescan them all
+            if summary:
+                _show_summary(info, as_json, size_text)
+            else:
+                _show_inspection(info, as_json, size_text)
     finally:
         if info.verdict == Verdict.UNKNOWN and not as_json:
             warn(f"{src}: " + printable(unknown_globals(info.globals[Verdict.UNKNOWN], None if verbose() else 8)))
@@ -111,30 +116,44 @@ def tensor_groups(info) -> list:
     """[{group, tensors, bytes, dtypes}] in file order: each top-level name, split one level further while a group
     holds a single branch or is a bundle's section (``model.layer1``, ``optimizer.state``, ``lm_head``)."""
     in_bundle = {k for keys in info.sections.values() for k in keys if k != "<root>"}
-    parts = [t.name.split(".") for t in info.tensors]
-    depth = [2 if len(p) > 2 and p[0] in in_bundle else 1 for p in parts]
-    for _ in range(3):  # a single branch (``model.`` of a flat transformer) says nothing: look one level deeper
-        branches: dict = {}
-        for p, d in zip(parts, depth):
-            branches.setdefault(tuple(p[:d]), []).append(tuple(p[: d + 1]) if len(p) > d + 1 else None)
-        deeper = {g for g, b in branches.items() if len(b) > 1 and len(set(b)) == 1 and b[0] is not None}
-        if not deeper:
-            break
-        depth = [d + 1 if tuple(p[:d]) in deeper else d for p, d in zip(parts, depth)]
-    groups: dict = {}
-    for t, p, d in zip(info.tensors, parts, depth):
-        g = groups.setdefault(".".join(p[:d]), {"tensors": 0, "bytes": 0, "dtypes": {}})
-        g["tensors"] += 1
-        g["bytes"] += t.bytes
-        g["dtypes"][t.dtype] = g["dtypes"].get(t.dtype, 0) + 1
-    return [{"group": name, **g} for name, g in groups.items()]
+    groups: dict = {}  # dotted prefix -> its rows, in the order of each group's first row
+    for t in info.tensors:
+        p = t.name.split(".", 2)
+        groups.setdefault(p[0] + "." + p[1] if len(p) > 2 and p[0] in in_bundle else p[0], []).append(t)
+    out = []
+    for name, rows in groups.items():
+        for _ in range(3):  # a single branch (``model.`` of a flat transformer) says nothing: look one level deeper
+            branch = _single_branch(name, rows)
+            if branch is None:
+                break
+            name = branch
+        out.append({"group": name, "tensors": len(rows), "bytes": sum(map(attrgetter("bytes"), rows)),
+                    "dtypes": dict(Counter(map(attrgetter("dtype"), rows)))})
+    return out
+
+
+def _single_branch(name, rows):
+    """``name.part`` when the rows under ``name`` (two or more) all continue with the same ``part`` and go at least
+    one level below it; else None."""
+    if len(rows) < 2:
+        return None
+    start, part = len(name) + 1, None
+    for t in rows:
+        end = t.name.find(".", start)
+        if end < 0:
+            return None
+        if part is None:
+            part = t.name[start:end]
+        elif t.name[start:end] != part:
+            return None
+    return f"{name}.{part}"
 
 
 def _show_summary(info, as_json, size_text):
     """``inspect --summary``: the header of an inspection, then one row per top-level group of tensors."""
     groups = tensor_groups(info)
     if as_json:
-        out = info.to_dict()
+        out = replace(info, tensors=[]).to_dict()
         out.pop("tensors")
         out["groups"] = groups
         echo_json(out)

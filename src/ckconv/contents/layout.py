@@ -24,6 +24,10 @@ LAYOUTS = [  # (name, keys that identify it)
 ]
 
 
+SCHEDULERS = frozenset({"scheduler", "schedulers", "lr_scheduler", "lr_schedulers", "param_schedulers"})
+SCALARS = frozenset({int, float, str, bool})
+
+
 @dataclass
 class OptimizerInfo:
     path: str  # where the optimizer state_dict sits, e.g. "optimizer" or "optimizer_states.0"
@@ -91,13 +95,12 @@ def resolve_names(osd, model_sd: dict | None, frozen=()):
 def layout_of(root) -> str:
     if not isinstance(root, dict):
         return "unknown"
-    keys = set(root)
     for name, marker in LAYOUTS:
-        if marker <= keys:
+        if all(key in root for key in marker):
             return name
     if is_flat_state_dict(root):
         return "state_dict"
-    return "torch" if {"model", "optimizer"} <= keys else "custom"
+    return "torch" if "model" in root and "optimizer" in root else "custom"
 
 
 def frozen_names(root) -> list:
@@ -116,17 +119,17 @@ def describe(root) -> BundleInfo:
     except Exception:  # noqa: BLE001 - a bundle without a model is still a bundle
         model_sd, model_key = None, None
     optimizers = []
-    for path, node in find_optimizers(root):
+    flat = layout == "state_dict"  # every value a tensor: no optimizer, no scalar
+    for path, node in [] if flat else find_optimizers(root):
         res = resolve(node, model_sd, frozen_names(root))
         optimizers.append(OptimizerInfo(
             path, optimizer_kind(node),
             [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in node["param_groups"]],
             sum(len(g["params"]) for g in node["param_groups"]), len(node["state"]), res.names, res.how,
             res.subset, res.problem))
-    schedulers = [k for k in root if k in ("scheduler", "schedulers", "lr_scheduler", "lr_schedulers",
-                                           "param_schedulers")]
+    schedulers = [] if SCHEDULERS.isdisjoint(root) else [k for k in root if isinstance(k, str) and k in SCHEDULERS]
     ema = next((k for k in ("state_dict_ema", "model_ema", "ema") if k in root), None)
-    scalars = {k: v for k, v in root.items() if isinstance(k, str) and type(v) in (int, float, str, bool)}
+    scalars = {} if flat else {k: v for k, v in root.items() if type(v) in SCALARS and isinstance(k, str)}
     return BundleInfo(layout, model_key, optimizers, schedulers, ema, scalars)
 
 
@@ -155,6 +158,8 @@ def find_optimizers(root):
     """[(dotted path, optimizer state_dict)] at the top of a bundle and in its top-level lists."""
     found = []
     for key, value in root.items():
+        if not isinstance(value, (dict, list)):  # a tensor of a state_dict: no call
+            continue
         if is_optimizer_state(value):
             found.append((str(key), value))
         elif isinstance(value, list):

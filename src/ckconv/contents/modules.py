@@ -249,11 +249,11 @@ def _describe(value):
     return f"a {type(value).__name__}"
 
 
-def with_state_dicts(root):
+def with_state_dicts(root, found=None):
     """``root`` with each pickled module (outermost ones) replaced by its state_dict, for showing names as
     ``model.state_dict()`` gives them (``layer4.2.bn2.running_mean``); a module whose state_dict cannot be derived
-    stays as it is. The tree is not modified."""
-    found = find_modules(root)
+    stays as it is. The tree is not modified. ``found``: :func:`find_modules`'s answer, when the caller has it."""
+    found = find_modules(root) if found is None else found
     if not found:
         return root
     if found[0][0] == ():
@@ -285,10 +285,11 @@ def _replace_at(node, path, make):
     return node
 
 
-def describe(root) -> list:
-    """[{path, class, tensors, error}] for each pickled module in ``root`` (outermost ones), for ``inspect``."""
+def describe(root, found=None) -> list:
+    """[{path, class, tensors, error}] for each pickled module in ``root`` (outermost ones), for ``inspect``;
+    ``found``: :func:`find_modules`'s answer, when the caller has it."""
     out = []
-    for path, cls in find_modules(root):
+    for path, cls in find_modules(root) if found is None else found:
         where = tree.format_path(path)
         node = root
         for key in path:

@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 from . import modules
 from ..errors import UnsupportedContent, UsageError, did_you_mean
-from ..model import TensorRef
+from ..model import Foreign, TensorRef
 from ..tensor_kinds import SparseTensor, packed_param
 from ..tree import is_flat_state_dict
 
@@ -141,9 +141,11 @@ def _search(root):
         flat = node if is_flat_state_dict(node) else _flatten(node)
         if flat:
             out.append((path, flat))
+        if flat is node:  # every value a tensor: nothing below it to search
+            continue
         for key, value in reversed(list(node.items())):
-            if (isinstance(value, dict) or modules.is_module(value)) and not (key in OPTIMIZER_KEYS
-                                                                              or key in SCHEDULER_KEYS):
+            if isinstance(value, (dict, Foreign)) and (isinstance(value, dict) or modules.is_module(value)) and not (
+                    key in OPTIMIZER_KEYS or key in SCHEDULER_KEYS):  # a module is a record: tensors cost no call
                 stack.append((path + (key,), value))
     return out, failed
 
