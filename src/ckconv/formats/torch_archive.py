@@ -15,7 +15,6 @@ import re
 import struct
 import zlib
 
-from .. import dtypes
 from ..errors import CorruptCheckpoint, LimitExceeded
 from ..model import Storage
 from ..pickling.unpickler import StorageType, short_repr
@@ -65,29 +64,30 @@ def storage_loader(path, records: dict, prefix: str, where: str, label: str | No
     -> a :class:`Storage` over record ``{prefix}data/{key}`` of ``path``, its size checked against ``numel``.
     Storages are labelled ``label``, or their key when None."""
     storages: dict = {}
+    folder = prefix + "data/"
+    path = str(path)
 
     def load_storage(pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)
                 and isinstance(pid[2], str) and type(pid[4]) is int and pid[4] >= 0):
             raise CorruptCheckpoint(f"{where}: malformed storage reference {short_repr(pid)}")
         _, stype, key, _location, numel = pid
-        if key in storages:
-            return storages[key]
-        name = prefix + "data/" + key
-        record = dict.get(records, name)  # a name stored as spelt: no other spelling of it is (RecordTable)
+        storage = storages.get(key)
+        if storage is not None:
+            return storage
+        record = dict.get(records, folder + key)  # a name stored as spelt: no other spelling of it is (RecordTable)
         if record is None:
+            name = folder + key
             if name not in records:  # or found only under another spelling: RecordTable refuses that
                 raise CorruptCheckpoint(f"{where}: storage {key!r:.80} is referenced but missing from the archive")
             record = records[name]
         start, size, crc = record
-        if numel * dtypes.itemsize(stype.dtype) != size:
+        if numel * stype.itemsize != size:
             raise CorruptCheckpoint(
-                f"{where}: storage {key:.80} declares {numel} x {stype.dtype} "
-                f"({numel * dtypes.itemsize(stype.dtype)} bytes) "
+                f"{where}: storage {key:.80} declares {numel} x {stype.dtype} ({numel * stype.itemsize} bytes) "
                 f"but its record holds {size} bytes; the file is corrupt")
-        storages[key] = Storage(key, stype.dtype, size, path=str(path), offset=start, crc=crc,
-                                label=label or key)
-        return storages[key]
+        storage = storages[key] = Storage(key, stype.dtype, size, path=path, offset=start, crc=crc, label=label or key)
+        return storage
 
     return load_storage
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import _compat_pickle
 import io
+import math
 import mmap
+import operator
 import pickle
 from collections import OrderedDict
 
@@ -48,13 +50,14 @@ def _no_state(self, state):
 
 
 class StorageType:
-    """The class named in a persistent id (``torch.FloatStorage``), as a dtype."""
+    """The class named in a persistent id (``torch.FloatStorage``), as a dtype (and its bytes per element)."""
 
-    __slots__ = ("dtype",)
+    __slots__ = ("dtype", "itemsize")
     __setstate__ = _no_state
 
     def __init__(self, dtype):
         self.dtype = dtype
+        self.itemsize = dtypes.itemsize(dtype)
 
     def __repr__(self):
         return f"<storage type {self.dtype}>"
@@ -72,8 +75,10 @@ class Builder(GlobalRef):
         self.name = name
         self.module, _, self.qualname = name.rpartition(".")
 
-    def __call__(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
+    # Calling the builder calls ``fn`` with no Python frame in between (the C unpickler calls a builder per
+    # record: a hundred thousand tensors are two hundred thousand calls): ``builder(*args)`` looks ``__call__`` up
+    # on the type, and this property hands back ``self.fn``, which is then called with the arguments.
+    __call__ = property(operator.attrgetter("fn"))
 
     def __repr__(self):
         return f"<ckconv builder for {self.name}>"
@@ -108,6 +113,12 @@ def short_repr(value, limit=80, _depth=0) -> str:
     return f"<{type(value).__name__}>"
 
 
+_INT = frozenset({int})
+_NO_ITEMS = ()  # the default of the builders of containers: called with no argument (``OrderedDict()``)
+_PLAIN_ITEMSIZE = {name: spec[0] for name, spec in dtypes.DTYPES.items()}  # dtype -> bytes, not the quantized
+MAX_FAST_DIMS = 64  # shapes with more dimensions take the step-by-step check (bounded work per dimension)
+
+
 def _ints(value, what, where):
     if not isinstance(value, (tuple, list)) or not all(type(v) is int and 0 <= v <= INT64_MAX for v in value):
         raise CorruptCheckpoint(f"{where}: tensor {what} {short_repr(value)} is not a list of integers "
@@ -119,6 +130,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     """Unpickle with ckconv's builders; ``storage_loader(pid)`` resolves persistent ids into Storages."""
 
     def __init__(self, source, *, storage_loader=None, where=""):
+        if storage_loader is not None:  # the C unpickler calls it directly, one Python call per storage
+            self.persistent_load = storage_loader
         super().__init__(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source)
         self.storage_loader = storage_loader
         self.where = where
@@ -246,6 +259,26 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def _rebuild_tensor(self, storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                         dtype=None, metadata=None, *, quantized=False):
+        """``torch._utils._rebuild_tensor_v2``: a :class:`TensorRef` once the view is checked against its storage.
+
+        The record torch.save writes for every plain tensor (its storage's dtype, a shape and a stride as tuples of
+        ints, a nonzero element count) is checked here with a few C calls; anything else, and any record that fails
+        a check, takes :meth:`_checked_tensor`, which checks step by step and says what is wrong."""
+        if (dtype is None and not quantized and type(storage_offset) is int and type(size) is tuple
+                and type(stride) is tuple and isinstance(storage, Storage) and len(size) == len(stride) <= MAX_FAST_DIMS
+                and _INT.issuperset(map(type, size)) and _INT.issuperset(map(type, stride))):
+            item = _PLAIN_ITEMSIZE.get(storage.dtype) if type(storage.dtype) is str else None
+            both = size + stride
+            if (item is not None and 0 <= storage_offset <= INT64_MAX and min(both, default=0) >= 0
+                    and max(both, default=0) <= INT64_MAX):
+                numel = math.prod(size)  # no dimension 0 (numel > 0): no partial product exceeds the whole
+                last = storage_offset + sum(map(operator.mul, size, stride)) - sum(stride)  # the last element
+                nbytes = storage.nbytes  # < 0: a legacy storage, sized after the pickle and checked then
+                if 0 < numel and numel * item <= INT64_MAX and (nbytes < 0 or (last + 1) * item <= nbytes):
+                    return TensorRef(storage, storage.dtype, size, stride, storage_offset, bool(requires_grad))
+        return self._checked_tensor(storage, storage_offset, size, stride, requires_grad, dtype, quantized)
+
+    def _checked_tensor(self, storage, storage_offset, size, stride, requires_grad, dtype, quantized):
         if not isinstance(storage, Storage):
             raise CorruptCheckpoint(f"{self.where}: tensor without a storage")
         if dtype is None:
@@ -310,7 +343,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._charge(k for k, _ in pairs)
         return pairs
 
-    def _ordered_dict(self, items=()):
+    def _ordered_dict(self, items=_NO_ITEMS):
+        if items is _NO_ITEMS:  # every tensor record's backward hooks: nothing to check
+            return OrderedDict()
         return OrderedDict(self._pairs(items, "OrderedDict"))
 
     def _dict(self, items=()):

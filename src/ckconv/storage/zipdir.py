@@ -137,18 +137,23 @@ def _directory(f, size, where):
 
 def _entries(cd: bytes, n: int, where) -> list:
     entries = []
+    append = entries.append
+    unpack = _CENTRAL.unpack_from
+    end = len(cd)
     pos = 0
     for _ in range(n):
-        if pos + 46 > len(cd):
+        if pos + 46 > end:
             raise _Broken("the central directory is truncated")
         (sig, _, version, flags, method, _, _, crc, csize, size, name_len, extra_len, comment_len, disk, _, _,
-         offset) = _CENTRAL.unpack_from(cd, pos)
+         offset) = unpack(cd, pos)
         if sig != CENTRAL:
             raise _Broken("broken central directory entry")
-        raw = cd[pos + 46:pos + 46 + name_len]
-        extra = _fields(cd[pos + 46 + name_len:pos + 46 + name_len + extra_len], extra_len)
-        pos += 46 + name_len + extra_len + comment_len
-        if pos > len(cd) or extra is None or disk != 0:
+        start = pos + 46
+        pos = start + name_len + extra_len + comment_len
+        raw = cd[start:start + name_len]
+        # torch.save's entries have no extra field: no parse (an empty block has no fields)
+        extra = _fields(cd[start + name_len:start + name_len + extra_len], extra_len) if extra_len else _NO_FIELDS
+        if pos > end or extra is None or disk != 0:
             raise _Broken("broken central directory entry")
         if comment_len:
             raise CorruptCheckpoint(f"{where}: zip record {raw!r:.80} carries a comment; {AMBIGUOUS}")
@@ -158,12 +163,18 @@ def _entries(cd: bytes, n: int, where) -> list:
         except UnicodeDecodeError:
             raise CorruptCheckpoint(f"{where}: zip record name {raw!r:.80} is not UTF-8; {AMBIGUOUS}") from None
         e.raw, e.version, e.flags, e.method, e.crc = raw, version, flags, method, crc
-        e.size, e.csize, e.offset = _wide(extra, (size, csize, offset), where, e.name)
-        entries.append(e)
-    if pos != len(cd):
+        if size == SATURATED or csize == SATURATED or offset == SATURATED:
+            e.size, e.csize, e.offset = _wide(extra, (size, csize, offset), where, e.name)
+        else:
+            e.size, e.csize, e.offset = size, csize, offset
+        append(e)
+    if pos != end:
         raise CorruptCheckpoint(f"{where}: the central directory holds {len(cd) - pos} bytes past its {n} declared "
                                 f"entries; {AMBIGUOUS}")
     return entries
+
+
+_NO_FIELDS: dict = {}  # the fields of an empty extra block (never modified)
 
 
 def _fields(extra: bytes, length: int):
