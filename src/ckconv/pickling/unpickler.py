@@ -117,6 +117,7 @@ _INT = frozenset({int})
 _NO_ITEMS = ()  # the default of the builders of containers: called with no argument (``OrderedDict()``)
 _PLAIN_ITEMSIZE = {name: spec[0] for name, spec in dtypes.DTYPES.items()}  # dtype -> bytes, not the quantized
 MAX_FAST_DIMS = 64  # shapes with more dimensions take the step-by-step check (bounded work per dimension)
+MAX_VIEWS = 64  # (shape, stride) pairs whose extent an unpickler keeps: lookups stay O(1) whatever a file crafts
 
 
 def _ints(value, what, where):
@@ -142,6 +143,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         self.same_hash: dict = {}  # hash -> how many number keys had it (hash flooding)
         self.collidable = 0  # tuple and frozenset keys seen by the builders
         self._builders: dict = {}
+        self._views: dict = {}  # shape + stride -> (element count, offset of the last element), see _view_extent
 
     def _builder(self, fn, name):
         if name not in self._builders:
@@ -264,19 +266,33 @@ class RestrictedUnpickler(pickle.Unpickler):
         The record torch.save writes for every plain tensor (its storage's dtype, a shape and a stride as tuples of
         ints, a nonzero element count) is checked here with a few C calls; anything else, and any record that fails
         a check, takes :meth:`_checked_tensor`, which checks step by step and says what is wrong."""
-        if (dtype is None and not quantized and type(storage_offset) is int and type(size) is tuple
-                and type(stride) is tuple and isinstance(storage, Storage) and len(size) == len(stride) <= MAX_FAST_DIMS
-                and _INT.issuperset(map(type, size)) and _INT.issuperset(map(type, stride))):
-            item = _PLAIN_ITEMSIZE.get(storage.dtype) if type(storage.dtype) is str else None
-            both = size + stride
-            if (item is not None and 0 <= storage_offset <= INT64_MAX and min(both, default=0) >= 0
-                    and max(both, default=0) <= INT64_MAX):
-                numel = math.prod(size)  # no dimension 0 (numel > 0): no partial product exceeds the whole
-                last = storage_offset + sum(map(operator.mul, size, stride)) - sum(stride)  # the last element
+        if (dtype is None and not quantized and type(size) is tuple and type(stride) is tuple
+                and len(size) == len(stride) <= MAX_FAST_DIMS and type(storage_offset) is int
+                and isinstance(storage, Storage)):
+            view = size + stride
+            if _INT.issuperset(map(type, view)):  # ints only: hashing it takes one step per element
+                extent = self._views.get(view) or self._view_extent(view, size, stride)
+                item = _PLAIN_ITEMSIZE.get(storage.dtype) if type(storage.dtype) is str else None
                 nbytes = storage.nbytes  # < 0: a legacy storage, sized after the pickle and checked then
-                if 0 < numel and numel * item <= INT64_MAX and (nbytes < 0 or (last + 1) * item <= nbytes):
+                if (extent is not None and item is not None and extent[0] * item <= INT64_MAX
+                        and 0 <= storage_offset <= INT64_MAX
+                        and (nbytes < 0 or (storage_offset + extent[1] + 1) * item <= nbytes)):
                     return TensorRef(storage, storage.dtype, size, stride, storage_offset, bool(requires_grad))
         return self._checked_tensor(storage, storage_offset, size, stride, requires_grad, dtype, quantized)
+
+    def _view_extent(self, view, size, stride):
+        """(element count, offset of the last element) of a shape and stride of ints, kept for the next tensor of
+        that view; None when a dimension is 0 or any number is outside 0..int64 max (the step-by-step check then
+        decides). At most :data:`MAX_VIEWS` views are kept, so crafted hash collisions cost a bounded time each."""
+        if view and (min(view) < 0 or max(view) > INT64_MAX):
+            return None
+        numel = math.prod(size)  # 1 for a scalar; no dimension 0 (numel > 0): no partial product exceeds the whole
+        if not numel:
+            return None
+        extent = numel, sum(map(operator.mul, size, stride)) - sum(stride)
+        if len(self._views) < MAX_VIEWS:
+            self._views[view] = extent
+        return extent
 
     def _checked_tensor(self, storage, storage_offset, size, stride, requires_grad, dtype, quantized):
         if not isinstance(storage, Storage):
