@@ -195,6 +195,8 @@ def entries(s, pos: int) -> int:
             puts = (kput, sput, pput, shput, stput, oput, aput, rput) if sget is None else (
                 kput, pput, shput, stput, oput, aput, rput)
         else:
+            if kget is None:  # a PUT with no key before it (a value memoized twice): the handlers read it
+                return pos
             puts = (sput, pput, shput, stput, oput, aput, rput) if sget is None else (
                 pput, shput, stput, oput, aput, rput)
         count = len(puts)
