@@ -8,6 +8,7 @@ up as many gigabytes or minutes, far past them, and a hang is killed instead of 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 import os
 import pickle
 import subprocess
@@ -655,3 +656,6 @@ def test_records_of_a_flat_state_dict_are_found_without_a_walk_but_within_its_no
     assert tree.foreign_objects({str(i): ref for i in range(9)}) == []  # 10 nodes
     with pytest.raises(LimitExceeded, match="more than 10 objects"):
         tree.foreign_objects({str(i): ref for i in range(10)})
+    od = OrderedDict(w=ref)  # its _metadata is walked: a record there is found
+    od._metadata = OrderedDict({"": ckconv.model.foreign_class("somepkg", "Thing")()})
+    assert tree.flat_tensors(od) is None and tree.foreign_objects(od) == [("@attrs._metadata.", "somepkg.Thing")]

@@ -285,11 +285,19 @@ def instances(root, kinds) -> list:
 
 def foreign_objects(root):
     """[(dotted path, class name)] of the records in ``root``, in file order."""
-    if is_flat_state_dict(root) and len(root) < MAX_NODES and MAX_DEPTH >= 1:
-        return []  # tensors only, and a walk would stay within its limits: nothing to walk for
+    if flat_tensors(root) is not None:
+        return []
     found = []
     walk(root, lambda p, n: found.append((format_path(p), n.class_name)), kinds=Foreign)
     return found
+
+
+def flat_tensors(root):
+    """What :func:`walk` would visit below ``root`` when it is a dict of tensors under string keys and nothing else
+    (no attributes) that the walk would not refuse: its values, found without a walk; otherwise None."""
+    if is_flat_state_dict(root) and not getattr(root, "__dict__", None) and len(root) < MAX_NODES and MAX_DEPTH >= 1:
+        return list(root.values())
+    return None
 
 
 def is_flat_state_dict(root) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter, OrderedDict
+from itertools import repeat
 from dataclasses import asdict, dataclass, field, replace
 from operator import attrgetter, methodcaller
 from pathlib import Path
@@ -116,6 +117,10 @@ class _Survey:
         self.records = False
         self.plain = True
         self.limit = limit
+        flat = tree.flat_tensors(root)
+        if flat is not None and type(root) in (dict, OrderedDict) and set(map(type, flat)) == {TensorRef}:
+            self.tensors = (list(map(TreePath, repeat(tree.ROOT), root)), flat)  # a state_dict: the walk's finds
+            return
         add_path, add_tensor = self.tensors[0].append, self.tensors[1].append
         plain, plain_keys = _PLAIN, _PLAIN_KEYS
 
