@@ -114,9 +114,12 @@ CASES = {
         **{f"w{i}": torch.zeros((1,) * (i % 10)) for i in range(40)}, **{f"v{i}": base[i:] for i in range(40)},
         **{"n" * (195 + i) + str(i): torch.ones(i % 3 + 1) for i in range(12)}, "é€🙂": torch.ones(1)})(
         torch.arange(60.0)),
+    "an optimizer's state of many parameters": (lambda ps: (lambda o: (sum(p.sum() for p in ps).backward(),
+                                                                        o.step(), o.state_dict())[-1])(
+        torch.optim.Adam(ps)))([torch.nn.Parameter(torch.ones(i % 3 + 1)) for i in range(40)]),
 }
 RUNS = ["over 256 memo entries (LONG_BINPUT)", "key strings shared by two dicts (BINGET keys)",
-        "a run of views and long names"]
+        "a run of views and long names", "an optimizer's state of many parameters"]
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
@@ -237,3 +240,34 @@ def test_a_pickle_that_grows_a_tensor_of_a_run_is_scanned_again_by_the_handlers(
     assert run(crafted, True) == "restart"
     assert decided(crafted, True) == run(crafted, False) and run(crafted, False)[0] == len(crafted)
     assert scan_module.scan(crafted, where="x", max_depth=200, max_nodes=5_000_000)[0] == len(crafted)
+
+
+def test_a_put_where_a_run_expects_a_key_is_left_to_the_handlers():
+    """A LONG_BINPUT between two entries, in place of the next one's key (BINGET rebuild and a record follow, as an
+    entry's key PUT would be followed): the handlers store the previous tensor there; the run ends before it."""
+    data = data_pkl(CASES["key strings shared by two dicts (BINGET keys)"])
+    ema = data.index(b"ema")
+    key = re.compile(rb"Rr....(h.)h.\(\(", re.DOTALL).search(data, data.index(b"Rr", ema + 100))
+    previous = int.from_bytes(data[key.start() + 2:key.start() + 6], "little")
+    for index in (previous + 1, 65535, previous):  # in order, sparse, stored over
+        crafted = data[:key.start(1)] + b"r" + index.to_bytes(4, "little") + data[key.end(1):]
+        if index == previous + 1:  # and the entry's own PUTs after it, in order
+            end = crafted.index(b"R", crafted.index(b"t", crafted.index(b"\x89h", key.start(1)))) + 6
+            for op, arg, pos in pickletools.genops(crafted[key.start(1):end] + b"."):
+                if op.name == "LONG_BINPUT" and pos > 0:
+                    at = key.start(1) + pos + 1
+                    crafted = crafted[:at] + (arg + 1).to_bytes(4, "little") + crafted[at + 4:]
+        assert decided(crafted, True) == run(crafted, False)
+
+
+def test_a_run_whose_records_call_a_value_that_grows_between_runs_is_measured_as_the_handlers_measure_it():
+    """Records whose rebuild BINGET names the top-level dict (a value that grows) rather than a global, in two
+    batches of SETITEMS: the dict grows between the two runs, and each tensor's size follows it as the handlers'
+    does (a run never reuses what it worked out from a value that can grow)."""
+    data = data_pkl(CASES["over 256 memo entries (LONG_BINPUT)"])
+    assert data.startswith(b"\x80\x02}q\x00(") and data.count(b"h\x02((") == 299
+    half = data.index(b"X\x04\x00\x00\x00k150")
+    first = data.index(b"X\x04\x00\x00\x00k100")
+    crafted = (data[:first] + data[first:half].replace(b"h\x02((", b"h\x00((") + b"u("
+               + data[half:].replace(b"h\x02((", b"h\x00(("))
+    assert decided(crafted, True) == run(crafted, False) and run(crafted, False)[0] == len(crafted)

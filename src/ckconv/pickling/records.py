@@ -50,9 +50,10 @@ _TAIL = re.compile(_PUT + _GET + _INT + rb"(N?)t" + _PUT + rb"Q" + _INT + _SIZES
 # records) and its storage key a number (torch.save's), then the next key's BINUNICODE and length, if there is one
 _ENTRY = re.compile(rb"(?:r(....)|" + _GET + rb")" + _GET + rb"\(\(" + _GET + _GET
                     + rb"(?:X(....)([0-9]{1,199})r(....)|" + _GET + rb")" + _GET + _INT + rb"(N?)tr(....)Q" + _INT
-                    + _SIZES + rb"r(....)" + _SIZES + rb"r(....)[\x88\x89]" + _GET + rb"\)Rr(....)tr(....)Rr(....)"
-                    + rb"(?:X(....))?", re.DOTALL)
+                    + _SIZES + rb"(?:r(....))?" + _SIZES + rb"(?:r(....))?[\x88\x89]" + _GET
+                    + rb"\)Rr(....)tr(....)Rr(....)(?:X(....))?", re.DOTALL)  # () is never memoized
 _RECORD_END = 20  # the group of the record's last PUT
+_LAZIES = ((LAZY,) * 5, (LAZY,) * 4, (LAZY,) * 3)
 # n LONG_BINPUT arguments storing e, e+1, ..., e+n-1, read as one little-endian int, equal e * _ONES[n] + _STEPS[n]
 # (each index below 2**32, so no field carries into the next)
 _ONES = [sum(1 << 32 * i for i in range(n)) for n in range(9)]
@@ -179,7 +180,9 @@ def entries(s, pos: int) -> int:
         return pos
     match = _ENTRY.match
     room = min(s.max_nodes, 1 << 32)  # the handlers refuse the index max_nodes; the PUT check needs 32-bit indices
-    plans: dict = {}  # for this run only: its PUTs append, so the memo values its BINGETs name stay put
+    plans = s.plans
+    if len(plans) > 4096:  # as many as a file has shapes: keep it small
+        plans.clear()
     head = data[pos:pos + 5]
     n = int.from_bytes(head[1:], "little") if head[:1] == b"X" else -1  # a new key's length, or a BINGET of one
     while True:
@@ -189,16 +192,11 @@ def entries(s, pos: int) -> int:
         (kput, kget, rebuild, storage, kind, sn, sb, sput, sget, location, view, pput, shape, shput, stride, stput,
          od, oput, aput, rput, following) = m.groups()
         e = len(memo)
-        if n >= 0:
-            if kput is None:
-                return pos
-            puts = (kput, sput, pput, shput, stput, oput, aput, rput) if sget is None else (
-                kput, pput, shput, stput, oput, aput, rput)
-        else:
-            if kget is None:  # a PUT with no key before it (a value memoized twice): the handlers read it
-                return pos
-            puts = (sput, pput, shput, stput, oput, aput, rput) if sget is None else (
-                pput, shput, stput, oput, aput, rput)
+        if (kput is None) is (n >= 0):  # a new key and its PUT, or a BINGET of a key and no PUT
+            return pos
+        puts = (kput, sput, pput, shput, stput, oput, aput, rput)
+        if n < 0 or sget is not None or shput is None or stput is None:
+            puts = tuple(filter(None, puts))
         count = len(puts)
         if e + count > room or int.from_bytes(b"".join(puts), "little") != e * _ONES[count] + _STEPS[count]:
             return pos
@@ -232,7 +230,8 @@ def entries(s, pos: int) -> int:
                 return pos
             callee, va, vb, vc, hooks_class = (memo[i] for i in gets)
             plan = _plan(s, callee, va, vb, vc, hooks_class, view, shape, stride)
-            if plan is None or not _key_fits(skey, plan, s):
+            if plan is None or not _key_fits(skey, plan, s) or any(
+                    v.mutable for v in (callee, va, vb, vc, hooks_class)):  # a value that grows: a stale plan
                 return pos
             _called(s, callee, hooks_class)  # the same for every entry of the plan: once is enough
             depth, weight, hcost, collidable = plan[2:]
@@ -244,7 +243,8 @@ def entries(s, pos: int) -> int:
             memo.append(key)
         if sget is None:
             memo.append(skey)
-        memo += (LAZY, LAZY, LAZY, LAZY, LAZY, result)
+        memo += _LAZIES[(shput is None) + (stput is None)]  # the persistent id, [shape], [stride], hooks, arguments
+        memo.append(result)
         stack.append(key)
         stack.append(result)
         pos = m.end(_RECORD_END)

@@ -24,6 +24,7 @@ __all__ = ["scan"]
 
 _POP = 0x30  # b"0"
 _MARK = 0x28  # b"("
+_KEY_HEADS = b"Xhj"  # BINUNICODE, BINGET, LONG_BINGET: a state_dict entry's first opcode
 
 
 def _number(value):
@@ -323,6 +324,8 @@ def _control(s: Scanner, table):
                 return entries(s, end)  # and the state_dict entries after it
         marks.append(len(stack))
         s.fence = len(stack)
+        if following in _KEY_HEADS and s.fast:  # perhaps a dict's items: a run of state_dict entries
+            return entries(s, pos)
         return pos
 
     def pop(pos):

@@ -155,6 +155,8 @@ class Scanner:
         self.frame_end = 0
         self.table: list = []  # set by ckconv.pickling.scan: a handler per opcode byte
         self.fast = True  # tensor records read whole (ckconv.pickling.records)
+        self.plans: dict = {}  # ckconv.pickling.records' measures, by the memo indices they read: cleared when one
+        # of those is stored over (immutable values only: nothing else changes them)
 
     # -- the loop ------------------------------------------------------------------------------------------------
     def run(self, pos):
@@ -261,6 +263,7 @@ class Scanner:
             memo.append(value)
         elif index < len(memo):
             memo[index] = value
+            self.plans.clear()
         elif index == len(memo):
             memo.append(value)
             sparse.pop(index, None)
