@@ -71,3 +71,86 @@ def test_a_tensor_put_twice_before_the_next_record_is_scanned_as_the_handlers_sc
     assert _scan(twice, False)[0] == len(twice)  # read to its STOP
     result = CliRunner().invoke(cli, ["scan", str(path)])
     assert result.exit_code == 0 and "SAFE" in result.output, result.output
+
+
+# -- safetensors headers: the safetensors library (serde_json) is the oracle ---------------------------------------
+
+_T = b'{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+HEADERS = {
+    "usual": b'{"a":' + _T + b'}',
+    "metadata": b'{"__metadata__":{"k":"v"},"a":' + _T + b'}',
+    "negative zero offset": b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[-0,4]}}',
+    "negative zero dimension": b'{"a":{"dtype":"F32","shape":[-0],"data_offsets":[0,0]},"b":{"dtype":"F32",'
+                               b'"shape":[1],"data_offsets":[0,4]}}',
+    "negative zero in a name": b'{"layer-0":' + _T + b'}',
+    "lone high surrogate in a name": b'{"a\\ud800":' + _T + b'}',
+    "lone low surrogate in a name": b'{"\\udc80":' + _T + b'}',
+    "lone surrogate in a metadata value": b'{"__metadata__":{"k":"\\ud800"},"a":' + _T + b'}',
+    "lone surrogate in a metadata key": b'{"__metadata__":{"k\\udfff":"v"},"a":' + _T + b'}',
+    "reversed pair in a name": b'{"\\ude00\\ud83d":' + _T + b'}',
+    "surrogate pair in a name": b'{"a\\ud83d\\ude00":' + _T + b'}',
+    "surrogate pair in metadata": b'{"__metadata__":{"\\ud83d\\ude00":"\\uD83D\\uDE00"},"a":' + _T + b'}',
+    "escaped backslash before u": b'{"a\\\\ud800":' + _T + b'}',
+    "NUL escape in a name": b'{"a\\u0000":' + _T + b'}',
+    "float dimension": b'{"a":{"dtype":"F32","shape":[1.0],"data_offsets":[0,4]}}',
+    "exponent offset": b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4e0]}}',
+    "offset 2**64": b'{"a":{"dtype":"F32","shape":[0],"data_offsets":[18446744073709551616,18446744073709551616]},'
+                    b'"b":' + _T + b'}',
+}
+
+
+def _st_file(path, header: bytes, data_len=4):
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\1" * data_len)
+    return path
+
+
+def _library_reads(path):
+    """(names, shapes and dtypes, metadata) as the safetensors library reads the file, or None when it refuses."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return sorted((k, f.get_slice(k).get_shape(), f.get_slice(k).get_dtype()) for k in f.keys()), f.metadata()
+    except Exception:  # noqa: BLE001 - any refusal of the library's
+        return None
+
+
+def test_every_header_ckconv_reads_the_safetensors_library_reads_the_same(tmp_path, monkeypatch):
+    """Python's json reads ``-0`` as the integer 0 and a ``\\ud800`` escape that is not half of a pair as a lone
+    surrogate; serde_json refuses both (a float -0.0 where an unsigned integer belongs; an unpaired surrogate).
+    ckconv read such headers (both readings: the one-pass one and parse_header) and converted them with exit 0, and a
+    lone surrogate in the metadata then failed the writer with an internal error. Now: what ckconv reads, the
+    library reads the same, and the rest is refused in one line."""
+    from ckconv.formats import safetensors_file as sf
+
+    code = {"float32": "F32"}
+    for case, header in HEADERS.items():
+        path = _st_file(tmp_path / "h.safetensors", header)
+        oracle = _library_reads(path)
+        for one_pass in (True, False):
+            with monkeypatch.context() as m:
+                if not one_pass:
+                    m.setattr(sf, "_read_usual", lambda *args: None)
+                try:
+                    tensors, metadata = sf.read_file(path)
+                except CkconvError as exc:
+                    assert "\n" not in str(exc)
+                    continue
+            assert oracle is not None, f"{case}: ckconv reads what the safetensors library refuses"
+            mine = sorted((k, list(r.shape), code[r.dtype]) for k, r in tensors.items())
+            assert (mine, metadata or None) == oracle, case
+    # positive controls: the library reads these, and so does ckconv
+    for case in ("usual", "metadata", "negative zero in a name", "surrogate pair in a name", "surrogate pair in metadata",
+                 "escaped backslash before u", "NUL escape in a name"):
+        path = _st_file(tmp_path / "h.safetensors", HEADERS[case])
+        assert _library_reads(path) is not None and sf.read_file(path), case
+
+
+def test_a_lone_surrogate_in_safetensors_metadata_is_refused_before_anything_is_written(tmp_path):
+    src = _st_file(tmp_path / "m.safetensors", HEADERS["lone surrogate in a metadata key"])
+    for out in ("o.pth", "o.safetensors"):
+        result = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / out)])
+        assert result.exit_code == 1 and "surrogate" in result.output and "internal error" not in result.output
+        assert not (tmp_path / out).exists()
+    result = CliRunner().invoke(cli, ["scan", str(src)])
+    assert result.exit_code == 1 and "BROKEN" in result.output

@@ -80,7 +80,9 @@ def parse_header(path):
     """-> (ordered [(name, dtype, shape, begin, end)], metadata, data_start). Refuses every malformed header."""
     raw, data_start, size = _header_bytes(path)
     too_many = _too_many(path, raw)  # refused before parsing; the hook below counts objects for escaped keys
-    header = parse_json(raw, MAX_TENSORS + 2, too_many, f"{path}: safetensors header", compact=_entry_compactor())
+    escaped = b"\\u" in raw  # a \u escape may leave a lone surrogate in a name (checked below)
+    header = parse_json(raw, MAX_TENSORS + 2, too_many, f"{path}: safetensors header", compact=_entry_compactor(),
+                        parse_int=_unsigned if b"-0" in raw else None)
     del raw
     if type(header) is _Entry:
         raise CorruptCheckpoint(f"{path}: safetensors header is one tensor's description, not a map of tensor names")
@@ -90,6 +92,9 @@ def parse_header(path):
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CorruptCheckpoint(f"{path}: safetensors __metadata__ must map strings to strings")
+    if escaped and not _is_text((*header, *metadata, *metadata.values())):
+        raise CorruptCheckpoint(f"{path}: safetensors header holds a \\ud800-\\udfff escape that is not half of a "
+                                "surrogate pair (not text; the safetensors library refuses it); the file is corrupt")
     if len(header) > MAX_TENSORS:
         raise LimitExceeded(f"{path}: declares {len(header)} tensors, over the limit of {MAX_TENSORS} (CKCONV_MAX_TENSORS)")
     entries = []
@@ -108,6 +113,24 @@ def parse_header(path):
         pos = end
     _data_end(path, data_start, pos, size)
     return entries, metadata, data_start
+
+
+def _unsigned(text: str) -> int:
+    """An integer of the header, for ``json.loads``: ``-0`` is refused, as serde_json reads it as a float (-0.0)
+    that no size or offset may be, where Python's json makes it the integer 0."""
+    if text == "-0":
+        raise ValueError("-0 where an unsigned integer belongs (the safetensors library refuses it)")
+    return int(text)
+
+
+def _is_text(strings) -> bool:
+    """False when one of ``strings`` holds a lone surrogate: Python's json makes one of a ``\\ud800`` escape that
+    is not half of a pair, where serde_json (the safetensors library) refuses the header; no UTF-8 can hold it."""
+    try:
+        "".join(strings).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _Entry(tuple):
@@ -274,8 +297,8 @@ def _read_usual(text: str, where: str, data_start: int, size: int):
             metadata, pos = _METADATA_DECODER.raw_decode(text, m.end())
         except (ValueError, RecursionError, _Unusual):
             return None
-        if type(metadata) is not dict:
-            return None
+        if type(metadata) is not dict or not _is_text((*metadata, *metadata.values())):
+            return None  # parse_header says what is wrong
         m = _USUAL_NEXT.match(text, pos)
         if m is None:
             return None

@@ -95,10 +95,11 @@ def no_duplicates(pairs):
     return seen
 
 
-def parse_json(raw: bytes, max_objects: int, too_many: Exception, what: str, compact=None):
+def parse_json(raw: bytes, max_objects: int, too_many: Exception, what: str, compact=None, parse_int=None):
     """``raw`` as JSON, refusing duplicate keys and more than ``max_objects`` objects (``too_many`` is raised)
     while parsing, so a hostile header or index never builds millions of dicts. ``what`` opens each message.
-    ``compact(pairs)``: a smaller value to keep for an object instead of its dict, or None to keep the dict."""
+    ``compact(pairs)``: a smaller value to keep for an object instead of its dict, or None to keep the dict.
+    ``parse_int``: as for ``json.loads`` (a ValueError it raises refuses the text as not valid JSON)."""
     objects = 0
 
     def hook(pairs):
@@ -113,7 +114,7 @@ def parse_json(raw: bytes, max_objects: int, too_many: Exception, what: str, com
         return no_duplicates(pairs)
 
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=hook)
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=hook, parse_int=parse_int)
     except CorruptCheckpoint as exc:
         raise CorruptCheckpoint(f"{what} has a {exc}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
