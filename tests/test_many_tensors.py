@@ -118,3 +118,12 @@ def test_the_header_text_is_what_json_dumps_writes():
     raw = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     assert safetensors_file.header_bytes(named, meta) == struct.pack("<Q", len(raw)) + raw
+
+
+@pytest.mark.parametrize("value", ["parameter_class", "storage_class"])
+def test_a_builder_left_as_a_value_is_still_refused_by_the_walk_over_kinds(tmp_path, value):
+    """The reader's last walk visits only the kinds it checks (no call per tensor); what it refuses is unchanged."""
+    cls = torch.nn.Parameter if value == "parameter_class" else torch.FloatStorage
+    torch.save({"w": torch.ones(2), "x": cls}, tmp_path / "src.pth")
+    with pytest.raises(CorruptCheckpoint, match="where a value belongs"):
+        ckconv.read(tmp_path / "src.pth")

@@ -70,6 +70,7 @@ def _torch_opens_as_tar(path) -> bool:
 
 
 INTERNALS = (StorageType, Storage)  # builders left as values are references to their globals
+_FINISH_KINDS = (Foreign, *INTERNALS, type(PARAMETER))
 
 
 def _finish(root, up, fmt, path) -> Checkpoint:
@@ -82,7 +83,7 @@ def _finish(root, up, fmt, path) -> Checkpoint:
             raise CorruptCheckpoint(f"{path}: the pickle leaves {short_repr(node)} at {tree.format_path(p)} where a "
                                     "value belongs; the file is malformed")
 
-    tree.walk(root, visit)
+    tree.walk(root, visit, kinds=_FINISH_KINDS)  # no call per tensor: only the nodes visit looks at
     return Checkpoint(root=root, format=fmt, path=str(path), foreign=foreign, dangerous=list(up.dangerous),
                       globals=list(up.globals))
 
