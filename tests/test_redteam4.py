@@ -154,3 +154,38 @@ def test_a_lone_surrogate_in_safetensors_metadata_is_refused_before_anything_is_
         assert not (tmp_path / out).exists()
     result = CliRunner().invoke(cli, ["scan", str(src)])
     assert result.exit_code == 1 and "BROKEN" in result.output
+
+
+def test_a_lone_surrogate_in_the_pth_metadata_record_is_refused_before_anything_is_written(tmp_path):
+    """ckconv keeps a source's metadata in ``.data/ckconv_metadata.json`` of the .pth it writes. One holding a
+    ``\\udc80`` escape (never written by ckconv, whose writer encodes UTF-8) was read, then failed every writer with
+    an internal error; it is refused on reading, in one line."""
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, buf)
+    src = tmp_path / "meta.pth"
+    with zipfile.ZipFile(io.BytesIO(buf.getvalue())) as zin, zipfile.ZipFile(src, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+        top = zin.namelist()[0].split("/")[0]
+        zout.writestr(f"{top}/.data/ckconv_metadata.json", b'{"note\\udc80": "x", "v": "\\ud800"}')
+    assert torch.equal(torch.load(src, weights_only=True)["w"], torch.ones(3))  # torch ignores the record
+    for out in ("o.pth", "o.safetensors"):
+        result = CliRunner().invoke(cli, ["convert", str(src), str(tmp_path / out)])
+        assert result.exit_code == 1 and "surrogate" in result.output and "internal error" not in result.output
+        assert result.output.count("\n") == 1 and not (tmp_path / out).exists()
+
+
+def test_a_lone_surrogate_in_a_sharded_folders_index_is_refused_before_anything_is_written(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save_file({"a": torch.ones(2)}, folder / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
+    save_file({"b": torch.ones(3)}, folder / "model-00002-of-00002.safetensors", metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(
+        '{"metadata": {"total_size": 20, "note\\udc80": "x"}, "weight_map": {"a": "model-00001-of-00002.safetensors", '
+        '"b": "model-00002-of-00002.safetensors"}}')
+    for out in ("o.pth", "o.safetensors"):
+        result = CliRunner().invoke(cli, ["convert", str(folder), str(tmp_path / out)])
+        assert result.exit_code == 1 and "surrogate" in result.output and "internal error" not in result.output
+        assert result.output.count("\n") == 1 and not (tmp_path / out).exists()

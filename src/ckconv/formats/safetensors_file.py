@@ -23,7 +23,7 @@ from ..errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint, Unsupport
 from ..model import Storage, TensorRef, contiguous_strides
 from ..pickling.unpickler import short_repr
 from ..storage.fastcopy import SourceFiles, write_at
-from ..storage.files import parse_json
+from ..storage.files import is_text, parse_json
 from ..tree import gc_paused
 from .hub_folder import MAX_TENSORS, HubLayout
 
@@ -80,7 +80,6 @@ def parse_header(path):
     """-> (ordered [(name, dtype, shape, begin, end)], metadata, data_start). Refuses every malformed header."""
     raw, data_start, size = _header_bytes(path)
     too_many = _too_many(path, raw)  # refused before parsing; the hook below counts objects for escaped keys
-    escaped = b"\\u" in raw  # a \u escape may leave a lone surrogate in a name (checked below)
     header = parse_json(raw, MAX_TENSORS + 2, too_many, f"{path}: safetensors header", compact=_entry_compactor(),
                         parse_int=_unsigned if b"-0" in raw else None)
     del raw
@@ -92,9 +91,6 @@ def parse_header(path):
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CorruptCheckpoint(f"{path}: safetensors __metadata__ must map strings to strings")
-    if escaped and not _is_text((*header, *metadata, *metadata.values())):
-        raise CorruptCheckpoint(f"{path}: safetensors header holds a \\ud800-\\udfff escape that is not half of a "
-                                "surrogate pair (not text; the safetensors library refuses it); the file is corrupt")
     if len(header) > MAX_TENSORS:
         raise LimitExceeded(f"{path}: declares {len(header)} tensors, over the limit of {MAX_TENSORS} (CKCONV_MAX_TENSORS)")
     entries = []
@@ -121,16 +117,6 @@ def _unsigned(text: str) -> int:
     if text == "-0":
         raise ValueError("-0 where an unsigned integer belongs (the safetensors library refuses it)")
     return int(text)
-
-
-def _is_text(strings) -> bool:
-    """False when one of ``strings`` holds a lone surrogate: Python's json makes one of a ``\\ud800`` escape that
-    is not half of a pair, where serde_json (the safetensors library) refuses the header; no UTF-8 can hold it."""
-    try:
-        "".join(strings).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 class _Entry(tuple):
@@ -297,7 +283,7 @@ def _read_usual(text: str, where: str, data_start: int, size: int):
             metadata, pos = _METADATA_DECODER.raw_decode(text, m.end())
         except (ValueError, RecursionError, _Unusual):
             return None
-        if type(metadata) is not dict or not _is_text((*metadata, *metadata.values())):
+        if type(metadata) is not dict or not is_text((*metadata, *metadata.values())):
             return None  # parse_header says what is wrong
         m = _USUAL_NEXT.match(text, pos)
         if m is None:

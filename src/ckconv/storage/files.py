@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 
 from ..errors import CorruptCheckpoint, LimitExceeded, NotACheckpoint
@@ -84,6 +85,15 @@ def read_sized(path, size, what=None) -> bytes:
     return data
 
 
+def is_text(strings) -> bool:
+    """False when one of ``strings`` holds a lone surrogate, which no UTF-8 can hold (see :func:`parse_json`)."""
+    try:
+        "".join(strings).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def no_duplicates(pairs):
     seen = dict(pairs)
     if len(seen) != len(pairs):  # a key repeats: find the first, to name it
@@ -114,8 +124,26 @@ def parse_json(raw: bytes, max_objects: int, too_many: Exception, what: str, com
         return no_duplicates(pairs)
 
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=hook, parse_int=parse_int)
+        text = raw.decode("utf-8")
+        value = json.loads(text, object_pairs_hook=hook, parse_int=parse_int)
     except CorruptCheckpoint as exc:
         raise CorruptCheckpoint(f"{what} has a {exc}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CorruptCheckpoint(f"{what} is not valid JSON ({str(exc)[:120]})") from None
+    # Python's json makes a lone surrogate of a \\ud800-\\udfff escape that is not half of a pair, where serde_json
+    # (the safetensors library) refuses the text, and every writer of UTF-8 (ckconv's included) fails on it later
+    if _SURROGATE_ESCAPE.search(text) and not _encodable(value):
+        raise CorruptCheckpoint(f"{what} holds a \\ud800-\\udfff escape that is not half of a surrogate pair (not "
+                                "text, which serde_json and the safetensors library refuse too); the file was altered")
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _encodable(value) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
