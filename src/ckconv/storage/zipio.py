@@ -170,38 +170,41 @@ class ZipRecords:
         records: a few hundred reads) with a few comparisons each; any other record, or one that fails a check
         here, takes :meth:`_check`, which decides and says what is wrong. Both accept exactly the same records."""
         end = 0
-        ahead, at = b"", 0  # the file's bytes from offset ``at`` on
+        ahead, at, top = b"", 0, 0  # the file's bytes [at, top), read ahead
         header, field, descriptor = _LOCAL_KEY.unpack_from, _FIELD.unpack_from, _DESCRIPTOR32.unpack_from
         records, limit = self.records, self.directory_offset
         for e in entries:
             size, flags, raw = e.size, e.flags, e.raw
+            n = len(raw)
             if e.offset == end and e.method == 0 and not flags & ~_PLAIN_FLAGS and size == e.csize < SATURATED:
-                if end + 94 + len(raw) > at + len(ahead):  # the header, its name, a padding field
+                if end + 94 + n > top:  # the header, its name, a padding field
                     f.seek(end)
                     ahead, at = f.read(AHEAD), end
-                rel = end - at
-                h = header(ahead, rel) if rel + 30 <= len(ahead) else None
-                x, xlen = rel + 30 + len(raw), h and h[8]  # the extra block
-                if (h is not None and h[:4] == (LOCAL, e.version, flags, 0) and h[7] == len(raw)
-                        and ahead.startswith(raw, rel + 30) and x + xlen <= len(ahead)
-                        and (flags & FLAG_DESCRIPTOR or h[4:7] == (e.crc, size, size))
-                        and (not xlen or xlen >= 4 and field(ahead, x)[1] == xlen - 4  # one field filling it
-                             or _fields(ahead[x:x + xlen], xlen) is not None)):
-                    start = end + 30 + len(raw) + xlen
+                    top = at + len(ahead)
+                if end + 30 <= top:
+                    rel = end - at
+                    sig, version, lflags, method, crc, csize, lsize, name_len, xlen = header(ahead, rel)
+                    x = rel + 30 + n  # the extra block
+                    start = end + 30 + n + xlen
                     stop = start + size
-                    if stop <= limit and flags & FLAG_DESCRIPTOR:  # its CRC and sizes after the bytes, 32-bit
-                        if stop + 16 > at + len(ahead):
-                            f.seek(stop)
-                            ahead, at = f.read(AHEAD), stop
-                        if stop + 16 <= at + len(ahead) and descriptor(ahead, stop - at) == (DESCRIPTOR, e.crc,
-                                                                                            size, size):
-                            dict.__setitem__(records, e.name, (base + start, size, e.crc))
-                            end = stop + 16
+                    if (sig == LOCAL and version == e.version and lflags == flags and method == 0 and name_len == n
+                            and ahead.startswith(raw, rel + 30) and start <= top and stop <= limit
+                            and (flags & FLAG_DESCRIPTOR or crc == e.crc and csize == lsize == size)
+                            and (not xlen or xlen >= 4 and field(ahead, x)[1] == xlen - 4  # one field filling it
+                                 or _fields(ahead[x:x + xlen], xlen) is not None)):
+                        if flags & FLAG_DESCRIPTOR:  # its CRC and sizes after the bytes, 32-bit
+                            if stop + 16 > top:
+                                f.seek(stop)
+                                ahead, at = f.read(AHEAD), stop
+                                top = at + len(ahead)
+                            if stop + 16 <= top and descriptor(ahead, stop - at) == (DESCRIPTOR, e.crc, size, size):
+                                records[e.name] = base + start, size, e.crc
+                                end = stop + 16
+                                continue
+                        else:
+                            records[e.name] = base + start, size, e.crc
+                            end = stop
                             continue
-                    elif stop <= limit:
-                        dict.__setitem__(records, e.name, (base + start, size, e.crc))
-                        end = stop
-                        continue
             end = self._check(f, e, end, base)
         return end
 
