@@ -53,7 +53,7 @@ def _layouts():
 
 def _header_bytes(data):
     """Offsets of the bytes of each record's local header (with its name and first extra field's header), of the
-    descriptor after it (when it has one) and of its first data byte."""
+    descriptor after it (when it has one), of its first data byte and of its central directory entry."""
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         infos = zf.infolist()
     for info in infos:
@@ -65,12 +65,18 @@ def _header_bytes(data):
         yield from range(start, start + min(info.file_size, 1))
         if info.flag_bits & 8:
             yield from range(start + info.file_size, start + info.file_size + 16)
+    at = int.from_bytes(data[-6:-2], "little")  # the central directory: each entry's fixed part and name
+    for _ in infos:
+        name_len = int.from_bytes(data[at + 28:at + 30], "little")
+        yield from range(at, at + 46 + name_len)
+        at += 46 + name_len + int.from_bytes(data[at + 30:at + 32], "little")
 
 
 @pytest.mark.parametrize("layout", ["torch", "zipfile", "ckconv"])
 def test_local_header_fast_path_decides_as_the_step_by_step_check(layout, tmp_path, monkeypatch):
-    """Every byte of every local header, of the padding field's header, of each data descriptor (and the first
-    byte of the data) with bits flipped: the archive is accepted or refused, with the same message, both ways."""
+    """Every byte of every local header, of the padding field's header, of each data descriptor, of each central
+    directory entry (and the first byte of the data) with bits flipped: the archive is accepted or refused, with
+    the same message, both ways."""
     data = _layouts()[layout]
     path = tmp_path / "a.pth"
     path.write_bytes(data)
