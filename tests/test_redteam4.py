@@ -189,3 +189,57 @@ def test_a_lone_surrogate_in_a_sharded_folders_index_is_refused_before_anything_
         result = CliRunner().invoke(cli, ["convert", str(folder), str(tmp_path / out)])
         assert result.exit_code == 1 and "surrogate" in result.output and "internal error" not in result.output
         assert result.output.count("\n") == 1 and not (tmp_path / out).exists()
+
+
+# -- the scan's runs of entries under insertions, deletions and repeats ----------------------------------------------
+
+_SNIPPETS = [b"0", b"2", b"N", b"(", b"1", b"\x85", b"t", b")", b"}", b"]", b"e", b"s", b"u", b"a", b"b", b"R", b"Q",
+             b"\x88", b"K\x01", b"X\x01\x00\x00\x00a", b"X\x01\x00\x00\x007", b"\x8c\x01a", b"\x94", b"(X\x01\x00\x00\x00k",
+             b"(h\x01", b"c__builtin__\neval\n", b"cos\nsystem\n"]
+
+
+def test_runs_of_entries_with_opcodes_inserted_deleted_or_repeated_decide_as_the_handlers():
+    """The existing differential mutates a run's bytes in place; the bug above came from an insertion (a second PUT).
+    Seeded mutants of many-tensor pickles (a state_dict, views of one storage, a list, an optimizer's state, nested
+    dicts; memos past 255 entries, so the runs' LONG_BINPUT records are read): opcodes inserted (PUTs and GETs of
+    any memo index, a dict's MARK and key, globals), slices deleted or repeated, bytes replaced. The scan with the
+    fast path decides (end, roles, measures, or the refusal word for word) what it decides without it."""
+    import random
+
+    rng = random.Random(24)
+    base = torch.arange(100.0)
+    bases = [_data_pkl(obj) for obj in (
+        {f"layer{i}.w": torch.zeros(2, 3) for i in range(50)},
+        {f"v{i}": base[i:i + 3] for i in range(45)},
+        [torch.ones(1) * i for i in range(45)],
+        {"state": {i: {"step": torch.tensor(1.0), "exp_avg": torch.zeros(2)} for i in range(30)},
+         "param_groups": [{"lr": 0.1, "params": list(range(30))}]},
+        {"a": {f"x{i}": torch.zeros(1) for i in range(40)}, "b": {f"y{i}": torch.ones(2) for i in range(40)}},
+    )]
+    differ = []
+    for i in range(200):
+        m = bytearray(rng.choice(bases))
+        for _ in range(rng.choice([1, 1, 2, 3])):
+            pos = rng.randrange(len(m) // 3, len(m) - 1)
+            kind = rng.random()
+            if kind < 0.4:
+                op = rng.choice(b"rjqh")
+                index = rng.randrange(700)
+                m[pos:pos] = (bytes([op]) + (index.to_bytes(4, "little") if op in b"rj" else bytes([index % 256]))
+                              if rng.random() < 0.5 else rng.choice(_SNIPPETS))
+            elif kind < 0.6:
+                del m[pos:pos + rng.randrange(1, 6)]
+            elif kind < 0.8:
+                n = rng.randrange(1, 80)
+                m[pos:pos] = m[pos - n:pos]
+            else:
+                m[pos] = rng.randrange(256)
+        if _scan(bytes(m), True) != _scan(bytes(m), False):
+            differ.append(i)
+    for data in bases:  # after each record of a run: its last PUT again, or one of the next index
+        for end in [e.end() for e in re.finditer(rb"Rr(....)", data, re.DOTALL)][::3]:
+            index = int.from_bytes(data[end - 4:end], "little") + rng.choice([0, 1])
+            m = data[:end] + b"r" + index.to_bytes(4, "little") + data[end:]
+            if _scan(m, True) != _scan(m, False):
+                differ.append(end)
+    assert not differ
