@@ -177,23 +177,20 @@ class _Survey:
 
 def _tensor_rows(tensors, limit=None):
     """(references, bytes of distinct tensors, {dtype: references}, [TensorInfo]) for ``tensors``, ([TreePath],
-    [tensor]) in file order: one row per reference, tied names included, the first ``limit`` (:data:`MAX_TENSOR_ROWS`) of
-    them; the counts cover all. A tensor referenced millions of times deep in a tree costs a row each only up to
-    the cap. Column by column (``map`` runs the loops in C): a hundred thousand rows in a few hundredths of a s."""
+    [tensor]) in file order: one row per reference, tied names included, the first ``limit``
+    (:data:`MAX_TENSOR_ROWS`) of them; the counts cover all. A tensor referenced millions of times deep in a tree
+    costs a row each only up to the cap. Column by column (``map`` runs the loops in C): 100k rows in ~0.1 s."""
     limit = MAX_TENSOR_ROWS if limit is None else limit
     paths, refs = tensors
     shapes = list(map(attrgetter("shape"), refs))
     plain = set(map(type, refs)) == {TensorRef}
+    sizes = list(map(attrgetter("nbytes"), refs))
     if plain:  # the common case: plain tensors, their kind is their dtype
         text = list(map(attrgetter("dtype"), refs))
         kinds = Counter(text)
-        specs = list(zip(text, shapes))
-        size_of = {spec: ref.nbytes for spec, ref in dict(zip(specs, refs)).items()}  # bytes: dtype and shape's
-        sizes = list(map(size_of.__getitem__, specs))
     else:  # qint8 per_channel_affine axis 0, sparse_csr float32 nnz 5 (tensor_kinds), counted as qint8, sparse_csr...
         text = [r.dtype if type(r) is TensorRef else tensor_kinds.describe(r) for r in refs]
         kinds = Counter(t if type(r) is TensorRef else t.split(" per_")[0].split(" nnz")[0] for t, r in zip(text, refs))
-        sizes = list(map(attrgetter("nbytes"), refs))
     if plain and len(set(map(id, map(attrgetter("storage"), refs)))) == len(refs):
         total = sum(sizes)  # each tensor its own storage: no two share a view key (its first part), none is tied
     else:
