@@ -181,7 +181,12 @@ def bases():
              "names": ["a", "b"], "tied": None}
     state["tied"] = state["w"][1]
     plain = {"epoch": 3, "lr": 0.5, "names": ["x", "y"], "nested": {"k": (1, 2)}}
+    # a state_dict of 60 small tensors in torch's layout: its mutants reach the scan's run of entries, the zip
+    # local headers' read-ahead and the writers' gathering of small tensors, which 3-tensor bases never do
+    many = {f"layers.{i // 10}.w{i % 10}": torch.randn(2, 2, generator=g) for i in range(60)}
+    many["layers.0.view"] = many["layers.0.w0"][1]
     return {
+        "zip2many": _saved(many), "zip4many": _saved(many, pickle_protocol=4),
         "zip2": _saved(state), "zip4": _saved(state, pickle_protocol=4), "zip5": _saved(state, pickle_protocol=5),
         "legacy2": _saved(state, _use_new_zipfile_serialization=False),
         "legacy4": _saved(state, _use_new_zipfile_serialization=False, pickle_protocol=4),
