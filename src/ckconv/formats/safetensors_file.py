@@ -192,7 +192,7 @@ def _refuse_entry(path, name, info):
 
 
 def read_file(path):
-    """-> ({name: TensorRef} in file order, metadata)."""
+    """-> ({name: TensorRef} in the order of their bytes, metadata)."""
     with gc_paused():  # a million small records, no cycles: a collection pass per few thousand would rescan them all
         return _read_file(path)
 
@@ -204,7 +204,7 @@ def _read_file(path):
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         text = None
-    del raw  # the header is held once: as text, or (below) not at all
+    del raw  # held once, as text; parse_header (below) reads it again for what _read_usual leaves to it
     read = None if text is None else _read_usual(text, str(path), data_start, size)
     del text
     if read is not None:

@@ -129,7 +129,8 @@ def write_archive(f, root, *, files, allow=(), where="the torch checkpoint", pro
     keys = _StorageKeys()
 
     def pickle(sink):
-        keys.__init__()  # a second pass (a pickle over 4 GiB, see add_streamed) numbers the storages again
+        nonlocal keys
+        keys = _StorageKeys()  # numbered afresh if the pickle is written twice (over 4 GiB: see add_streamed)
         PickleWriter(keys, allow=allow, where=where, sink=sink).dumps(root)
 
     zw.add_streamed("archive/data.pkl", pickle)
