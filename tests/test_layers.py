@@ -22,7 +22,7 @@ SRC = ROOT / "src"
 LAYERS = [
     ("foundation", ["ckconv.errors", "ckconv.hookspecs", "ckconv.dtypes"]),
     ("storage", ["ckconv.storage"]),
-    ("values", ["ckconv.model", "ckconv.numpy_values", "ckconv.tensor_kinds", "ckconv.tree"]),
+    ("values", ["ckconv.model", "ckconv.numpy_values", "ckconv.tensor_kinds", "ckconv.tree", "ckconv.tree_keys"]),
     ("pickling", ["ckconv.pickling"]),
     ("contents", ["ckconv.contents"]),
     ("contracts", ["ckconv.formats", "ckconv.architectures", "ckconv.rules"]),  # formats/: contract and toolkit

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable
 
-from . import dtypes, tree
+from . import dtypes, tree, tree_keys
 from .contents import ema as ema_weights
 from .contents.cast import cast_notes
 from .contents.layout import drop_optimizers
@@ -163,7 +163,7 @@ def _output_notes(root, refs, shard, foreign) -> list:
         notes.append(warning(f"the checkpoint's largest tensor ({max(r.nbytes for r in over)} bytes) exceeds "
                              f"--max-shard-size: {len(over)} tensor(s) over the limit each get a shard of their own, "
                              "as huggingface_hub does"))
-    kept = tree.foreign_objects(root) if foreign else []  # what the output holds, not the source
+    kept = tree_keys.foreign_objects(root) if foreign else []  # what the output holds, not the source
     if kept:
         classes = sorted({c for _, c in kept})
         notes.append(f"kept {len(kept)} foreign objects as inert records: " + ", ".join(classes[:12])

@@ -20,7 +20,7 @@ from ..pickling import structure
 from ..storage.atomic import FolderLayout
 from ..storage.fastcopy import SourceFiles
 from ..storage.files import inside_folder, regular_file
-from ..tree import foreign_objects
+from ..tree_keys import foreign_objects
 from . import hub_folder, safetensors_file
 from .base import Format, RankWrite, WriteOptions, guarded, hub_index_metadata, string_metadata
 from .hub_folder import HubShards, assemble

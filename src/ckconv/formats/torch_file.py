@@ -13,7 +13,7 @@ import struct
 import tarfile
 from pathlib import Path
 
-from .. import dtypes, tensor_kinds, tree
+from .. import dtypes, tensor_kinds, tree, tree_keys
 from ..errors import CkconvError, CorruptCheckpoint, NotACheckpoint, UnsupportedContent
 from ..model import Checkpoint, Foreign, Storage, TensorRef
 from ..pickling.unpickler import PARAMETER, StorageType, short_repr, unpickle
@@ -75,15 +75,19 @@ _FINISH_KINDS = (Foreign, *INTERNALS, type(PARAMETER))
 
 def _finish(root, up, fmt, path) -> Checkpoint:
     foreign = []
+    keys: list = []  # dict keys other than str and int: records there too (tree_keys)
 
     def visit(p, node):
         if isinstance(node, Foreign):
             foreign.append((tree.format_path(p), node.class_name))
+        elif isinstance(node, dict):
+            tree_keys.odd_keys(p, node, keys)
         elif isinstance(node, INTERNALS) or node is PARAMETER:
             raise CorruptCheckpoint(f"{path}: the pickle leaves {short_repr(node)} at {tree.format_path(p)} where a "
                                     "value belongs; the file is malformed")
 
-    tree.walk(root, visit, kinds=_FINISH_KINDS)  # no call per tensor: only the nodes visit looks at
+    count = tree.walk(root, visit, kinds=_FINISH_KINDS + (dict,))  # no call per tensor: only the nodes visit looks at
+    foreign += tree_keys.foreign_in_keys(keys, count)
     return Checkpoint(root=root, format=fmt, path=str(path), foreign=foreign, dangerous=list(up.dangerous),
                       globals=list(up.globals))
 

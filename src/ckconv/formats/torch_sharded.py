@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-from .. import tree
+from .. import tree, tree_keys
 from ..contents.layout import optimizer_namer
 from ..errors import CkconvError, CorruptCheckpoint, NotACheckpoint
 from ..hookspecs import hookimpl
@@ -172,7 +172,7 @@ def read_sharded(path: Path) -> Checkpoint:
     names: list = []
     root, metadata, notes = hub_folder.read_index_folder(index_path, lambda p, f: read_shard(p, f, names))
     return Checkpoint(root=root, format="torch-sharded", path=str(path), notes=notes, metadata=metadata,
-                      foreign=tree.foreign_objects(root), globals=names)
+                      foreign=tree_keys.foreign_objects(root), globals=names)
 
 
 # --- writing -------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-from ... import tree
+from ... import tree, tree_keys
 from ...errors import CorruptCheckpoint, LimitExceeded
 from ...model import Checkpoint, TensorRef
 from ...pickling import structure
@@ -48,7 +48,7 @@ def read_dcp(path) -> Checkpoint:
     info = {**meta.user_metadata, "dcp.version": meta.version, "dcp.entries": str(len(meta.entries)), "dcp.files": str(len(files))}
     if meta.save_id:
         info["dcp.save_id"] = meta.save_id
-    return Checkpoint(root=root, format="dcp", path=str(folder), metadata=info, foreign=tree.foreign_objects(root),
+    return Checkpoint(root=root, format="dcp", path=str(folder), metadata=info, foreign=tree_keys.foreign_objects(root),
                       globals=names)
 
 

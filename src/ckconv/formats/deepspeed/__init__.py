@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ... import tree
+from ... import tree, tree_keys
 from ...errors import UnsupportedContent, UsageError
 from ...hookspecs import hookimpl
 from ...model import Checkpoint
@@ -72,7 +72,7 @@ def read_zero(path: Path) -> Checkpoint:
     metadata = {"deepspeed.version": str(model.get("ds_version", "?")), "deepspeed.zero_stage": str(zf.stage),
                 "deepspeed.world_size": str(zf.world), "deepspeed.tag": zf.tag}
     return Checkpoint(root=root, format="deepspeed", path=str(zf.path), metadata=metadata,
-                      foreign=tree.foreign_objects(root), globals=zf.globals)
+                      foreign=tree_keys.foreign_objects(root), globals=zf.globals)
 
 
 @hookimpl
