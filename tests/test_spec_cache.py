@@ -244,3 +244,17 @@ def test_no_cache_or_an_unwritable_one_only_costs_speed(tmp_path, monkeypatch):
         monkeypatch.setattr(targets, "_LISTS", {})
         assert targets.spec("squeezenet1_1").tensors[-1].shape == (1000,)
     assert blocker.read_text() == "not a folder"
+
+
+def test_a_file_with_the_staged_name_is_never_written_over_nor_removed(tmp_path):
+    """The cache's temporary file is made exclusively: a file already holding its name stays as it was (the entry
+    is simply not cached this time); a free name gives the entry, and no temporary file is left."""
+    entry = tmp_path / "cache" / "entry.json"
+    entry.parent.mkdir()
+    theirs = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+    theirs.write_text("user data")
+    spec_cache._write(entry, {"k": 1})
+    assert theirs.read_text() == "user data" and not entry.exists()
+    theirs.unlink()
+    spec_cache._write(entry, {"k": 1})
+    assert json.loads(entry.read_text()) == {"k": 1} and sorted(p.name for p in entry.parent.iterdir()) == ["entry.json"]

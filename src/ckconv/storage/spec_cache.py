@@ -160,8 +160,9 @@ def _write(path, data):
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(staged, "x", encoding="utf-8") as f:  # made here, exclusively: only then ours to remove
+            tmp = staged
             json.dump(data, f, separators=(",", ":"))
             f.flush()
             os.fsync(f.fileno())
